@@ -1,0 +1,686 @@
+//! Dot products and squared L2 distances: f32 x f32 and f32 x f16.
+//!
+//! Layout: a query is `d` contiguous f32; a row block is `n * d` contiguous values (f32 or
+//! IEEE binary16), row-major, row `i` at `[i * d, (i + 1) * d)`. The `*_rows` kernels write one
+//! score per row into `out[..n]`.
+//!
+//! Algorithm: the scalar reference keeps 8 partial sums (lane `l` takes elements `8c + l`),
+//! then adds them pairwise; the v3 kernel keeps four 8-lane FMA accumulators, the v4 kernel
+//! four 16-lane ones with a masked tail. The order of additions differs between levels, so
+//! results agree to rounding, not bit for bit: the tests bound the error against an f64
+//! reference by `len * eps * sum |a_i b_i|` (the classic bound for recursive summation).
+
+use crate::level::Level;
+use half::f16;
+
+/// A table of distance kernels resolved for one [`Level`].
+#[derive(Clone, Copy)]
+pub struct DistanceKernels {
+    level: Level,
+    dot_f32: fn(&[f32], &[f32]) -> f32,
+    l2sq_f32: fn(&[f32], &[f32]) -> f32,
+    dot_f16: fn(&[f32], &[f16]) -> f32,
+    l2sq_f16: fn(&[f32], &[f16]) -> f32,
+    axpy: fn(f32, &[f32], &mut [f32]),
+}
+
+impl std::fmt::Debug for DistanceKernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DistanceKernels")
+            .field("level", &self.level)
+            .finish()
+    }
+}
+
+impl DistanceKernels {
+    /// Kernels for `level`, capped at what the CPU supports.
+    pub fn for_level(level: Level) -> DistanceKernels {
+        let level = level.capped();
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            Level::V4 => DistanceKernels {
+                level,
+                dot_f32: x86::dot_f32_v4,
+                l2sq_f32: x86::l2sq_f32_v4,
+                dot_f16: x86::dot_f16_v4,
+                l2sq_f16: x86::l2sq_f16_v4,
+                axpy: x86::axpy_v4,
+            },
+            #[cfg(target_arch = "x86_64")]
+            Level::V3 => DistanceKernels {
+                level,
+                dot_f32: x86::dot_f32_v3,
+                l2sq_f32: x86::l2sq_f32_v3,
+                dot_f16: x86::dot_f16_v3,
+                l2sq_f16: x86::l2sq_f16_v3,
+                axpy: x86::axpy_v3,
+            },
+            #[cfg(target_arch = "aarch64")]
+            Level::Neon => DistanceKernels {
+                level,
+                dot_f32: neon::dot_f32,
+                l2sq_f32: neon::l2sq_f32,
+                dot_f16: scalar::dot_f16,
+                l2sq_f16: scalar::l2sq_f16,
+                axpy: scalar::axpy,
+            },
+            _ => DistanceKernels {
+                level: Level::Scalar,
+                dot_f32: scalar::dot_f32,
+                l2sq_f32: scalar::l2sq_f32,
+                dot_f16: scalar::dot_f16,
+                l2sq_f16: scalar::l2sq_f16,
+                axpy: scalar::axpy,
+            },
+        }
+    }
+
+    /// Kernels for [`Level::best`].
+    pub fn best() -> DistanceKernels {
+        DistanceKernels::for_level(Level::best())
+    }
+
+    /// The level these kernels were resolved for.
+    pub fn level(&self) -> Level {
+        self.level
+    }
+
+    /// `sum_i a[i] * b[i]`. Panics if the lengths differ.
+    #[inline]
+    pub fn dot_f32(&self, a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len(), "dot_f32: length mismatch");
+        (self.dot_f32)(a, b)
+    }
+
+    /// `sum_i (a[i] - b[i])^2`. Panics if the lengths differ.
+    #[inline]
+    pub fn l2sq_f32(&self, a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len(), "l2sq_f32: length mismatch");
+        (self.l2sq_f32)(a, b)
+    }
+
+    /// `sum_i q[i] * x[i]` with `x` in binary16, computed in f32. Panics if the lengths differ.
+    #[inline]
+    pub fn dot_f16(&self, q: &[f32], x: &[f16]) -> f32 {
+        assert_eq!(q.len(), x.len(), "dot_f16: length mismatch");
+        (self.dot_f16)(q, x)
+    }
+
+    /// `sum_i (q[i] - x[i])^2` with `x` in binary16. Panics if the lengths differ.
+    #[inline]
+    pub fn l2sq_f16(&self, q: &[f32], x: &[f16]) -> f32 {
+        assert_eq!(q.len(), x.len(), "l2sq_f16: length mismatch");
+        (self.l2sq_f16)(q, x)
+    }
+
+    /// `y[i] += alpha * x[i]` (fused multiply-add on v3/v4: results agree with the scalar
+    /// reference to one rounding per element). Panics if the lengths differ.
+    #[inline]
+    pub fn axpy(&self, alpha: f32, x: &[f32], y: &mut [f32]) {
+        assert_eq!(x.len(), y.len(), "axpy: length mismatch");
+        (self.axpy)(alpha, x, y)
+    }
+
+    /// Scores of one query against `out.len()` rows of `rows` (row-major, `q.len()` wide):
+    /// `out[i] = dot(q, row_i)`. Panics unless `rows.len() == out.len() * q.len()`.
+    pub fn dot_rows_f32(&self, q: &[f32], rows: &[f32], out: &mut [f32]) {
+        rows_apply(q, rows, out, self.dot_f32);
+    }
+
+    /// `out[i] = ||q - row_i||^2`, as [`DistanceKernels::dot_rows_f32`].
+    pub fn l2sq_rows_f32(&self, q: &[f32], rows: &[f32], out: &mut [f32]) {
+        rows_apply(q, rows, out, self.l2sq_f32);
+    }
+
+    /// `out[i] = dot(q, row_i)` with binary16 rows.
+    pub fn dot_rows_f16(&self, q: &[f32], rows: &[f16], out: &mut [f32]) {
+        rows_apply(q, rows, out, self.dot_f16);
+    }
+
+    /// `out[i] = ||q - row_i||^2` with binary16 rows.
+    pub fn l2sq_rows_f16(&self, q: &[f32], rows: &[f16], out: &mut [f32]) {
+        rows_apply(q, rows, out, self.l2sq_f16);
+    }
+}
+
+fn rows_apply<T>(q: &[f32], rows: &[T], out: &mut [f32], f: fn(&[f32], &[T]) -> f32) {
+    let d = q.len();
+    assert_eq!(rows.len(), out.len() * d, "rows length must be n * d");
+    if d == 0 {
+        out.fill(0.0);
+        return;
+    }
+    for (o, row) in out.iter_mut().zip(rows.chunks_exact(d)) {
+        *o = f(q, row);
+    }
+}
+
+/// Scalar reference kernels: the fallback on any CPU and the oracle of the tests.
+pub mod scalar {
+    use half::f16;
+
+    const LANES: usize = 8;
+
+    #[inline(always)]
+    fn reduce(acc: [f32; LANES]) -> f32 {
+        ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+    }
+
+    #[inline(always)]
+    fn fold<A: Copy, B: Copy>(a: &[A], b: &[B], term: impl Fn(A, B) -> f32) -> f32 {
+        let mut acc = [0.0f32; LANES];
+        let mut ca = a.chunks_exact(LANES);
+        let mut cb = b.chunks_exact(LANES);
+        for (x, y) in (&mut ca).zip(&mut cb) {
+            for l in 0..LANES {
+                acc[l] += term(x[l], y[l]);
+            }
+        }
+        for (l, (&x, &y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
+            acc[l] += term(x, y);
+        }
+        reduce(acc)
+    }
+
+    /// `sum a[i] * b[i]`.
+    pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        fold(a, b, |x, y| x * y)
+    }
+
+    /// `sum (a[i] - b[i])^2`.
+    pub fn l2sq_f32(a: &[f32], b: &[f32]) -> f32 {
+        fold(a, b, |x, y| {
+            let t = x - y;
+            t * t
+        })
+    }
+
+    /// `y[i] += alpha * x[i]`.
+    pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o += alpha * v;
+        }
+    }
+
+    /// `sum q[i] * x[i]`, `x` in binary16.
+    pub fn dot_f16(q: &[f32], x: &[f16]) -> f32 {
+        fold(q, x, |a, b| a * b.to_f32())
+    }
+
+    /// `sum (q[i] - x[i])^2`, `x` in binary16.
+    pub fn l2sq_f16(q: &[f32], x: &[f16]) -> f32 {
+        fold(q, x, |a, b| {
+            let t = a - b.to_f32();
+            t * t
+        })
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    /// Horizontal sum of 8 lanes.
+    #[inline(always)]
+    unsafe fn hsum256(v: __m256) -> f32 {
+        // SAFETY: the caller runs under AVX (implied by every level that calls this).
+        unsafe {
+            let lo = _mm256_castps256_ps128(v);
+            let hi = _mm256_extractf128_ps::<1>(v);
+            let s = _mm_add_ps(lo, hi);
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+            _mm_cvtss_f32(s)
+        }
+    }
+
+    /// Loads 8 lanes from `p` as f32 (f32 loads directly, f16 converts with F16C).
+    trait Load8: Copy {
+        /// # Safety
+        /// `p` must be valid for reading 8 elements; the CPU must support AVX2 and F16C.
+        unsafe fn load8(p: *const Self) -> __m256;
+        /// # Safety
+        /// `p` must be valid for reading 16 elements; the CPU must support AVX-512F.
+        unsafe fn load16(p: *const Self) -> __m512;
+        /// # Safety
+        /// `p` must be valid for reading the lanes set in `mask`; AVX-512F/BW/VL.
+        unsafe fn load16_mask(p: *const Self, mask: u16) -> __m512;
+        fn to_f32(self) -> f32;
+    }
+
+    impl Load8 for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            // SAFETY: the caller guarantees 8 readable f32 at p.
+            unsafe { _mm256_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn load16(p: *const f32) -> __m512 {
+            // SAFETY: the caller guarantees 16 readable f32 at p.
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn load16_mask(p: *const f32, mask: u16) -> __m512 {
+            // SAFETY: masked-off lanes are not read (AVX-512 fault suppression).
+            unsafe { _mm512_maskz_loadu_ps(mask, p) }
+        }
+        #[inline(always)]
+        fn to_f32(self) -> f32 {
+            self
+        }
+    }
+
+    impl Load8 for f16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f16) -> __m256 {
+            // SAFETY: f16 is a transparent u16; the caller guarantees 8 readable halves.
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+        }
+        #[inline(always)]
+        unsafe fn load16(p: *const f16) -> __m512 {
+            // SAFETY: 16 readable halves (32 bytes), AVX-512F provides the conversion.
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+        }
+        #[inline(always)]
+        unsafe fn load16_mask(p: *const f16, mask: u16) -> __m512 {
+            // SAFETY: masked-off 16-bit lanes are not read (AVX-512BW+VL fault suppression).
+            unsafe { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16)) }
+        }
+        #[inline(always)]
+        fn to_f32(self) -> f32 {
+            f16::to_f32(self)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_v3<T: Load8>(a: &[f32], b: &[T]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        // SAFETY: every load below reads indices < n of both slices; AVX2/FMA/F16C are
+        // enabled by the calling #[target_feature] entry point.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i + 32 <= n {
+                for (u, a) in acc.iter_mut().enumerate() {
+                    let o = i + 8 * u;
+                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), T::load8(pb.add(o)), *a);
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), T::load8(pb.add(i)), acc[0]);
+                i += 8;
+            }
+            let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            let mut total = hsum256(s);
+            while i < n {
+                total += *pa.add(i) * (*pb.add(i)).to_f32();
+                i += 1;
+            }
+            total
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn l2sq_v3<T: Load8>(a: &[f32], b: &[T]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        // SAFETY: as in dot_v3.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i + 32 <= n {
+                for (u, a) in acc.iter_mut().enumerate() {
+                    let o = i + 8 * u;
+                    let t = _mm256_sub_ps(_mm256_loadu_ps(pa.add(o)), T::load8(pb.add(o)));
+                    *a = _mm256_fmadd_ps(t, t, *a);
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                let t = _mm256_sub_ps(_mm256_loadu_ps(pa.add(i)), T::load8(pb.add(i)));
+                acc[0] = _mm256_fmadd_ps(t, t, acc[0]);
+                i += 8;
+            }
+            let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            let mut total = hsum256(s);
+            while i < n {
+                let t = *pa.add(i) - (*pb.add(i)).to_f32();
+                total += t * t;
+                i += 1;
+            }
+            total
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_v4<T: Load8>(a: &[f32], b: &[T]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        // SAFETY: full loads read indices < n; the tail uses masked loads that touch only
+        // the `n - i` remaining elements. AVX-512F/BW/VL enabled by the entry point.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut i = 0;
+            while i + 64 <= n {
+                for (u, a) in acc.iter_mut().enumerate() {
+                    let o = i + 16 * u;
+                    *a = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(o)), T::load16(pb.add(o)), *a);
+                }
+                i += 64;
+            }
+            while i + 16 <= n {
+                acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), T::load16(pb.add(i)), acc[0]);
+                i += 16;
+            }
+            if i < n {
+                let mask: u16 = ((1u32 << (n - i)) - 1) as u16;
+                let x = _mm512_maskz_loadu_ps(mask, pa.add(i));
+                let y = T::load16_mask(pb.add(i), mask);
+                acc[1] = _mm512_fmadd_ps(x, y, acc[1]);
+            }
+            let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            _mm512_reduce_add_ps(s)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn l2sq_v4<T: Load8>(a: &[f32], b: &[T]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        // SAFETY: as in dot_v4.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut i = 0;
+            while i + 64 <= n {
+                for (u, a) in acc.iter_mut().enumerate() {
+                    let o = i + 16 * u;
+                    let t = _mm512_sub_ps(_mm512_loadu_ps(pa.add(o)), T::load16(pb.add(o)));
+                    *a = _mm512_fmadd_ps(t, t, *a);
+                }
+                i += 64;
+            }
+            while i + 16 <= n {
+                let t = _mm512_sub_ps(_mm512_loadu_ps(pa.add(i)), T::load16(pb.add(i)));
+                acc[0] = _mm512_fmadd_ps(t, t, acc[0]);
+                i += 16;
+            }
+            if i < n {
+                let mask: u16 = ((1u32 << (n - i)) - 1) as u16;
+                let t = _mm512_sub_ps(
+                    _mm512_maskz_loadu_ps(mask, pa.add(i)),
+                    T::load16_mask(pb.add(i), mask),
+                );
+                acc[1] = _mm512_fmadd_ps(t, t, acc[1]);
+            }
+            let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            _mm512_reduce_add_ps(s)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn axpy_v3_raw(alpha: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+        // SAFETY: indices < n of both slices; AVX2/FMA enabled by the entry point.
+        unsafe {
+            let a = _mm256_set1_ps(alpha);
+            let mut i = 0;
+            while i + 8 <= n {
+                let v = _mm256_fmadd_ps(a, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
+                _mm256_storeu_ps(py.add(i), v);
+                i += 8;
+            }
+            while i < n {
+                *py.add(i) = alpha.mul_add(*px.add(i), *py.add(i));
+                i += 1;
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn axpy_v4_raw(alpha: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+        // SAFETY: full vectors cover indices < n; the masked tail touches only the rest.
+        unsafe {
+            let a = _mm512_set1_ps(alpha);
+            let mut i = 0;
+            while i + 16 <= n {
+                let v = _mm512_fmadd_ps(a, _mm512_loadu_ps(px.add(i)), _mm512_loadu_ps(py.add(i)));
+                _mm512_storeu_ps(py.add(i), v);
+                i += 16;
+            }
+            if i < n {
+                let mask: u16 = ((1u32 << (n - i)) - 1) as u16;
+                let v = _mm512_fmadd_ps(
+                    a,
+                    _mm512_maskz_loadu_ps(mask, px.add(i)),
+                    _mm512_maskz_loadu_ps(mask, py.add(i)),
+                );
+                _mm512_mask_storeu_ps(py.add(i), mask, v);
+            }
+        }
+    }
+
+    pub(super) fn axpy_v3(alpha: f32, x: &[f32], y: &mut [f32]) {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn imp(alpha: f32, x: &[f32], y: &mut [f32]) {
+            // SAFETY: the features are enabled on this function.
+            unsafe { axpy_v3_raw(alpha, x, y) }
+        }
+        // SAFETY: only reachable through a table built for a level >= V3 the CPU supports.
+        unsafe { imp(alpha, x, y) }
+    }
+
+    pub(super) fn axpy_v4(alpha: f32, x: &[f32], y: &mut [f32]) {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+        unsafe fn imp(alpha: f32, x: &[f32], y: &mut [f32]) {
+            // SAFETY: the features are enabled on this function.
+            unsafe { axpy_v4_raw(alpha, x, y) }
+        }
+        // SAFETY: only reachable through a table built for V4, which the CPU supports.
+        unsafe { imp(alpha, x, y) }
+    }
+
+    macro_rules! entry {
+        ($name:ident, $raw:ident, $elem:ty, $feat:literal, $lvl:literal) => {
+            /// Safe entry point, reachable only through a kernel table built for a level the
+            /// CPU supports.
+            pub(super) fn $name(a: &[f32], b: &[$elem]) -> f32 {
+                #[target_feature(enable = $feat)]
+                unsafe fn imp(a: &[f32], b: &[$elem]) -> f32 {
+                    // SAFETY: the features are enabled on this function.
+                    unsafe { $raw(a, b) }
+                }
+                debug_assert!(crate::Level::detected() >= crate::Level::V3);
+                // SAFETY: tables holding this function are only built when `Level::capped`
+                // confirmed the CPU supports the level named in the function's suffix.
+                unsafe { imp(a, b) }
+            }
+        };
+    }
+
+    entry!(dot_f32_v3, dot_v3, f32, "avx2,fma,f16c", "v3");
+    entry!(l2sq_f32_v3, l2sq_v3, f32, "avx2,fma,f16c", "v3");
+    entry!(dot_f16_v3, dot_v3, f16, "avx2,fma,f16c", "v3");
+    entry!(l2sq_f16_v3, l2sq_v3, f16, "avx2,fma,f16c", "v3");
+    entry!(
+        dot_f32_v4,
+        dot_v4,
+        f32,
+        "avx512f,avx512bw,avx512vl,avx2,fma,f16c",
+        "v4"
+    );
+    entry!(
+        l2sq_f32_v4,
+        l2sq_v4,
+        f32,
+        "avx512f,avx512bw,avx512vl,avx2,fma,f16c",
+        "v4"
+    );
+    entry!(
+        dot_f16_v4,
+        dot_v4,
+        f16,
+        "avx512f,avx512bw,avx512vl,avx2,fma,f16c",
+        "v4"
+    );
+    entry!(
+        l2sq_f16_v4,
+        l2sq_v4,
+        f16,
+        "avx512f,avx512bw,avx512vl,avx2,fma,f16c",
+        "v4"
+    );
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    #[inline(always)]
+    fn fold(a: &[f32], b: &[f32], l2: bool) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        // SAFETY: NEON is part of the aarch64 baseline; loads read indices < n only.
+        unsafe {
+            let mut acc = [vdupq_n_f32(0.0); 4];
+            let mut i = 0;
+            while i + 16 <= n {
+                for (u, a) in acc.iter_mut().enumerate() {
+                    let x = vld1q_f32(pa.add(i + 4 * u));
+                    let y = vld1q_f32(pb.add(i + 4 * u));
+                    *a = if l2 {
+                        let t = vsubq_f32(x, y);
+                        vfmaq_f32(*a, t, t)
+                    } else {
+                        vfmaq_f32(*a, x, y)
+                    };
+                }
+                i += 16;
+            }
+            let s = vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3]));
+            let mut total = vaddvq_f32(s);
+            while i < n {
+                let (x, y) = (*pa.add(i), *pb.add(i));
+                total += if l2 { (x - y) * (x - y) } else { x * y };
+                i += 1;
+            }
+            total
+        }
+    }
+
+    pub(super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        fold(a, b, false)
+    }
+
+    pub(super) fn l2sq_f32(a: &[f32], b: &[f32]) -> f32 {
+        fold(a, b, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    fn check(level: Level) {
+        let k = DistanceKernels::for_level(level);
+        let mut rng = StdRng::seed_from_u64(7);
+        let buf_a: Vec<f32> = (0..300).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let buf_b: Vec<f32> = (0..300).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let buf_h: Vec<f16> = buf_b.iter().map(|&x| f16::from_f32(x)).collect();
+        for len in 0..=257 {
+            for off in 0..4 {
+                let a = &buf_a[off..off + len];
+                let b = &buf_b[off + 1..off + 1 + len];
+                let h = &buf_h[off + 2..off + 2 + len];
+                let hf: Vec<f32> = h.iter().map(|x| x.to_f32()).collect();
+                let cases: [(f32, f64, f64); 4] = [
+                    (k.dot_f32(a, b), ref_dot(a, b), ref_abs_dot(a, b)),
+                    (k.l2sq_f32(a, b), ref_l2(a, b), ref_l2(a, b)),
+                    (k.dot_f16(a, h), ref_dot(a, &hf), ref_abs_dot(a, &hf)),
+                    (k.l2sq_f16(a, h), ref_l2(a, &hf), ref_l2(a, &hf)),
+                ];
+                for (i, (got, want, mag)) in cases.into_iter().enumerate() {
+                    // Recursive summation error bound: len * eps * sum |terms|, plus the
+                    // rounding of each product/difference (one more eps per term).
+                    let tol = (len as f64 + 2.0) * f32::EPSILON as f64 * mag + 1e-30;
+                    assert!(
+                        (got as f64 - want).abs() <= tol,
+                        "level {level} case {i} len {len} off {off}: {got} vs {want} (tol {tol})"
+                    );
+                }
+            }
+        }
+    }
+
+    fn ref_dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+    }
+    fn ref_abs_dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(&x, &y)| (x as f64 * y as f64).abs())
+            .sum()
+    }
+    fn ref_l2(a: &[f32], b: &[f32]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+            .sum()
+    }
+
+    #[test]
+    fn every_level_matches_f64_reference() {
+        for level in Level::all_supported() {
+            check(level);
+        }
+    }
+
+    #[test]
+    fn axpy_matches_f64_reference() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let x: Vec<f32> = (0..300).map(|_| rng.random_range(-3.0..3.0)).collect();
+        let y0: Vec<f32> = (0..300).map(|_| rng.random_range(-3.0..3.0)).collect();
+        for level in Level::all_supported() {
+            let k = DistanceKernels::for_level(level);
+            for len in 0..=257 {
+                for off in 0..3 {
+                    let mut y = y0[off..off + len].to_vec();
+                    k.axpy(0.7, &x[off + 1..off + 1 + len], &mut y);
+                    for i in 0..len {
+                        let want = y0[off + i] as f64 + 0.7f32 as f64 * x[off + 1 + i] as f64;
+                        // One product and one sum: two roundings of values below 6 in size.
+                        assert!((y[i] as f64 - want).abs() <= 2.0 * 6.0 * f32::EPSILON as f64, "level {level} len {len}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_kernels_match_single_kernels() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let d = 37;
+        let n = 11;
+        let q: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let rows: Vec<f32> = (0..n * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let rows_h: Vec<f16> = rows.iter().map(|&x| f16::from_f32(x)).collect();
+        for level in Level::all_supported() {
+            let k = DistanceKernels::for_level(level);
+            let mut out = vec![0.0; n];
+            k.dot_rows_f32(&q, &rows, &mut out);
+            for i in 0..n {
+                assert_eq!(out[i], k.dot_f32(&q, &rows[i * d..(i + 1) * d]));
+            }
+            k.l2sq_rows_f16(&q, &rows_h, &mut out);
+            for i in 0..n {
+                assert_eq!(out[i], k.l2sq_f16(&q, &rows_h[i * d..(i + 1) * d]));
+            }
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! `pqcache eval`: build an index, time train / add / search, measure recall@k.
+//!
+//! Prints one JSON object with exactly the keys of `../shared/peers/faiss_bench.py`, so that
+//! the two can be compared field by field (`benches/vs_faiss.sh`).
+
+use super::progress::Progress;
+use super::with_threads;
+use crate::error::{Error, Result};
+use crate::index::{Index, IndexFlat, IndexPQ};
+use crate::io::{load_groundtruth, load_vectors};
+use crate::metric::Metric;
+use crate::pq::Nbits;
+use clap::{Args, ValueEnum};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Index kinds the CLI can build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum IndexKind {
+    /// Exact search, f32 storage.
+    Flat,
+    /// Exact search, f16 storage.
+    Flat16,
+    /// Product quantization, ADC with a float table.
+    Pq,
+}
+
+impl IndexKind {
+    fn name(self) -> &'static str {
+        match self {
+            IndexKind::Flat => "flat",
+            IndexKind::Flat16 => "flat16",
+            IndexKind::Pq => "pq",
+        }
+    }
+}
+
+/// Arguments of `pqcache eval`.
+#[derive(Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// Base vectors (.npy 2-d or 4-d [layer, head, token, dim], .fvecs).
+    #[arg(long)]
+    pub base: PathBuf,
+    /// Query vectors (same formats).
+    #[arg(long)]
+    pub queries: PathBuf,
+    /// Ground-truth ids (.ivecs); without it, recall is measured against exact search.
+    #[arg(long)]
+    pub groundtruth: Option<PathBuf>,
+    /// Index kind.
+    #[arg(long, value_enum, default_value = "pq")]
+    pub index: IndexKind,
+    /// Sub-quantizers (must divide the dimension).
+    #[arg(long, default_value_t = 16)]
+    pub m: usize,
+    /// Bits per sub-quantizer index (4 or 8).
+    #[arg(long, default_value_t = 8)]
+    pub nbits: usize,
+    /// Neighbours per query.
+    #[arg(long, default_value_t = 10)]
+    pub k: usize,
+    /// Queries per search call.
+    #[arg(long, default_value_t = 1)]
+    pub qbs: usize,
+    /// Metric: ip (inner product) or l2.
+    #[arg(long, default_value = "ip")]
+    pub metric: String,
+    /// Worker threads (0: all cores).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Train on the first N base vectors.
+    #[arg(long, default_value_t = 65536)]
+    pub train_n: usize,
+    /// k-means iterations.
+    #[arg(long, default_value_t = 25)]
+    pub niter: usize,
+    /// Timed repetitions of the search (the best is reported).
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    /// Layer of a 4-d .npy.
+    #[arg(long, default_value_t = 0)]
+    pub layer: usize,
+    /// Head of a 4-d .npy (base: always kv head 0; queries: this query head).
+    #[arg(long, default_value_t = 0)]
+    pub head: usize,
+    /// Print one JSON object (and no progress bars).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The figures of one evaluation, named as `faiss_bench.py` names them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EvalReport {
+    /// Always "pqcache".
+    pub peer: &'static str,
+    /// Crate version.
+    pub version: &'static str,
+    /// Index kind.
+    pub index: String,
+    /// Base vectors.
+    pub n: usize,
+    /// Dimension.
+    pub d: usize,
+    /// Sub-quantizers.
+    pub m: usize,
+    /// Bits per index.
+    pub nbits: usize,
+    /// Neighbours.
+    pub k: usize,
+    /// Queries per search call.
+    pub qbs: usize,
+    /// Metric name.
+    pub metric: String,
+    /// Threads.
+    pub threads: usize,
+    /// Training time, seconds.
+    pub train_s: f64,
+    /// Adding time, seconds.
+    pub add_s: f64,
+    /// Search time per query, microseconds (best of `reps`).
+    pub search_us_per_query: f64,
+    /// Search time per base vector per query, nanoseconds.
+    pub ns_per_code_per_query: f64,
+    /// Mean recall@k.
+    pub recall_at_k: f64,
+}
+
+/// Runs `pqcache eval`.
+pub fn run(a: &EvalArgs) -> Result<()> {
+    let report = with_threads(a.threads, || evaluate(a))??;
+    if a.json {
+        println!("{}", serde_json::to_string(&report).expect("report serialises"));
+    } else {
+        println!(
+            "{} n={} d={} m={} nbits={} k={} qbs={} metric={} threads={}\n  train {:.3} s, add {:.3} s, search {:.1} us/query ({:.3} ns/code/query), recall@{} = {:.4}",
+            report.index, report.n, report.d, report.m, report.nbits, report.k, report.qbs, report.metric,
+            report.threads, report.train_s, report.add_s, report.search_us_per_query,
+            report.ns_per_code_per_query, report.k, report.recall_at_k
+        );
+    }
+    Ok(())
+}
+
+/// Builds, times and scores the index described by `a` on the current thread pool.
+pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
+    let metric: Metric = a.metric.parse()?;
+    if a.qbs == 0 || a.reps == 0 {
+        return Err(Error::InvalidArgument("qbs and reps must be at least 1".into()));
+    }
+    let show = !a.json;
+    let base = load_vectors(&a.base, a.layer, 0)?;
+    let queries = load_vectors(&a.queries, a.layer, a.head)?;
+    if base.dim != queries.dim {
+        return Err(Error::DimensionMismatch {
+            expected: base.dim,
+            got: queries.dim,
+        });
+    }
+    let (n, d) = (base.rows, base.dim);
+    let mut index: Box<dyn Index> = match a.index {
+        IndexKind::Flat => Box::new(IndexFlat::new(d, metric)?),
+        IndexKind::Flat16 => Box::new(IndexFlat::new_f16(d, metric)?),
+        IndexKind::Pq => {
+            let mut pq = IndexPQ::new(d, a.m, Nbits::from_bits(a.nbits)?, metric)?;
+            pq.train_config.niter = a.niter;
+            Box::new(pq)
+        }
+    };
+    let spin = Progress::spinner("training", show);
+    let t = Instant::now();
+    index.train(base.head(a.train_n))?;
+    let train_s = t.elapsed().as_secs_f64();
+    spin.finish();
+    let spin = Progress::spinner("adding", show);
+    let t = Instant::now();
+    index.add(&base.data)?;
+    let add_s = t.elapsed().as_secs_f64();
+    spin.finish();
+
+    let nq = queries.rows / a.qbs * a.qbs;
+    if nq == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "{} queries cannot fill one batch of qbs = {}",
+            queries.rows, a.qbs
+        )));
+    }
+    let qdata = &queries.data[..nq * d];
+    let bar = Progress::new((a.reps + 1) as u64, "searching", show);
+    let mut best = f64::INFINITY;
+    for rep in 0..=a.reps {
+        let t = Instant::now();
+        for batch in qdata.chunks(a.qbs * d) {
+            index.search(batch, a.k)?;
+        }
+        // Repetition 0 warms caches and page tables; it is not timed.
+        if rep > 0 {
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        bar.inc(1);
+    }
+    bar.finish();
+    let found = index.search(qdata, a.k)?;
+    let recall = match &a.groundtruth {
+        Some(path) => {
+            let (rows, gk, gt) = load_groundtruth(path)?;
+            if rows < nq || gk < a.k {
+                return Err(Error::InvalidArgument(format!(
+                    "ground truth has {rows} rows of {gk} ids, need {nq} rows of at least {}",
+                    a.k
+                )));
+            }
+            found.recall_against(&gt, gk)
+        }
+        None => {
+            let mut exact = IndexFlat::new(d, metric)?;
+            exact.add(&base.data)?;
+            found.recall_against(&exact.search(qdata, a.k)?.ids, a.k)
+        }
+    };
+    let (m, nbits) = match a.index {
+        IndexKind::Pq => (a.m, a.nbits),
+        _ => (0, 0),
+    };
+    Ok(EvalReport {
+        peer: "pqcache",
+        version: env!("CARGO_PKG_VERSION"),
+        index: a.index.name().to_string(),
+        n,
+        d,
+        m,
+        nbits,
+        k: a.k,
+        qbs: a.qbs,
+        metric: metric.name().to_string(),
+        threads: a.threads,
+        train_s,
+        add_s,
+        search_us_per_query: best / nq as f64 * 1e6,
+        ns_per_code_per_query: best / nq as f64 / n as f64 * 1e9,
+        recall_at_k: recall,
+    })
+}

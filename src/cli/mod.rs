@@ -1,0 +1,54 @@
+//! The `pqcache` command line: `eval` (build, search and score an index on vector files, with
+//! the same JSON as `../shared/peers/faiss_bench.py`) and `demo` (the README's main job on the
+//! bundled Gemma sample).
+
+pub mod demo;
+pub mod eval;
+mod progress;
+
+use clap::{Parser, Subcommand};
+
+/// Command-line arguments.
+#[derive(Parser, Debug)]
+#[command(name = "pqcache", version, about = "SIMD product-quantization retrieval for long contexts")]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Build an index over a base set, search it, print timings and recall.
+    Eval(eval::EvalArgs),
+    /// Run the demonstration on the bundled real data (Gemma-3-270M keys and queries).
+    Demo(demo::DemoArgs),
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn run(cli: Cli) -> i32 {
+    let result = match cli.command {
+        Command::Eval(a) => eval::run(&a),
+        Command::Demo(a) => demo::run(&a),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            match e {
+                crate::Error::Io { .. } | crate::Error::Format { .. } => 2,
+                _ => 1,
+            }
+        }
+    }
+}
+
+/// Runs `f` on a rayon pool of `threads` threads (0: all cores).
+pub fn with_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> crate::Result<T> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| crate::Error::InvalidArgument(format!("cannot start {threads} threads: {e}")))?;
+    Ok(pool.install(f))
+}

@@ -1,0 +1,107 @@
+//! Typed errors. Every failure on user input (shapes, values, files) is one of these: the
+//! library never panics on what a caller passes in.
+
+use std::path::PathBuf;
+
+/// The result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The operating-system error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A data file (`.npy`, `.fvecs`, `.ivecs`, `meta.json`) is malformed or of an unsupported kind.
+    #[error("{}: {reason}", path.display())]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An index file failed validation.
+    #[error("corrupt index file (section {section}): {reason}")]
+    Corrupt {
+        /// The section that failed (e.g. `header`, `codes`).
+        section: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An index file of a format version this build cannot read.
+    #[error("index format version {found} is not supported (this build reads {supported})")]
+    Incompatible {
+        /// Version found in the file.
+        found: u32,
+        /// Versions this build reads, e.g. `1..=1`.
+        supported: String,
+    },
+    /// A parameter is out of its valid range or parameters contradict each other.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The index must be trained before this operation.
+    #[error("the index is not trained: call train() first")]
+    NotTrained,
+    /// A vector or buffer has the wrong dimension or length.
+    #[error("dimension mismatch: expected {expected}, got {got}")]
+    DimensionMismatch {
+        /// The expected dimension (or length).
+        expected: usize,
+        /// The dimension (or length) received.
+        got: usize,
+    },
+    /// An input holds NaN or infinity.
+    #[error("non-finite value (NaN or infinity) in {what} at row {row}, column {col}")]
+    NonFinite {
+        /// Which input (`vectors`, `queries`, `training set`).
+        what: &'static str,
+        /// Row of the first bad value.
+        row: usize,
+        /// Column of the first bad value.
+        col: usize,
+    },
+    /// The index holds no vectors.
+    #[error("the index is empty: add vectors before searching")]
+    EmptyIndex,
+    /// `k` is zero or larger than the number of vectors that can be returned.
+    #[error("k = {k} is out of range: it must be in 1..={ntotal}")]
+    InvalidK {
+        /// The `k` asked for.
+        k: usize,
+        /// The number of vectors in the index.
+        ntotal: usize,
+    },
+    /// Too few training points for the number of centroids.
+    #[error("too few training points: {got} for {need} centroids (need at least {need})")]
+    TooFewTrainingPoints {
+        /// Points given.
+        got: usize,
+        /// Points needed.
+        need: usize,
+    },
+}
+
+impl Error {
+    /// An [`Error::Io`] for `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// An [`Error::Format`] for `path`.
+    pub fn format(path: impl Into<PathBuf>, reason: impl Into<String>) -> Error {
+        Error::Format {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}

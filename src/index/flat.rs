@@ -1,0 +1,241 @@
+//! Exact (brute-force) search over f32 or f16 vectors.
+//!
+//! * **Few queries** (`nq < GEMM_MIN_QUERIES`): each query is scored against every row with the
+//!   SIMD dot / L2 kernels of `pqcache-simd` (f16 rows are widened in registers), the rows split
+//!   across the rayon pool, then top-k selection.
+//! * **Batches**: queries are grouped, and each group's scores against a chunk of rows come
+//!   from one faer GEMM (`Q · Xᵀ`; f16 chunks are widened first). For L2, `||q - x||² =
+//!   ||q||² + ||x||² - 2 q·x`, with the row norms kept from `add`, clamped at 0.
+//!
+//! Selection never sorts all `n` scores: see [`crate::select`]. Memory: `n * d` values
+//! (4 or 2 bytes each) and, for L2, `n` f32 squared norms.
+
+use super::{check_k, check_vectors, write_row, Index};
+use crate::error::{Error, Result};
+use crate::linalg::gemm_abt;
+use crate::metric::Metric;
+use crate::result::SearchResult;
+use half::f16;
+use pqcache_simd::distance::DistanceKernels;
+use rayon::prelude::*;
+
+/// From this many queries on, a batch goes through GEMM.
+const GEMM_MIN_QUERIES: usize = 8;
+/// Rows scored per task on the single-query path, and per GEMM on the batch path.
+const ROW_CHUNK: usize = 8192;
+/// Memory budget (f32 entries) of one query group's score matrix.
+const SCORE_BUDGET: usize = 16 << 20;
+
+/// Stored vectors.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FlatStorage {
+    /// Single precision.
+    F32(Vec<f32>),
+    /// Half precision (the KV-cache case): half the memory, widened on the fly.
+    F16(Vec<f16>),
+}
+
+impl FlatStorage {
+    fn len(&self) -> usize {
+        match self {
+            FlatStorage::F32(v) => v.len(),
+            FlatStorage::F16(v) => v.len(),
+        }
+    }
+}
+
+/// Exact search index.
+#[derive(Clone, Debug)]
+pub struct IndexFlat {
+    d: usize,
+    metric: Metric,
+    storage: FlatStorage,
+    /// Squared norms of stored rows (as stored, i.e. after f16 rounding); L2 only.
+    norms: Vec<f32>,
+    kernels: DistanceKernels,
+}
+
+impl IndexFlat {
+    /// An empty f32 index.
+    pub fn new(d: usize, metric: Metric) -> Result<IndexFlat> {
+        Self::with_storage(d, metric, FlatStorage::F32(Vec::new()))
+    }
+
+    /// An empty f16 index.
+    pub fn new_f16(d: usize, metric: Metric) -> Result<IndexFlat> {
+        Self::with_storage(d, metric, FlatStorage::F16(Vec::new()))
+    }
+
+    fn with_storage(d: usize, metric: Metric, storage: FlatStorage) -> Result<IndexFlat> {
+        if d == 0 {
+            return Err(Error::InvalidArgument("dimension must be positive".into()));
+        }
+        Ok(IndexFlat {
+            d,
+            metric,
+            storage,
+            norms: Vec::new(),
+            kernels: DistanceKernels::best(),
+        })
+    }
+
+    /// The stored vectors.
+    pub fn storage(&self) -> &FlatStorage {
+        &self.storage
+    }
+
+    /// Adds f16 vectors (`n * d`); into an f32 index they are widened.
+    pub fn add_f16(&mut self, x: &[f16]) -> Result<()> {
+        if x.len() % self.d != 0 {
+            return Err(Error::DimensionMismatch {
+                expected: self.d,
+                got: x.len() % self.d,
+            });
+        }
+        if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite {
+                what: "vectors",
+                row: i / self.d,
+                col: i % self.d,
+            });
+        }
+        match &mut self.storage {
+            FlatStorage::F16(v) => v.extend_from_slice(x),
+            FlatStorage::F32(v) => v.extend(x.iter().map(|h| h.to_f32())),
+        }
+        self.update_norms(x.len() / self.d);
+        Ok(())
+    }
+
+    fn update_norms(&mut self, added: usize) {
+        if self.metric != Metric::L2 {
+            return;
+        }
+        let start = self.ntotal() - added;
+        let d = self.d;
+        for i in start..self.ntotal() {
+            let n = match &self.storage {
+                FlatStorage::F32(v) => v[i * d..(i + 1) * d].iter().map(|x| x * x).sum(),
+                FlatStorage::F16(v) => v[i * d..(i + 1) * d].iter().map(|x| x.to_f32() * x.to_f32()).sum(),
+            };
+            self.norms.push(n);
+        }
+    }
+
+    /// Scores of one query against every row, as metric values (dot or squared L2).
+    pub fn scores_one(&self, q: &[f32], out: &mut [f32]) {
+        let d = self.d;
+        let k = &self.kernels;
+        let metric = self.metric;
+        match &self.storage {
+            FlatStorage::F32(v) => out
+                .par_chunks_mut(ROW_CHUNK)
+                .zip(v.par_chunks(ROW_CHUNK * d))
+                .for_each(|(o, rows)| match metric {
+                    Metric::InnerProduct => k.dot_rows_f32(q, rows, o),
+                    Metric::L2 => k.l2sq_rows_f32(q, rows, o),
+                }),
+            FlatStorage::F16(v) => out
+                .par_chunks_mut(ROW_CHUNK)
+                .zip(v.par_chunks(ROW_CHUNK * d))
+                .for_each(|(o, rows)| match metric {
+                    Metric::InnerProduct => k.dot_rows_f16(q, rows, o),
+                    Metric::L2 => k.l2sq_rows_f16(q, rows, o),
+                }),
+        }
+    }
+
+    /// Scores (to maximise) of `nq` queries against all rows via GEMM, into `out` (`nq * n`).
+    fn scores_gemm(&self, queries: &[f32], nq: usize, out: &mut [f32]) {
+        let (d, n) = (self.d, self.ntotal());
+        let mut widened = Vec::new();
+        for start in (0..n).step_by(ROW_CHUNK) {
+            let rows = ROW_CHUNK.min(n - start);
+            let block: &[f32] = match &self.storage {
+                FlatStorage::F32(v) => &v[start * d..(start + rows) * d],
+                FlatStorage::F16(v) => {
+                    widened.clear();
+                    widened.extend(v[start * d..(start + rows) * d].iter().map(|h| h.to_f32()));
+                    &widened
+                }
+            };
+            gemm_abt(queries, nq, block, rows, d, &mut out[start..], n);
+        }
+        if self.metric == Metric::L2 {
+            for (qi, row) in out.chunks_exact_mut(n).enumerate() {
+                let q = &queries[qi * d..(qi + 1) * d];
+                let qn: f32 = q.iter().map(|x| x * x).sum();
+                for (s, &xn) in row.iter_mut().zip(&self.norms) {
+                    *s = -(qn + xn - 2.0 * *s).max(0.0);
+                }
+            }
+        }
+    }
+}
+
+impl Index for IndexFlat {
+    fn dim(&self) -> usize {
+        self.d
+    }
+    fn ntotal(&self) -> usize {
+        self.storage.len() / self.d
+    }
+    fn metric(&self) -> Metric {
+        self.metric
+    }
+    fn is_trained(&self) -> bool {
+        true
+    }
+    fn train(&mut self, x: &[f32]) -> Result<()> {
+        check_vectors(x, self.d, "training set").map(|_| ())
+    }
+    fn add(&mut self, x: &[f32]) -> Result<()> {
+        let n = check_vectors(x, self.d, "vectors")?;
+        match &mut self.storage {
+            FlatStorage::F32(v) => v.extend_from_slice(x),
+            FlatStorage::F16(v) => v.extend(x.iter().map(|&f| f16::from_f32(f))),
+        }
+        self.update_norms(n);
+        Ok(())
+    }
+    fn search(&self, queries: &[f32], k: usize) -> Result<SearchResult> {
+        let nq = check_vectors(queries, self.d, "queries")?;
+        let n = self.ntotal();
+        check_k(k, n)?;
+        let mut res = SearchResult::empty(nq, k, self.metric);
+        if nq < GEMM_MIN_QUERIES {
+            let mut scores = vec![0.0f32; n];
+            for (qi, q) in queries.chunks_exact(self.d).enumerate() {
+                self.scores_one(q, &mut scores);
+                if self.metric == Metric::L2 {
+                    scores.iter_mut().for_each(|s| *s = -*s);
+                }
+                write_row(&scores, k, self.metric, &mut res.distances[qi * k..(qi + 1) * k], &mut res.ids[qi * k..(qi + 1) * k]);
+            }
+            return Ok(res);
+        }
+        let threads = rayon::current_num_threads().max(1);
+        let group = (SCORE_BUDGET / n).clamp(1, 64).min(nq.div_ceil(threads)).max(1);
+        let d = self.d;
+        res.distances
+            .par_chunks_mut(group * k)
+            .zip(res.ids.par_chunks_mut(group * k))
+            .zip(queries.par_chunks(group * d))
+            .for_each(|((dist, ids), qs)| {
+                let g = qs.len() / d;
+                let mut scores = vec![0.0f32; g * n];
+                self.scores_gemm(qs, g, &mut scores);
+                for i in 0..g {
+                    write_row(&scores[i * n..(i + 1) * n], k, self.metric, &mut dist[i * k..(i + 1) * k], &mut ids[i * k..(i + 1) * k]);
+                }
+            });
+        Ok(res)
+    }
+    fn reset(&mut self) {
+        match &mut self.storage {
+            FlatStorage::F32(v) => v.clear(),
+            FlatStorage::F16(v) => v.clear(),
+        }
+        self.norms.clear();
+    }
+}

@@ -1,0 +1,77 @@
+//! Indexes: exact ([`flat`]) and product-quantized ([`pq`]).
+//!
+//! Every index implements [`Index`] with FAISS's vocabulary: `train`, `add`, `search(x, k)`,
+//! `reset`, `ntotal`, `dim`, `is_trained`. Vectors are `n * d` f32, row-major. Every entry
+//! point validates its input (dimension, finiteness, `k`) and returns a typed error.
+
+pub mod flat;
+pub mod pq;
+
+use crate::error::{Error, Result};
+use crate::metric::Metric;
+use crate::result::SearchResult;
+
+pub use flat::IndexFlat;
+pub use pq::IndexPQ;
+
+/// The operations every index supports.
+pub trait Index: Send + Sync {
+    /// Vector dimension.
+    fn dim(&self) -> usize;
+    /// Number of indexed vectors.
+    fn ntotal(&self) -> usize;
+    /// The metric.
+    fn metric(&self) -> Metric;
+    /// Whether the index can accept vectors.
+    fn is_trained(&self) -> bool;
+    /// Trains on `x` (`n * d`). A no-op for indexes that need no training.
+    fn train(&mut self, x: &[f32]) -> Result<()>;
+    /// Adds `x` (`n * d`); ids continue from `ntotal`.
+    fn add(&mut self, x: &[f32]) -> Result<()>;
+    /// The `k` best vectors for each query of `queries` (`nq * d`).
+    fn search(&self, queries: &[f32], k: usize) -> Result<SearchResult>;
+    /// Removes every vector (keeps the training).
+    fn reset(&mut self);
+}
+
+/// Checks that `x` holds whole rows of `d` finite values; returns the row count.
+pub fn check_vectors(x: &[f32], d: usize, what: &'static str) -> Result<usize> {
+    if d == 0 {
+        return Err(Error::InvalidArgument("dimension must be positive".into()));
+    }
+    if x.len() % d != 0 {
+        return Err(Error::DimensionMismatch {
+            expected: d,
+            got: if x.len() < d { x.len() } else { x.len() % d },
+        });
+    }
+    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        return Err(Error::NonFinite {
+            what,
+            row: i / d,
+            col: i % d,
+        });
+    }
+    Ok(x.len() / d)
+}
+
+/// Checks `1 <= k <= ntotal` and that the index is not empty.
+pub fn check_k(k: usize, ntotal: usize) -> Result<()> {
+    if ntotal == 0 {
+        return Err(Error::EmptyIndex);
+    }
+    if k == 0 || k > ntotal {
+        return Err(Error::InvalidK { k, ntotal });
+    }
+    Ok(())
+}
+
+/// Selects the top `k` of `scores` (larger is better) into one result row, converting scores
+/// back to the metric's distances.
+pub(crate) fn write_row(scores: &[f32], k: usize, metric: Metric, dist: &mut [f32], ids: &mut [i64]) {
+    let best = crate::select::select_topk(scores, k);
+    for (slot, (s, pos)) in best.into_iter().enumerate() {
+        dist[slot] = metric.from_score(s);
+        ids[slot] = pos as i64;
+    }
+}

@@ -1,0 +1,58 @@
+//! # pqcache: a SIMD product-quantization retrieval engine for long contexts
+//!
+//! Maximum-inner-product and L2 search over dense vectors, built for the decoding loop of an
+//! LLM: at each step, find the cached keys with the largest inner product with the query.
+//!
+//! Where things live (follow a vector through its lifecycle):
+//!
+//! | module | what |
+//! |---|---|
+//! | [`kmeans`] | k-means (Lloyd, GEMM assignment) for codebooks and coarse quantizers |
+//! | [`pq`] | product quantizer: `train`, `encode`, per-query `lut` |
+//! | [`index`] | indexes: [`IndexFlat`] (exact, f32/f16), [`IndexPQ`] (ADC) |
+//! | [`select`] | top-k selection, small k (heap) and large k (quickselect) |
+//! | [`io`] | `.npy`, `.fvecs`, `.ivecs` readers |
+//! | [`cli`] | the `pqcache` command line |
+//! | `pqcache_simd` | the kernels (separate crate), runtime-dispatched scalar / AVX2 / AVX-512 / NEON |
+//!
+//! ```
+//! use pqcache::{Index, IndexFlat, IndexPQ, Metric, Nbits};
+//!
+//! let d = 16;
+//! // 1,000 pseudo-random vectors.
+//! let base: Vec<f32> = (0..1000 * d).map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.5).collect();
+//! let queries = &base[..5 * d];
+//!
+//! let mut exact = IndexFlat::new(d, Metric::InnerProduct)?;
+//! exact.add(&base)?;
+//! let truth = exact.search(queries, 10)?;
+//!
+//! let mut pq = IndexPQ::new(d, 8, Nbits::Eight, Metric::InnerProduct)?;
+//! pq.train(&base)?;
+//! pq.add(&base)?;
+//! let found = pq.search(queries, 10)?;
+//! assert_eq!(found.ids.len(), 5 * 10);
+//! println!("recall@10 = {}", found.recall_against(&truth.ids, 10));
+//! # Ok::<(), pqcache::Error>(())
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod error;
+pub mod index;
+pub mod io;
+pub mod kmeans;
+pub mod linalg;
+pub mod metric;
+pub mod pq;
+pub mod result;
+pub mod select;
+
+pub use error::{Error, Result};
+pub use index::{Index, IndexFlat, IndexPQ};
+pub use kmeans::{KMeansConfig, KMeansInit};
+pub use metric::Metric;
+pub use pq::{Nbits, ProductQuantizer};
+pub use result::SearchResult;
+pub use pqcache_simd::Level;
