@@ -17,9 +17,13 @@
 
 use crate::error::{Error, Result};
 use crate::linalg::{gemm_abt, row_norms_sq};
+use pqcache_simd::argmin::NearestKernel;
 use rand::seq::index::sample;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rayon::prelude::*;
+
+/// k-means++ seeds from at most this many points per centroid.
+const PP_POINTS_PER_CENTROID: usize = 16;
 
 /// Points per assignment chunk (the GEMM block is `CHUNK * k` floats).
 const CHUNK: usize = 1024;
@@ -81,9 +85,11 @@ pub struct KMeans {
 /// ([`Error::TooFewTrainingPoints`]). Values must be finite (callers check).
 pub fn kmeans(data: &[f32], d: usize, k: usize, cfg: &KMeansConfig) -> Result<KMeans> {
     if d == 0 || k == 0 {
-        return Err(Error::InvalidArgument("k-means needs d > 0 and k > 0".into()));
+        return Err(Error::InvalidArgument(
+            "k-means needs d > 0 and k > 0".into(),
+        ));
     }
-    if data.len() % d != 0 {
+    if !data.len().is_multiple_of(d) {
         return Err(Error::DimensionMismatch {
             expected: d,
             got: data.len() % d,
@@ -99,7 +105,10 @@ pub fn kmeans(data: &[f32], d: usize, k: usize, cfg: &KMeansConfig) -> Result<KM
     let x: &[f32] = if n > max_n {
         let mut idx = sample(&mut rng, n, max_n).into_vec();
         idx.sort_unstable();
-        sampled = idx.iter().flat_map(|&i| data[i * d..(i + 1) * d].iter().copied()).collect::<Vec<_>>();
+        sampled = idx
+            .iter()
+            .flat_map(|&i| data[i * d..(i + 1) * d].iter().copied())
+            .collect::<Vec<_>>();
         &sampled
     } else {
         data
@@ -108,9 +117,22 @@ pub fn kmeans(data: &[f32], d: usize, k: usize, cfg: &KMeansConfig) -> Result<KM
     let mut centroids = match cfg.init {
         KMeansInit::Random => {
             let idx = sample(&mut rng, n, k).into_vec();
-            idx.iter().flat_map(|&i| x[i * d..(i + 1) * d].iter().copied()).collect::<Vec<_>>()
+            idx.iter()
+                .flat_map(|&i| x[i * d..(i + 1) * d].iter().copied())
+                .collect::<Vec<_>>()
         }
-        KMeansInit::KMeansPlusPlus => kmeans_pp(x, d, k, &mut rng),
+        KMeansInit::KMeansPlusPlus => {
+            // D² seeding on a random subsample of PP_POINTS_PER_CENTROID * k points: the
+            // seeding is sequential in k, and a subsample of this size already spreads the
+            // seeds over the modes of the data.
+            let m = (PP_POINTS_PER_CENTROID * k).min(n);
+            let idx = sample(&mut rng, n, m).into_vec();
+            let sub: Vec<f32> = idx
+                .iter()
+                .flat_map(|&i| x[i * d..(i + 1) * d].iter().copied())
+                .collect();
+            kmeans_pp(&sub, d, k, &mut rng)
+        }
     };
     let x_norms = row_norms_sq(x, d);
     let mut labels = vec![0u32; n];
@@ -147,24 +169,27 @@ pub fn assign(
     dists: Option<&mut [f32]>,
 ) -> f64 {
     let c_norms = row_norms_sq(centroids, d);
-    let work = |(ci, (lab, mut dst)): (usize, (&mut [u32], Option<&mut [f32]>))| -> f64 {
+    let nearest = NearestKernel::best();
+    let work = |block: &mut Vec<f32>,
+                (ci, (lab, mut dst)): (usize, (&mut [u32], Option<&mut [f32]>))|
+     -> f64 {
         let start = ci * CHUNK;
         let rows = lab.len();
-        let mut block = vec![0.0f32; rows * k];
-        gemm_abt(&x[start * d..(start + rows) * d], rows, centroids, k, d, &mut block, k);
+        block.resize(rows * k, 0.0);
+        gemm_abt(
+            &x[start * d..(start + rows) * d],
+            rows,
+            centroids,
+            k,
+            d,
+            block,
+            k,
+        );
         let mut total = 0.0f64;
         for r in 0..rows {
-            let dots = &block[r * k..(r + 1) * k];
-            let (mut best, mut best_j) = (f32::INFINITY, 0usize);
-            for (j, (&dot, &cn)) in dots.iter().zip(&c_norms).enumerate() {
-                let v = cn - 2.0 * dot;
-                if v < best {
-                    best = v;
-                    best_j = j;
-                }
-            }
+            let (best_j, best) = nearest.nearest(&block[r * k..(r + 1) * k], &c_norms);
             let dist = (x_norms[start + r] + best).max(0.0);
-            lab[r] = best_j as u32;
+            lab[r] = best_j;
             if let Some(ds) = dst.as_deref_mut() {
                 ds[r] = dist;
             }
@@ -177,13 +202,13 @@ pub fn assign(
             .par_chunks_mut(CHUNK)
             .zip(ds.par_chunks_mut(CHUNK).map(Some))
             .enumerate()
-            .map(work)
+            .map_init(Vec::new, work)
             .sum(),
         None => labels
             .par_chunks_mut(CHUNK)
             .map(|l| (l, None))
             .enumerate()
-            .map(work)
+            .map_init(Vec::new, work)
             .sum(),
     }
 }
@@ -212,13 +237,19 @@ fn update(x: &[f32], d: usize, k: usize, labels: &[u32], centroids: &mut [f32]) 
         if counts[j] != 0 {
             continue;
         }
-        let big = (0..k).max_by_key(|&c| (counts[c], std::cmp::Reverse(c))).unwrap_or(0);
+        let big = (0..k)
+            .max_by_key(|&c| (counts[c], std::cmp::Reverse(c)))
+            .unwrap_or(0);
         if counts[big] < 2 {
             continue;
         }
         for t in 0..d {
             let v = centroids[big * d + t];
-            let (up, down) = if t % 2 == 0 { (1.0 + EPS, 1.0 - EPS) } else { (1.0 - EPS, 1.0 + EPS) };
+            let (up, down) = if t % 2 == 0 {
+                (1.0 + EPS, 1.0 - EPS)
+            } else {
+                (1.0 - EPS, 1.0 + EPS)
+            };
             centroids[j * d + t] = v * up;
             centroids[big * d + t] = v * down;
         }
@@ -285,11 +316,19 @@ mod tests {
             // Random init can place two seeds in one blob; several seeds must all succeed
             // thanks to cluster splitting... except when two seeds share a blob and no
             // cluster empties. So check the objective instead of exact recovery for Random.
-            let cfg = KMeansConfig { init, seed: 3, ..Default::default() };
+            let cfg = KMeansConfig {
+                init,
+                seed: 3,
+                ..Default::default()
+            };
             let km = kmeans(&x, 2, 4, &cfg).unwrap();
             let mut matched = 0;
             for c in &centers {
-                if km.centroids.chunks(2).any(|g| (g[0] - c[0]).abs() < 0.3 && (g[1] - c[1]).abs() < 0.3) {
+                if km
+                    .centroids
+                    .chunks(2)
+                    .any(|g| (g[0] - c[0]).abs() < 0.3 && (g[1] - c[1]).abs() < 0.3)
+                {
                     matched += 1;
                 }
             }
@@ -298,23 +337,44 @@ mod tests {
             }
             // The objective never increases under Lloyd iterations.
             for w in km.objective.windows(2) {
-                assert!(w[1] <= w[0] * (1.0 + 1e-6), "objective rose: {:?}", km.objective);
+                assert!(
+                    w[1] <= w[0] * (1.0 + 1e-6),
+                    "objective rose: {:?}",
+                    km.objective
+                );
             }
         }
     }
 
     #[test]
     fn rejects_bad_sizes() {
-        assert!(matches!(kmeans(&[1.0; 6], 2, 4, &KMeansConfig::default()), Err(Error::TooFewTrainingPoints { got: 3, need: 4 })));
-        assert!(matches!(kmeans(&[1.0; 5], 2, 1, &KMeansConfig::default()), Err(Error::DimensionMismatch { .. })));
+        assert!(matches!(
+            kmeans(&[1.0; 6], 2, 4, &KMeansConfig::default()),
+            Err(Error::TooFewTrainingPoints { got: 3, need: 4 })
+        ));
+        assert!(matches!(
+            kmeans(&[1.0; 5], 2, 1, &KMeansConfig::default()),
+            Err(Error::DimensionMismatch { .. })
+        ));
         assert!(kmeans(&[1.0; 4], 2, 0, &KMeansConfig::default()).is_err());
     }
 
     #[test]
     fn empty_clusters_are_reseeded() {
         // 8 points at 2 locations, 4 clusters, duplicates force empties after assignment.
-        let x = vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0];
-        let km = kmeans(&x, 2, 4, &KMeansConfig { niter: 5, ..Default::default() }).unwrap();
+        let x = vec![
+            0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0,
+        ];
+        let km = kmeans(
+            &x,
+            2,
+            4,
+            &KMeansConfig {
+                niter: 5,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert!(km.centroids.iter().all(|v| v.is_finite()));
         assert!(*km.objective.last().unwrap() < 1e-3);
     }
@@ -322,15 +382,30 @@ mod tests {
     #[test]
     fn assign_matches_brute_force() {
         let (x, _) = blobs();
-        let cfg = KMeansConfig { niter: 3, ..Default::default() };
+        let cfg = KMeansConfig {
+            niter: 3,
+            ..Default::default()
+        };
         let km = kmeans(&x, 2, 7, &cfg).unwrap();
         let n = x.len() / 2;
         let mut labels = vec![0; n];
         let mut dists = vec![0.0; n];
-        assign(&x, &row_norms_sq(&x, 2), 2, &km.centroids, 7, &mut labels, Some(&mut dists));
+        assign(
+            &x,
+            &row_norms_sq(&x, 2),
+            2,
+            &km.centroids,
+            7,
+            &mut labels,
+            Some(&mut dists),
+        );
         for i in 0..n {
             let p = &x[i * 2..i * 2 + 2];
-            let dd: Vec<f32> = km.centroids.chunks(2).map(|c| (p[0] - c[0]).powi(2) + (p[1] - c[1]).powi(2)).collect();
+            let dd: Vec<f32> = km
+                .centroids
+                .chunks(2)
+                .map(|c| (p[0] - c[0]).powi(2) + (p[1] - c[1]).powi(2))
+                .collect();
             let best = dd.iter().cloned().fold(f32::INFINITY, f32::min);
             assert!(dd[labels[i] as usize] <= best + 1e-3, "point {i}");
             assert!((dists[i] - best).abs() < 1e-2);

@@ -54,5 +54,5 @@ pub use index::{Index, IndexFlat, IndexPQ};
 pub use kmeans::{KMeansConfig, KMeansInit};
 pub use metric::Metric;
 pub use pq::{Nbits, ProductQuantizer};
-pub use result::SearchResult;
 pub use pqcache_simd::Level;
+pub use result::SearchResult;

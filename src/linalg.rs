@@ -8,7 +8,15 @@ use faer::{Accum, MatMut, MatRef, Par};
 ///
 /// `a` is `na * d` row-major, `b` is `nb * d` row-major, `out` holds `na` rows of stride
 /// `out_stride >= nb`. Runs on the calling thread.
-pub fn gemm_abt(a: &[f32], na: usize, b: &[f32], nb: usize, d: usize, out: &mut [f32], out_stride: usize) {
+pub fn gemm_abt(
+    a: &[f32],
+    na: usize,
+    b: &[f32],
+    nb: usize,
+    d: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
     debug_assert_eq!(a.len(), na * d);
     debug_assert_eq!(b.len(), nb * d);
     debug_assert!(out_stride >= nb);
@@ -28,7 +36,8 @@ pub fn gemm_abt(a: &[f32], na: usize, b: &[f32], nb: usize, d: usize, out: &mut 
     // Not `from_row_major_slice_with_stride_mut`: in faer 0.24.4 it swaps the two strides
     // (row stride 1, column stride `row_stride`), i.e. builds a column-major view and writes
     // out of bounds. The transpose of a column-major view is the row-major view we want.
-    let dst = MatMut::from_column_major_slice_with_stride_mut(out, nb, na, out_stride).transpose_mut();
+    let dst =
+        MatMut::from_column_major_slice_with_stride_mut(out, nb, na, out_stride).transpose_mut();
     matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, Par::Seq);
 }
 
@@ -37,7 +46,9 @@ pub fn row_norms_sq(x: &[f32], d: usize) -> Vec<f32> {
     if d == 0 {
         return vec![0.0; 0];
     }
-    x.chunks_exact(d).map(|r| r.iter().map(|v| v * v).sum()).collect()
+    x.chunks_exact(d)
+        .map(|r| r.iter().map(|v| v * v).sum())
+        .collect()
 }
 
 #[cfg(test)]
@@ -58,7 +69,10 @@ mod tests {
                 let want: f32 = (0..d).map(|t| a[i * d + t] * b[j * d + t]).sum();
                 assert_eq!(out[i * stride + j], want);
             }
-            assert!(out[i * stride + nb].is_nan() || i == na - 1, "wrote outside the block");
+            assert!(
+                out[i * stride + nb].is_nan() || i == na - 1,
+                "wrote outside the block"
+            );
         }
     }
 }

@@ -58,7 +58,11 @@ impl SearchResult {
             t.clear();
             t.extend_from_slice(&truth[q * truth_k..q * truth_k + k]);
             t.sort_unstable();
-            total += self.ids_of(q).iter().filter(|id| t.binary_search(id).is_ok()).count();
+            total += self
+                .ids_of(q)
+                .iter()
+                .filter(|id| t.binary_search(id).is_ok())
+                .count();
         }
         total as f64 / (self.nq * k) as f64
     }

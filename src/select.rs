@@ -15,6 +15,8 @@ use std::cmp::Ordering;
 
 /// Below this ratio `n / k` the quickselect strategy is used.
 const HEAP_MIN_RATIO: usize = 32;
+/// Scores tested together against the heap threshold.
+const FILTER_BLOCK: usize = 16;
 
 /// `true` if (sa, ia) ranks before (sb, ib).
 #[inline(always)]
@@ -121,15 +123,40 @@ pub fn select_topk(scores: &[f32], k: usize) -> Vec<(f32, u32)> {
     }
     if n / k >= HEAP_MIN_RATIO {
         let mut heap = TopKHeap::new(k);
-        for (i, &s) in scores.iter().enumerate() {
-            // Positions ascend, so an equal score never displaces the root: `>` suffices.
-            if s > heap.threshold() || heap.heap.len() < k {
-                heap.push(s, i as u32);
+        for (i, &s) in scores[..k].iter().enumerate() {
+            heap.push(s, i as u32);
+        }
+        let mut threshold = heap.threshold();
+        // Blocks of 16 are first tested as a whole against the threshold (a branch-free fold
+        // that the compiler vectorises); in the common case the whole block is rejected.
+        // Positions ascend, so an equal score never displaces the root: `>` suffices.
+        let rest = &scores[k..];
+        let mut blocks = rest.chunks_exact(FILTER_BLOCK);
+        let mut base = k;
+        for block in &mut blocks {
+            if block.iter().fold(false, |any, &s| any | (s > threshold)) {
+                for (j, &s) in block.iter().enumerate() {
+                    if s > threshold {
+                        heap.push(s, (base + j) as u32);
+                        threshold = heap.threshold();
+                    }
+                }
+            }
+            base += FILTER_BLOCK;
+        }
+        for (j, &s) in blocks.remainder().iter().enumerate() {
+            if s > threshold {
+                heap.push(s, (base + j) as u32);
+                threshold = heap.threshold();
             }
         }
         heap.into_sorted()
     } else {
-        let mut all: Vec<(f32, u32)> = scores.iter().enumerate().map(|(i, &s)| (s, i as u32)).collect();
+        let mut all: Vec<(f32, u32)> = scores
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| (s, i as u32))
+            .collect();
         select_sorted(&mut all, k);
         all
     }
@@ -155,7 +182,11 @@ mod tests {
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     fn naive(scores: &[f32], k: usize) -> Vec<(f32, u32)> {
-        let mut all: Vec<(f32, u32)> = scores.iter().enumerate().map(|(i, &s)| (s, i as u32)).collect();
+        let mut all: Vec<(f32, u32)> = scores
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| (s, i as u32))
+            .collect();
         all.sort_by(rank);
         all.truncate(k);
         all

@@ -655,7 +655,10 @@ mod tests {
                     for i in 0..len {
                         let want = y0[off + i] as f64 + 0.7f32 as f64 * x[off + 1 + i] as f64;
                         // One product and one sum: two roundings of values below 6 in size.
-                        assert!((y[i] as f64 - want).abs() <= 2.0 * 6.0 * f32::EPSILON as f64, "level {level} len {len}");
+                        assert!(
+                            (y[i] as f64 - want).abs() <= 2.0 * 6.0 * f32::EPSILON as f64,
+                            "level {level} len {len}"
+                        );
                     }
                 }
             }

@@ -6,6 +6,7 @@
 //!   Levels follow the x86-64 micro-architecture levels: `scalar`, `v3` (AVX2 + FMA + F16C),
 //!   `v4` (AVX-512 F/BW/VL), and `neon` on aarch64.
 //! * [`distance`]: dot products and squared L2 distances, f32 x f32 and f32 x f16.
+//! * [`argmin`]: nearest centroid from GEMM output (k-means assignment, PQ encoding).
 //! * [`adc`]: asymmetric distance computation with a float lookup table over byte codes
 //!   (one byte per sub-quantizer, 8-bit or unpacked 4-bit product-quantization codes).
 //!
@@ -20,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod adc;
+pub mod argmin;
 pub mod distance;
 pub mod level;
 

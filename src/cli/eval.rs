@@ -74,6 +74,12 @@ pub struct EvalArgs {
     /// k-means iterations.
     #[arg(long, default_value_t = 25)]
     pub niter: usize,
+    /// Seed of k-means sampling and initialisation.
+    #[arg(long, default_value_t = 1234)]
+    pub seed: u64,
+    /// k-means initialisation: random or kmeans++.
+    #[arg(long, default_value = "random")]
+    pub init: String,
     /// Timed repetitions of the search (the best is reported).
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
@@ -129,7 +135,10 @@ pub struct EvalReport {
 pub fn run(a: &EvalArgs) -> Result<()> {
     let report = with_threads(a.threads, || evaluate(a))??;
     if a.json {
-        println!("{}", serde_json::to_string(&report).expect("report serialises"));
+        println!(
+            "{}",
+            serde_json::to_string(&report).expect("report serialises")
+        );
     } else {
         println!(
             "{} n={} d={} m={} nbits={} k={} qbs={} metric={} threads={}\n  train {:.3} s, add {:.3} s, search {:.1} us/query ({:.3} ns/code/query), recall@{} = {:.4}",
@@ -145,7 +154,9 @@ pub fn run(a: &EvalArgs) -> Result<()> {
 pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
     let metric: Metric = a.metric.parse()?;
     if a.qbs == 0 || a.reps == 0 {
-        return Err(Error::InvalidArgument("qbs and reps must be at least 1".into()));
+        return Err(Error::InvalidArgument(
+            "qbs and reps must be at least 1".into(),
+        ));
     }
     let show = !a.json;
     let base = load_vectors(&a.base, a.layer, 0)?;
@@ -163,6 +174,16 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
         IndexKind::Pq => {
             let mut pq = IndexPQ::new(d, a.m, Nbits::from_bits(a.nbits)?, metric)?;
             pq.train_config.niter = a.niter;
+            pq.train_config.seed = a.seed;
+            pq.train_config.init = match a.init.as_str() {
+                "random" => crate::kmeans::KMeansInit::Random,
+                "kmeans++" | "kmeanspp" => crate::kmeans::KMeansInit::KMeansPlusPlus,
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "unknown init {other:?} (random or kmeans++)"
+                    )))
+                }
+            };
             Box::new(pq)
         }
     };

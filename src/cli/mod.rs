@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 
 /// Command-line arguments.
 #[derive(Parser, Debug)]
-#[command(name = "pqcache", version, about = "SIMD product-quantization retrieval for long contexts")]
+#[command(
+    name = "pqcache",
+    version,
+    about = "SIMD product-quantization retrieval for long contexts"
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -49,6 +53,8 @@ pub fn with_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> cr
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
-        .map_err(|e| crate::Error::InvalidArgument(format!("cannot start {threads} threads: {e}")))?;
+        .map_err(|e| {
+            crate::Error::InvalidArgument(format!("cannot start {threads} threads: {e}"))
+        })?;
     Ok(pool.install(f))
 }

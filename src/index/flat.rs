@@ -86,7 +86,7 @@ impl IndexFlat {
 
     /// Adds f16 vectors (`n * d`); into an f32 index they are widened.
     pub fn add_f16(&mut self, x: &[f16]) -> Result<()> {
-        if x.len() % self.d != 0 {
+        if !x.len().is_multiple_of(self.d) {
             return Err(Error::DimensionMismatch {
                 expected: self.d,
                 got: x.len() % self.d,
@@ -116,7 +116,10 @@ impl IndexFlat {
         for i in start..self.ntotal() {
             let n = match &self.storage {
                 FlatStorage::F32(v) => v[i * d..(i + 1) * d].iter().map(|x| x * x).sum(),
-                FlatStorage::F16(v) => v[i * d..(i + 1) * d].iter().map(|x| x.to_f32() * x.to_f32()).sum(),
+                FlatStorage::F16(v) => v[i * d..(i + 1) * d]
+                    .iter()
+                    .map(|x| x.to_f32() * x.to_f32())
+                    .sum(),
             };
             self.norms.push(n);
         }
@@ -210,12 +213,21 @@ impl Index for IndexFlat {
                 if self.metric == Metric::L2 {
                     scores.iter_mut().for_each(|s| *s = -*s);
                 }
-                write_row(&scores, k, self.metric, &mut res.distances[qi * k..(qi + 1) * k], &mut res.ids[qi * k..(qi + 1) * k]);
+                write_row(
+                    &scores,
+                    k,
+                    self.metric,
+                    &mut res.distances[qi * k..(qi + 1) * k],
+                    &mut res.ids[qi * k..(qi + 1) * k],
+                );
             }
             return Ok(res);
         }
         let threads = rayon::current_num_threads().max(1);
-        let group = (SCORE_BUDGET / n).clamp(1, 64).min(nq.div_ceil(threads)).max(1);
+        let group = (SCORE_BUDGET / n)
+            .clamp(1, 64)
+            .min(nq.div_ceil(threads))
+            .max(1);
         let d = self.d;
         res.distances
             .par_chunks_mut(group * k)
@@ -226,7 +238,13 @@ impl Index for IndexFlat {
                 let mut scores = vec![0.0f32; g * n];
                 self.scores_gemm(qs, g, &mut scores);
                 for i in 0..g {
-                    write_row(&scores[i * n..(i + 1) * n], k, self.metric, &mut dist[i * k..(i + 1) * k], &mut ids[i * k..(i + 1) * k]);
+                    write_row(
+                        &scores[i * n..(i + 1) * n],
+                        k,
+                        self.metric,
+                        &mut dist[i * k..(i + 1) * k],
+                        &mut ids[i * k..(i + 1) * k],
+                    );
                 }
             });
         Ok(res)

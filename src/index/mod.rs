@@ -39,7 +39,7 @@ pub fn check_vectors(x: &[f32], d: usize, what: &'static str) -> Result<usize> {
     if d == 0 {
         return Err(Error::InvalidArgument("dimension must be positive".into()));
     }
-    if x.len() % d != 0 {
+    if !x.len().is_multiple_of(d) {
         return Err(Error::DimensionMismatch {
             expected: d,
             got: if x.len() < d { x.len() } else { x.len() % d },
@@ -68,7 +68,13 @@ pub fn check_k(k: usize, ntotal: usize) -> Result<()> {
 
 /// Selects the top `k` of `scores` (larger is better) into one result row, converting scores
 /// back to the metric's distances.
-pub(crate) fn write_row(scores: &[f32], k: usize, metric: Metric, dist: &mut [f32], ids: &mut [i64]) {
+pub(crate) fn write_row(
+    scores: &[f32],
+    k: usize,
+    metric: Metric,
+    dist: &mut [f32],
+    ids: &mut [i64],
+) {
     let best = crate::select::select_topk(scores, k);
     for (slot, (s, pos)) in best.into_iter().enumerate() {
         dist[slot] = metric.from_score(s);

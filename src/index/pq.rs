@@ -66,14 +66,18 @@ impl IndexPQ {
         }
         let mut lut = vec![0.0f32; self.pq.m() * self.pq.ksub()];
         self.pq.compute_lut(q, self.metric, &self.kernels, &mut lut);
-        self.adc.scan(&lut, self.pq.m(), self.pq.ksub(), &self.codes, out);
+        self.adc
+            .scan(&lut, self.pq.m(), self.pq.ksub(), &self.codes, out);
         Ok(())
     }
 
     /// Reconstructs vector `i` from its code.
     pub fn reconstruct(&self, i: usize) -> Result<Vec<f32>> {
         if i >= self.ntotal() {
-            return Err(Error::InvalidArgument(format!("id {i} out of range (ntotal {})", self.ntotal())));
+            return Err(Error::InvalidArgument(format!(
+                "id {i} out of range (ntotal {})",
+                self.ntotal()
+            )));
         }
         let m = self.pq.m();
         self.pq.decode(&self.codes[i * m..(i + 1) * m])

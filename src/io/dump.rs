@@ -36,8 +36,13 @@ fn load_f16(path: &Path) -> Result<(Vec<usize>, Vec<f16>)> {
     let arr = npy::read(path)?;
     match arr.data {
         NpyData::F16(v) if arr.shape.len() == 4 => Ok((arr.shape, v)),
-        NpyData::F32(v) if arr.shape.len() == 4 => Ok((arr.shape, v.into_iter().map(f16::from_f32).collect())),
-        _ => Err(Error::format(path, format!("expected a 4-d float array, found shape {:?}", arr.shape))),
+        NpyData::F32(v) if arr.shape.len() == 4 => {
+            Ok((arr.shape, v.into_iter().map(f16::from_f32).collect()))
+        }
+        _ => Err(Error::format(
+            path,
+            format!("expected a 4-d float array, found shape {:?}", arr.shape),
+        )),
     }
 }
 
@@ -45,31 +50,48 @@ impl AttentionDump {
     /// Loads a dump folder. `v.npy` may be absent (then `v` is empty).
     pub fn load(dir: &Path) -> Result<AttentionDump> {
         let meta_path = dir.join("meta.json");
-        let meta_text = std::fs::read_to_string(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
-        let meta: serde_json::Value =
-            serde_json::from_str(&meta_text).map_err(|e| Error::format(&meta_path, e.to_string()))?;
+        let meta_text =
+            std::fs::read_to_string(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
+        let meta: serde_json::Value = serde_json::from_str(&meta_text)
+            .map_err(|e| Error::format(&meta_path, e.to_string()))?;
         let (qs, q) = load_f16(&dir.join("q.npy"))?;
         let (ks, k) = load_f16(&dir.join("k.npy"))?;
         let v_path = dir.join("v.npy");
         let v = if v_path.exists() {
             let (vs, v) = load_f16(&v_path)?;
             if vs != ks {
-                return Err(Error::format(&v_path, format!("shape {vs:?} differs from k.npy's {ks:?}")));
+                return Err(Error::format(
+                    &v_path,
+                    format!("shape {vs:?} differs from k.npy's {ks:?}"),
+                ));
             }
             v
         } else {
             Vec::new()
         };
         if qs[0] != ks[0] || qs[2] != ks[2] || qs[3] != ks[3] {
-            return Err(Error::format(dir, format!("q shape {qs:?} does not match k shape {ks:?}")));
+            return Err(Error::format(
+                dir,
+                format!("q shape {qs:?} does not match k shape {ks:?}"),
+            ));
         }
         if ks[1] == 0 || qs[1] % ks[1] != 0 {
-            return Err(Error::format(dir, format!("{} query heads cannot be grouped over {} kv heads", qs[1], ks[1])));
+            return Err(Error::format(
+                dir,
+                format!(
+                    "{} query heads cannot be grouped over {} kv heads",
+                    qs[1], ks[1]
+                ),
+            ));
         }
         let layers = meta
             .get("layers")
             .and_then(|l| l.as_array())
-            .map(|a| a.iter().filter_map(|x| x.as_u64().map(|v| v as usize)).collect::<Vec<_>>())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64().map(|v| v as usize))
+                    .collect::<Vec<_>>()
+            })
             .filter(|l| l.len() == qs[0])
             .unwrap_or_else(|| (0..qs[0]).collect());
         let head_dim = ks[3];

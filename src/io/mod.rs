@@ -89,7 +89,10 @@ pub fn load_groundtruth(path: &Path) -> Result<(usize, usize, Vec<i64>)> {
         if let ([rows, k], npy::NpyData::I64(v)) = (arr.shape.as_slice(), &arr.data) {
             return Ok((*rows, *k, v.clone()));
         }
-        return Err(Error::format(path, "ground truth must be a 2-d int64 array"));
+        return Err(Error::format(
+            path,
+            "ground truth must be a 2-d int64 array",
+        ));
     }
     Err(Error::format(path, "ground truth must be .ivecs or .npy"))
 }

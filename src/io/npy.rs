@@ -102,7 +102,10 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|_| format!("bad shape entry {s:?}")))
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| format!("bad shape entry {s:?}"))
+        })
         .collect::<std::result::Result<_, _>>()?;
     let count = shape
         .iter()
@@ -114,7 +117,11 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
         "<f2" => 2,
         "<f8" | "<i8" => 8,
         "|u1" | "<u1" => 1,
-        other => return Err(format!("unsupported dtype {other:?} (expected <f4, <f2, <f8, <i8 or <i4)")),
+        other => {
+            return Err(format!(
+                "unsupported dtype {other:?} (expected <f4, <f2, <f8, <i8 or <i4)"
+            ))
+        }
     };
     let need = count.checked_mul(width).ok_or("shape overflows")?;
     if raw.len() != need {
@@ -125,7 +132,11 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
         ));
     }
     let data = match descr {
-        "<f4" => NpyData::F32(raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
+        "<f4" => NpyData::F32(
+            raw.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
         "<f8" => NpyData::F32(
             raw.chunks_exact(8)
                 .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
@@ -136,7 +147,11 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
                 .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
                 .collect(),
         ),
-        "<i8" => NpyData::I64(raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
+        "<i8" => NpyData::I64(
+            raw.chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
         "<i4" => NpyData::I64(
             raw.chunks_exact(4)
                 .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
@@ -151,7 +166,10 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
 fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
     let pat_a = format!("'{key}'");
     let pat_b = format!("\"{key}\"");
-    let at = header.find(&pat_a).map(|i| i + pat_a.len()).or_else(|| header.find(&pat_b).map(|i| i + pat_b.len()))?;
+    let at = header
+        .find(&pat_a)
+        .map(|i| i + pat_a.len())
+        .or_else(|| header.find(&pat_b).map(|i| i + pat_b.len()))?;
     let rest = header[at..].trim_start().strip_prefix(':')?.trim_start();
     let mut depth = 0i32;
     for (i, c) in rest.char_indices() {
@@ -177,9 +195,16 @@ pub fn to_bytes(shape: &[usize], data: &NpyData) -> Vec<u8> {
     };
     let shape_text = match shape {
         [one] => format!("({one},)"),
-        s => format!("({})", s.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")),
+        s => format!(
+            "({})",
+            s.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     };
-    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_text}, }}");
+    let mut header =
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_text}, }}");
     let total = 10 + header.len() + 1;
     header.push_str(&" ".repeat((64 - total % 64) % 64));
     header.push('\n');
@@ -189,9 +214,15 @@ pub fn to_bytes(shape: &[usize], data: &NpyData) -> Vec<u8> {
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
     match data {
-        NpyData::F32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        NpyData::F16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_bits().to_le_bytes())),
-        NpyData::I64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        NpyData::F32(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        NpyData::F16(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_bits().to_le_bytes())),
+        NpyData::I64(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
     }
     out
 }
@@ -208,8 +239,14 @@ mod tests {
     #[test]
     fn round_trip_each_dtype() {
         let cases = [
-            (vec![2, 3], NpyData::F32(vec![1.0, -2.5, 3.0, 4.0, 5.0, 6.0])),
-            (vec![3], NpyData::F16(vec![f16::from_f32(0.5), f16::ONE, f16::MAX])),
+            (
+                vec![2, 3],
+                NpyData::F32(vec![1.0, -2.5, 3.0, 4.0, 5.0, 6.0]),
+            ),
+            (
+                vec![3],
+                NpyData::F16(vec![f16::from_f32(0.5), f16::ONE, f16::MAX]),
+            ),
             (vec![1, 2], NpyData::I64(vec![-1, i64::MAX])),
         ];
         for (shape, data) in cases {

@@ -10,7 +10,10 @@ fn read_records(path: &Path) -> Result<(usize, usize, Vec<[u8; 4]>)> {
         return Ok((0, 0, Vec::new()));
     }
     if bytes.len() < 4 {
-        return Err(Error::format(path, "truncated: shorter than one dimension field"));
+        return Err(Error::format(
+            path,
+            "truncated: shorter than one dimension field",
+        ));
     }
     let d = i32::from_le_bytes(bytes[..4].try_into().unwrap());
     if d <= 0 || d > 1 << 20 {
@@ -21,7 +24,10 @@ fn read_records(path: &Path) -> Result<(usize, usize, Vec<[u8; 4]>)> {
     if bytes.len() % rec != 0 {
         return Err(Error::format(
             path,
-            format!("length {} is not a multiple of the record size {rec} (d = {d})", bytes.len()),
+            format!(
+                "length {} is not a multiple of the record size {rec} (d = {d})",
+                bytes.len()
+            ),
         ));
     }
     let n = bytes.len() / rec;
@@ -29,9 +35,16 @@ fn read_records(path: &Path) -> Result<(usize, usize, Vec<[u8; 4]>)> {
     for (i, r) in bytes.chunks_exact(rec).enumerate() {
         let di = i32::from_le_bytes(r[..4].try_into().unwrap());
         if di as usize != d {
-            return Err(Error::format(path, format!("record {i} has dimension {di}, expected {d}")));
+            return Err(Error::format(
+                path,
+                format!("record {i} has dimension {di}, expected {d}"),
+            ));
         }
-        out.extend(r[4..].chunks_exact(4).map(|c| <[u8; 4]>::try_from(c).unwrap()));
+        out.extend(
+            r[4..]
+                .chunks_exact(4)
+                .map(|c| <[u8; 4]>::try_from(c).unwrap()),
+        );
     }
     Ok((n, d, out))
 }
@@ -53,7 +66,8 @@ pub fn write_fvecs(path: &Path, dim: usize, data: &[f32]) -> Result<()> {
     let mut out = Vec::with_capacity(data.len() * 4 + data.len() / dim.max(1) * 4);
     for row in data.chunks_exact(dim.max(1)) {
         out.extend_from_slice(&(dim as i32).to_le_bytes());
-        row.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+        row.iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
     }
     std::fs::write(path, out).map_err(|e| Error::io(path, e))
 }

@@ -38,7 +38,15 @@ impl ProductQuantizer {
                         s.copy_from_slice(&row[j * dsub..(j + 1) * dsub]);
                     }
                     let norms = row_norms_sq(&sub, dsub);
-                    assign(&sub, &norms, dsub, self.codebook(j), ksub, &mut labels, None);
+                    assign(
+                        &sub,
+                        &norms,
+                        dsub,
+                        self.codebook(j),
+                        ksub,
+                        &mut labels,
+                        None,
+                    );
                     for (i, &l) in labels.iter().enumerate() {
                         out[i * m + j] = l as u8;
                     }
@@ -51,7 +59,7 @@ impl ProductQuantizer {
         if !self.is_trained() {
             return Err(Error::NotTrained);
         }
-        if codes.len() % self.m != 0 {
+        if !codes.len().is_multiple_of(self.m) {
             return Err(Error::DimensionMismatch {
                 expected: self.m,
                 got: codes.len() % self.m,

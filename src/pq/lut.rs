@@ -16,7 +16,13 @@ impl ProductQuantizer {
     /// Row `j` is built as `dsub` AXPYs over the transposed codebook: `sum_t q_jt * C_j[t][..]`
     /// for inner product, and `||q_j||² + ||c||² - 2 sum_t q_jt * C_j[t][..]` for L2 (clamped
     /// at 0). `d * ksub` fused multiply-adds in all.
-    pub fn compute_lut(&self, q: &[f32], metric: Metric, kernels: &DistanceKernels, lut: &mut [f32]) {
+    pub fn compute_lut(
+        &self,
+        q: &[f32],
+        metric: Metric,
+        kernels: &DistanceKernels,
+        lut: &mut [f32],
+    ) {
         let (m, ksub, dsub) = (self.m, self.ksub(), self.dsub());
         debug_assert_eq!(q.len(), self.d);
         debug_assert_eq!(lut.len(), m * ksub);

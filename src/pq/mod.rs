@@ -42,7 +42,9 @@ impl Nbits {
         match bits {
             4 => Ok(Nbits::Four),
             8 => Ok(Nbits::Eight),
-            other => Err(Error::InvalidArgument(format!("nbits must be 4 or 8, got {other}"))),
+            other => Err(Error::InvalidArgument(format!(
+                "nbits must be 4 or 8, got {other}"
+            ))),
         }
     }
 
@@ -79,10 +81,14 @@ impl ProductQuantizer {
     /// An untrained quantizer. `m` must divide `d` and be at least 1.
     pub fn new(d: usize, m: usize, nbits: Nbits) -> Result<ProductQuantizer> {
         if d == 0 || m == 0 {
-            return Err(Error::InvalidArgument(format!("d ({d}) and m ({m}) must be positive")));
+            return Err(Error::InvalidArgument(format!(
+                "d ({d}) and m ({m}) must be positive"
+            )));
         }
-        if d % m != 0 {
-            return Err(Error::InvalidArgument(format!("m = {m} does not divide d = {d}")));
+        if !d.is_multiple_of(m) {
+            return Err(Error::InvalidArgument(format!(
+                "m = {m} does not divide d = {d}"
+            )));
         }
         Ok(ProductQuantizer {
             d,
@@ -95,7 +101,12 @@ impl ProductQuantizer {
     }
 
     /// A trained quantizer from its centroids (`m * ksub * dsub` values).
-    pub fn from_centroids(d: usize, m: usize, nbits: Nbits, centroids: Vec<f32>) -> Result<ProductQuantizer> {
+    pub fn from_centroids(
+        d: usize,
+        m: usize,
+        nbits: Nbits,
+        centroids: Vec<f32>,
+    ) -> Result<ProductQuantizer> {
         let mut pq = ProductQuantizer::new(d, m, nbits)?;
         let want = m * nbits.ksub() * (d / m);
         if centroids.len() != want {

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Side-by-side: `pqcache eval` and FAISS (../shared/peers/faiss_bench.py) on the same files and
+# settings, in the same run; prints both figures and the ratios (FAISS time / ours: > 1 means
+# we are faster).
+#
+#   benches/vs_faiss.sh                       # the default matrix below
+#   benches/vs_faiss.sh --base B --queries Q --index pq --m 16 --nbits 8 --k 10 --metric l2
+set -euo pipefail
+cd "$(dirname "$0")/.."
+shared=../shared
+py=$(bash "$shared/peers/setup.sh" /tmp/pqcache-peers | tail -n 1)
+cargo build --release --quiet
+bin=target/release/pqcache
+work=${TMPDIR:-/tmp}/pqcache-vs-faiss
+mkdir -p "$work"
+
+compare() {
+  local ours theirs
+  ours=$("$bin" eval "$@" --json)
+  theirs=$("$py" "$shared/peers/faiss_bench.py" "$@" 2>/dev/null)
+  python3 - "$ours" "$theirs" "$*" <<'PY'
+import json, sys
+o, t, args = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+print(f"\n{args}")
+print(f"  {'':22}{'pqcache':>12}{'faiss':>12}{'faiss/ours':>12}")
+for key in ["train_s", "add_s", "search_us_per_query"]:
+    print(f"  {key:22}{o[key]:12.4g}{t[key]:12.4g}{t[key] / max(o[key], 1e-12):12.2f}")
+print(f"  {'recall_at_k':22}{o['recall_at_k']:12.4f}{t['recall_at_k']:12.4f}{o['recall_at_k'] - t['recall_at_k']:+12.4f} (ours - faiss)")
+PY
+}
+
+if [ $# -gt 0 ]; then
+  compare "$@"
+  exit 0
+fi
+
+# A 65,536 x 128 training set of real vectors: Gemma query vectors cut into 128-d halves.
+if [ ! -f "$work/gemma128_65k.npy" ]; then
+  "$py" - "$shared" "$work" <<'PY'
+import sys, numpy as np
+shared, work = sys.argv[1], sys.argv[2]
+q = np.load(f"{shared}/data/gemma3-270m/prideprejudice-8192/q.npy").astype(np.float32).reshape(-1, 128)
+np.save(f"{work}/gemma128_65k.npy", np.ascontiguousarray(q[:65536]))
+np.save(f"{work}/gemma128_q1k.npy", np.ascontiguousarray(q[-1000:]))
+PY
+fi
+ann=$shared/data/ann
+gemma=$shared/data/gemma3-270m/prideprejudice-8192
+for m in 8 16 32; do
+  compare --base "$work/gemma128_65k.npy" --queries "$work/gemma128_q1k.npy" --index pq --m $m --nbits 8 --k 10 --metric ip --reps 1
+done
+compare --base $ann/bigann-10k-128_base.fvecs --queries $ann/bigann-10k-128_query.fvecs --index pq --m 16 --nbits 8 --k 10 --metric l2
+compare --base $ann/bigann-10k-128_base.fvecs --queries $ann/bigann-10k-128_query.fvecs --index flat --k 10 --metric l2
+compare --base $gemma/k.npy --queries $gemma/q.npy --index pq --m 64 --nbits 8 --k 10 --metric ip --reps 2
+compare --base $gemma/k.npy --queries $gemma/q.npy --index flat --k 10 --metric ip --reps 2
+compare --base $gemma/k.npy --queries $gemma/q.npy --index flat --k 819 --metric ip --reps 2

@@ -1,0 +1,142 @@
+//! Bad input gives a typed error, never a panic.
+mod common;
+
+use pqcache::{Error, Index, IndexFlat, IndexPQ, KMeansConfig, Metric, Nbits, ProductQuantizer};
+
+#[test]
+fn dimension_mismatch() {
+    let mut idx = IndexFlat::new(4, Metric::L2).unwrap();
+    assert!(matches!(
+        idx.add(&[1.0; 6]),
+        Err(Error::DimensionMismatch {
+            expected: 4,
+            got: 2
+        })
+    ));
+    idx.add(&[1.0; 8]).unwrap();
+    assert!(matches!(
+        idx.search(&[1.0; 3], 1),
+        Err(Error::DimensionMismatch {
+            expected: 4,
+            got: 3
+        })
+    ));
+    let mut pq = IndexPQ::new(8, 2, Nbits::Four, Metric::L2).unwrap();
+    assert!(matches!(
+        pq.train(&[0.5; 12]),
+        Err(Error::DimensionMismatch { .. })
+    ));
+}
+
+#[test]
+fn m_must_divide_d_and_nbits_must_be_4_or_8() {
+    assert!(matches!(
+        ProductQuantizer::new(10, 3, Nbits::Eight),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        ProductQuantizer::new(10, 0, Nbits::Eight),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        Nbits::from_bits(6),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        IndexFlat::new(0, Metric::L2),
+        Err(Error::InvalidArgument(_))
+    ));
+}
+
+#[test]
+fn non_finite_values_are_rejected_with_their_position() {
+    let mut idx = IndexFlat::new(2, Metric::InnerProduct).unwrap();
+    let e = idx.add(&[1.0, 2.0, f32::NAN, 0.0]).unwrap_err();
+    assert!(matches!(e, Error::NonFinite { row: 1, col: 0, .. }), "{e}");
+    assert_eq!(idx.ntotal(), 0, "a failed add must add nothing");
+    idx.add(&[1.0, 2.0]).unwrap();
+    assert!(matches!(
+        idx.search(&[f32::INFINITY, 0.0], 1),
+        Err(Error::NonFinite { .. })
+    ));
+    let mut pq = ProductQuantizer::new(2, 1, Nbits::Four).unwrap();
+    let mut x = common::uniform(64, 2, 1);
+    x[77] = f32::NEG_INFINITY;
+    assert!(matches!(
+        pq.train(&x, &KMeansConfig::default()),
+        Err(Error::NonFinite {
+            row: 38,
+            col: 1,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn empty_and_small_training_sets() {
+    let mut pq = IndexPQ::new(4, 2, Nbits::Eight, Metric::L2).unwrap();
+    assert!(matches!(
+        pq.train(&[]),
+        Err(Error::TooFewTrainingPoints { got: 0, need: 256 })
+    ));
+    assert!(matches!(
+        pq.train(&common::uniform(100, 4, 2)),
+        Err(Error::TooFewTrainingPoints {
+            got: 100,
+            need: 256
+        })
+    ));
+    assert!(matches!(pq.add(&[0.0; 4]), Err(Error::NotTrained)));
+    assert!(matches!(pq.search(&[0.0; 4], 1), Err(Error::NotTrained)));
+}
+
+#[test]
+fn k_zero_or_above_ntotal_and_empty_index() {
+    let mut idx = IndexFlat::new(2, Metric::L2).unwrap();
+    assert!(matches!(idx.search(&[0.0, 0.0], 1), Err(Error::EmptyIndex)));
+    idx.add(&[1.0, 1.0, 2.0, 2.0]).unwrap();
+    assert!(matches!(
+        idx.search(&[0.0, 0.0], 0),
+        Err(Error::InvalidK { k: 0, ntotal: 2 })
+    ));
+    assert!(matches!(
+        idx.search(&[0.0, 0.0], 3),
+        Err(Error::InvalidK { k: 3, ntotal: 2 })
+    ));
+    let mut pq = IndexPQ::new(2, 1, Nbits::Four, Metric::L2).unwrap();
+    pq.train(&common::uniform(64, 2, 3)).unwrap();
+    assert!(matches!(pq.search(&[0.0, 0.0], 1), Err(Error::EmptyIndex)));
+    pq.add(&[0.5, 0.5]).unwrap();
+    assert!(matches!(
+        pq.search(&[0.0, 0.0], 2),
+        Err(Error::InvalidK { k: 2, ntotal: 1 })
+    ));
+}
+
+#[test]
+fn unreadable_and_malformed_files() {
+    let dir = std::env::temp_dir().join(format!("pqcache-errors-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let missing = dir.join("missing.fvecs");
+    assert!(matches!(
+        pqcache::io::load_vectors(&missing, 0, 0),
+        Err(Error::Io { .. })
+    ));
+    let bad = dir.join("bad.fvecs");
+    std::fs::write(&bad, [4, 0, 0, 0, 1, 2, 3]).unwrap();
+    assert!(matches!(
+        pqcache::io::load_vectors(&bad, 0, 0),
+        Err(Error::Format { .. })
+    ));
+    let npy = dir.join("bad.npy");
+    std::fs::write(&npy, b"\x93NUMPY\x01\x00garbage").unwrap();
+    assert!(matches!(
+        pqcache::io::load_vectors(&npy, 0, 0),
+        Err(Error::Format { .. })
+    ));
+    let txt = dir.join("vectors.csv");
+    std::fs::write(&txt, "1,2,3").unwrap();
+    let e = pqcache::io::load_vectors(&txt, 0, 0).unwrap_err();
+    assert!(e.to_string().contains("unknown extension"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
