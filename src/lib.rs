@@ -50,9 +50,14 @@ pub mod result;
 pub mod select;
 
 pub use error::{Error, Result};
-pub use index::{Index, IndexFlat, IndexPQ};
+pub use index::{Index, IndexFlat, IndexPQ, IndexPQFastScan, RerankStorage};
 pub use kmeans::{KMeansConfig, KMeansInit};
 pub use metric::Metric;
 pub use pq::{Nbits, ProductQuantizer};
 pub use pqcache_simd::Level;
 pub use result::SearchResult;
+
+/// The README's examples, compiled and run as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

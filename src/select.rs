@@ -10,7 +10,14 @@
 //!
 //! Order: higher score first; equal scores by smaller position. Scores are compared with
 //! `f32::total_cmp`, so a NaN can never make the selection panic.
+//!
+//! Fast-scan scores are u16 and get an `O(n)` **radix select** for large k
+//! ([`select_topk_u16_segments`]): a 256-bin histogram of the high bytes finds the bucket
+//! holding the k-th score, a second histogram of that bucket's low bytes finds the k-th score
+//! `T` itself; one pass collects every score above `T` and the first (smallest-position) ones
+//! equal to `T`, and a counting sort over `T..=max` orders the survivors: `O(n + k + 2^16)`.
 
+use pqcache_simd::fastscan::FastScanKernel;
 use std::cmp::Ordering;
 
 /// Below this ratio `n / k` the quickselect strategy is used.
@@ -107,6 +114,28 @@ impl TopKHeap {
         }
     }
 
+    /// Number of kept elements.
+    pub fn len(&self) -> usize {
+        self.heap.len()
+    }
+
+    /// Whether `k` elements are kept (the threshold is then finite).
+    pub fn is_full(&self) -> bool {
+        self.heap.len() >= self.k
+    }
+
+    /// Whether nothing is kept.
+    pub fn is_empty(&self) -> bool {
+        self.heap.is_empty()
+    }
+
+    /// Offers every element of `other`.
+    pub fn merge(&mut self, other: TopKHeap) {
+        for (s, p) in other.heap {
+            self.push(s, p);
+        }
+    }
+
     /// The kept elements, best first.
     pub fn into_sorted(mut self) -> Vec<(f32, u32)> {
         self.heap.sort_unstable_by(rank);
@@ -176,6 +205,145 @@ pub fn select_sorted(pairs: &mut Vec<(f32, u32)>, k: usize) {
     pairs.sort_unstable_by(rank);
 }
 
+/// The `k` best (score, position) pairs of u16 scores split into segments, best first
+/// (higher score, then smaller position). Segment `s` covers positions
+/// `[s * seg_len, s * seg_len + segs[s].len())`; positions `>= n_valid` are ignored (block
+/// padding). `k` is clamped to the number of valid positions.
+pub fn select_topk_u16_segments(
+    kernel: &FastScanKernel,
+    segs: &[&[u16]],
+    seg_len: usize,
+    n_valid: usize,
+    k: usize,
+) -> Vec<(u16, u32)> {
+    let valid =
+        |si: usize, seg: &[u16]| -> usize { seg.len().min(n_valid.saturating_sub(si * seg_len)) };
+    let total: usize = segs
+        .iter()
+        .enumerate()
+        .map(|(si, seg)| valid(si, seg))
+        .sum();
+    let k = k.min(total);
+    if k == 0 {
+        return Vec::new();
+    }
+    // Pass 1: high bytes.
+    let mut hist = [0usize; 257];
+    for (si, seg) in segs.iter().enumerate() {
+        histogram(&seg[..valid(si, seg)], &mut hist, |v| (v >> 8) as usize);
+    }
+    let (hi, above_hi) = find_bucket(&hist, k);
+    // Pass 2: low bytes inside the high-byte bucket; other values land in the spare bins
+    // 256..264 (branch-free: whether a score is in the bucket is unpredictable; eight spare
+    // bins keep their increments from forming one long dependency chain).
+    let mut hist_lo = [0usize; 257];
+    for (si, seg) in segs.iter().enumerate() {
+        histogram(&seg[..valid(si, seg)], &mut hist_lo, |v| {
+            let inside = ((v >> 8) as usize == hi) as usize;
+            inside * (v & 0xff) as usize + (1 - inside) * (256 + (v & 7) as usize)
+        });
+    }
+    let (lo, above_lo) = find_bucket(&hist_lo, k - above_hi);
+    let threshold = ((hi << 8) | lo) as u16;
+    let equal_left = k - above_hi - above_lo;
+    // Pass 3: the survivors, in position order: every score above the threshold (SIMD
+    // filter), then the first `equal_left` scores equal to it.
+    let mut above: Vec<u32> = Vec::with_capacity(k);
+    for (si, seg) in segs.iter().enumerate() {
+        kernel.collect_above(
+            &seg[..valid(si, seg)],
+            threshold,
+            (si * seg_len) as u32,
+            &mut above,
+        );
+    }
+    let mut equal: Vec<u32> = Vec::with_capacity(equal_left);
+    'find: for (si, seg) in segs.iter().enumerate() {
+        for (i, &v) in seg[..valid(si, seg)].iter().enumerate() {
+            if equal.len() == equal_left {
+                break 'find;
+            }
+            if v == threshold {
+                equal.push((si * seg_len + i) as u32);
+            }
+        }
+    }
+    let score_at = |p: u32| segs[p as usize / seg_len][p as usize % seg_len];
+    let out: Vec<(u16, u32)> = above
+        .iter()
+        .chain(&equal)
+        .map(|&p| (score_at(p), p))
+        .collect();
+    let max = out.iter().map(|&(v, _)| v).max().unwrap_or(threshold);
+    // Counting sort by score, descending; stable, so equal scores keep position order.
+    let range = (max - threshold) as usize + 1;
+    let mut starts = vec![0usize; range + 1];
+    for &(v, _) in &out {
+        starts[(max - v) as usize + 1] += 1;
+    }
+    for b in 1..=range {
+        starts[b] += starts[b - 1];
+    }
+    let mut sorted = vec![(0u16, 0u32); out.len()];
+    for &(v, pos) in &out {
+        let b = (max - v) as usize;
+        sorted[starts[b]] = (v, pos);
+        starts[b] += 1;
+    }
+    sorted
+}
+
+/// The `k` best of contiguous u16 scores (positions `>= n_valid` ignored), best first.
+pub fn select_topk_u16(scores: &[u16], n_valid: usize, k: usize) -> Vec<(u16, u32)> {
+    select_topk_u16_segments(
+        &FastScanKernel::best(),
+        &[scores],
+        scores.len().max(1),
+        n_valid,
+        k,
+    )
+}
+
+/// Adds the bins `bin(v)` of `values` to `hist`. Four interleaved partial histograms break
+/// the load-add-store chains that concentrated scores (few distinct bins) would otherwise
+/// serialise.
+#[inline(always)]
+fn histogram(values: &[u16], hist: &mut [usize; 257], bin: impl Fn(u16) -> usize) {
+    let mut parts = [[0u32; SPARE_BINS]; 4];
+    let mut quads = values.chunks_exact(4);
+    for q in &mut quads {
+        for (part, &v) in parts.iter_mut().zip(q) {
+            part[bin(v).min(SPARE_BINS - 1)] += 1;
+        }
+    }
+    for &v in quads.remainder() {
+        parts[0][bin(v).min(SPARE_BINS - 1)] += 1;
+    }
+    for (b, h) in hist.iter_mut().enumerate().take(256) {
+        *h += parts.iter().map(|p| p[b] as usize).sum::<usize>();
+    }
+    hist[256] += parts
+        .iter()
+        .map(|p| p[256..].iter().map(|&c| c as usize).sum::<usize>())
+        .sum::<usize>();
+}
+
+/// Bins of the partial histograms: 256 values and 8 spare bins for values outside.
+const SPARE_BINS: usize = 264;
+
+/// Scanning bins 255 down to 0 of a histogram (bin 256 holds the values outside it), the bin
+/// where the count reaches `k`, and how many elements lie strictly above it.
+fn find_bucket(hist: &[usize; 257], k: usize) -> (usize, usize) {
+    let mut above = 0;
+    for b in (0..256).rev() {
+        if above + hist[b] >= k {
+            return (b, above);
+        }
+        above += hist[b];
+    }
+    (0, above)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +379,46 @@ mod tests {
             h.push(s, p);
         }
         assert_eq!(h.into_sorted(), vec![(5.0, 7), (1.0, 0), (1.0, 2)]);
+    }
+
+    fn naive_u16(scores: &[u16], n_valid: usize, k: usize) -> Vec<(u16, u32)> {
+        let mut all: Vec<(u16, u32)> = scores[..n_valid.min(scores.len())]
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| (s, i as u32))
+            .collect();
+        all.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        all.truncate(k);
+        all
+    }
+
+    #[test]
+    fn radix_select_matches_full_sort() {
+        let mut rng = StdRng::seed_from_u64(8);
+        for n in [0usize, 1, 33, 1000, 4096] {
+            for spread in [3u32, 300, 65536] {
+                let scores: Vec<u16> = (0..n).map(|_| rng.random_range(0..spread) as u16).collect();
+                for k in [1usize, 7, 100, 999, 5000] {
+                    let n_valid = n.saturating_sub(5);
+                    let want = naive_u16(&scores, n_valid, k);
+                    assert_eq!(
+                        select_topk_u16(&scores, n_valid, k),
+                        want,
+                        "n {n} spread {spread} k {k}"
+                    );
+                    // The same split into segments of 64.
+                    let segs: Vec<&[u16]> = scores.chunks(64).collect();
+                    for level in pqcache_simd::Level::all_supported() {
+                        let kernel = FastScanKernel::for_level(level);
+                        assert_eq!(
+                            select_topk_u16_segments(&kernel, &segs, 64, n_valid, k),
+                            want,
+                            "level {level}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

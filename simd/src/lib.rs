@@ -7,6 +7,7 @@
 //!   `v4` (AVX-512 F/BW/VL), and `neon` on aarch64.
 //! * [`distance`]: dot products and squared L2 distances, f32 x f32 and f32 x f16.
 //! * [`argmin`]: nearest centroid from GEMM output (k-means assignment, PQ encoding).
+//! * [`fastscan`]: 4-bit fast-scan accumulation (u8 tables in registers, u16 sums, 32-vector blocks).
 //! * [`adc`]: asymmetric distance computation with a float lookup table over byte codes
 //!   (one byte per sub-quantizer, 8-bit or unpacked 4-bit product-quantization codes).
 //!
@@ -23,6 +24,7 @@
 pub mod adc;
 pub mod argmin;
 pub mod distance;
+pub mod fastscan;
 pub mod level;
 
 pub use level::Level;

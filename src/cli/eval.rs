@@ -6,8 +6,9 @@
 use super::progress::Progress;
 use super::with_threads;
 use crate::error::{Error, Result};
-use crate::index::{Index, IndexFlat, IndexPQ};
+use crate::index::{Index, IndexFlat, IndexPQ, IndexPQFastScan, RerankStorage};
 use crate::io::{load_groundtruth, load_vectors};
+use crate::kmeans::{KMeansConfig, KMeansInit};
 use crate::metric::Metric;
 use crate::pq::Nbits;
 use clap::{Args, ValueEnum};
@@ -23,6 +24,8 @@ pub enum IndexKind {
     Flat16,
     /// Product quantization, ADC with a float table.
     Pq,
+    /// 4-bit fast-scan product quantization (u8 tables in registers).
+    Pqfs,
 }
 
 impl IndexKind {
@@ -31,6 +34,7 @@ impl IndexKind {
             IndexKind::Flat => "flat",
             IndexKind::Flat16 => "flat16",
             IndexKind::Pq => "pq",
+            IndexKind::Pqfs => "pqfs",
         }
     }
 }
@@ -62,6 +66,9 @@ pub struct EvalArgs {
     /// Queries per search call.
     #[arg(long, default_value_t = 1)]
     pub qbs: usize,
+    /// pqfs: re-rank the best k * F candidates exactly (keeps f32 originals); 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub rerank: usize,
     /// Metric: ip (inner product) or l2.
     #[arg(long, default_value = "ip")]
     pub metric: String,
@@ -150,6 +157,24 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
+fn kmeans_config(a: &EvalArgs) -> Result<KMeansConfig> {
+    let init = match a.init.as_str() {
+        "random" => KMeansInit::Random,
+        "kmeans++" | "kmeanspp" => KMeansInit::KMeansPlusPlus,
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "unknown init {other:?} (random or kmeans++)"
+            )))
+        }
+    };
+    Ok(KMeansConfig {
+        niter: a.niter,
+        seed: a.seed,
+        init,
+        ..KMeansConfig::default()
+    })
+}
+
 /// Builds, times and scores the index described by `a` on the current thread pool.
 pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
     let metric: Metric = a.metric.parse()?;
@@ -173,18 +198,19 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
         IndexKind::Flat16 => Box::new(IndexFlat::new_f16(d, metric)?),
         IndexKind::Pq => {
             let mut pq = IndexPQ::new(d, a.m, Nbits::from_bits(a.nbits)?, metric)?;
-            pq.train_config.niter = a.niter;
-            pq.train_config.seed = a.seed;
-            pq.train_config.init = match a.init.as_str() {
-                "random" => crate::kmeans::KMeansInit::Random,
-                "kmeans++" | "kmeanspp" => crate::kmeans::KMeansInit::KMeansPlusPlus,
-                other => {
-                    return Err(Error::InvalidArgument(format!(
-                        "unknown init {other:?} (random or kmeans++)"
-                    )))
-                }
-            };
+            pq.train_config = kmeans_config(a)?;
             Box::new(pq)
+        }
+        IndexKind::Pqfs => {
+            // --nbits is ignored: fast-scan codes are 4-bit.
+            let mut fs = IndexPQFastScan::new(d, a.m, metric)?;
+            fs.train_config = kmeans_config(a)?;
+            if a.rerank > 1 {
+                fs.keep_originals(RerankStorage::F32)?;
+                fs.rerank_factor = a.rerank;
+            }
+            fs.qbs = a.qbs.clamp(1, pqcache_simd::fastscan::MAX_QBS);
+            Box::new(fs)
         }
     };
     let spin = Progress::spinner("training", show);
@@ -240,6 +266,7 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
     };
     let (m, nbits) = match a.index {
         IndexKind::Pq => (a.m, a.nbits),
+        IndexKind::Pqfs => (a.m, 4),
         _ => (0, 0),
     };
     Ok(EvalReport {

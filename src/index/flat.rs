@@ -36,10 +36,54 @@ pub enum FlatStorage {
 }
 
 impl FlatStorage {
-    fn len(&self) -> usize {
+    /// Number of stored values (rows times dimension).
+    pub fn len(&self) -> usize {
         match self {
             FlatStorage::F32(v) => v.len(),
             FlatStorage::F16(v) => v.len(),
+        }
+    }
+
+    /// Whether nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends validated f32 rows (rounded to f16 in f16 storage).
+    pub fn extend(&mut self, x: &[f32]) {
+        match self {
+            FlatStorage::F32(v) => v.extend_from_slice(x),
+            FlatStorage::F16(v) => v.extend(x.iter().map(|&f| f16::from_f32(f))),
+        }
+    }
+
+    /// Removes every row.
+    pub fn clear(&mut self) {
+        match self {
+            FlatStorage::F32(v) => v.clear(),
+            FlatStorage::F16(v) => v.clear(),
+        }
+    }
+
+    /// The metric value (dot or squared L2) of `q` against row `i` (`q.len()` wide).
+    #[inline]
+    pub fn metric_value(
+        &self,
+        kernels: &DistanceKernels,
+        metric: Metric,
+        q: &[f32],
+        i: usize,
+    ) -> f32 {
+        let d = q.len();
+        match (self, metric) {
+            (FlatStorage::F32(v), Metric::InnerProduct) => {
+                kernels.dot_f32(q, &v[i * d..(i + 1) * d])
+            }
+            (FlatStorage::F32(v), Metric::L2) => kernels.l2sq_f32(q, &v[i * d..(i + 1) * d]),
+            (FlatStorage::F16(v), Metric::InnerProduct) => {
+                kernels.dot_f16(q, &v[i * d..(i + 1) * d])
+            }
+            (FlatStorage::F16(v), Metric::L2) => kernels.l2sq_f16(q, &v[i * d..(i + 1) * d]),
         }
     }
 }
@@ -194,10 +238,7 @@ impl Index for IndexFlat {
     }
     fn add(&mut self, x: &[f32]) -> Result<()> {
         let n = check_vectors(x, self.d, "vectors")?;
-        match &mut self.storage {
-            FlatStorage::F32(v) => v.extend_from_slice(x),
-            FlatStorage::F16(v) => v.extend(x.iter().map(|&f| f16::from_f32(f))),
-        }
+        self.storage.extend(x);
         self.update_norms(n);
         Ok(())
     }
@@ -250,10 +291,7 @@ impl Index for IndexFlat {
         Ok(res)
     }
     fn reset(&mut self) {
-        match &mut self.storage {
-            FlatStorage::F32(v) => v.clear(),
-            FlatStorage::F16(v) => v.clear(),
-        }
+        self.storage.clear();
         self.norms.clear();
     }
 }

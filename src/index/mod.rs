@@ -4,6 +4,7 @@
 //! `reset`, `ntotal`, `dim`, `is_trained`. Vectors are `n * d` f32, row-major. Every entry
 //! point validates its input (dimension, finiteness, `k`) and returns a typed error.
 
+pub mod fastscan;
 pub mod flat;
 pub mod pq;
 
@@ -11,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::metric::Metric;
 use crate::result::SearchResult;
 
+pub use fastscan::{IndexPQFastScan, RerankStorage};
 pub use flat::IndexFlat;
 pub use pq::IndexPQ;
 

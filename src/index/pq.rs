@@ -42,6 +42,19 @@ impl IndexPQ {
         })
     }
 
+    /// An empty index over an already trained quantizer (e.g. to compare a fast-scan index
+    /// with float-table ADC on the same codebooks).
+    pub fn with_quantizer(pq: ProductQuantizer, metric: Metric) -> IndexPQ {
+        IndexPQ {
+            pq,
+            metric,
+            codes: Vec::new(),
+            train_config: KMeansConfig::default(),
+            adc: AdcKernel::best(),
+            kernels: DistanceKernels::best(),
+        }
+    }
+
     /// The quantizer.
     pub fn pq(&self) -> &ProductQuantizer {
         &self.pq

@@ -39,13 +39,77 @@ impl ProductQuantizer {
                     (-2.0, qj.iter().map(|v| v * v).sum::<f32>())
                 }
             };
-            for (t, &qt) in qj.iter().enumerate() {
-                let col = &self.centroids_t[(j * dsub + t) * ksub..(j * dsub + t + 1) * ksub];
-                kernels.axpy(alpha * qt, col, row);
+            if ksub == 16 {
+                // 4-bit tables: one 16-float row fits a register or two; an inline loop beats
+                // a kernel call per (j, t).
+                let row16: &mut [f32; 16] = row.try_into().expect("ksub == 16");
+                for (t, &qt) in qj.iter().enumerate() {
+                    let col: &[f32; 16] = self.centroids_t[(j * dsub + t) * 16..][..16]
+                        .try_into()
+                        .expect("16 wide");
+                    let a = alpha * qt;
+                    for c in 0..16 {
+                        row16[c] += a * col[c];
+                    }
+                }
+            } else {
+                for (t, &qt) in qj.iter().enumerate() {
+                    let col = &self.centroids_t[(j * dsub + t) * ksub..(j * dsub + t + 1) * ksub];
+                    kernels.axpy(alpha * qt, col, row);
+                }
             }
             if metric == Metric::L2 {
                 row.iter_mut().for_each(|v| *v = (*v + base).max(0.0));
             }
         }
+    }
+}
+
+/// A lookup table quantized to u8 for fast-scan, with the map back to float scores.
+///
+/// `table[j * 16 + c] = round((s[j][c] - min_j) / delta)`, where `s` is the float table of
+/// scores to maximise, `min_j` the smallest entry of sub-quantizer `j`, and `delta` the widest
+/// per-sub-quantizer range over 255. A u16 sum `t` of table bytes maps back to the float score
+/// `bias + delta * t` with `bias = sum_j min_j`; the rounding error is at most `m * delta / 2`.
+/// Padding sub-quantizers (`m <= j < m2`) have all-zero rows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantizedLut {
+    /// `m2 * 16` bytes.
+    pub table: Vec<u8>,
+    /// Float value of one unit of the u16 sum.
+    pub delta: f32,
+    /// Float value of a zero sum.
+    pub bias: f32,
+}
+
+impl QuantizedLut {
+    /// Quantizes `scores` (`m * 16` floats to maximise) into a table of `m2` rows.
+    pub fn new(scores: &[f32], m: usize, m2: usize) -> QuantizedLut {
+        debug_assert_eq!(scores.len(), m * 16);
+        let mut mins = Vec::with_capacity(m);
+        let mut span = 0.0f32;
+        for row in scores.chunks_exact(16) {
+            let lo = row.iter().copied().fold(f32::INFINITY, f32::min);
+            let hi = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            mins.push(lo);
+            span = span.max(hi - lo);
+        }
+        let delta = if span > 0.0 { span / 255.0 } else { 1.0 };
+        let inv = 1.0 / delta;
+        let mut table = vec![0u8; m2 * 16];
+        for (j, row) in scores.chunks_exact(16).enumerate() {
+            for (c, &v) in row.iter().enumerate() {
+                // Round half up; `as u8` saturates at 0 and 255 (and maps NaN to 0).
+                table[j * 16 + c] = ((v - mins[j]) * inv + 0.5) as u8;
+            }
+        }
+        let bias = mins.iter().map(|&v| v as f64).sum::<f64>() as f32;
+        QuantizedLut { table, delta, bias }
+    }
+
+    /// The float score of a u16 sum.
+    #[inline(always)]
+    pub fn score(&self, sum: u16) -> f32 {
+        self.bias + self.delta * sum as f32
     }
 }

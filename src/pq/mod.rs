@@ -23,6 +23,7 @@
 
 pub mod encode;
 pub mod lut;
+pub mod pack;
 pub mod train;
 
 use crate::error::{Error, Result};

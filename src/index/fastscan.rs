@@ -1,0 +1,414 @@
+//! `IndexPQFastScan`: 4-bit product quantization scanned with u8 tables in SIMD registers.
+//!
+//! Per group of up to `qbs` (<= 4) queries:
+//!
+//! 1. **Tables**: the float ADC table of each query (scores to maximise: inner products, or
+//!    negated squared distances) is quantized to u8 ([`QuantizedLut`]), keeping `delta` and
+//!    `bias` to map u16 sums back to floats.
+//! 2. **Scan**: the packed codes ([`PackedCodes`]) are scanned in chunks of `CHUNK_BLOCKS`
+//!    blocks of 32 vectors by the fast-scan kernel (`pqcache_simd::fastscan`), which loads each
+//!    block once for every query of the group; chunks run in parallel on the rayon pool.
+//! 3. **Selection**, by the number of candidates `c` (`k`, or `k * rerank_factor`):
+//!    `c * 32 <= ntotal`: a heap per query and chunk, fed only by blocks whose best score beats
+//!    the heap threshold, merged at the end; otherwise (the attention case, k = 5-20 % of n)
+//!    an `O(n)` radix select on the u16 scores ([`crate::select::select_topk_u16_segments`]).
+//! 4. **Re-ranking** (optional): the candidates are re-scored exactly against the original
+//!    vectors (kept as f32 or f16), and the best `k` returned with exact distances.
+//!
+//! `add` encodes each vector (O(d * 16)) and appends its nibbles into the last block (O(m));
+//! full blocks are never repacked. Memory: `ceil(n / 32) * 32 * m / 2` bytes of codes, plus the
+//! originals if kept.
+
+use super::flat::FlatStorage;
+use super::{check_k, check_vectors, Index};
+use crate::error::{Error, Result};
+use crate::kmeans::KMeansConfig;
+use crate::metric::Metric;
+use crate::pq::lut::QuantizedLut;
+use crate::pq::pack::PackedCodes;
+use crate::pq::{Nbits, ProductQuantizer};
+use crate::result::SearchResult;
+use crate::select::{select_sorted, select_topk_u16_segments, TopKHeap};
+use pqcache_simd::distance::DistanceKernels;
+use pqcache_simd::fastscan::{FastScanKernel, BBS, MAX_QBS};
+use pqcache_simd::Level;
+use rayon::prelude::*;
+
+/// Blocks scanned per kernel call (512 vectors: the u16 scores of a chunk stay in L1, and
+/// the heap threshold handed to the kernel is refreshed every 512 vectors).
+const CHUNK_BLOCKS: usize = 16;
+
+/// Precision of the original vectors kept for re-ranking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RerankStorage {
+    /// Keep f32 originals (4 bytes per dimension).
+    F32,
+    /// Keep f16 originals (2 bytes per dimension; the KV-cache case).
+    F16,
+}
+
+/// A 4-bit fast-scan product-quantization index.
+#[derive(Clone, Debug)]
+pub struct IndexPQFastScan {
+    pq: ProductQuantizer,
+    metric: Metric,
+    codes: PackedCodes,
+    originals: Option<FlatStorage>,
+    /// Re-rank the best `k * rerank_factor` candidates exactly (0 or 1: no re-ranking).
+    /// Needs the originals ([`IndexPQFastScan::keep_originals`]).
+    pub rerank_factor: usize,
+    /// Queries scanned together (1..=4).
+    pub qbs: usize,
+    /// k-means settings used by `train`.
+    pub train_config: KMeansConfig,
+    scan: FastScanKernel,
+    kernels: DistanceKernels,
+}
+
+impl IndexPQFastScan {
+    /// An untrained index of `m` 4-bit sub-quantizers over `d` dimensions (`m` divides `d`,
+    /// `m <= 256`).
+    pub fn new(d: usize, m: usize, metric: Metric) -> Result<IndexPQFastScan> {
+        let pq = ProductQuantizer::new(d, m, Nbits::Four)?;
+        Self::with_quantizer(pq, metric)
+    }
+
+    /// An empty index over a 4-bit quantizer (trained or not).
+    pub fn with_quantizer(pq: ProductQuantizer, metric: Metric) -> Result<IndexPQFastScan> {
+        if pq.nbits() != Nbits::Four {
+            return Err(Error::InvalidArgument(
+                "fast-scan needs a 4-bit quantizer".into(),
+            ));
+        }
+        Ok(IndexPQFastScan {
+            codes: PackedCodes::new(pq.m())?,
+            pq,
+            metric,
+            originals: None,
+            rerank_factor: 0,
+            qbs: MAX_QBS,
+            train_config: KMeansConfig::default(),
+            scan: FastScanKernel::best(),
+            kernels: DistanceKernels::best(),
+        })
+    }
+
+    /// Keeps the original vectors from now on, for exact re-ranking. Must be called while the
+    /// index is empty.
+    pub fn keep_originals(&mut self, storage: RerankStorage) -> Result<()> {
+        if self.ntotal() > 0 {
+            return Err(Error::InvalidArgument(
+                "keep_originals must be called before add".into(),
+            ));
+        }
+        self.originals = Some(match storage {
+            RerankStorage::F32 => FlatStorage::F32(Vec::new()),
+            RerankStorage::F16 => FlatStorage::F16(Vec::new()),
+        });
+        Ok(())
+    }
+
+    /// The quantizer.
+    pub fn pq(&self) -> &ProductQuantizer {
+        &self.pq
+    }
+
+    /// The packed codes.
+    pub fn packed_codes(&self) -> &PackedCodes {
+        &self.codes
+    }
+
+    /// The SIMD level the scan kernel was resolved for.
+    pub fn level(&self) -> Level {
+        self.scan.level()
+    }
+
+    /// Forces the scan kernel's level (capped at what the CPU supports): for tests and benches.
+    pub fn set_level(&mut self, level: Level) {
+        self.scan = FastScanKernel::for_level(level);
+    }
+
+    /// The quantized table of one query (`d` floats).
+    pub fn quantized_lut(&self, q: &[f32]) -> QuantizedLut {
+        let (m, m2) = (self.pq.m(), self.codes.m2());
+        let mut lut = vec![0.0f32; m * 16];
+        self.pq.compute_lut(q, self.metric, &self.kernels, &mut lut);
+        if self.metric == Metric::L2 {
+            lut.iter_mut().for_each(|v| *v = -*v);
+        }
+        QuantizedLut::new(&lut, m, m2)
+    }
+
+    fn check_search(&self, queries: &[f32]) -> Result<usize> {
+        if !self.pq.is_trained() {
+            return Err(Error::NotTrained);
+        }
+        let nq = check_vectors(queries, self.pq.dim(), "queries")?;
+        if self.ntotal() == 0 {
+            return Err(Error::EmptyIndex);
+        }
+        Ok(nq)
+    }
+
+    /// Every approximate score: `out[q * ntotal + i]` is the u16 fast-scan sum of query `q`
+    /// against vector `i` (higher is better); the returned tables map a sum back to a float
+    /// score ([`QuantizedLut::score`]: inner product, or negated squared distance). `out` must
+    /// hold `nq * ntotal` values. For callers that aggregate scores across queries (the
+    /// attention client sums softmaxes over a GQA group).
+    pub fn scan_scores(&self, queries: &[f32], out: &mut [u16]) -> Result<Vec<QuantizedLut>> {
+        let nq = self.check_search(queries)?;
+        let n = self.ntotal();
+        if out.len() != nq * n {
+            return Err(Error::DimensionMismatch {
+                expected: nq * n,
+                got: out.len(),
+            });
+        }
+        let d = self.pq.dim();
+        let mut tables = Vec::with_capacity(nq);
+        for (g, group) in queries.chunks(MAX_QBS * d).enumerate() {
+            let luts: Vec<QuantizedLut> = group.chunks(d).map(|q| self.quantized_lut(q)).collect();
+            let buf = self.scan_chunks(&luts);
+            for qi in 0..luts.len() {
+                let row = &mut out[(g * MAX_QBS + qi) * n..(g * MAX_QBS + qi + 1) * n];
+                for (c, s) in self.segments(&buf, luts.len(), qi).into_iter().enumerate() {
+                    let start = c * CHUNK_BLOCKS * BBS;
+                    let len = s.len().min(n.saturating_sub(start));
+                    row[start..start + len].copy_from_slice(&s[..len]);
+                }
+            }
+            tables.extend(luts);
+        }
+        Ok(tables)
+    }
+
+    /// Scans every block for the group's tables into one buffer, chunk-major: chunk `c`
+    /// holds `nq` query-major rows of `blocks_in_chunk * 32` scores, from `c * CHUNK * nq`.
+    fn scan_chunks(&self, luts: &[QuantizedLut]) -> Vec<u16> {
+        let bytes = concat_tables(luts);
+        let (bb, m2, nq) = (self.codes.block_bytes(), self.codes.m2(), luts.len());
+        let mut buf = vec![0u16; self.codes.nblocks() * BBS * nq];
+        buf.par_chunks_mut(CHUNK_BLOCKS * BBS * nq)
+            .zip(self.codes.data().par_chunks(CHUNK_BLOCKS * bb))
+            .for_each(|(out, chunk)| {
+                let nb = chunk.len() / bb;
+                self.scan.accumulate_scores(chunk, nb, m2, &bytes, nq, out);
+            });
+        buf
+    }
+
+    /// Query `q`'s segments (one per chunk) of a [`IndexPQFastScan::scan_chunks`] buffer.
+    fn segments<'a>(&self, buf: &'a [u16], nq: usize, q: usize) -> Vec<&'a [u16]> {
+        buf.chunks(CHUNK_BLOCKS * BBS * nq)
+            .map(|chunk| {
+                let len = chunk.len() / nq;
+                &chunk[q * len..(q + 1) * len]
+            })
+            .collect()
+    }
+
+    /// Top `c` candidates (u16 score as f32, position) per query of a group.
+    fn candidates(&self, luts: &[QuantizedLut], c: usize) -> Vec<Vec<(f32, u32)>> {
+        let n = self.ntotal();
+        let (bb, m2, nq) = (self.codes.block_bytes(), self.codes.m2(), luts.len());
+        let bytes = concat_tables(luts);
+        if c * 32 <= n {
+            let heaps = self
+                .codes
+                .data()
+                .par_chunks(CHUNK_BLOCKS * bb)
+                .enumerate()
+                .fold(
+                    || (vec![TopKHeap::new(c); nq], Vec::new(), Vec::new()),
+                    |(mut heaps, mut buf, mut masks), (ci, chunk)| {
+                        let nb = chunk.len() / bb;
+                        buf.resize(nq * nb * BBS, 0u16);
+                        masks.resize(nq * nb, 0u32);
+                        // Each heap's threshold as it stands before the chunk (0 while it is
+                        // not full: then every score is offered).
+                        let mut thresholds = [0u16; MAX_QBS];
+                        for (t, h) in thresholds.iter_mut().zip(&heaps) {
+                            if h.is_full() {
+                                *t = h.threshold() as u16;
+                            }
+                        }
+                        self.scan.accumulate(
+                            chunk,
+                            nb,
+                            m2,
+                            &bytes,
+                            nq,
+                            &thresholds[..nq],
+                            &mut buf,
+                            &mut masks,
+                        );
+                        let base = ci * CHUNK_BLOCKS * BBS;
+                        for (q, heap) in heaps.iter_mut().enumerate() {
+                            let scores = &buf[q * nb * BBS..(q + 1) * nb * BBS];
+                            push_masked(heap, scores, &masks[q * nb..(q + 1) * nb], base, n);
+                        }
+                        (heaps, buf, masks)
+                    },
+                )
+                .map(|(heaps, _, _)| heaps)
+                .reduce(
+                    || vec![TopKHeap::new(c); nq],
+                    |mut a, b| {
+                        for (x, y) in a.iter_mut().zip(b) {
+                            x.merge(y);
+                        }
+                        a
+                    },
+                );
+            heaps.into_iter().map(TopKHeap::into_sorted).collect()
+        } else {
+            let buf = self.scan_chunks(luts);
+            (0..nq)
+                .map(|q| {
+                    let segs = self.segments(&buf, nq, q);
+                    select_topk_u16_segments(&self.scan, &segs, CHUNK_BLOCKS * BBS, n, c)
+                        .into_iter()
+                        .map(|(s, p)| (s as f32, p))
+                        .collect()
+                })
+                .collect()
+        }
+    }
+
+    /// Searches one group of at most `MAX_QBS` queries into `dist` / `ids` (`g * k` each).
+    fn search_group(&self, group: &[f32], k: usize, dist: &mut [f32], ids: &mut [i64]) {
+        let d = self.pq.dim();
+        let luts: Vec<QuantizedLut> = group.chunks(d).map(|q| self.quantized_lut(q)).collect();
+        let rerank = self.rerank_factor > 1 && self.originals.is_some();
+        let c = if rerank {
+            (k * self.rerank_factor).min(self.ntotal())
+        } else {
+            k
+        };
+        let cands = self.candidates(&luts, c);
+        for (qi, (cand, lut)) in cands.into_iter().zip(&luts).enumerate() {
+            let q = &group[qi * d..(qi + 1) * d];
+            let mut scored: Vec<(f32, u32)> = match (&self.originals, rerank) {
+                (Some(orig), true) => cand
+                    .iter()
+                    .map(|&(_, p)| {
+                        let v = orig.metric_value(&self.kernels, self.metric, q, p as usize);
+                        (self.metric.to_score(v), p)
+                    })
+                    .collect(),
+                _ => cand
+                    .iter()
+                    .map(|&(s, p)| (lut.score(s as u16), p))
+                    .collect(),
+            };
+            if rerank {
+                select_sorted(&mut scored, k);
+            }
+            for (slot, (s, p)) in scored.into_iter().take(k).enumerate() {
+                dist[qi * k + slot] = self.metric.from_score(s);
+                ids[qi * k + slot] = p as i64;
+            }
+        }
+    }
+}
+
+/// The tables of a query group, one after the other (the kernel's `luts` layout).
+fn concat_tables(luts: &[QuantizedLut]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(luts.iter().map(|l| l.table.len()).sum());
+    for l in luts {
+        bytes.extend_from_slice(&l.table);
+    }
+    bytes
+}
+
+/// Offers the scores of one chunk (positions from `base`) to `heap`, skipping padded
+/// positions `>= n`. `masks` (one per block of 32) mark the scores above the heap's threshold
+/// as it stood before the chunk; the threshold only rises, so the masks are conservative and
+/// each marked score is checked again. A tie never enters: positions ascend within a task and
+/// the smaller position wins. While the heap is not full, every score is offered.
+fn push_masked(heap: &mut TopKHeap, scores: &[u16], masks: &[u32], base: usize, n: usize) {
+    let valid = scores.len().min(n.saturating_sub(base));
+    if !heap.is_full() {
+        for (i, &s) in scores[..valid].iter().enumerate() {
+            if !heap.is_full() || s as f32 > heap.threshold() {
+                heap.push(s as f32, (base + i) as u32);
+            }
+        }
+        return;
+    }
+    for (b, &mask) in masks.iter().enumerate() {
+        let mut bits = mask;
+        while bits != 0 {
+            let i = b * BBS + bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if i >= valid {
+                break;
+            }
+            let s = scores[i] as f32;
+            if s > heap.threshold() {
+                heap.push(s, (base + i) as u32);
+            }
+        }
+    }
+}
+
+impl Index for IndexPQFastScan {
+    fn dim(&self) -> usize {
+        self.pq.dim()
+    }
+    fn ntotal(&self) -> usize {
+        self.codes.ntotal()
+    }
+    fn metric(&self) -> Metric {
+        self.metric
+    }
+    fn is_trained(&self) -> bool {
+        self.pq.is_trained()
+    }
+    fn train(&mut self, x: &[f32]) -> Result<()> {
+        self.pq.train(x, &self.train_config)
+    }
+    fn add(&mut self, x: &[f32]) -> Result<()> {
+        if !self.pq.is_trained() {
+            return Err(Error::NotTrained);
+        }
+        let codes = self.pq.compute_codes(x)?;
+        for code in codes.chunks_exact(self.pq.m()) {
+            self.codes.push(code)?;
+        }
+        if let Some(orig) = &mut self.originals {
+            orig.extend(x);
+        }
+        Ok(())
+    }
+    fn search(&self, queries: &[f32], k: usize) -> Result<SearchResult> {
+        let nq = self.check_search(queries)?;
+        check_k(k, self.ntotal())?;
+        if self.rerank_factor > 1 && self.originals.is_none() {
+            return Err(Error::InvalidArgument(
+                "re-ranking needs the original vectors: call keep_originals before add".into(),
+            ));
+        }
+        if !(1..=MAX_QBS).contains(&self.qbs) {
+            return Err(Error::InvalidArgument(format!(
+                "qbs must be in 1..={MAX_QBS}, got {}",
+                self.qbs
+            )));
+        }
+        let d = self.pq.dim();
+        let mut res = SearchResult::empty(nq, k, self.metric);
+        let g = self.qbs;
+        res.distances
+            .par_chunks_mut(g * k)
+            .zip(res.ids.par_chunks_mut(g * k))
+            .zip(queries.par_chunks(g * d))
+            .for_each(|((dist, ids), group)| self.search_group(group, k, dist, ids));
+        Ok(res)
+    }
+    fn reset(&mut self) {
+        self.codes.clear();
+        if let Some(o) = &mut self.originals {
+            o.clear();
+        }
+    }
+}
