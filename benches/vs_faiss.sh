@@ -3,7 +3,8 @@
 # settings, in the same run; prints both figures and the ratios (FAISS time / ours: > 1 means
 # we are faster).
 #
-#   benches/vs_faiss.sh                       # the default matrix below
+#   benches/vs_faiss.sh                       # PQ and flat on the shared data
+#   benches/vs_faiss.sh fastscan [full]       # the 4-bit fast-scan matrix (full: n up to 1M)
 #   benches/vs_faiss.sh --base B --queries Q --index pq --m 16 --nbits 8 --k 10 --metric l2
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,43 @@ for key in ["train_s", "add_s", "search_us_per_query"]:
 print(f"  {'recall_at_k':22}{o['recall_at_k']:12.4f}{t['recall_at_k']:12.4f}{o['recall_at_k'] - t['recall_at_k']:+12.4f} (ours - faiss)")
 PY
 }
+
+# Synthetic keys with per-dimension offsets and scales (LLM keys have strong per-channel
+# structure), 64 queries from the same distribution: syn_N_D.npy, synq_N_D.npy.
+synth() {
+  local n=$1 d=$2
+  [ -f "$work/syn_${n}_${d}.npy" ] && return 0
+  "$py" - "$work" "$n" "$d" <<'PY'
+import sys, numpy as np
+work, n, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = np.random.default_rng(n + d)
+off = rng.uniform(-1, 1, d).astype(np.float32)
+scale = rng.uniform(0.2, 2, d).astype(np.float32)
+x = (off + scale * rng.uniform(-1, 1, (n + 64, d))).astype(np.float32)
+np.save(f"{work}/syn_{n}_{d}.npy", x[:n]); np.save(f"{work}/synq_{n}_{d}.npy", x[n:])
+PY
+}
+
+if [ "${1:-}" = fastscan ]; then
+  sizes="32768 131072"
+  [ "${2:-}" = full ] && sizes="32768 131072 1048576"
+  for n in $sizes; do
+    for d in 128 256; do
+      [ "$n" = 1048576 ] && [ "$d" = 256 ] && continue
+      synth "$n" "$d"
+      for m in 16 32 64 128; do
+        [ $((d % m)) = 0 ] || continue
+        for k in 10 $((n / 10)); do
+          for qbs in 1 4; do
+            compare --base "$work/syn_${n}_${d}.npy" --queries "$work/synq_${n}_${d}.npy" \
+              --index pqfs --m $m --k $k --qbs $qbs --metric ip --reps 3 --train-n 32768
+          done
+        done
+      done
+    done
+  done
+  exit 0
+fi
 
 if [ $# -gt 0 ]; then
   compare "$@"

@@ -9,8 +9,8 @@
 //! |---|---|
 //! | [`kmeans`] | k-means (Lloyd, GEMM assignment) for codebooks and coarse quantizers |
 //! | [`pq`] | product quantizer: `train`, `encode`, per-query `lut` |
-//! | [`index`] | indexes: [`IndexFlat`] (exact, f32/f16), [`IndexPQ`] (ADC) |
-//! | [`select`] | top-k selection, small k (heap) and large k (quickselect) |
+//! | [`index`] | indexes: [`IndexFlat`] (exact, f32/f16), [`IndexPQ`] (ADC), [`IndexPQFastScan`] (4-bit fast-scan) |
+//! | [`select`] | top-k selection, small k (heap) and large k (quickselect, u16 radix select) |
 //! | [`io`] | `.npy`, `.fvecs`, `.ivecs` readers |
 //! | [`cli`] | the `pqcache` command line |
 //! | `pqcache_simd` | the kernels (separate crate), runtime-dispatched scalar / AVX2 / AVX-512 / NEON |
