@@ -217,3 +217,34 @@ fn bad_input_is_a_typed_error() {
         Err(Error::DimensionMismatch { .. })
     ));
 }
+
+#[test]
+fn large_k_is_exact_when_the_sampled_floor_is_too_high() {
+    // Every 16th block (the ones the floor is sampled from) holds vectors aligned with the
+    // query, the rest point away: the sampled quantile overshoots, fewer than k scores clear
+    // the floor, and selection must fall back to the full radix select and stay exact.
+    let (d, n) = (16, 16 * 32 * 8);
+    let mut base = Vec::with_capacity(n * d);
+    for i in 0..n {
+        let good = (i / 32) % 16 == 0;
+        for j in 0..d {
+            let v = ((i * 31 + j * 7) % 13) as f32 / 13.0;
+            base.push(if good { 1.0 + v } else { -1.0 - v });
+        }
+    }
+    let mut fs = trained(&base, d, 8, Metric::InnerProduct);
+    fs.add(&base).unwrap();
+    let q = vec![1.0f32; d];
+    let mut scores = vec![0u16; n];
+    fs.scan_scores(&q, &mut scores).unwrap();
+    let k = n / 10; // 409 > the 256 "good" vectors
+    let res = fs.search(&q, k).unwrap();
+    let mut all: Vec<(u16, i64)> = scores
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| (s, i as i64))
+        .collect();
+    all.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let want: Vec<i64> = all[..k].iter().map(|x| x.1).collect();
+    assert_eq!(res.ids_of(0), &want[..]);
+}

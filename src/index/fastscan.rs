@@ -38,6 +38,13 @@ use rayon::prelude::*;
 /// the heap threshold handed to the kernel is refreshed every 512 vectors).
 const CHUNK_BLOCKS: usize = 16;
 
+/// Large-k selection samples every `SAMPLE_STRIDE`-th block to place its score floor.
+const SAMPLE_STRIDE: usize = 16;
+/// The floor aims at `SAMPLE_SLACK * c + SAMPLE_EXTRA` survivors (sampling noise margin).
+const SAMPLE_SLACK: f64 = 1.25;
+/// See [`SAMPLE_SLACK`].
+const SAMPLE_EXTRA: usize = 16;
+
 /// Precision of the original vectors kept for re-ranking.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RerankStorage {
@@ -262,17 +269,110 @@ impl IndexPQFastScan {
                 );
             heaps.into_iter().map(TopKHeap::into_sorted).collect()
         } else {
-            let buf = self.scan_chunks(luts);
+            let floors = self.sample_floors(&bytes, nq, c);
+            let found = self.collect_above_floors(&bytes, nq, &floors);
+            let to_f32 = |v: Vec<(u16, u32)>| v.into_iter().map(|(s, p)| (s as f32, p)).collect();
+            let mut full_scan: Option<Vec<u16>> = None;
             (0..nq)
                 .map(|q| {
-                    let segs = self.segments(&buf, nq, q);
-                    select_topk_u16_segments(&self.scan, &segs, CHUNK_BLOCKS * BBS, n, c)
-                        .into_iter()
-                        .map(|(s, p)| (s as f32, p))
-                        .collect()
+                    if let Some(best) = select_above_floor(&found[q], c, floors[q]) {
+                        return to_f32(best);
+                    }
+                    // The sampled floor was too high (fewer than c scores above it): exact
+                    // radix selection over every score.
+                    let buf = full_scan.get_or_insert_with(|| self.scan_chunks(luts));
+                    let segs = self.segments(buf, nq, q);
+                    to_f32(select_topk_u16_segments(
+                        &self.scan,
+                        &segs,
+                        CHUNK_BLOCKS * BBS,
+                        n,
+                        c,
+                    ))
                 })
                 .collect()
         }
+    }
+
+    /// Per query, a score floor expected to have a little more than `c` scores above it: the
+    /// `(c / n)` quantile of the scores of every `SAMPLE_STRIDE`-th block, widened by
+    /// `SAMPLE_SLACK`, minus one. A floor that turns out too high is detected by the caller.
+    fn sample_floors(&self, bytes: &[u8], nq: usize, c: usize) -> [u16; MAX_QBS] {
+        let (n, bb, m2) = (self.ntotal(), self.codes.block_bytes(), self.codes.m2());
+        let blocks: Vec<usize> = (0..self.codes.nblocks()).step_by(SAMPLE_STRIDE).collect();
+        let mut scores = vec![0u16; nq * BBS];
+        let mut sample: Vec<Vec<u16>> = vec![Vec::with_capacity(blocks.len() * BBS); nq];
+        for &b in &blocks {
+            let block = &self.codes.data()[b * bb..(b + 1) * bb];
+            self.scan
+                .accumulate_scores(block, 1, m2, bytes, nq, &mut scores);
+            let valid = BBS.min(n - b * BBS);
+            for (q, s) in sample.iter_mut().enumerate() {
+                s.extend_from_slice(&scores[q * BBS..q * BBS + valid]);
+            }
+        }
+        let mut floors = [0u16; MAX_QBS];
+        for (q, s) in sample.iter().enumerate() {
+            let want = (c as f64 / n as f64 * s.len() as f64 * SAMPLE_SLACK).ceil() as usize
+                + SAMPLE_EXTRA;
+            if want < s.len() {
+                let top = crate::select::select_topk_u16(s, s.len(), want);
+                floors[q] = top.last().map_or(0, |&(v, _)| v.saturating_sub(1));
+            }
+        }
+        floors
+    }
+
+    /// Per query, every (score, position) with score `> floors[q]`, in position order: one
+    /// scan, the kernel's threshold masks pick the survivors.
+    fn collect_above_floors(
+        &self,
+        bytes: &[u8],
+        nq: usize,
+        floors: &[u16; MAX_QBS],
+    ) -> Vec<Vec<(u16, u32)>> {
+        let (n, bb, m2) = (self.ntotal(), self.codes.block_bytes(), self.codes.m2());
+        let per_chunk: Vec<Vec<Vec<(u16, u32)>>> = self
+            .codes
+            .data()
+            .par_chunks(CHUNK_BLOCKS * bb)
+            .enumerate()
+            .map_init(
+                || (Vec::new(), Vec::new()),
+                |(buf, masks), (ci, chunk)| {
+                    let nb = chunk.len() / bb;
+                    buf.resize(nq * nb * BBS, 0u16);
+                    masks.resize(nq * nb, 0u32);
+                    self.scan
+                        .accumulate(chunk, nb, m2, bytes, nq, &floors[..nq], buf, masks);
+                    let base = ci * CHUNK_BLOCKS * BBS;
+                    (0..nq)
+                        .map(|q| {
+                            let mut out = Vec::new();
+                            for (b, &mask) in masks[q * nb..(q + 1) * nb].iter().enumerate() {
+                                let mut bits = mask;
+                                while bits != 0 {
+                                    let i = b * BBS + bits.trailing_zeros() as usize;
+                                    bits &= bits - 1;
+                                    if base + i < n {
+                                        out.push((buf[q * nb * BBS + i], (base + i) as u32));
+                                    }
+                                }
+                            }
+                            out
+                        })
+                        .collect()
+                },
+            )
+            .collect();
+        (0..nq)
+            .map(|q| {
+                per_chunk
+                    .iter()
+                    .flat_map(|chunk| chunk[q].iter().copied())
+                    .collect()
+            })
+            .collect()
     }
 
     /// Searches one group of at most `MAX_QBS` queries into `dist` / `ids` (`g * k` each).
@@ -319,6 +419,32 @@ fn concat_tables(luts: &[QuantizedLut]) -> Vec<u8> {
         bytes.extend_from_slice(&l.table);
     }
     bytes
+}
+
+/// The best `c` of `found` (every score above `floor`, in position order), best first with
+/// ties to the smaller position, by a counting sort over the score range above the floor;
+/// `None` if fewer than `c` scores are above the floor.
+fn select_above_floor(found: &[(u16, u32)], c: usize, floor: u16) -> Option<Vec<(u16, u32)>> {
+    if found.len() < c {
+        return None;
+    }
+    let max = found.iter().map(|&(v, _)| v).max().unwrap_or(floor);
+    let range = (max - floor) as usize + 1;
+    let mut starts = vec![0usize; range + 1];
+    for &(v, _) in found {
+        starts[(max - v) as usize + 1] += 1;
+    }
+    for b in 1..=range {
+        starts[b] += starts[b - 1];
+    }
+    let mut sorted = vec![(0u16, 0u32); found.len()];
+    for &(v, p) in found {
+        let b = (max - v) as usize;
+        sorted[starts[b]] = (v, p);
+        starts[b] += 1;
+    }
+    sorted.truncate(c);
+    Some(sorted)
 }
 
 /// Offers the scores of one chunk (positions from `base`) to `heap`, skipping padded
