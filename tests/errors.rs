@@ -39,7 +39,7 @@ fn m_must_divide_d_and_nbits_must_be_4_or_8() {
         Err(Error::InvalidArgument(_))
     ));
     assert!(matches!(
-        Nbits::from_bits(6),
+        Nbits::from_bits(5),
         Err(Error::InvalidArgument(_))
     ));
     assert!(matches!(

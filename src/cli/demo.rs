@@ -30,7 +30,7 @@ pub struct DemoArgs {
     /// Sub-quantizers of the PQ index.
     #[arg(long, default_value_t = 64)]
     pub m: usize,
-    /// Bits per sub-quantizer index (4 or 8).
+    /// Bits per sub-quantizer index (4, 6 or 8).
     #[arg(long, default_value_t = 8)]
     pub nbits: usize,
     /// Sub-quantizers of the 4-bit fast-scan index.

@@ -57,7 +57,7 @@ pub struct EvalArgs {
     /// Sub-quantizers (must divide the dimension).
     #[arg(long, default_value_t = 16)]
     pub m: usize,
-    /// Bits per sub-quantizer index (4 or 8).
+    /// Bits per sub-quantizer index (4, 6 or 8).
     #[arg(long, default_value_t = 8)]
     pub nbits: usize,
     /// Neighbours per query.

@@ -4,6 +4,7 @@
 
 pub mod demo;
 pub mod eval;
+pub mod eval_attention;
 mod progress;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,8 @@ pub struct Cli {
 pub enum Command {
     /// Build an index over a base set, search it, print timings and recall.
     Eval(eval::EvalArgs),
+    /// Sparse-attention fidelity of token selectors on an attention dump (q, k, v).
+    EvalAttention(eval_attention::EvalAttentionArgs),
     /// Run the demonstration on the bundled real data (Gemma-3-270M keys and queries).
     Demo(demo::DemoArgs),
 }
@@ -34,6 +37,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> i32 {
     let result = match cli.command {
         Command::Eval(a) => eval::run(&a),
+        Command::EvalAttention(a) => eval_attention::run(&a),
         Command::Demo(a) => demo::run(&a),
     };
     match result {

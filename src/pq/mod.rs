@@ -33,18 +33,21 @@ use crate::error::{Error, Result};
 pub enum Nbits {
     /// 16 centroids per sub-space; the fast-scan width.
     Four,
+    /// 64 centroids per sub-space (PQCache's default for attention keys).
+    Six,
     /// 256 centroids per sub-space.
     Eight,
 }
 
 impl Nbits {
-    /// From a bit count (4 or 8).
+    /// From a bit count (4, 6 or 8).
     pub fn from_bits(bits: usize) -> Result<Nbits> {
         match bits {
             4 => Ok(Nbits::Four),
+            6 => Ok(Nbits::Six),
             8 => Ok(Nbits::Eight),
             other => Err(Error::InvalidArgument(format!(
-                "nbits must be 4 or 8, got {other}"
+                "nbits must be 4, 6 or 8, got {other}"
             ))),
         }
     }
@@ -53,6 +56,7 @@ impl Nbits {
     pub fn bits(self) -> usize {
         match self {
             Nbits::Four => 4,
+            Nbits::Six => 6,
             Nbits::Eight => 8,
         }
     }

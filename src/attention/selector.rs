@@ -1,0 +1,482 @@
+//! Selectors: how the retrieved positions of a decode step are chosen among the candidates.
+//!
+//! | spec | index | scores |
+//! |---|---|---|
+//! | `exact` | none | exact `q · k` over the f16 keys (the oracle) |
+//! | `window` | none | the most recent candidates (the whole budget becomes recent tokens) |
+//! | `random` | none | uniformly random candidates (seeded per step) |
+//! | `pq:MxB` | [`IndexPQ`] (`B` = 4, 6 or 8 bits) | float-table ADC (PQCache's own scheme: `pq:2x6`) |
+//! | `fastscan:Mx4[:rerankF]` | [`IndexPQFastScan`] | u8-table fast-scan of the whole group at once; optionally the best `F * k` re-scored exactly |
+//! | `quest:P` | page min/max | Quest's upper bound `sum_c max(q_c min_c, q_c max_c)` per page of `P` tokens; whole pages |
+//!
+//! Every index is trained on the prefill keys and then takes each decoded key with `append`
+//! (fast-scan appends into its last block: O(m) after encoding). Scores are combined over the
+//! GQA group by [`Aggregation`].
+
+use crate::error::{Error, Result};
+use crate::index::{Index, IndexPQ, IndexPQFastScan};
+use crate::metric::Metric;
+use crate::pq::Nbits;
+use crate::select::select_topk;
+use half::f16;
+use pqcache_simd::distance::DistanceKernels;
+use rand::{rngs::StdRng, seq::index::sample, SeedableRng};
+use std::fmt;
+use std::ops::Range;
+use std::str::FromStr;
+
+/// How the query heads of a GQA group are combined into one score per candidate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Aggregation {
+    /// Sum over query heads of the softmax over candidates (PQCache).
+    #[default]
+    SumSoftmax,
+    /// Max over query heads of the softmax over candidates.
+    MaxSoftmax,
+}
+
+impl FromStr for Aggregation {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "sum" => Ok(Aggregation::SumSoftmax),
+            "max" => Ok(Aggregation::MaxSoftmax),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown aggregation {other:?} (sum or max)"
+            ))),
+        }
+    }
+}
+
+/// A selector, as named on the command line.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SelectorSpec {
+    /// Exact scores (the oracle).
+    Exact,
+    /// The most recent candidates.
+    Window,
+    /// Random candidates.
+    Random,
+    /// Product quantization with a float table.
+    Pq {
+        /// Sub-quantizers.
+        m: usize,
+        /// Bits per index (4, 6 or 8).
+        nbits: usize,
+    },
+    /// 4-bit fast-scan.
+    FastScan {
+        /// Sub-quantizers.
+        m: usize,
+        /// Re-rank `rerank * k` candidates exactly (0 or 1: off).
+        rerank: usize,
+    },
+    /// Quest page bounds.
+    Quest {
+        /// Tokens per page.
+        page: usize,
+    },
+}
+
+impl fmt::Display for SelectorSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SelectorSpec::Exact => write!(f, "exact"),
+            SelectorSpec::Window => write!(f, "window"),
+            SelectorSpec::Random => write!(f, "random"),
+            SelectorSpec::Pq { m, nbits } => write!(f, "pq:{m}x{nbits}"),
+            SelectorSpec::FastScan { m, rerank } if *rerank > 1 => {
+                write!(f, "fastscan:{m}x4:rerank{rerank}")
+            }
+            SelectorSpec::FastScan { m, .. } => write!(f, "fastscan:{m}x4"),
+            SelectorSpec::Quest { page } => write!(f, "quest:{page}"),
+        }
+    }
+}
+
+fn parse_mxb(s: &str, what: &str) -> Result<(usize, usize)> {
+    let bad = || {
+        Error::InvalidArgument(format!(
+            "bad {what} setting {s:?} (expected MxB, e.g. 64x4)"
+        ))
+    };
+    let (m, b) = s.split_once('x').ok_or_else(bad)?;
+    Ok((m.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?))
+}
+
+impl FromStr for SelectorSpec {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let parts: Vec<&str> = s.trim().split(':').collect();
+        let spec = match parts.as_slice() {
+            ["exact"] => SelectorSpec::Exact,
+            ["window"] => SelectorSpec::Window,
+            ["random"] => SelectorSpec::Random,
+            ["pq", mb] => {
+                let (m, nbits) = parse_mxb(mb, "pq")?;
+                SelectorSpec::Pq { m, nbits }
+            }
+            ["fastscan", mb, rest @ ..] => {
+                let (m, nbits) = parse_mxb(mb, "fastscan")?;
+                if nbits != 4 {
+                    return Err(Error::InvalidArgument(format!("fastscan codes are 4-bit, got {nbits}")));
+                }
+                let rerank = match rest {
+                    [] => 0,
+                    [r] => r
+                        .strip_prefix("rerank")
+                        .and_then(|f| f.parse().ok())
+                        .ok_or_else(|| Error::InvalidArgument(format!("bad re-rank setting {r:?} (e.g. rerank4)")))?,
+                    _ => return Err(Error::InvalidArgument(format!("bad selector {s:?}"))),
+                };
+                SelectorSpec::FastScan { m, rerank }
+            }
+            ["quest", p] => SelectorSpec::Quest {
+                page: p
+                    .parse()
+                    .ok()
+                    .filter(|&p| p > 0)
+                    .ok_or_else(|| Error::InvalidArgument(format!("bad quest page size {p:?}")))?,
+            },
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown selector {s:?} (exact, window, random, pq:MxB, fastscan:Mx4[:rerankF], quest:P)"
+                )))
+            }
+        };
+        Ok(spec)
+    }
+}
+
+impl SelectorSpec {
+    /// Checks the settings against the head dimension.
+    pub fn validate(&self, d: usize) -> Result<()> {
+        match self {
+            SelectorSpec::Pq { m, nbits } => {
+                Nbits::from_bits(*nbits)?;
+                crate::pq::ProductQuantizer::new(d, *m, Nbits::Four).map(|_| ())
+            }
+            SelectorSpec::FastScan { m, .. } => {
+                IndexPQFastScan::new(d, *m, Metric::InnerProduct).map(|_| ())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Builds the per-head index on the prefill keys (`t * d` f32). `seed` varies per head.
+    pub fn build(&self, keys: &[f32], d: usize, seed: u64) -> Result<Box<dyn HeadIndex>> {
+        Ok(match self {
+            SelectorSpec::Exact => Box::new(ExactIndex),
+            SelectorSpec::Window => Box::new(WindowIndex),
+            SelectorSpec::Random => Box::new(RandomIndex { seed }),
+            SelectorSpec::Pq { m, nbits } => {
+                let mut pq = IndexPQ::new(d, *m, Nbits::from_bits(*nbits)?, Metric::InnerProduct)?;
+                pq.train_config.seed = seed;
+                pq.train(keys)?;
+                pq.add(keys)?;
+                Box::new(PqIndex { pq })
+            }
+            SelectorSpec::FastScan { m, rerank } => {
+                let mut fs = IndexPQFastScan::new(d, *m, Metric::InnerProduct)?;
+                fs.train_config.seed = seed;
+                fs.train(keys)?;
+                fs.add(keys)?;
+                Box::new(FastScanIndex {
+                    fs,
+                    rerank: *rerank,
+                })
+            }
+            SelectorSpec::Quest { page } => {
+                let mut q = QuestIndex {
+                    page: *page,
+                    d,
+                    len: 0,
+                    min: Vec::new(),
+                    max: Vec::new(),
+                };
+                for key in keys.chunks_exact(d) {
+                    q.append(key)?;
+                }
+                Box::new(q)
+            }
+        })
+    }
+}
+
+/// What a selector sees at one step for one kv_head.
+pub struct ChooseContext<'a> {
+    /// The group's queries, `group * d`.
+    pub queries: &'a [f32],
+    /// Head dimension.
+    pub d: usize,
+    /// Score scale.
+    pub scale: f32,
+    /// Every cached key of the head, `len * d` f16.
+    pub keys: &'a [f16],
+    /// Candidate positions.
+    pub candidates: Range<usize>,
+    /// Positions to choose (`<= candidates.len()`).
+    pub k: usize,
+    /// Group aggregation.
+    pub aggregation: Aggregation,
+    /// Distance kernels.
+    pub kernels: &'a DistanceKernels,
+    /// A per-step value (the cache length) for seeded selectors.
+    pub step: u64,
+}
+
+impl ChooseContext<'_> {
+    fn group(&self) -> usize {
+        self.queries.len() / self.d
+    }
+
+    /// Exact logits of every query against `positions`, query-major.
+    fn exact_logits(&self, positions: impl Iterator<Item = usize> + Clone) -> Vec<f32> {
+        let d = self.d;
+        let mut out = Vec::new();
+        for q in self.queries.chunks_exact(d) {
+            out.extend(
+                positions
+                    .clone()
+                    .map(|p| self.kernels.dot_f16(q, &self.keys[p * d..(p + 1) * d]) * self.scale),
+            );
+        }
+        out
+    }
+
+    /// The best `k` candidates by aggregated score (`scores` over the candidates, in order).
+    fn top_k(&self, scores: &[f32]) -> Vec<u32> {
+        let mut chosen: Vec<u32> = select_topk(scores, self.k)
+            .into_iter()
+            .map(|(_, i)| (self.candidates.start + i as usize) as u32)
+            .collect();
+        chosen.sort_unstable();
+        chosen
+    }
+}
+
+/// Per-query softmax (max subtracted) over `logits` (`group` rows of `n`), combined per
+/// column. Returns the combined scores and, per query, `(max, sum of exp)` for re-ranking.
+pub fn aggregate(logits: &[f32], group: usize, agg: Aggregation) -> (Vec<f32>, Vec<(f32, f32)>) {
+    let n = logits.len() / group.max(1);
+    let mut combined = vec![0.0f32; n];
+    let mut norms = Vec::with_capacity(group);
+    let mut probs = vec![0.0f32; n];
+    for row in logits.chunks_exact(n.max(1)).take(group) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut total = 0.0f32;
+        for (p, &l) in probs.iter_mut().zip(row) {
+            *p = (l - max).exp();
+            total += *p;
+        }
+        let inv = 1.0 / total;
+        for (c, &p) in combined.iter_mut().zip(&probs) {
+            match agg {
+                Aggregation::SumSoftmax => *c += p * inv,
+                Aggregation::MaxSoftmax => *c = c.max(p * inv),
+            }
+        }
+        norms.push((max, total));
+    }
+    (combined, norms)
+}
+
+/// A per-(layer, kv_head) selector state.
+pub trait HeadIndex: Send + Sync {
+    /// Takes the key of the next position (`d` f32).
+    fn append(&mut self, key: &[f32]) -> Result<()>;
+    /// Chooses `ctx.k` positions among `ctx.candidates`, sorted ascending.
+    fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Vec<u32>>;
+}
+
+struct ExactIndex;
+
+impl HeadIndex for ExactIndex {
+    fn append(&mut self, _key: &[f32]) -> Result<()> {
+        Ok(())
+    }
+    fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Vec<u32>> {
+        let logits = ctx.exact_logits(ctx.candidates.clone());
+        let (scores, _) = aggregate(&logits, ctx.group(), ctx.aggregation);
+        Ok(ctx.top_k(&scores))
+    }
+}
+
+struct WindowIndex;
+
+impl HeadIndex for WindowIndex {
+    fn append(&mut self, _key: &[f32]) -> Result<()> {
+        Ok(())
+    }
+    fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Vec<u32>> {
+        Ok((ctx.candidates.end - ctx.k..ctx.candidates.end)
+            .map(|p| p as u32)
+            .collect())
+    }
+}
+
+struct RandomIndex {
+    seed: u64,
+}
+
+impl HeadIndex for RandomIndex {
+    fn append(&mut self, _key: &[f32]) -> Result<()> {
+        Ok(())
+    }
+    fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Vec<u32>> {
+        let mut rng =
+            StdRng::seed_from_u64(self.seed.wrapping_mul(0x9e37_79b9).wrapping_add(ctx.step));
+        let mut chosen: Vec<u32> = sample(&mut rng, ctx.candidates.len(), ctx.k)
+            .into_iter()
+            .map(|i| (ctx.candidates.start + i) as u32)
+            .collect();
+        chosen.sort_unstable();
+        Ok(chosen)
+    }
+}
+
+struct PqIndex {
+    pq: IndexPQ,
+}
+
+impl HeadIndex for PqIndex {
+    fn append(&mut self, key: &[f32]) -> Result<()> {
+        self.pq.add(key)
+    }
+    fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Vec<u32>> {
+        let n = self.pq.ntotal();
+        let mut all = vec![0.0f32; n];
+        let mut logits = Vec::with_capacity(ctx.group() * ctx.candidates.len());
+        for q in ctx.queries.chunks_exact(ctx.d) {
+            self.pq.adc_scores(q, &mut all)?;
+            logits.extend(all[ctx.candidates.clone()].iter().map(|&s| s * ctx.scale));
+        }
+        let (scores, _) = aggregate(&logits, ctx.group(), ctx.aggregation);
+        Ok(ctx.top_k(&scores))
+    }
+}
+
+struct FastScanIndex {
+    fs: IndexPQFastScan,
+    rerank: usize,
+}
+
+impl HeadIndex for FastScanIndex {
+    fn append(&mut self, key: &[f32]) -> Result<()> {
+        self.fs.add(key)
+    }
+    fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Vec<u32>> {
+        let (n, g) = (self.fs.ntotal(), ctx.group());
+        // One pass over the codes scores the whole group (up to 4 queries per pass).
+        let mut sums = vec![0u16; g * n];
+        let tables = self.fs.scan_scores(ctx.queries, &mut sums)?;
+        let nc = ctx.candidates.len();
+        let mut logits = Vec::with_capacity(g * nc);
+        for (q, table) in tables.iter().enumerate() {
+            let row = &sums[q * n..(q + 1) * n];
+            logits.extend(
+                row[ctx.candidates.clone()]
+                    .iter()
+                    .map(|&s| table.score(s) * ctx.scale),
+            );
+        }
+        let (scores, norms) = aggregate(&logits, g, ctx.aggregation);
+        if self.rerank <= 1 {
+            return Ok(ctx.top_k(&scores));
+        }
+        // Re-rank: the best `rerank * k` by approximate score, re-scored with exact logits
+        // under each query's approximate softmax normaliser.
+        let pool: Vec<usize> = select_topk(&scores, (self.rerank * ctx.k).min(nc))
+            .into_iter()
+            .map(|(_, i)| i as usize)
+            .collect();
+        let exact = ctx.exact_logits(pool.iter().map(|&i| ctx.candidates.start + i));
+        let mut rescored = vec![0.0f32; pool.len()];
+        for (q, &(max, total)) in norms.iter().enumerate() {
+            for (r, &l) in rescored
+                .iter_mut()
+                .zip(&exact[q * pool.len()..(q + 1) * pool.len()])
+            {
+                let p = (l - max).exp() / total;
+                match ctx.aggregation {
+                    Aggregation::SumSoftmax => *r += p,
+                    Aggregation::MaxSoftmax => *r = r.max(p),
+                }
+            }
+        }
+        let mut chosen: Vec<u32> = select_topk(&rescored, ctx.k)
+            .into_iter()
+            .map(|(_, j)| (ctx.candidates.start + pool[j as usize]) as u32)
+            .collect();
+        chosen.sort_unstable();
+        Ok(chosen)
+    }
+}
+
+/// Quest: per page of `page` positions, the channel-wise min and max of its keys.
+struct QuestIndex {
+    page: usize,
+    d: usize,
+    len: usize,
+    /// `pages * d`.
+    min: Vec<f32>,
+    /// `pages * d`.
+    max: Vec<f32>,
+}
+
+impl HeadIndex for QuestIndex {
+    fn append(&mut self, key: &[f32]) -> Result<()> {
+        let d = self.d;
+        if self.len.is_multiple_of(self.page) {
+            self.min.extend_from_slice(key);
+            self.max.extend_from_slice(key);
+        } else {
+            let p = self.len / self.page;
+            for ((lo, hi), &v) in self.min[p * d..(p + 1) * d]
+                .iter_mut()
+                .zip(&mut self.max[p * d..(p + 1) * d])
+                .zip(key)
+            {
+                *lo = lo.min(v);
+                *hi = hi.max(v);
+            }
+        }
+        self.len += 1;
+        Ok(())
+    }
+    fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Vec<u32>> {
+        let (d, page) = (self.d, self.page);
+        let (first, last) = (ctx.candidates.start / page, (ctx.candidates.end - 1) / page);
+        let pages: Vec<usize> = (first..=last).collect();
+        // Upper bound of q . k over a page: sum_c max(q_c * min_c, q_c * max_c).
+        let mut logits = Vec::with_capacity(ctx.group() * pages.len());
+        for q in ctx.queries.chunks_exact(d) {
+            for &p in &pages {
+                let (lo, hi) = (&self.min[p * d..(p + 1) * d], &self.max[p * d..(p + 1) * d]);
+                let bound: f32 = q
+                    .iter()
+                    .zip(lo.iter().zip(hi))
+                    .map(|(&qc, (&l, &h))| (qc * l).max(qc * h))
+                    .sum();
+                logits.push(bound * ctx.scale);
+            }
+        }
+        let (scores, _) = aggregate(&logits, ctx.group(), ctx.aggregation);
+        // The budget is spent on whole pages: floor(k / page) of them (at least one), each
+        // contributing its positions inside the candidate range.
+        let npages = (ctx.k / page).max(1).min(pages.len());
+        let mut chosen: Vec<u32> = select_topk(&scores, npages)
+            .into_iter()
+            .flat_map(|(_, i)| {
+                let p = pages[i as usize];
+                (p * page..(p + 1) * page)
+                    .filter(|pos| ctx.candidates.contains(pos))
+                    .map(|pos| pos as u32)
+            })
+            .collect();
+        chosen.sort_unstable();
+        // With k < page a single page would overshoot the budget: keep its first k positions.
+        chosen.truncate(ctx.k);
+        Ok(chosen)
+    }
+}

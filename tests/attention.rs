@@ -1,0 +1,311 @@
+//! The attention client on real Gemma-3-270M data, and its invariants on synthetic caches.
+mod common;
+
+use half::f16;
+use pqcache::attention::eval::{evaluate, EvalConfig};
+use pqcache::attention::selector::{Aggregation, SelectorSpec};
+use pqcache::attention::{attention, AttentionRetriever, Budget, RetrieverConfig, StepPlan};
+use pqcache::io::dump::AttentionDump;
+use pqcache::Error;
+use pqcache_simd::distance::DistanceKernels;
+
+fn persuasion() -> AttentionDump {
+    AttentionDump::load(&common::shared_data().join("gemma3-270m/persuasion-2048")).unwrap()
+}
+
+#[test]
+fn selectors_on_real_gemma_attention() {
+    let dump = persuasion();
+    let cfg = EvalConfig {
+        ratios: vec![0.1],
+        positions: 8,
+        selectors: [
+            "exact",
+            "window",
+            "random",
+            "fastscan:128x4",
+            "fastscan:128x4:rerank4",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect(),
+        sink: 32,
+        aggregation: Aggregation::SumSoftmax,
+    };
+    let rows = evaluate(&dump, &cfg).unwrap();
+    let row = |name: &str| rows.iter().find(|r| r.selector == name).unwrap();
+    let oracle = row("exact");
+    // The oracle picks the exact top-k by construction.
+    assert_eq!(oracle.recall, 1.0);
+    assert!(
+        oracle.err > 0.05 && oracle.err < 0.5,
+        "oracle err {}",
+        oracle.err
+    );
+    // A reference implementation measured on this data: oracle 0.196, 128x4 0.214 (1.09x),
+    // with re-ranking 0.196 (1.00x). 1.05x leaves room for k-means seeds, not for a broken
+    // scorer (window and random are 2x worse).
+    let fs = row("fastscan:128x4:rerank4");
+    assert!(
+        fs.err <= 1.05 * oracle.err,
+        "rerank err {} vs oracle {}",
+        fs.err,
+        oracle.err
+    );
+    assert!(fs.recall > 0.8, "rerank recall {}", fs.recall);
+    let plain = row("fastscan:128x4");
+    assert!(
+        plain.err <= 1.2 * oracle.err && plain.err >= fs.err * 0.98,
+        "plain err {}",
+        plain.err
+    );
+    // Guards against a broken metric: uninformed choices must be clearly worse.
+    for name in ["window", "random"] {
+        let r = row(name);
+        assert!(
+            r.err > 1.5 * oracle.err,
+            "{name} err {} vs oracle {}",
+            r.err,
+            oracle.err
+        );
+        assert!(
+            r.mass < oracle.mass && r.recall < 0.5,
+            "{name} mass {} recall {}",
+            r.mass,
+            r.recall
+        );
+    }
+}
+
+/// Dense softmax attention in f64, the reference for `attend`.
+fn dense(q: &[f32], keys: &[f16], values: &[f16], d: usize, scale: f32) -> Vec<f64> {
+    let n = keys.len() / d;
+    let logits: Vec<f64> = (0..n)
+        .map(|j| {
+            q.iter()
+                .zip(&keys[j * d..(j + 1) * d])
+                .map(|(a, b)| *a as f64 * b.to_f64())
+                .sum::<f64>()
+                * scale as f64
+        })
+        .collect();
+    let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let w: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+    let total: f64 = w.iter().sum();
+    (0..d)
+        .map(|c| {
+            (0..n)
+                .map(|j| w[j] * values[j * d + c].to_f64())
+                .sum::<f64>()
+                / total
+        })
+        .collect()
+}
+
+#[test]
+fn attend_equals_dense_attention_when_the_budget_is_the_whole_context() {
+    let dump = persuasion();
+    let (d, t) = (dump.head_dim, 600);
+    let mut cfg = RetrieverConfig::new(1, 1, 4, d);
+    cfg.budget = Budget::Ratio(1.0);
+    cfg.scale = dump.scale;
+    cfg.selector = "fastscan:64x4".parse().unwrap();
+    let mut r = AttentionRetriever::new(cfg).unwrap();
+    let keys = dump.keys(0, 0);
+    let values = dump.values(0, 0);
+    r.prefill(0, &keys[..500 * d], &values[..500 * d]).unwrap();
+    for p in 500..t {
+        r.append(0, &keys[p * d..(p + 1) * d], &values[p * d..(p + 1) * d])
+            .unwrap();
+    }
+    let q: Vec<f32> = (0..4)
+        .flat_map(|h| {
+            dump.queries(0, h)[(t - 1) * d..t * d]
+                .iter()
+                .map(|x| x.to_f32())
+        })
+        .collect();
+    assert_eq!(
+        r.select(0, &q).unwrap()[0].len(),
+        t,
+        "every position is attended"
+    );
+    let out = r.attend(0, &q).unwrap();
+    for h in 0..4 {
+        let want = dense(
+            &q[h * d..(h + 1) * d],
+            &keys[..t * d],
+            &values[..t * d],
+            d,
+            dump.scale,
+        );
+        for c in 0..d {
+            // f32 accumulation over 600 terms of |v| < 10: 1e-4 absolute is ~50x the bound.
+            assert!(
+                (out[h * d + c] as f64 - want[c]).abs() < 1e-4,
+                "head {h} dim {c}"
+            );
+        }
+    }
+}
+
+#[test]
+fn gqa_selection_keeps_sink_window_and_budget_per_kv_head() {
+    let (kvh, g, d, t) = (2, 3, 16, 400);
+    let keys: Vec<f16> = common::uniform(kvh * t, d, 1)
+        .into_iter()
+        .map(f16::from_f32)
+        .collect();
+    let values: Vec<f16> = common::uniform(kvh * t, d, 2)
+        .into_iter()
+        .map(f16::from_f32)
+        .collect();
+    for spec in [
+        "exact",
+        "window",
+        "random",
+        "pq:4x6",
+        "fastscan:8x4:rerank2",
+        "quest:16",
+    ] {
+        let mut cfg = RetrieverConfig::new(2, kvh, g, d);
+        cfg.selector = spec.parse().unwrap();
+        cfg.budget = Budget::Tokens(100);
+        cfg.sink = 8;
+        let mut r = AttentionRetriever::new(cfg).unwrap();
+        r.prefill(1, &keys, &values).unwrap();
+        let q = common::uniform(kvh * g, d, 3);
+        let sel = r.select(1, &q).unwrap();
+        let plan: StepPlan = r.plan(1);
+        assert_eq!(
+            (plan.sink.len(), plan.window.len(), plan.k),
+            (8, 46, 46),
+            "{spec}"
+        );
+        for positions in &sel {
+            assert!(
+                positions.windows(2).all(|w| w[0] < w[1]),
+                "{spec}: sorted, distinct"
+            );
+            assert!((0..8).all(|p| positions.contains(&p)), "{spec}: sink kept");
+            assert!(
+                (t as u32 - 46..t as u32).all(|p| positions.contains(&p)),
+                "{spec}: window kept"
+            );
+            let retrieved = positions.len() - 8 - 46;
+            if spec.starts_with("quest") {
+                // Whole pages of 16, two here, clipped to the candidates (a page straddling
+                // the sink contributes only its candidate positions).
+                assert!(retrieved > 0 && retrieved <= 32, "{spec}: {retrieved}");
+            } else {
+                assert_eq!(retrieved, 46, "{spec}");
+            }
+        }
+        // Layer 0 was never filled.
+        assert!(matches!(r.select(0, &q), Err(Error::EmptyIndex)));
+        let out = r.attend(1, &q).unwrap();
+        assert_eq!(out.len(), kvh * g * d);
+        assert!(out.iter().all(|v| v.is_finite()));
+    }
+}
+
+#[test]
+fn exact_selection_matches_a_brute_force_sum_of_softmaxes() {
+    let (g, d, t) = (4, 8, 300);
+    let keys: Vec<f16> = common::uniform(t, d, 4)
+        .into_iter()
+        .map(f16::from_f32)
+        .collect();
+    let values = keys.clone();
+    let mut cfg = RetrieverConfig::new(1, 1, g, d);
+    cfg.selector = SelectorSpec::Exact;
+    cfg.budget = Budget::Tokens(60);
+    cfg.sink = 4;
+    let mut r = AttentionRetriever::new(cfg.clone()).unwrap();
+    r.prefill(0, &keys, &values).unwrap();
+    let q = common::uniform(g, d, 5);
+    let plan = r.plan(0);
+    let chosen: Vec<u32> = r.select(0, &q).unwrap()[0]
+        .iter()
+        .copied()
+        .filter(|&p| plan.candidates.contains(&(p as usize)))
+        .collect();
+    // Brute force: sum over heads of the softmax over candidates, top k.
+    let mut score = vec![0.0f64; plan.candidates.len()];
+    for h in 0..g {
+        let l: Vec<f64> = plan
+            .candidates
+            .clone()
+            .map(|p| {
+                (0..d)
+                    .map(|c| q[h * d + c] as f64 * keys[p * d + c].to_f64())
+                    .sum::<f64>()
+                    * cfg.scale as f64
+            })
+            .collect();
+        let m = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = l.iter().map(|x| (x - m).exp()).sum();
+        for (s, x) in score.iter_mut().zip(&l) {
+            *s += (x - m).exp() / z;
+        }
+    }
+    let mut order: Vec<usize> = (0..score.len()).collect();
+    order.sort_by(|&a, &b| score[b].partial_cmp(&score[a]).unwrap());
+    let mut want: Vec<u32> = order[..plan.k]
+        .iter()
+        .map(|&i| (plan.candidates.start + i) as u32)
+        .collect();
+    want.sort_unstable();
+    assert_eq!(chosen, want);
+}
+
+#[test]
+fn bad_input_is_a_typed_error() {
+    assert!("fastscan:64x8".parse::<SelectorSpec>().is_err());
+    assert!("pq:2".parse::<SelectorSpec>().is_err());
+    assert!("quest:0".parse::<SelectorSpec>().is_err());
+    assert!("nope".parse::<SelectorSpec>().is_err());
+    let mut cfg = RetrieverConfig::new(1, 1, 2, 8);
+    cfg.selector = "fastscan:3x4".parse().unwrap();
+    assert!(matches!(
+        AttentionRetriever::new(cfg.clone()),
+        Err(Error::InvalidArgument(_))
+    ));
+    cfg.selector = SelectorSpec::Exact;
+    cfg.budget = Budget::Ratio(1.5);
+    assert!(AttentionRetriever::new(cfg.clone()).is_err());
+    cfg.budget = Budget::Ratio(0.5);
+    let mut r = AttentionRetriever::new(cfg).unwrap();
+    let kv: Vec<f16> = vec![f16::from_f32(0.5); 10 * 8];
+    assert!(matches!(
+        r.prefill(1, &kv, &kv),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        r.prefill(0, &kv[..7], &kv[..7]),
+        Err(Error::DimensionMismatch { .. })
+    ));
+    let mut bad = kv.clone();
+    bad[3] = f16::NAN;
+    assert!(matches!(
+        r.prefill(0, &bad, &kv),
+        Err(Error::NonFinite { .. })
+    ));
+    assert!(matches!(
+        r.append(0, &kv[..8], &kv[..8]),
+        Err(Error::NotTrained)
+    ));
+    r.prefill(0, &kv, &kv).unwrap();
+    assert!(matches!(
+        r.select(0, &[0.0; 8]),
+        Err(Error::DimensionMismatch { .. })
+    ));
+    assert!(matches!(
+        r.select(0, &[f32::NAN; 16]),
+        Err(Error::NonFinite { .. })
+    ));
+    let k = DistanceKernels::best();
+    let mut out = vec![1.0; 8];
+    attention(&k, &[0.0; 8], &kv, &kv, 8, 1.0, &[], &mut out);
+    assert_eq!(out, vec![0.0; 8], "no position attends to nothing");
+}
