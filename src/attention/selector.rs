@@ -365,48 +365,98 @@ impl HeadIndex for FastScanIndex {
     fn append(&mut self, key: &[f32]) -> Result<()> {
         self.fs.add(key)
     }
+
+    /// Without computing a softmax over every candidate: one fast-scan pass scores the whole
+    /// group in u16; per query head, a histogram of the candidates' u16 scores gives the
+    /// softmax normaliser exactly (`Z = sum_b count_b exp(scale * delta * (b - max))`, the
+    /// table bias cancels) and a radix select its best `pool` candidates; only the union of
+    /// those pools is aggregated (and re-ranked), so the cost beyond the scan is
+    /// `O(candidates)` integer work plus `O(pool)` exponentials.
     fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Vec<u32>> {
         let (n, g) = (self.fs.ntotal(), ctx.group());
-        // One pass over the codes scores the whole group (up to 4 queries per pass).
         let mut sums = vec![0u16; g * n];
         let tables = self.fs.scan_scores(ctx.queries, &mut sums)?;
-        let nc = ctx.candidates.len();
-        let mut logits = Vec::with_capacity(g * nc);
+        let cand = ctx.candidates.clone();
+        let nc = cand.len();
+        let want = if self.rerank > 1 {
+            self.rerank * ctx.k
+        } else {
+            ctx.k
+        }
+        .min(nc);
+        // Per-head pools: twice what is finally wanted, so that positions ranked moderately
+        // well by every head of the group still enter the union.
+        let pool_k = (2 * want).min(nc);
+        let mut pool: Vec<u32> = Vec::with_capacity(g * pool_k);
+        let mut heads = Vec::with_capacity(g);
         for (q, table) in tables.iter().enumerate() {
-            let row = &sums[q * n..(q + 1) * n];
-            logits.extend(
-                row[ctx.candidates.clone()]
-                    .iter()
-                    .map(|&s| table.score(s) * ctx.scale),
+            let row = &sums[q * n + cand.start..q * n + cand.end];
+            let (lo, hi) = row
+                .iter()
+                .fold((u16::MAX, 0u16), |(a, b), &v| (a.min(v), b.max(v)));
+            let mut hist = vec![0u32; (hi - lo) as usize + 1];
+            for &v in row {
+                hist[(v - lo) as usize] += 1;
+            }
+            let step = ctx.scale * table.delta;
+            let z: f32 = hist
+                .iter()
+                .enumerate()
+                .filter(|(_, &c)| c > 0)
+                .map(|(b, &c)| c as f32 * (step * (b as f32 - (hi - lo) as f32)).exp())
+                .sum();
+            pool.extend(
+                crate::select::select_topk_u16(row, nc, pool_k)
+                    .into_iter()
+                    .map(|(_, i)| i),
             );
+            heads.push((step, hi, z, row));
         }
-        let (scores, norms) = aggregate(&logits, g, ctx.aggregation);
-        if self.rerank <= 1 {
-            return Ok(ctx.top_k(&scores));
-        }
-        // Re-rank: the best `rerank * k` by approximate score, re-scored with exact logits
-        // under each query's approximate softmax normaliser.
-        let pool: Vec<usize> = select_topk(&scores, (self.rerank * ctx.k).min(nc))
-            .into_iter()
-            .map(|(_, i)| i as usize)
-            .collect();
-        let exact = ctx.exact_logits(pool.iter().map(|&i| ctx.candidates.start + i));
-        let mut rescored = vec![0.0f32; pool.len()];
-        for (q, &(max, total)) in norms.iter().enumerate() {
-            for (r, &l) in rescored
-                .iter_mut()
-                .zip(&exact[q * pool.len()..(q + 1) * pool.len()])
-            {
-                let p = (l - max).exp() / total;
+        pool.sort_unstable();
+        pool.dedup();
+        // Aggregated approximate scores of the pool.
+        let mut scores = vec![0.0f32; pool.len()];
+        for &(step, hi, z, row) in &heads {
+            for (sc, &i) in scores.iter_mut().zip(&pool) {
+                let p = (step * (row[i as usize] as f32 - hi as f32)).exp() / z;
                 match ctx.aggregation {
-                    Aggregation::SumSoftmax => *r += p,
-                    Aggregation::MaxSoftmax => *r = r.max(p),
+                    Aggregation::SumSoftmax => *sc += p,
+                    Aggregation::MaxSoftmax => *sc = sc.max(p),
                 }
             }
         }
-        let mut chosen: Vec<u32> = select_topk(&rescored, ctx.k)
+        let best: Vec<usize> = select_topk(&scores, want)
             .into_iter()
-            .map(|(_, j)| (ctx.candidates.start + pool[j as usize]) as u32)
+            .map(|(_, j)| pool[j as usize] as usize)
+            .collect();
+        let chosen_idx: Vec<usize> = if self.rerank > 1 {
+            // Exact logits for the re-rank pool, under each head's approximate normaliser
+            // (its maximum logit `scale * (bias + delta * hi)` and `Z`).
+            let exact = ctx.exact_logits(best.iter().map(|&i| cand.start + i));
+            let mut rescored = vec![0.0f32; best.len()];
+            for (q, &(_, hi, z, _)) in heads.iter().enumerate() {
+                let top = ctx.scale * tables[q].score(hi);
+                for (r, &l) in rescored
+                    .iter_mut()
+                    .zip(&exact[q * best.len()..(q + 1) * best.len()])
+                {
+                    let p = (l - top).exp() / z;
+                    match ctx.aggregation {
+                        Aggregation::SumSoftmax => *r += p,
+                        Aggregation::MaxSoftmax => *r = r.max(p),
+                    }
+                }
+            }
+            select_topk(&rescored, ctx.k)
+                .into_iter()
+                .map(|(_, j)| best[j as usize])
+                .collect()
+        } else {
+            best
+        };
+        let mut chosen: Vec<u32> = chosen_idx
+            .into_iter()
+            .map(|i| (cand.start + i) as u32)
             .collect();
         chosen.sort_unstable();
         Ok(chosen)

@@ -1,0 +1,58 @@
+//! One decode step of the attention client: selection for one layer with 8 kv_heads x 4 query
+//! heads, head_dim 128, budget 10 %, at 32K and 128K cached tokens. Fast-scan selection
+//! (with and without exact re-ranking) against exact scoring of the f16 keys (SIMD dot
+//! products over every candidate, the same aggregation). Single thread.
+//!
+//! Keys are synthetic: per channel a random offset and scale on uniform noise (LLM keys have
+//! strong per-channel structure; this imitates it, the real-data quality figures come from
+//! `pqcache eval-attention`).
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use half::f16;
+use pqcache::attention::{AttentionRetriever, Budget, RetrieverConfig};
+
+#[path = "common.rs"]
+mod common;
+
+fn bench_step(c: &mut Criterion) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let (kv_heads, group, d) = (8usize, 4usize, 128usize);
+    let mut g = c.benchmark_group("attention_step");
+    g.sample_size(10);
+    for context in [32768usize, 131072] {
+        let keys: Vec<f16> = common::keys_like(kv_heads * context, d, 7)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let values: Vec<f16> = common::keys_like(kv_heads * context, d, 8)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let queries = common::keys_like(kv_heads * group, d, 9);
+        for spec in ["exact", "fastscan:64x4", "fastscan:64x4:rerank4"] {
+            let mut cfg = RetrieverConfig::new(1, kv_heads, group, d);
+            cfg.selector = spec.parse().unwrap();
+            cfg.budget = Budget::Ratio(0.1);
+            let mut r = AttentionRetriever::new(cfg).unwrap();
+            pool.install(|| r.prefill(0, &keys, &values)).unwrap();
+            // Checked once: every kv_head gets its budget.
+            let sel = pool.install(|| r.select(0, &queries)).unwrap();
+            assert!(
+                sel.iter()
+                    .all(|p| p.len() == (context as f64 * 0.1).round() as usize),
+                "{spec}"
+            );
+            let name =
+                format!("select/{spec}/kv_heads=8/group=4/d=128/context={context}/ratio=0.1");
+            g.bench_function(BenchmarkId::from_parameter(name), |b| {
+                b.iter(|| pool.install(|| r.select(0, &queries)).unwrap())
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_step);
+criterion_main!(benches);
