@@ -135,10 +135,11 @@ pub fn kmeans(data: &[f32], d: usize, k: usize, cfg: &KMeansConfig) -> Result<KM
         }
     };
     let x_norms = row_norms_sq(x, d);
+    let nearest = NearestKernel::best();
     let mut labels = vec![0u32; n];
     let mut objective = Vec::with_capacity(cfg.niter);
     for _ in 0..cfg.niter.max(1) {
-        let obj = assign(x, &x_norms, d, &centroids, k, &mut labels, None);
+        let obj = assign(&nearest, x, &x_norms, d, &centroids, k, &mut labels, None);
         update(x, d, k, &labels, &mut centroids);
         let prev = objective.last().copied();
         objective.push(obj);
@@ -156,10 +157,12 @@ pub fn kmeans(data: &[f32], d: usize, k: usize, cfg: &KMeansConfig) -> Result<KM
     })
 }
 
-/// Assigns each point of `x` (`n * d`, squared norms `x_norms`) to its nearest centroid.
+/// Assigns each point of `x` (`n * d`, squared norms `x_norms`) to its nearest centroid, with
+/// the argmin kernel `nearest` (resolved once by the caller).
 /// Writes `labels` (ties to the smaller centroid index) and, if given, the squared distances.
 /// Returns the total squared distance.
 pub fn assign(
+    nearest: &NearestKernel,
     x: &[f32],
     x_norms: &[f32],
     d: usize,
@@ -169,7 +172,6 @@ pub fn assign(
     dists: Option<&mut [f32]>,
 ) -> f64 {
     let c_norms = row_norms_sq(centroids, d);
-    let nearest = NearestKernel::best();
     let work = |block: &mut Vec<f32>,
                 (ci, (lab, mut dst)): (usize, (&mut [u32], Option<&mut [f32]>))|
      -> f64 {
@@ -391,6 +393,7 @@ mod tests {
         let mut labels = vec![0; n];
         let mut dists = vec![0.0; n];
         assign(
+            &NearestKernel::best(),
             &x,
             &row_norms_sq(&x, 2),
             2,

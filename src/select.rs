@@ -304,6 +304,63 @@ pub fn select_topk_u16(scores: &[u16], n_valid: usize, k: usize) -> Vec<(u16, u3
     )
 }
 
+/// Indices of the `k` largest of non-negative, non-NaN `scores` (ties to the smaller index),
+/// in ascending index order, in `O(n + k log k)` at worst and `O(n)` typically.
+///
+/// The bit pattern of a non-negative f32 is monotone as an integer, so the top 16 bits
+/// (sign, exponent, 7 mantissa bits) bucket the scores in order: a histogram over the buckets
+/// present finds the bucket holding the k-th score; everything above it is kept, and only that
+/// bucket is sorted exactly.
+pub fn select_topk_nonneg_f32(scores: &[f32], k: usize) -> Vec<u32> {
+    let k = k.min(scores.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    // Negative zero and anything negative (not expected) map to bucket 0.
+    let key = |v: f32| {
+        let bits = v.to_bits();
+        if bits >> 31 == 1 {
+            0
+        } else {
+            (bits >> 16) as usize
+        }
+    };
+    let mut lo = usize::MAX;
+    let mut hi = 0usize;
+    for &v in scores {
+        let b = key(v);
+        lo = lo.min(b);
+        hi = hi.max(b);
+    }
+    let mut hist = vec![0u32; hi - lo + 1];
+    for &v in scores {
+        hist[key(v) - lo] += 1;
+    }
+    let mut above = 0usize;
+    let mut bucket = 0usize;
+    for b in (0..hist.len()).rev() {
+        if above + hist[b] as usize >= k {
+            bucket = b + lo;
+            break;
+        }
+        above += hist[b] as usize;
+    }
+    let mut out: Vec<u32> = Vec::with_capacity(k);
+    let mut edge: Vec<(f32, u32)> = Vec::new();
+    for (i, &v) in scores.iter().enumerate() {
+        let b = key(v);
+        if b > bucket {
+            out.push(i as u32);
+        } else if b == bucket {
+            edge.push((v, i as u32));
+        }
+    }
+    select_sorted(&mut edge, k - above);
+    out.extend(edge.into_iter().map(|(_, i)| i));
+    out.sort_unstable();
+    out
+}
+
 /// Adds the bins `bin(v)` of `values` to `hist`. Four interleaved partial histograms break
 /// the load-add-store chains that concentrated scores (few distinct bins) would otherwise
 /// serialise.
@@ -416,6 +473,34 @@ mod tests {
                             "level {level}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn nonneg_f32_selection_matches_full_sort() {
+        let mut rng = StdRng::seed_from_u64(12);
+        for n in [0usize, 1, 50, 3000] {
+            for kind in 0..3 {
+                let scores: Vec<f32> = (0..n)
+                    .map(|_| match kind {
+                        0 => rng.random_range(0.0..1.0),
+                        1 => rng.random_range(0..5) as f32 * 0.25, // many ties
+                        _ => (rng.random_range(-80.0f32..0.0)).exp(), // wide dynamic range
+                    })
+                    .collect();
+                for k in [1usize, 10, 300, 2999, 5000] {
+                    let mut want: Vec<u32> = naive(&scores, k.min(n))
+                        .into_iter()
+                        .map(|(_, i)| i)
+                        .collect();
+                    want.sort_unstable();
+                    assert_eq!(
+                        select_topk_nonneg_f32(&scores, k),
+                        want,
+                        "n {n} kind {kind} k {k}"
+                    );
                 }
             }
         }

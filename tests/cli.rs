@@ -111,20 +111,62 @@ fn bad_input_exits_non_zero_with_a_message() {
 #[test]
 fn eval_attention_json_rows() {
     let out = pqcache()
-        .args(["eval-attention", "--positions", "2", "--ratios", "0.2,0.1", "--selectors", "exact,window,fastscan:64x4:rerank4", "--json"])
+        .args([
+            "eval-attention",
+            "--positions",
+            "2",
+            "--ratios",
+            "0.2,0.1",
+            "--selectors",
+            "exact,window,fastscan:64x4:rerank4",
+            "--json",
+        ])
         .arg("--data")
         .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/persuasion-2048-layer5"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 6);
-    let mut keys: Vec<&str> = rows[0].as_object().unwrap().keys().map(|s| s.as_str()).collect();
+    let mut keys: Vec<&str> = rows[0]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|s| s.as_str())
+        .collect();
     keys.sort_unstable();
-    assert_eq!(keys, ["err", "mass", "oracle_err", "ratio", "recall", "select_us_per_step", "selector"]);
-    let names: Vec<&str> = rows.iter().map(|r| r["selector"].as_str().unwrap()).collect();
-    assert_eq!(names, ["exact", "window", "fastscan:64x4:rerank4", "exact", "window", "fastscan:64x4:rerank4"]);
+    assert_eq!(
+        keys,
+        [
+            "err",
+            "mass",
+            "oracle_err",
+            "ratio",
+            "recall",
+            "select_us_per_step",
+            "selector"
+        ]
+    );
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r["selector"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "exact",
+            "window",
+            "fastscan:64x4:rerank4",
+            "exact",
+            "window",
+            "fastscan:64x4:rerank4"
+        ]
+    );
     for r in rows {
         let mass = r["mass"].as_f64().unwrap();
         assert!(mass > 0.0 && mass <= 1.0 + 1e-9);

@@ -22,6 +22,7 @@ pub struct DistanceKernels {
     dot_f16: fn(&[f32], &[f16]) -> f32,
     l2sq_f16: fn(&[f32], &[f16]) -> f32,
     axpy: fn(f32, &[f32], &mut [f32]),
+    dot_group_f16: fn(&[f32], usize, &[f16], &mut [f32]),
 }
 
 impl std::fmt::Debug for DistanceKernels {
@@ -45,6 +46,7 @@ impl DistanceKernels {
                 dot_f16: x86::dot_f16_v4,
                 l2sq_f16: x86::l2sq_f16_v4,
                 axpy: x86::axpy_v4,
+                dot_group_f16: x86::dot_group_f16_v4,
             },
             #[cfg(target_arch = "x86_64")]
             Level::V3 => DistanceKernels {
@@ -54,6 +56,7 @@ impl DistanceKernels {
                 dot_f16: x86::dot_f16_v3,
                 l2sq_f16: x86::l2sq_f16_v3,
                 axpy: x86::axpy_v3,
+                dot_group_f16: x86::dot_group_f16_v3,
             },
             #[cfg(target_arch = "aarch64")]
             Level::Neon => DistanceKernels {
@@ -63,6 +66,7 @@ impl DistanceKernels {
                 dot_f16: scalar::dot_f16,
                 l2sq_f16: scalar::l2sq_f16,
                 axpy: scalar::axpy,
+                dot_group_f16: scalar::dot_group_f16,
             },
             _ => DistanceKernels {
                 level: Level::Scalar,
@@ -71,6 +75,7 @@ impl DistanceKernels {
                 dot_f16: scalar::dot_f16,
                 l2sq_f16: scalar::l2sq_f16,
                 axpy: scalar::axpy,
+                dot_group_f16: scalar::dot_group_f16,
             },
         }
     }
@@ -141,6 +146,19 @@ impl DistanceKernels {
     pub fn l2sq_rows_f16(&self, q: &[f32], rows: &[f16], out: &mut [f32]) {
         rows_apply(q, rows, out, self.l2sq_f16);
     }
+
+    /// Dot products of a group of `g` queries (`queries`: `g * d`, `d = queries.len() / g`)
+    /// with every row of `rows` (`n * d` binary16): `out[q * n + i] = dot(query_q, row_i)`.
+    /// Each row is loaded and widened once for the whole group (the GQA case: the query heads
+    /// sharing a KV head). Panics if the shapes disagree or `g` is 0.
+    pub fn dot_group_rows_f16(&self, queries: &[f32], g: usize, rows: &[f16], out: &mut [f32]) {
+        assert!(g > 0 && queries.len().is_multiple_of(g), "queries must hold g rows");
+        let d = queries.len() / g;
+        let n = rows.len().checked_div(d).unwrap_or(0);
+        assert_eq!(rows.len(), n * d, "rows length must be n * d");
+        assert_eq!(out.len(), g * n, "out length must be g * n");
+        (self.dot_group_f16)(queries, g, rows, out)
+    }
 }
 
 fn rows_apply<T>(q: &[f32], rows: &[T], out: &mut [f32], f: fn(&[f32], &[T]) -> f32) {
@@ -199,6 +217,21 @@ pub mod scalar {
     pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
         for (o, &v) in y.iter_mut().zip(x) {
             *o += alpha * v;
+        }
+    }
+
+    /// Group dot products, query-major output (see `DistanceKernels::dot_group_rows_f16`).
+    pub fn dot_group_f16(queries: &[f32], g: usize, rows: &[f16], out: &mut [f32]) {
+        let d = queries.len() / g;
+        if d == 0 {
+            out.fill(0.0);
+            return;
+        }
+        let n = rows.len() / d;
+        for (i, row) in rows.chunks_exact(d).enumerate() {
+            for q in 0..g {
+                out[q * n + i] = dot_f16(&queries[q * d..(q + 1) * d], row);
+            }
         }
     }
 
@@ -485,6 +518,83 @@ mod x86 {
         unsafe { imp(alpha, x, y) }
     }
 
+    /// Group dot products with `L`-lane registers: per row, each 8/16-wide chunk of the row is
+    /// widened once and multiplied into every query's accumulator.
+    macro_rules! group_kernel {
+        ($name:ident, $feat:literal, $w:expr, $zero:ident, $load_q:ident, $fma:ident, $reduce:expr, $load_h:expr) => {
+            #[target_feature(enable = $feat)]
+            unsafe fn $name(queries: &[f32], g: usize, rows: &[f16], out: &mut [f32]) {
+                let d = queries.len() / g;
+                if d == 0 {
+                    out.fill(0.0);
+                    return;
+                }
+                let n = rows.len() / d;
+                let full = d / $w * $w;
+                for (i, row) in rows.chunks_exact(d).enumerate() {
+                    for q0 in (0..g).step_by(4) {
+                        let gq = (g - q0).min(4);
+                        // SAFETY: loads read indices < full <= d of the row and of each query.
+                        unsafe {
+                            let mut acc = [$zero(); 4];
+                            let mut c = 0;
+                            while c < full {
+                                let x = $load_h(row.as_ptr().add(c));
+                                for (j, a) in acc.iter_mut().enumerate().take(gq) {
+                                    *a = $fma(
+                                        $load_q(queries.as_ptr().add((q0 + j) * d + c)),
+                                        x,
+                                        *a,
+                                    );
+                                }
+                                c += $w;
+                            }
+                            for j in 0..gq {
+                                let q = &queries[(q0 + j) * d..(q0 + j + 1) * d];
+                                let mut tail = 0.0f32;
+                                for t in full..d {
+                                    tail += q[t] * row[t].to_f32();
+                                }
+                                out[(q0 + j) * n + i] = $reduce(acc[j]) + tail;
+                            }
+                        }
+                    }
+                }
+            }
+        };
+    }
+
+    group_kernel!(
+        dot_group_v3_imp,
+        "avx2,fma,f16c",
+        8,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_fmadd_ps,
+        |v| hsum256(v),
+        |p: *const f16| f16::load8(p)
+    );
+    group_kernel!(
+        dot_group_v4_imp,
+        "avx512f,avx512bw,avx512vl,avx2,fma,f16c",
+        16,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_fmadd_ps,
+        |v| _mm512_reduce_add_ps(v),
+        |p: *const f16| f16::load16(p)
+    );
+
+    pub(super) fn dot_group_f16_v3(queries: &[f32], g: usize, rows: &[f16], out: &mut [f32]) {
+        // SAFETY: only reachable through a table built for a level >= V3 the CPU supports.
+        unsafe { dot_group_v3_imp(queries, g, rows, out) }
+    }
+
+    pub(super) fn dot_group_f16_v4(queries: &[f32], g: usize, rows: &[f16], out: &mut [f32]) {
+        // SAFETY: only reachable through a table built for V4, which the CPU supports.
+        unsafe { dot_group_v4_imp(queries, g, rows, out) }
+    }
+
     macro_rules! entry {
         ($name:ident, $raw:ident, $elem:ty, $feat:literal, $lvl:literal) => {
             /// Safe entry point, reachable only through a kernel table built for a level the
@@ -659,6 +769,41 @@ mod tests {
                             (y[i] as f64 - want).abs() <= 2.0 * 6.0 * f32::EPSILON as f64,
                             "level {level} len {len}"
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn group_kernels_match_f64_reference() {
+        let mut rng = StdRng::seed_from_u64(13);
+        for d in [1usize, 7, 8, 15, 16, 17, 64, 130, 256] {
+            for g in 1..=6 {
+                let n = 5;
+                let queries: Vec<f32> = (0..g * d).map(|_| rng.random_range(-2.0..2.0)).collect();
+                let rows: Vec<f16> = (0..n * d)
+                    .map(|_| f16::from_f32(rng.random_range(-2.0..2.0)))
+                    .collect();
+                for level in Level::all_supported() {
+                    let mut out = vec![f32::NAN; g * n];
+                    DistanceKernels::for_level(level)
+                        .dot_group_rows_f16(&queries, g, &rows, &mut out);
+                    for q in 0..g {
+                        for i in 0..n {
+                            let qv = &queries[q * d..(q + 1) * d];
+                            let rv: Vec<f32> = rows[i * d..(i + 1) * d]
+                                .iter()
+                                .map(|h| h.to_f32())
+                                .collect();
+                            let want = ref_dot(qv, &rv);
+                            let tol = (d as f64 + 2.0) * f32::EPSILON as f64 * ref_abs_dot(qv, &rv)
+                                + 1e-30;
+                            assert!(
+                                (out[q * n + i] as f64 - want).abs() <= tol,
+                                "level {level} d {d} g {g}"
+                            );
+                        }
                     }
                 }
             }

@@ -135,6 +135,13 @@ impl IndexPQFastScan {
         self.scan = FastScanKernel::for_level(level);
     }
 
+    /// Appends to `out` every index `i` of `scores` with `scores[i] > threshold`, ascending
+    /// (the SIMD filter of this index's kernel level), e.g. over a row of
+    /// [`IndexPQFastScan::scan_scores`].
+    pub fn collect_above(&self, scores: &[u16], threshold: u16, out: &mut Vec<u32>) {
+        self.scan.collect_above(scores, threshold, 0, out);
+    }
+
     /// The quantized table of one query (`d` floats).
     pub fn quantized_lut(&self, q: &[f32]) -> QuantizedLut {
         let (m, m2) = (self.pq.m(), self.codes.m2());
@@ -172,18 +179,35 @@ impl IndexPQFastScan {
             });
         }
         let d = self.pq.dim();
+        let (bb, m2) = (self.codes.block_bytes(), self.codes.m2());
+        let span = CHUNK_BLOCKS * BBS;
         let mut tables = Vec::with_capacity(nq);
-        for (g, group) in queries.chunks(MAX_QBS * d).enumerate() {
+        for (group, rows) in queries.chunks(MAX_QBS * d).zip(out.chunks_mut(MAX_QBS * n)) {
             let luts: Vec<QuantizedLut> = group.chunks(d).map(|q| self.quantized_lut(q)).collect();
-            let buf = self.scan_chunks(&luts);
-            for qi in 0..luts.len() {
-                let row = &mut out[(g * MAX_QBS + qi) * n..(g * MAX_QBS + qi + 1) * n];
-                for (c, s) in self.segments(&buf, luts.len(), qi).into_iter().enumerate() {
-                    let start = c * CHUNK_BLOCKS * BBS;
-                    let len = s.len().min(n.saturating_sub(start));
-                    row[start..start + len].copy_from_slice(&s[..len]);
+            let bytes = concat_tables(&luts);
+            let gq = luts.len();
+            // Per chunk of blocks, the disjoint pieces of every query's row it fills; the
+            // kernel writes into a small per-task buffer, copied into the pieces.
+            let mut pieces: Vec<Vec<&mut [u16]>> = (0..self.codes.nblocks().div_ceil(CHUNK_BLOCKS))
+                .map(|_| Vec::with_capacity(gq))
+                .collect();
+            for row in rows.chunks_mut(n) {
+                for (c, piece) in row.chunks_mut(span).enumerate() {
+                    pieces[c].push(piece);
                 }
             }
+            pieces
+                .into_par_iter()
+                .zip(self.codes.data().par_chunks(CHUNK_BLOCKS * bb))
+                .for_each_init(Vec::new, |buf, (mut dst, chunk)| {
+                    let nb = chunk.len() / bb;
+                    buf.resize(gq * nb * BBS, 0u16);
+                    self.scan.accumulate_scores(chunk, nb, m2, &bytes, gq, buf);
+                    for (q, piece) in dst.iter_mut().enumerate() {
+                        let len = piece.len();
+                        piece.copy_from_slice(&buf[q * nb * BBS..q * nb * BBS + len]);
+                    }
+                });
             tables.extend(luts);
         }
         Ok(tables)

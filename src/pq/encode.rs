@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::index::check_vectors;
 use crate::kmeans::assign;
 use crate::linalg::row_norms_sq;
+use pqcache_simd::argmin::NearestKernel;
 use rayon::prelude::*;
 
 /// Rows encoded per parallel task.
@@ -26,6 +27,7 @@ impl ProductQuantizer {
     /// Encodes validated, finite rows into `codes` (`rows * m`). The quantizer must be trained.
     pub(crate) fn encode_into(&self, x: &[f32], codes: &mut [u8]) {
         let (d, m, dsub, ksub) = (self.d, self.m, self.dsub(), self.ksub());
+        let nearest = NearestKernel::best();
         codes
             .par_chunks_mut(ENCODE_CHUNK * m)
             .zip(x.par_chunks(ENCODE_CHUNK * d))
@@ -39,6 +41,7 @@ impl ProductQuantizer {
                     }
                     let norms = row_norms_sq(&sub, dsub);
                     assign(
+                        &nearest,
                         &sub,
                         &norms,
                         dsub,
