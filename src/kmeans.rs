@@ -161,6 +161,7 @@ pub fn kmeans(data: &[f32], d: usize, k: usize, cfg: &KMeansConfig) -> Result<KM
 /// the argmin kernel `nearest` (resolved once by the caller).
 /// Writes `labels` (ties to the smaller centroid index) and, if given, the squared distances.
 /// Returns the total squared distance.
+#[allow(clippy::too_many_arguments)]
 pub fn assign(
     nearest: &NearestKernel,
     x: &[f32],

@@ -152,7 +152,10 @@ impl DistanceKernels {
     /// Each row is loaded and widened once for the whole group (the GQA case: the query heads
     /// sharing a KV head). Panics if the shapes disagree or `g` is 0.
     pub fn dot_group_rows_f16(&self, queries: &[f32], g: usize, rows: &[f16], out: &mut [f32]) {
-        assert!(g > 0 && queries.len().is_multiple_of(g), "queries must hold g rows");
+        assert!(
+            g > 0 && queries.len().is_multiple_of(g),
+            "queries must hold g rows"
+        );
         let d = queries.len() / g;
         let n = rows.len().checked_div(d).unwrap_or(0);
         assert_eq!(rows.len(), n * d, "rows length must be n * d");
