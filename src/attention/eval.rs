@@ -130,24 +130,27 @@ pub fn evaluate(dump: &AttentionDump, cfg: &EvalConfig) -> Result<Vec<EvalRow>> 
                             .collect()
                     })
                     .collect();
+                let group_qs: Vec<Vec<f32>> = (0..kvh)
+                    .map(|h| queries[h * g..(h + 1) * g].concat())
+                    .collect();
                 for (ri, &ratio) in cfg.ratios.iter().enumerate() {
                     let plan = StepPlan::new(len, cfg.sink, None, Budget::Ratio(ratio));
                     let acc = &mut accs[ri][si];
+                    let ctx_for = |h: usize| ChooseContext {
+                        queries: &group_qs[h],
+                        d,
+                        scale: dump.scale,
+                        keys: &keys[h][..len * d],
+                        candidates: plan.candidates.clone(),
+                        k: plan.k,
+                        aggregation: cfg.aggregation,
+                        kernels: &kernels,
+                        step: len as u64,
+                    };
                     let mut chosen_all = Vec::with_capacity(kvh);
                     let start = Instant::now();
                     for (h, index) in indexes.iter().enumerate() {
-                        let group_q: Vec<f32> = queries[h * g..(h + 1) * g].concat();
-                        let ctx = ChooseContext {
-                            queries: &group_q,
-                            d,
-                            scale: dump.scale,
-                            keys: &keys[h][..len * d],
-                            candidates: plan.candidates.clone(),
-                            k: plan.k,
-                            aggregation: cfg.aggregation,
-                            kernels: &kernels,
-                            step: len as u64,
-                        };
+                        let ctx = ctx_for(h);
                         chosen_all.push(if plan.k == 0 {
                             Vec::new()
                         } else {
@@ -157,18 +160,7 @@ pub fn evaluate(dump: &AttentionDump, cfg: &EvalConfig) -> Result<Vec<EvalRow>> 
                     acc.select_s += start.elapsed().as_secs_f64();
                     acc.steps += 1;
                     for (h, chosen) in chosen_all.iter().enumerate() {
-                        let group_q: Vec<f32> = queries[h * g..(h + 1) * g].concat();
-                        let ctx = ChooseContext {
-                            queries: &group_q,
-                            d,
-                            scale: dump.scale,
-                            keys: &keys[h][..len * d],
-                            candidates: plan.candidates.clone(),
-                            k: plan.k,
-                            aggregation: cfg.aggregation,
-                            kernels: &kernels,
-                            step: len as u64,
-                        };
+                        let ctx = ctx_for(h);
                         let best = if plan.k == 0 {
                             Vec::new()
                         } else {
