@@ -178,3 +178,35 @@ fn codes_are_independent_of_thread_count() {
     };
     assert_eq!(train(1), train(2));
 }
+
+#[test]
+fn codes_are_the_nearest_centroids_for_both_encoders() {
+    // 4-bit codebooks go through the direct encoder, 8-bit ones through GEMM assignment: both
+    // must pick the nearest centroid of every sub-vector (up to float near-ties).
+    let d = 24;
+    let x = common::uniform(3000, d, 21);
+    for nbits in [Nbits::Four, Nbits::Eight] {
+        let mut pq = ProductQuantizer::new(d, 6, nbits).unwrap();
+        pq.train(&x, &KMeansConfig::default()).unwrap();
+        let codes = pq.compute_codes(&x[..200 * d]).unwrap();
+        let dsub = pq.dsub();
+        for i in 0..200 {
+            for j in 0..6 {
+                let sub = &x[i * d + j * dsub..i * d + (j + 1) * dsub];
+                let dist = |c: usize| -> f32 {
+                    pq.centroid(j, c)
+                        .iter()
+                        .zip(sub)
+                        .map(|(a, b)| (a - b) * (a - b))
+                        .sum()
+                };
+                let best = (0..pq.ksub()).map(dist).fold(f32::INFINITY, f32::min);
+                let got = dist(codes[i * 6 + j] as usize);
+                assert!(
+                    got <= best + 1e-5,
+                    "{nbits:?} row {i} sub {j}: {got} vs {best}"
+                );
+            }
+        }
+    }
+}

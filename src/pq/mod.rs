@@ -77,9 +77,9 @@ pub struct ProductQuantizer {
     centroids: Vec<f32>,
     /// Derived from `centroids` for the lookup tables: `m * dsub * ksub`, sub-space `j`'s
     /// codebook transposed (`[j][t][c]`), so that a table row is `dsub` AXPYs over `ksub`.
-    centroids_t: Vec<f32>,
+    pub(crate) centroids_t: Vec<f32>,
     /// Derived: `m * ksub` squared norms of the centroids (L2 tables).
-    centroid_norms: Vec<f32>,
+    pub(crate) centroid_norms: Vec<f32>,
 }
 
 impl ProductQuantizer {
