@@ -244,22 +244,18 @@ impl ChooseContext<'_> {
         out
     }
 
-    /// Exact logits of every query against scattered `positions`, query-major.
+    /// Exact logits of every query against scattered `positions`, query-major: the rows are
+    /// gathered (in the given, usually ascending, order) and scored in one grouped pass.
     fn exact_logits_at(&self, positions: &[usize]) -> Vec<f32> {
         let (d, g, n) = (self.d, self.group(), positions.len());
-        let mut out = vec![0.0f32; g * n];
-        let mut one = vec![0.0f32; g];
-        for (i, &p) in positions.iter().enumerate() {
-            self.kernels.dot_group_rows_f16(
-                self.queries,
-                g,
-                &self.keys[p * d..(p + 1) * d],
-                &mut one,
-            );
-            for (q, &v) in one.iter().enumerate() {
-                out[q * n + i] = v * self.scale;
-            }
+        let mut rows = Vec::with_capacity(n * d);
+        for &p in positions {
+            rows.extend_from_slice(&self.keys[p * d..(p + 1) * d]);
         }
+        let mut out = vec![0.0f32; g * n];
+        self.kernels
+            .dot_group_rows_f16(self.queries, g, &rows, &mut out);
+        out.iter_mut().for_each(|l| *l *= self.scale);
         out
     }
 
