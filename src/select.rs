@@ -274,18 +274,25 @@ pub fn select_topk_u16_segments(
         .chain(&equal)
         .map(|&p| (score_at(p), p))
         .collect();
-    let max = out.iter().map(|&(v, _)| v).max().unwrap_or(threshold);
-    // Counting sort by score, descending; stable, so equal scores keep position order.
-    let range = (max - threshold) as usize + 1;
+    sort_u16_desc_stable(&out, threshold)
+}
+
+/// `pairs` of (score, position) sorted by score, highest first; equal scores keep their input
+/// order (callers pass positions ascending within each score, so ties go to the smaller
+/// position). A counting sort over `floor..=max`: `O(n + max - floor)`. Every score must be at
+/// least `floor`.
+pub fn sort_u16_desc_stable(pairs: &[(u16, u32)], floor: u16) -> Vec<(u16, u32)> {
+    let max = pairs.iter().map(|&(v, _)| v).max().unwrap_or(floor);
+    let range = (max - floor) as usize + 1;
     let mut starts = vec![0usize; range + 1];
-    for &(v, _) in &out {
+    for &(v, _) in pairs {
         starts[(max - v) as usize + 1] += 1;
     }
     for b in 1..=range {
         starts[b] += starts[b - 1];
     }
-    let mut sorted = vec![(0u16, 0u32); out.len()];
-    for &(v, pos) in &out {
+    let mut sorted = vec![(0u16, 0u32); pairs.len()];
+    for &(v, pos) in pairs {
         let b = (max - v) as usize;
         sorted[starts[b]] = (v, pos);
         starts[b] += 1;

@@ -14,6 +14,7 @@ use super::selector::{Aggregation, ChooseContext, SelectorSpec};
 use super::{attention, Budget, StepPlan};
 use crate::error::{Error, Result};
 use crate::io::dump::AttentionDump;
+use crate::io::f16_to_f32;
 use pqcache_simd::distance::DistanceKernels;
 use std::time::Instant;
 
@@ -103,7 +104,7 @@ pub fn evaluate(dump: &AttentionDump, cfg: &EvalConfig) -> Result<Vec<EvalRow>> 
             spec.validate(d)?;
             let mut indexes = (0..kvh)
                 .map(|h| {
-                    let k32: Vec<f32> = keys[h][..prefill * d].iter().map(|x| x.to_f32()).collect();
+                    let k32 = f16_to_f32(&keys[h][..prefill * d]);
                     spec.build(&k32, d, (layer * kvh + h) as u64)
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -113,22 +114,13 @@ pub fn evaluate(dump: &AttentionDump, cfg: &EvalConfig) -> Result<Vec<EvalRow>> 
                 // Decoded tokens prefill..=t enter the indexes one by one.
                 while next <= t {
                     for (h, index) in indexes.iter_mut().enumerate() {
-                        let k32: Vec<f32> = keys[h][next * d..(next + 1) * d]
-                            .iter()
-                            .map(|x| x.to_f32())
-                            .collect();
-                        index.append(&k32)?;
+                        index.append(&f16_to_f32(&keys[h][next * d..(next + 1) * d]))?;
                     }
                     next += 1;
                 }
                 let len = t + 1;
                 let queries: Vec<Vec<f32>> = (0..dump.q_heads)
-                    .map(|qh| {
-                        dump.queries(layer, qh)[t * d..(t + 1) * d]
-                            .iter()
-                            .map(|x| x.to_f32())
-                            .collect()
-                    })
+                    .map(|qh| f16_to_f32(&dump.queries(layer, qh)[t * d..(t + 1) * d]))
                     .collect();
                 let group_qs: Vec<Vec<f32>> = (0..kvh)
                     .map(|h| queries[h * g..(h + 1) * g].concat())

@@ -32,6 +32,7 @@ pub mod eval;
 pub mod selector;
 
 use crate::error::{Error, Result};
+use crate::io::f16_to_f32;
 use half::f16;
 use pqcache_simd::distance::DistanceKernels;
 use rayon::prelude::*;
@@ -242,7 +243,7 @@ impl AttentionRetriever {
             .map(|(kv, state)| {
                 let k = &keys[kv * t * d..(kv + 1) * t * d];
                 let v = &values[kv * t * d..(kv + 1) * t * d];
-                let k32: Vec<f32> = k.iter().map(|x| x.to_f32()).collect();
+                let k32 = f16_to_f32(k);
                 state.index = Some(spec.build(&k32, d, (layer * h + kv) as u64)?);
                 state.keys = k.to_vec();
                 state.values = v.to_vec();
@@ -269,7 +270,7 @@ impl AttentionRetriever {
         {
             let k = &key[kv * d..(kv + 1) * d];
             let index = state.index.as_mut().ok_or(Error::NotTrained)?;
-            let k32: Vec<f32> = k.iter().map(|x| x.to_f32()).collect();
+            let k32 = f16_to_f32(k);
             index.append(&k32)?;
             state.keys.extend_from_slice(k);
             state.values.extend_from_slice(&value[kv * d..(kv + 1) * d]);

@@ -36,6 +36,17 @@ pub enum Aggregation {
     MaxSoftmax,
 }
 
+impl Aggregation {
+    /// Folds one query head's probability `p` into a candidate's combined score `acc`.
+    #[inline(always)]
+    pub fn combine(self, acc: &mut f32, p: f32) {
+        match self {
+            Aggregation::SumSoftmax => *acc += p,
+            Aggregation::MaxSoftmax => *acc = acc.max(p),
+        }
+    }
+}
+
 impl FromStr for Aggregation {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -285,10 +296,7 @@ pub fn aggregate(logits: &[f32], group: usize, agg: Aggregation) -> (Vec<f32>, V
         }
         let inv = 1.0 / total;
         for (c, &p) in combined.iter_mut().zip(&probs) {
-            match agg {
-                Aggregation::SumSoftmax => *c += p * inv,
-                Aggregation::MaxSoftmax => *c = c.max(p * inv),
-            }
+            agg.combine(c, p * inv);
         }
         norms.push((max, total));
     }
@@ -431,10 +439,7 @@ impl HeadIndex for FastScanIndex {
                     }
                     touched.push(i);
                 }
-                match ctx.aggregation {
-                    Aggregation::SumSoftmax => *slot += p,
-                    Aggregation::MaxSoftmax => *slot = slot.max(p),
-                }
+                ctx.aggregation.combine(slot, p);
             }
             norms.push((ctx.scale * table.score(hi), z));
         }
@@ -475,10 +480,7 @@ impl HeadIndex for FastScanIndex {
                 .zip(&exact[q * positions.len()..(q + 1) * positions.len()])
             {
                 let p = (l - top).exp() / z;
-                match ctx.aggregation {
-                    Aggregation::SumSoftmax => *r += p,
-                    Aggregation::MaxSoftmax => *r = r.max(p),
-                }
+                ctx.aggregation.combine(r, p);
             }
         }
         Ok(select_topk_nonneg_f32(&rescored, ctx.k)

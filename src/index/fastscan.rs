@@ -28,7 +28,7 @@ use crate::pq::lut::QuantizedLut;
 use crate::pq::pack::PackedCodes;
 use crate::pq::{Nbits, ProductQuantizer};
 use crate::result::SearchResult;
-use crate::select::{select_sorted, select_topk_u16_segments, TopKHeap};
+use crate::select::{select_sorted, select_topk_u16_segments, sort_u16_desc_stable, TopKHeap};
 use pqcache_simd::distance::DistanceKernels;
 use pqcache_simd::fastscan::{FastScanKernel, BBS, MAX_QBS};
 use pqcache_simd::Level;
@@ -452,21 +452,7 @@ fn select_above_floor(found: &[(u16, u32)], c: usize, floor: u16) -> Option<Vec<
     if found.len() < c {
         return None;
     }
-    let max = found.iter().map(|&(v, _)| v).max().unwrap_or(floor);
-    let range = (max - floor) as usize + 1;
-    let mut starts = vec![0usize; range + 1];
-    for &(v, _) in found {
-        starts[(max - v) as usize + 1] += 1;
-    }
-    for b in 1..=range {
-        starts[b] += starts[b - 1];
-    }
-    let mut sorted = vec![(0u16, 0u32); found.len()];
-    for &(v, p) in found {
-        let b = (max - v) as usize;
-        sorted[starts[b]] = (v, p);
-        starts[b] += 1;
-    }
+    let mut sorted = sort_u16_desc_stable(found, floor);
     sorted.truncate(c);
     Some(sorted)
 }
@@ -519,9 +505,7 @@ impl Index for IndexPQFastScan {
         self.pq.train(x, &self.train_config)
     }
     fn add(&mut self, x: &[f32]) -> Result<()> {
-        if !self.pq.is_trained() {
-            return Err(Error::NotTrained);
-        }
+        // compute_codes answers NotTrained for an untrained quantizer.
         let codes = self.pq.compute_codes(x)?;
         for code in codes.chunks_exact(self.pq.m()) {
             self.codes.push(code)?;

@@ -114,9 +114,7 @@ impl Index for IndexPQ {
         self.pq.train(x, &self.train_config)
     }
     fn add(&mut self, x: &[f32]) -> Result<()> {
-        if !self.pq.is_trained() {
-            return Err(Error::NotTrained);
-        }
+        // compute_codes answers NotTrained for an untrained quantizer.
         let codes = self.pq.compute_codes(x)?;
         self.codes.extend_from_slice(&codes);
         Ok(())
