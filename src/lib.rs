@@ -8,8 +8,9 @@
 //! | module | what |
 //! |---|---|
 //! | [`kmeans`] | k-means (Lloyd, GEMM assignment) for codebooks and coarse quantizers |
+//! | [`ivf`] | coarse quantizer of the inverted-file index |
 //! | [`pq`] | product quantizer: `train`, `encode`, per-query `lut` |
-//! | [`index`] | indexes: [`IndexFlat`] (exact, f32/f16), [`IndexPQ`] (ADC), [`IndexPQFastScan`] (4-bit fast-scan) |
+//! | [`index`] | indexes: [`IndexFlat`] (exact, f32/f16), [`IndexPQ`] (ADC), [`IndexPQFastScan`] (4-bit fast-scan), [`IndexIVFPQFastScan`] (IVF), [`StreamingIndex`] (concurrent add/search/refresh) |
 //! | [`select`] | top-k selection, small k (heap) and large k (quickselect, u16 radix select) |
 //! | [`io`] | `.npy`, `.fvecs`, `.ivecs` readers |
 //! | [`cli`] | the `pqcache` command line |
@@ -43,6 +44,7 @@ pub mod cli;
 pub mod error;
 pub mod index;
 pub mod io;
+pub mod ivf;
 pub mod kmeans;
 pub mod linalg;
 pub mod metric;
@@ -51,7 +53,10 @@ pub mod result;
 pub mod select;
 
 pub use error::{Error, Result};
-pub use index::{Index, IndexFlat, IndexPQ, IndexPQFastScan, RerankStorage};
+pub use index::{
+    Index, IndexFlat, IndexIVFPQFastScan, IndexPQ, IndexPQFastScan, RefreshPolicy, RerankStorage,
+    StreamingIndex,
+};
 pub use kmeans::{KMeansConfig, KMeansInit};
 pub use metric::Metric;
 pub use pq::{Nbits, ProductQuantizer};

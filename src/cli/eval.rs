@@ -6,7 +6,7 @@
 use super::progress::Progress;
 use super::with_threads;
 use crate::error::{Error, Result};
-use crate::index::{Index, IndexFlat, IndexPQ, IndexPQFastScan, RerankStorage};
+use crate::index::{Index, IndexFlat, IndexIVFPQFastScan, IndexPQ, IndexPQFastScan, RerankStorage};
 use crate::io::{load_groundtruth, load_vectors};
 use crate::kmeans::{KMeansConfig, KMeansInit};
 use crate::metric::Metric;
@@ -26,6 +26,8 @@ pub enum IndexKind {
     Pq,
     /// 4-bit fast-scan product quantization (u8 tables in registers).
     Pqfs,
+    /// Inverted file over 4-bit fast-scan lists (`--nlist`, `--nprobe`).
+    Ivfpqfs,
 }
 
 impl IndexKind {
@@ -35,6 +37,7 @@ impl IndexKind {
             IndexKind::Flat16 => "flat16",
             IndexKind::Pq => "pq",
             IndexKind::Pqfs => "pqfs",
+            IndexKind::Ivfpqfs => "ivfpqfs",
         }
     }
 }
@@ -60,6 +63,12 @@ pub struct EvalArgs {
     /// Bits per sub-quantizer index (4, 6 or 8).
     #[arg(long, default_value_t = 8)]
     pub nbits: usize,
+    /// ivfpqfs: number of inverted lists.
+    #[arg(long, default_value_t = 1024)]
+    pub nlist: usize,
+    /// ivfpqfs: lists probed per query.
+    #[arg(long, default_value_t = 16)]
+    pub nprobe: usize,
     /// Neighbours per query.
     #[arg(long, default_value_t = 10)]
     pub k: usize,
@@ -212,6 +221,16 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
             fs.qbs = a.qbs.clamp(1, pqcache_simd::fastscan::MAX_QBS);
             Box::new(fs)
         }
+        IndexKind::Ivfpqfs => {
+            let mut ivf = IndexIVFPQFastScan::new(d, a.nlist, a.m, metric)?;
+            ivf.train_config = kmeans_config(a)?;
+            ivf.nprobe = a.nprobe;
+            if a.rerank > 1 {
+                ivf.keep_originals(RerankStorage::F32)?;
+                ivf.rerank_factor = a.rerank;
+            }
+            Box::new(ivf)
+        }
     };
     let spin = Progress::spinner("training", show);
     let t = Instant::now();
@@ -266,7 +285,7 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
     };
     let (m, nbits) = match a.index {
         IndexKind::Pq => (a.m, a.nbits),
-        IndexKind::Pqfs => (a.m, 4),
+        IndexKind::Pqfs | IndexKind::Ivfpqfs => (a.m, 4),
         _ => (0, 0),
     };
     Ok(EvalReport {

@@ -65,6 +65,44 @@ impl FlatStorage {
         }
     }
 
+    /// Empty storage of the same precision.
+    pub fn empty_like(&self) -> FlatStorage {
+        match self {
+            FlatStorage::F32(_) => FlatStorage::F32(Vec::new()),
+            FlatStorage::F16(_) => FlatStorage::F16(Vec::new()),
+        }
+    }
+
+    /// Appends row `i` (`d` wide) of `src`, which has the same precision.
+    pub fn push_row_from(&mut self, src: &FlatStorage, i: usize, d: usize) {
+        match (self, src) {
+            (FlatStorage::F32(dst), FlatStorage::F32(s)) => {
+                dst.extend_from_slice(&s[i * d..(i + 1) * d])
+            }
+            (FlatStorage::F16(dst), FlatStorage::F16(s)) => {
+                dst.extend_from_slice(&s[i * d..(i + 1) * d])
+            }
+            (dst, src) => {
+                let mut row = vec![0.0f32; d];
+                src.row_into(i, &mut row);
+                dst.extend(&row);
+            }
+        }
+    }
+
+    /// Row `i` widened to f32 into `out` (`d = out.len()` wide).
+    pub fn row_into(&self, i: usize, out: &mut [f32]) {
+        let d = out.len();
+        match self {
+            FlatStorage::F32(v) => out.copy_from_slice(&v[i * d..(i + 1) * d]),
+            FlatStorage::F16(v) => {
+                for (o, h) in out.iter_mut().zip(&v[i * d..(i + 1) * d]) {
+                    *o = h.to_f32();
+                }
+            }
+        }
+    }
+
     /// The metric value (dot or squared L2) of `q` against row `i` (`q.len()` wide).
     #[inline]
     pub fn metric_value(

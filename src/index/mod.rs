@@ -1,4 +1,5 @@
-//! Indexes: exact ([`flat`]) and product-quantized ([`pq`]).
+//! Indexes: exact ([`flat`]), product-quantized ([`pq`], [`fastscan`]), inverted-file
+//! fast-scan ([`ivf`]), and the concurrent wrapper ([`streaming`]).
 //!
 //! Every index implements [`Index`] with FAISS's vocabulary: `train`, `add`, `search(x, k)`,
 //! `reset`, `ntotal`, `dim`, `is_trained`. Vectors are `n * d` f32, row-major. Every entry
@@ -6,7 +7,9 @@
 
 pub mod fastscan;
 pub mod flat;
+pub mod ivf;
 pub mod pq;
+pub mod streaming;
 
 use crate::error::{Error, Result};
 use crate::metric::Metric;
@@ -14,7 +17,9 @@ use crate::result::SearchResult;
 
 pub use fastscan::{IndexPQFastScan, RerankStorage};
 pub use flat::IndexFlat;
+pub use ivf::IndexIVFPQFastScan;
 pub use pq::IndexPQ;
+pub use streaming::{RefreshPolicy, StreamingIndex};
 
 /// The operations every index supports.
 pub trait Index: Send + Sync {

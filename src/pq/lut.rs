@@ -65,6 +65,22 @@ impl ProductQuantizer {
     }
 }
 
+/// Smallest and largest of 16 finite values, by a halving tree of lane-wise comparisons
+/// (vectorises; `f32::min` folds do not, for their NaN rule). Exact, like any min / max.
+#[inline(always)]
+fn min_max16(row: &[f32; 16]) -> (f32, f32) {
+    let (mut lo, mut hi) = (*row, *row);
+    let mut w = 8;
+    while w > 0 {
+        for i in 0..w {
+            lo[i] = if lo[i + w] < lo[i] { lo[i + w] } else { lo[i] };
+            hi[i] = if hi[i + w] > hi[i] { hi[i + w] } else { hi[i] };
+        }
+        w /= 2;
+    }
+    (lo[0], hi[0])
+}
+
 /// A lookup table quantized to u8 for fast-scan, with the map back to float scores.
 ///
 /// `table[j * 16 + c] = round((s[j][c] - min_j) / delta)`, where `s` is the float table of
@@ -89,18 +105,22 @@ impl QuantizedLut {
         let mut mins = Vec::with_capacity(m);
         let mut span = 0.0f32;
         for row in scores.chunks_exact(16) {
-            let lo = row.iter().copied().fold(f32::INFINITY, f32::min);
-            let hi = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let (lo, hi) = min_max16(row.try_into().expect("16 wide"));
             mins.push(lo);
             span = span.max(hi - lo);
         }
         let delta = if span > 0.0 { span / 255.0 } else { 1.0 };
         let inv = 1.0 / delta;
         let mut table = vec![0u8; m2 * 16];
-        for (j, row) in scores.chunks_exact(16).enumerate() {
-            for (c, &v) in row.iter().enumerate() {
-                // Round half up; `as u8` saturates at 0 and 255 (and maps NaN to 0).
-                table[j * 16 + c] = ((v - mins[j]) * inv + 0.5) as u8;
+        for ((row, out), &lo) in scores
+            .chunks_exact(16)
+            .zip(table.chunks_exact_mut(16))
+            .zip(&mins)
+        {
+            for (o, &v) in out.iter_mut().zip(row) {
+                // Round half up; the clamp keeps the cast exact (`as u8` would saturate the
+                // same way, and maps NaN to 0), and lets the loop vectorise.
+                *o = ((v - lo) * inv + 0.5).clamp(0.0, 255.0) as u8;
             }
         }
         let bias = mins.iter().map(|&v| v as f64).sum::<f64>() as f32;

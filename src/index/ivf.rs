@@ -1,0 +1,895 @@
+//! `IndexIVFPQFastScan`: a coarse quantizer ([`crate::ivf`]) over inverted lists of 4-bit
+//! fast-scan codes.
+//!
+//! **Layout.** List `l` holds its vectors' packed codes ([`PackedCodes`]: blocks of 32,
+//! appendable), their ids (`i64`, `-1` marks a removed vector, a *tombstone*), and optionally
+//! their original vectors (f32 or f16) for exact re-ranking and for [`refresh`]. Memory per
+//! vector: `m / 2` bytes of codes, 8 bytes of id, plus the originals if kept.
+//!
+//! **Add.** Vectors are assigned to their best list (one GEMM per 1,024 rows), encoded (the
+//! residual `x - c_l` when `by_residual`), and appended into the list's last block: `O(m)`
+//! per vector after encoding, nothing is repacked.
+//!
+//! **Search**, per query: probe the `nprobe` best lists; build the u8 tables (one table for
+//! inner product, where the list's term `q . c_l` is a per-list bias; one table per list for
+//! L2 with residuals, built on `q - c_l`); scan each list with the fast-scan kernel, whose
+//! threshold masks skip the vectors that cannot enter the heap of the best `k` (or `k *
+//! rerank_factor`) float scores; re-rank the survivors exactly when asked. A batch runs its
+//! queries in parallel; a single query runs its probed lists in parallel. Both use the
+//! index's own pool when [`IndexIVFPQFastScan::set_threads`] was called.
+//!
+//! **Streaming.** `add` never repacks; [`IndexIVFPQFastScan::remove_ids`] writes tombstones
+//! (skipped by the scan's selection) and compacts a list once half of it is dead;
+//! [`IndexIVFPQFastScan::drift`] compares the quantization error of vectors added since
+//! training with the error on the training sample, and [`refresh`] re-trains on a sample
+//! weighted towards recent vectors and re-encodes everything. The concurrent wrapper is
+//! [`crate::index::streaming::StreamingIndex`].
+//!
+//! [`refresh`]: IndexIVFPQFastScan::refreshed
+
+use super::fastscan::RerankStorage;
+use super::flat::FlatStorage;
+use super::{check_k, check_vectors, Index};
+use crate::error::{Error, Result};
+use crate::ivf::CoarseQuantizer;
+use crate::kmeans::KMeansConfig;
+use crate::metric::Metric;
+use crate::pq::lut::QuantizedLut;
+use crate::pq::pack::PackedCodes;
+use crate::pq::{Nbits, ProductQuantizer};
+use crate::result::SearchResult;
+use pqcache_simd::distance::DistanceKernels;
+use pqcache_simd::fastscan::{FastScanKernel, BBS};
+use pqcache_simd::Level;
+use rand::rngs::StdRng;
+use rand::seq::index::sample;
+use rand::SeedableRng;
+use rayon::prelude::*;
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashSet};
+use std::sync::Arc;
+
+/// Blocks scanned per kernel call.
+const CHUNK_BLOCKS: usize = 16;
+/// At most this many training vectors are re-encoded to measure the training error.
+const DRIFT_SAMPLE: usize = 16_384;
+/// A list is compacted when this fraction of it (or more) is tombstones.
+const COMPACT_DEAD_FRACTION: f64 = 0.5;
+
+/// One inverted list.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InvertedList {
+    codes: PackedCodes,
+    ids: Vec<i64>,
+    originals: Option<FlatStorage>,
+    /// Tombstones (ids set to -1) not yet compacted away.
+    dead: usize,
+    /// Entries from this offset on were added after the last (re)training.
+    fresh_from: usize,
+}
+
+impl InvertedList {
+    fn new(m: usize, keep: Option<RerankStorage>) -> Result<InvertedList> {
+        Ok(InvertedList {
+            codes: PackedCodes::new(m)?,
+            ids: Vec::new(),
+            originals: keep.map(|s| match s {
+                RerankStorage::F32 => FlatStorage::F32(Vec::new()),
+                RerankStorage::F16 => FlatStorage::F16(Vec::new()),
+            }),
+            dead: 0,
+            fresh_from: 0,
+        })
+    }
+
+    /// Entries, tombstones included.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+    /// Whether the list has no entry.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+    /// Live vectors.
+    pub fn live(&self) -> usize {
+        self.ids.len() - self.dead
+    }
+    /// Ids, `-1` for a tombstone.
+    pub fn ids(&self) -> &[i64] {
+        &self.ids
+    }
+    /// Packed codes.
+    pub fn codes(&self) -> &PackedCodes {
+        &self.codes
+    }
+    /// Original vectors, if kept.
+    pub fn originals(&self) -> Option<&FlatStorage> {
+        self.originals.as_ref()
+    }
+
+    /// Drops the tombstones (repacks the list: `O(len * m)`).
+    fn compact(&mut self, d: usize) -> Result<()> {
+        if self.dead == 0 {
+            return Ok(());
+        }
+        let mut codes = PackedCodes::new(self.codes.m())?;
+        let mut ids = Vec::with_capacity(self.live());
+        let mut originals = self.originals.as_ref().map(|o| o.empty_like());
+        let mut fresh_from = 0;
+        for (i, &id) in self.ids.iter().enumerate() {
+            if id < 0 {
+                continue;
+            }
+            if i < self.fresh_from {
+                fresh_from += 1;
+            }
+            codes.push(&self.codes.code(i))?;
+            ids.push(id);
+            if let (Some(dst), Some(src)) = (&mut originals, &self.originals) {
+                dst.push_row_from(src, i, d);
+            }
+        }
+        *self = InvertedList {
+            codes,
+            ids,
+            originals,
+            dead: 0,
+            fresh_from,
+        };
+        Ok(())
+    }
+}
+
+/// A candidate: float score, id, and where it lives.
+#[derive(Clone, Copy, Debug)]
+struct Cand {
+    score: f32,
+    id: i64,
+    list: u32,
+    offset: u32,
+}
+
+impl Cand {
+    /// `true` if `self` ranks before `other` (higher score, then smaller id).
+    #[inline(always)]
+    fn beats(&self, other: &Cand) -> bool {
+        match self.score.total_cmp(&other.score) {
+            Ordering::Greater => true,
+            Ordering::Less => false,
+            Ordering::Equal => self.id < other.id,
+        }
+    }
+}
+
+// In the max-heap, the *worst* candidate is the greatest.
+impl Ord for Cand {
+    fn cmp(&self, other: &Self) -> Ordering {
+        other
+            .score
+            .total_cmp(&self.score)
+            .then(self.id.cmp(&other.id))
+    }
+}
+impl PartialOrd for Cand {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl PartialEq for Cand {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for Cand {}
+
+/// The best `cap` candidates seen so far, the worst on top.
+struct CandHeap {
+    cap: usize,
+    heap: BinaryHeap<Cand>,
+}
+
+impl CandHeap {
+    fn new(cap: usize) -> CandHeap {
+        CandHeap {
+            cap,
+            heap: BinaryHeap::with_capacity(cap + 1),
+        }
+    }
+    fn is_full(&self) -> bool {
+        self.heap.len() >= self.cap
+    }
+    /// The score to beat once full.
+    fn threshold(&self) -> f32 {
+        self.heap.peek().map_or(f32::NEG_INFINITY, |c| c.score)
+    }
+    #[inline]
+    fn push(&mut self, c: Cand) {
+        if self.heap.len() < self.cap {
+            self.heap.push(c);
+        } else if let Some(mut top) = self.heap.peek_mut() {
+            if c.beats(&top) {
+                *top = c;
+            }
+        }
+    }
+    fn merge(mut self, other: CandHeap) -> CandHeap {
+        for c in other.heap {
+            self.push(c);
+        }
+        self
+    }
+    fn into_sorted(self) -> Vec<Cand> {
+        // Ascending in `Ord` = best first.
+        self.heap.into_sorted_vec()
+    }
+}
+
+/// Quantization-error statistics behind [`IndexIVFPQFastScan::drift`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DriftStats {
+    /// Mean squared reconstruction error of the training sample, per vector.
+    pub train_mse: f64,
+    /// Sum of the squared reconstruction errors of the vectors added since training.
+    pub added_sq_err: f64,
+    /// Vectors added since training.
+    pub added: usize,
+}
+
+impl DriftStats {
+    /// Mean error of the vectors added since training, relative to the training error:
+    /// about 1 while the data looks like the training data, larger as it drifts away.
+    /// `None` before any vector was added.
+    pub fn ratio(&self) -> Option<f64> {
+        (self.added > 0 && self.train_mse > 0.0)
+            .then(|| self.added_sq_err / self.added as f64 / self.train_mse)
+    }
+}
+
+/// An IVF index over 4-bit fast-scan codes.
+#[derive(Clone, Debug)]
+pub struct IndexIVFPQFastScan {
+    coarse: CoarseQuantizer,
+    pq: ProductQuantizer,
+    metric: Metric,
+    by_residual: bool,
+    lists: Vec<InvertedList>,
+    keep: Option<RerankStorage>,
+    ntotal: usize,
+    next_id: i64,
+    drift: DriftStats,
+    /// L2 with residuals: `nlist * m * 16` terms `||r_jc||² + 2 c_l,j . r_jc` (list `l`,
+    /// sub-quantizer `j`, code `c`), so that a list's table is `2 q . r - term` plus the
+    /// constant `-||q - c_l||²`: no table is rebuilt from the codebooks per probed list.
+    precomputed: Vec<f32>,
+    /// Lists visited per query (clamped to `1..=nlist`).
+    pub nprobe: usize,
+    /// Re-rank the best `k * rerank_factor` candidates exactly (0 or 1: off). Needs the
+    /// originals ([`IndexIVFPQFastScan::keep_originals`]).
+    pub rerank_factor: usize,
+    /// k-means settings of the coarse quantizer and of the codebooks.
+    pub train_config: KMeansConfig,
+    /// Vectors sampled for a [`IndexIVFPQFastScan::refreshed`] re-training.
+    pub refresh_sample: usize,
+    pool: Option<Arc<rayon::ThreadPool>>,
+    scan: FastScanKernel,
+    kernels: DistanceKernels,
+}
+
+impl IndexIVFPQFastScan {
+    /// An untrained index: `nlist` lists, `m` 4-bit sub-quantizers over `d` dimensions.
+    /// `by_residual` defaults to true for L2 and false for inner product (where the residual
+    /// rarely pays for its per-list bias; FAISS's default is true for both).
+    pub fn new(d: usize, nlist: usize, m: usize, metric: Metric) -> Result<IndexIVFPQFastScan> {
+        let coarse = CoarseQuantizer::new(d, nlist, metric)?;
+        let pq = ProductQuantizer::new(d, m, Nbits::Four)?;
+        Self::with_quantizers(coarse, pq, metric, metric == Metric::L2)
+    }
+
+    /// An empty index over given (trained or untrained) quantizers.
+    pub fn with_quantizers(
+        coarse: CoarseQuantizer,
+        pq: ProductQuantizer,
+        metric: Metric,
+        by_residual: bool,
+    ) -> Result<IndexIVFPQFastScan> {
+        if pq.nbits() != Nbits::Four {
+            return Err(Error::InvalidArgument(
+                "fast-scan needs a 4-bit quantizer".into(),
+            ));
+        }
+        if coarse.dim() != pq.dim() {
+            return Err(Error::DimensionMismatch {
+                expected: coarse.dim(),
+                got: pq.dim(),
+            });
+        }
+        let lists = (0..coarse.nlist())
+            .map(|_| InvertedList::new(pq.m(), None))
+            .collect::<Result<Vec<_>>>()?;
+        let mut index = IndexIVFPQFastScan {
+            coarse,
+            pq,
+            metric,
+            by_residual,
+            lists,
+            keep: None,
+            ntotal: 0,
+            next_id: 0,
+            drift: DriftStats::default(),
+            precomputed: Vec::new(),
+            nprobe: 1,
+            rerank_factor: 0,
+            train_config: KMeansConfig::default(),
+            refresh_sample: 65_536,
+            pool: None,
+            scan: FastScanKernel::best(),
+            kernels: DistanceKernels::best(),
+        };
+        index.precompute();
+        Ok(index)
+    }
+
+    /// Sets `by_residual` (only while the index is untrained).
+    pub fn set_by_residual(&mut self, by_residual: bool) -> Result<()> {
+        if self.is_trained() {
+            return Err(Error::InvalidArgument(
+                "by_residual must be set before train".into(),
+            ));
+        }
+        self.by_residual = by_residual;
+        Ok(())
+    }
+
+    /// Keeps the original vectors from now on (needed by re-ranking and by refresh). Must be
+    /// called while the index is empty.
+    pub fn keep_originals(&mut self, storage: RerankStorage) -> Result<()> {
+        if self.lists.iter().any(|l| !l.is_empty()) {
+            return Err(Error::InvalidArgument(
+                "keep_originals must be called before add".into(),
+            ));
+        }
+        self.keep = Some(storage);
+        for l in &mut self.lists {
+            *l = InvertedList::new(self.pq.m(), self.keep)?;
+        }
+        Ok(())
+    }
+
+    /// Runs searches on a pool of `threads` workers (0: the caller's rayon pool).
+    pub fn set_threads(&mut self, threads: usize) -> Result<()> {
+        self.pool = if threads == 0 {
+            None
+        } else {
+            Some(Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .map_err(|e| Error::InvalidArgument(format!("thread pool: {e}")))?,
+            ))
+        };
+        Ok(())
+    }
+
+    /// Forces the scan kernel's level (capped at what the CPU supports).
+    pub fn set_level(&mut self, level: Level) {
+        self.scan = pqcache_simd::fastscan::FastScanKernel::for_level(level);
+    }
+
+    /// The coarse quantizer.
+    pub fn coarse(&self) -> &CoarseQuantizer {
+        &self.coarse
+    }
+    /// The product quantizer.
+    pub fn pq(&self) -> &ProductQuantizer {
+        &self.pq
+    }
+    /// Whether codes are residuals to the list centroid.
+    pub fn by_residual(&self) -> bool {
+        self.by_residual
+    }
+    /// Number of lists.
+    pub fn nlist(&self) -> usize {
+        self.coarse.nlist()
+    }
+    /// The inverted lists.
+    pub fn lists(&self) -> &[InvertedList] {
+        &self.lists
+    }
+    /// The storage of kept originals, if any.
+    pub fn originals_storage(&self) -> Option<RerankStorage> {
+        self.keep
+    }
+    /// The id `add` gives next (one past the largest id so far).
+    pub fn next_id(&self) -> i64 {
+        self.next_id
+    }
+    /// Quantization-error statistics since the last training.
+    pub fn drift(&self) -> DriftStats {
+        self.drift
+    }
+
+    /// The vectors the codes stand for: `x - c_l` with residuals, `x` otherwise (in place).
+    fn to_encoded(&self, x: &mut [f32], labels: &[u32]) {
+        if self.by_residual {
+            let d = self.pq.dim();
+            for (row, &l) in x.chunks_mut(d).zip(labels) {
+                for (v, c) in row.iter_mut().zip(self.coarse.centroid(l as usize)) {
+                    *v -= c;
+                }
+            }
+        }
+    }
+
+    /// Sum of squared reconstruction errors of `enc` (the encoded vectors) given `codes`.
+    fn reconstruction_error(&self, enc: &[f32], codes: &[u8]) -> f64 {
+        let (d, m) = (self.pq.dim(), self.pq.m());
+        let dsub = self.pq.dsub();
+        enc.par_chunks(d)
+            .zip(codes.par_chunks(m))
+            .map(|(row, code)| {
+                let mut e = 0.0f64;
+                for (j, &c) in code.iter().enumerate() {
+                    let cent = self.pq.centroid(j, c as usize);
+                    for (a, b) in row[j * dsub..(j + 1) * dsub].iter().zip(cent) {
+                        e += ((a - b) * (a - b)) as f64;
+                    }
+                }
+                e
+            })
+            .sum()
+    }
+
+    /// Adds `x` (`n * d`) with explicit ids (`>= 0`; `-1` is the tombstone).
+    pub fn add_with_ids(&mut self, x: &[f32], ids: &[i64]) -> Result<()> {
+        if !self.is_trained() {
+            return Err(Error::NotTrained);
+        }
+        let n = check_vectors(x, self.pq.dim(), "vectors")?;
+        if ids.len() != n {
+            return Err(Error::DimensionMismatch {
+                expected: n,
+                got: ids.len(),
+            });
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id < 0) {
+            return Err(Error::InvalidArgument(format!(
+                "ids must be non-negative, got {bad}"
+            )));
+        }
+        let labels = self.coarse.assign(x);
+        let mut enc = x.to_vec();
+        self.to_encoded(&mut enc, &labels);
+        let codes = self.pq.compute_codes(&enc)?;
+        self.drift.added_sq_err += self.reconstruction_error(&enc, &codes);
+        self.drift.added += n;
+        let (d, m) = (self.pq.dim(), self.pq.m());
+        for (i, &l) in labels.iter().enumerate() {
+            let list = &mut self.lists[l as usize];
+            list.codes.push(&codes[i * m..(i + 1) * m])?;
+            list.ids.push(ids[i]);
+            if let Some(o) = &mut list.originals {
+                o.extend(&x[i * d..(i + 1) * d]);
+            }
+        }
+        self.ntotal += n;
+        self.next_id = self
+            .next_id
+            .max(ids.iter().max().map_or(0, |&v| v.saturating_add(1)));
+        Ok(())
+    }
+
+    /// Removes every vector whose id is in `ids`; returns how many were removed. Tombstones
+    /// are skipped by searches at once; a list is repacked once half of it is dead. `O(n)`.
+    pub fn remove_ids(&mut self, ids: &[i64]) -> usize {
+        let set: HashSet<i64> = ids.iter().copied().filter(|&i| i >= 0).collect();
+        if set.is_empty() {
+            return 0;
+        }
+        let d = self.pq.dim();
+        let removed: usize = self
+            .lists
+            .par_iter_mut()
+            .map(|list| {
+                let mut r = 0;
+                for id in list.ids.iter_mut() {
+                    if *id >= 0 && set.contains(id) {
+                        *id = -1;
+                        r += 1;
+                    }
+                }
+                list.dead += r;
+                if list.dead as f64 >= COMPACT_DEAD_FRACTION * list.len() as f64 {
+                    // Cannot fail: the list's m was accepted when it was created.
+                    list.compact(d).expect("compacting a valid list");
+                }
+                r
+            })
+            .sum();
+        self.ntotal -= removed;
+        removed
+    }
+
+    /// Drops every tombstone now.
+    pub fn compact(&mut self) -> Result<()> {
+        let d = self.pq.dim();
+        self.lists.par_iter_mut().try_for_each(|l| l.compact(d))
+    }
+
+    /// A copy re-trained on a sample of the live vectors that favours recent ones (half of
+    /// the sample from vectors added since the last training, when there are that many), with
+    /// every live vector re-encoded under the new codebooks and coarse centroids. Ids are
+    /// kept. Needs the originals. `self` is untouched: the caller swaps the copy in.
+    pub fn refreshed(&self) -> Result<IndexIVFPQFastScan> {
+        if self.keep.is_none() {
+            return Err(Error::InvalidArgument(
+                "refresh needs the original vectors: call keep_originals before add".into(),
+            ));
+        }
+        let d = self.pq.dim();
+        let (all, all_ids, fresh) = self.live_vectors();
+        let n = all_ids.len();
+        if n < self.coarse.nlist() {
+            return Err(Error::TooFewTrainingPoints {
+                got: n,
+                need: self.coarse.nlist(),
+            });
+        }
+        let mut rng = StdRng::seed_from_u64(self.train_config.seed ^ n as u64);
+        let want = self.refresh_sample.max(self.coarse.nlist()).min(n);
+        let fresh_take = fresh.len().min(want / 2);
+        let mut rows: Vec<usize> = sample(&mut rng, fresh.len(), fresh_take)
+            .into_iter()
+            .map(|i| fresh[i])
+            .collect();
+        let picked: HashSet<usize> = rows.iter().copied().collect();
+        let rest: Vec<usize> = (0..n).filter(|i| !picked.contains(i)).collect();
+        let rest_take = (want - fresh_take).min(rest.len());
+        rows.extend(
+            sample(&mut rng, rest.len(), rest_take)
+                .into_iter()
+                .map(|i| rest[i]),
+        );
+        rows.sort_unstable();
+        let train: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| all[r * d..(r + 1) * d].iter().copied())
+            .collect();
+        let mut fresh_index = IndexIVFPQFastScan::with_quantizers(
+            CoarseQuantizer::new(d, self.coarse.nlist(), self.metric)?,
+            ProductQuantizer::new(d, self.pq.m(), Nbits::Four)?,
+            self.metric,
+            self.by_residual,
+        )?;
+        fresh_index.train_config = self.train_config.clone();
+        fresh_index.refresh_sample = self.refresh_sample;
+        fresh_index.nprobe = self.nprobe;
+        fresh_index.rerank_factor = self.rerank_factor;
+        fresh_index.pool = self.pool.clone();
+        fresh_index.scan = self.scan;
+        fresh_index.keep_originals(self.keep.expect("checked above"))?;
+        fresh_index.train(&train)?;
+        fresh_index.add_with_ids(&all, &all_ids)?;
+        fresh_index.mark_trained_here();
+        fresh_index.next_id = fresh_index.next_id.max(self.next_id);
+        Ok(fresh_index)
+    }
+
+    /// Every live vector (from the originals, row-major), its id, and the rows that were
+    /// added since the last training.
+    fn live_vectors(&self) -> (Vec<f32>, Vec<i64>, Vec<usize>) {
+        let d = self.pq.dim();
+        let mut x = Vec::with_capacity(self.ntotal * d);
+        let mut ids = Vec::with_capacity(self.ntotal);
+        let mut fresh = Vec::new();
+        let mut row = vec![0.0f32; d];
+        for list in &self.lists {
+            let Some(orig) = &list.originals else {
+                continue;
+            };
+            for (i, &id) in list.ids.iter().enumerate() {
+                if id < 0 {
+                    continue;
+                }
+                orig.row_into(i, &mut row);
+                if i >= list.fresh_from {
+                    fresh.push(ids.len());
+                }
+                x.extend_from_slice(&row);
+                ids.push(id);
+            }
+        }
+        (x, ids, fresh)
+    }
+
+    /// Fills [`IndexIVFPQFastScan::precomputed`] (L2 with residuals only).
+    fn precompute(&mut self) {
+        self.precomputed.clear();
+        if !(self.by_residual && self.metric == Metric::L2 && self.is_trained()) {
+            return;
+        }
+        let (m, dsub, nlist) = (self.pq.m(), self.pq.dsub(), self.coarse.nlist());
+        let mut out = vec![0.0f32; nlist * m * 16];
+        out.par_chunks_mut(m * 16).enumerate().for_each(|(l, t)| {
+            let c = self.coarse.centroid(l);
+            for j in 0..m {
+                for code in 0..16 {
+                    let r = self.pq.centroid(j, code);
+                    let cj = &c[j * dsub..(j + 1) * dsub];
+                    t[j * 16 + code] = r.iter().zip(cj).map(|(a, b)| a * a + 2.0 * a * b).sum();
+                }
+            }
+        });
+        self.precomputed = out;
+    }
+
+    /// Marks the present vectors as seen at training: the drift counters restart.
+    fn mark_trained_here(&mut self) {
+        for l in &mut self.lists {
+            l.fresh_from = l.len();
+        }
+        self.drift.added = 0;
+        self.drift.added_sq_err = 0.0;
+    }
+
+    fn check_search(&self, queries: &[f32], k: usize) -> Result<usize> {
+        if !self.is_trained() {
+            return Err(Error::NotTrained);
+        }
+        let nq = check_vectors(queries, self.pq.dim(), "queries")?;
+        check_k(k, self.ntotal)?;
+        if self.rerank_factor > 1 && self.keep.is_none() {
+            return Err(Error::InvalidArgument(
+                "re-ranking needs the original vectors: call keep_originals before add".into(),
+            ));
+        }
+        Ok(nq)
+    }
+
+    /// The quantized table of `v` (scores to maximise).
+    fn table(&self, v: &[f32]) -> QuantizedLut {
+        let m = self.pq.m();
+        let mut lut = vec![0.0f32; m * 16];
+        self.pq.compute_lut(v, self.metric, &self.kernels, &mut lut);
+        if self.metric == Metric::L2 {
+            lut.iter_mut().for_each(|v| *v = -*v);
+        }
+        QuantizedLut::new(&lut, m, m + m % 2)
+    }
+
+    /// Scans list `l` into `heap`; `bias` is added to every float score of the list.
+    #[allow(clippy::too_many_arguments)]
+    fn scan_list(
+        &self,
+        l: usize,
+        lut: &QuantizedLut,
+        bias: f32,
+        heap: &mut CandHeap,
+        buf: &mut Vec<u16>,
+        masks: &mut Vec<u32>,
+    ) {
+        let list = &self.lists[l];
+        let (n, bb, m2) = (list.len(), list.codes.block_bytes(), list.codes.m2());
+        let score = |s: u16| bias + lut.score(s);
+        for (ci, chunk) in list.codes.data().chunks(CHUNK_BLOCKS * bb).enumerate() {
+            let nb = chunk.len() / bb;
+            buf.resize(nb * BBS, 0);
+            masks.resize(nb, 0);
+            // A u16 floor below every sum whose float score can beat the heap's threshold
+            // (one step of margin for rounding); `None`: offer every score.
+            let floor = if heap.is_full() {
+                let x = (heap.threshold() - bias - lut.bias) / lut.delta;
+                (x >= 2.0).then(|| (x.floor() as f64 - 1.0).min(65_535.0) as u16)
+            } else {
+                None
+            };
+            let base = ci * CHUNK_BLOCKS * BBS;
+            let valid = (n - base).min(nb * BBS);
+            let offer = |i: usize, s: u16, heap: &mut CandHeap| {
+                let id = list.ids[base + i];
+                if id >= 0 {
+                    heap.push(Cand {
+                        score: score(s),
+                        id,
+                        list: l as u32,
+                        offset: (base + i) as u32,
+                    });
+                }
+            };
+            match floor {
+                None => {
+                    self.scan
+                        .accumulate_scores(chunk, nb, m2, &lut.table, 1, buf);
+                    for (i, &s) in buf[..valid].iter().enumerate() {
+                        offer(i, s, heap);
+                    }
+                }
+                Some(t) => {
+                    self.scan
+                        .accumulate(chunk, nb, m2, &lut.table, 1, &[t], buf, masks);
+                    for (b, &mask) in masks.iter().enumerate() {
+                        let mut bits = mask;
+                        while bits != 0 {
+                            let i = b * BBS + bits.trailing_zeros() as usize;
+                            bits &= bits - 1;
+                            if i >= valid {
+                                break;
+                            }
+                            offer(i, buf[i], heap);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The best `k` of one query, best first (fewer if the probed lists hold fewer).
+    fn search_one(&self, q: &[f32], k: usize, parallel_lists: bool) -> Vec<Cand> {
+        let probes = self.coarse.probe(&self.kernels, q, self.nprobe);
+        let rerank = self.rerank_factor > 1 && self.keep.is_some();
+        let c = if rerank { k * self.rerank_factor } else { k };
+        let residual_l2 = self.by_residual && self.metric == Metric::L2;
+        let m = self.pq.m();
+        // L2 with residuals: q . r_jc for every (j, c), shared by the lists; else the table.
+        let (shared, q_dots, q_norm) = if residual_l2 {
+            let mut t = vec![0.0f32; m * 16];
+            self.pq
+                .compute_lut(q, Metric::InnerProduct, &self.kernels, &mut t);
+            (None, t, q.iter().map(|v| v * v).sum::<f32>())
+        } else {
+            (Some(self.table(q)), Vec::new(), 0.0)
+        };
+        let scan_probe = |heap: &mut CandHeap,
+                          bufs: &mut (Vec<u16>, Vec<u32>, Vec<f32>),
+                          &(coarse_score, l): &(f32, u32)| {
+            let l = l as usize;
+            if self.lists[l].live() == 0 {
+                return;
+            }
+            match &shared {
+                Some(lut) => {
+                    // Inner product with residuals: q . x = q . c_l + q . r.
+                    let bias = if self.by_residual { coarse_score } else { 0.0 };
+                    self.scan_list(l, lut, bias, heap, &mut bufs.0, &mut bufs.1);
+                }
+                None => {
+                    // -||q - c_l - r||² = -||q - c_l||² + sum_j (2 q_j . r_jc - term_ljc),
+                    // and -||q - c_l||² = coarse_score - ||q||².
+                    let t = &mut bufs.2;
+                    t.clear();
+                    let pre = &self.precomputed[l * m * 16..(l + 1) * m * 16];
+                    t.extend(q_dots.iter().zip(pre).map(|(a, b)| 2.0 * a - b));
+                    let lut = QuantizedLut::new(t, m, m + m % 2);
+                    self.scan_list(
+                        l,
+                        &lut,
+                        coarse_score - q_norm,
+                        heap,
+                        &mut bufs.0,
+                        &mut bufs.1,
+                    );
+                }
+            }
+        };
+        let heap = if parallel_lists && probes.len() > 1 {
+            probes
+                .par_iter()
+                .fold(
+                    || (CandHeap::new(c), (Vec::new(), Vec::new(), Vec::new())),
+                    |(mut heap, mut bufs), p| {
+                        scan_probe(&mut heap, &mut bufs, p);
+                        (heap, bufs)
+                    },
+                )
+                .map(|(h, _)| h)
+                .reduce(|| CandHeap::new(c), CandHeap::merge)
+        } else {
+            let mut heap = CandHeap::new(c);
+            let mut bufs = (Vec::new(), Vec::new(), Vec::new());
+            for p in &probes {
+                scan_probe(&mut heap, &mut bufs, p);
+            }
+            heap
+        };
+        let mut best = heap.into_sorted();
+        if rerank {
+            for cand in &mut best {
+                let list = &self.lists[cand.list as usize];
+                let orig = list.originals.as_ref().expect("kept when rerank is on");
+                let v = orig.metric_value(&self.kernels, self.metric, q, cand.offset as usize);
+                cand.score = self.metric.to_score(v);
+            }
+            best.sort_unstable_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
+            best.truncate(k);
+        }
+        best
+    }
+
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(pool) => pool.install(f),
+            None => f(),
+        }
+    }
+}
+
+impl Index for IndexIVFPQFastScan {
+    fn dim(&self) -> usize {
+        self.pq.dim()
+    }
+    fn ntotal(&self) -> usize {
+        self.ntotal
+    }
+    fn metric(&self) -> Metric {
+        self.metric
+    }
+    fn is_trained(&self) -> bool {
+        self.coarse.is_trained() && self.pq.is_trained()
+    }
+    /// Trains the coarse centroids, then the codebooks on the (residual) training vectors,
+    /// and measures the training quantization error for [`IndexIVFPQFastScan::drift`].
+    fn train(&mut self, x: &[f32]) -> Result<()> {
+        let n = check_vectors(x, self.pq.dim(), "training vectors")?;
+        if n < self.coarse.nlist() {
+            return Err(Error::TooFewTrainingPoints {
+                got: n,
+                need: self.coarse.nlist(),
+            });
+        }
+        self.coarse.train(x, &self.train_config)?;
+        let labels = self.coarse.assign(x);
+        let mut enc = x.to_vec();
+        self.to_encoded(&mut enc, &labels);
+        self.pq.train(&enc, &self.train_config)?;
+        self.precompute();
+        let d = self.pq.dim();
+        let step = n.div_ceil(DRIFT_SAMPLE).max(1);
+        let probe: Vec<f32> = enc
+            .chunks(d)
+            .step_by(step)
+            .flat_map(|r| r.iter().copied())
+            .collect();
+        let codes = self.pq.compute_codes(&probe)?;
+        let count = probe.len() / d;
+        self.drift = DriftStats {
+            train_mse: self.reconstruction_error(&probe, &codes) / count as f64,
+            ..DriftStats::default()
+        };
+        self.mark_trained_here();
+        Ok(())
+    }
+    /// Adds with ids continuing from the largest id seen so far.
+    fn add(&mut self, x: &[f32]) -> Result<()> {
+        let n = x.len() / self.pq.dim().max(1);
+        let ids: Vec<i64> = (self.next_id..self.next_id + n as i64).collect();
+        self.add_with_ids(x, &ids)
+    }
+    fn search(&self, queries: &[f32], k: usize) -> Result<SearchResult> {
+        let nq = self.check_search(queries, k)?;
+        let d = self.pq.dim();
+        let mut res = SearchResult::empty(nq, k, self.metric);
+        self.run(|| {
+            let parallel_lists = nq < rayon::current_num_threads();
+            res.distances
+                .par_chunks_mut(k)
+                .zip(res.ids.par_chunks_mut(k))
+                .zip(queries.par_chunks(d))
+                .for_each(|((dist, ids), q)| {
+                    for (slot, c) in self.search_one(q, k, parallel_lists).iter().enumerate() {
+                        dist[slot] = self.metric.from_score(c.score);
+                        ids[slot] = c.id;
+                    }
+                });
+        });
+        Ok(res)
+    }
+    fn reset(&mut self) {
+        for l in &mut self.lists {
+            // The list's m was accepted at construction.
+            *l = InvertedList::new(self.pq.m(), self.keep).expect("valid m");
+        }
+        self.ntotal = 0;
+        self.next_id = 0;
+        self.drift.added = 0;
+        self.drift.added_sq_err = 0.0;
+    }
+}
