@@ -36,7 +36,7 @@
 //! println!("recall@10 = {}", found.recall_against(&truth.ids, 10));
 //! # Ok::<(), pqcache::Error>(())
 //! ```
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod attention;

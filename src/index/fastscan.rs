@@ -109,8 +109,8 @@ impl IndexPQFastScan {
             ));
         }
         self.originals = Some(match storage {
-            RerankStorage::F32 => FlatStorage::F32(Vec::new()),
-            RerankStorage::F16 => FlatStorage::F16(Vec::new()),
+            RerankStorage::F32 => FlatStorage::F32(Default::default()),
+            RerankStorage::F16 => FlatStorage::F16(Default::default()),
         });
         Ok(())
     }
@@ -118,6 +118,41 @@ impl IndexPQFastScan {
     /// The quantizer.
     pub fn pq(&self) -> &ProductQuantizer {
         &self.pq
+    }
+
+    /// An index over stored parts (e.g. read from a file).
+    pub(crate) fn from_parts(
+        pq: ProductQuantizer,
+        metric: Metric,
+        codes: PackedCodes,
+        originals: Option<FlatStorage>,
+    ) -> Result<IndexPQFastScan> {
+        if codes.m() != pq.m() {
+            return Err(Error::InvalidArgument(format!(
+                "codes of m = {} for a quantizer of m = {}",
+                codes.m(),
+                pq.m()
+            )));
+        }
+        if let Some(o) = &originals {
+            if o.len() != codes.ntotal() * pq.dim() {
+                return Err(Error::InvalidArgument(format!(
+                    "{} stored values for {} vectors of d = {}",
+                    o.len(),
+                    codes.ntotal(),
+                    pq.dim()
+                )));
+            }
+        }
+        let mut idx = Self::with_quantizer(pq, metric)?;
+        idx.codes = codes;
+        idx.originals = originals;
+        Ok(idx)
+    }
+
+    /// The kept original vectors, if any.
+    pub fn originals(&self) -> Option<&FlatStorage> {
+        self.originals.as_ref()
     }
 
     /// The packed codes.

@@ -12,6 +12,7 @@
 
 use super::{check_k, check_vectors, write_row, Index};
 use crate::error::{Error, Result};
+use crate::io::buf::Buf;
 use crate::linalg::gemm_abt;
 use crate::metric::Metric;
 use crate::result::SearchResult;
@@ -30,9 +31,9 @@ const SCORE_BUDGET: usize = 16 << 20;
 #[derive(Clone, Debug, PartialEq)]
 pub enum FlatStorage {
     /// Single precision.
-    F32(Vec<f32>),
+    F32(Buf<f32>),
     /// Half precision (the KV-cache case): half the memory, widened on the fly.
-    F16(Vec<f16>),
+    F16(Buf<f16>),
 }
 
 impl FlatStorage {
@@ -52,24 +53,24 @@ impl FlatStorage {
     /// Appends validated f32 rows (rounded to f16 in f16 storage).
     pub fn extend(&mut self, x: &[f32]) {
         match self {
-            FlatStorage::F32(v) => v.extend_from_slice(x),
-            FlatStorage::F16(v) => v.extend(x.iter().map(|&f| f16::from_f32(f))),
+            FlatStorage::F32(v) => v.to_mut().extend_from_slice(x),
+            FlatStorage::F16(v) => v.to_mut().extend(x.iter().map(|&f| f16::from_f32(f))),
         }
     }
 
     /// Removes every row.
     pub fn clear(&mut self) {
         match self {
-            FlatStorage::F32(v) => v.clear(),
-            FlatStorage::F16(v) => v.clear(),
+            FlatStorage::F32(v) => *v = Buf::new(),
+            FlatStorage::F16(v) => *v = Buf::new(),
         }
     }
 
     /// Empty storage of the same precision.
     pub fn empty_like(&self) -> FlatStorage {
         match self {
-            FlatStorage::F32(_) => FlatStorage::F32(Vec::new()),
-            FlatStorage::F16(_) => FlatStorage::F16(Vec::new()),
+            FlatStorage::F32(_) => FlatStorage::F32(Buf::new()),
+            FlatStorage::F16(_) => FlatStorage::F16(Buf::new()),
         }
     }
 
@@ -77,10 +78,10 @@ impl FlatStorage {
     pub fn push_row_from(&mut self, src: &FlatStorage, i: usize, d: usize) {
         match (self, src) {
             (FlatStorage::F32(dst), FlatStorage::F32(s)) => {
-                dst.extend_from_slice(&s[i * d..(i + 1) * d])
+                dst.to_mut().extend_from_slice(&s[i * d..(i + 1) * d])
             }
             (FlatStorage::F16(dst), FlatStorage::F16(s)) => {
-                dst.extend_from_slice(&s[i * d..(i + 1) * d])
+                dst.to_mut().extend_from_slice(&s[i * d..(i + 1) * d])
             }
             (dst, src) => {
                 let mut row = vec![0.0f32; d];
@@ -133,19 +134,19 @@ pub struct IndexFlat {
     metric: Metric,
     storage: FlatStorage,
     /// Squared norms of stored rows (as stored, i.e. after f16 rounding); L2 only.
-    norms: Vec<f32>,
+    norms: Buf<f32>,
     kernels: DistanceKernels,
 }
 
 impl IndexFlat {
     /// An empty f32 index.
     pub fn new(d: usize, metric: Metric) -> Result<IndexFlat> {
-        Self::with_storage(d, metric, FlatStorage::F32(Vec::new()))
+        Self::with_storage(d, metric, FlatStorage::F32(Buf::new()))
     }
 
     /// An empty f16 index.
     pub fn new_f16(d: usize, metric: Metric) -> Result<IndexFlat> {
-        Self::with_storage(d, metric, FlatStorage::F16(Vec::new()))
+        Self::with_storage(d, metric, FlatStorage::F16(Buf::new()))
     }
 
     fn with_storage(d: usize, metric: Metric, storage: FlatStorage) -> Result<IndexFlat> {
@@ -156,9 +157,36 @@ impl IndexFlat {
             d,
             metric,
             storage,
-            norms: Vec::new(),
+            norms: Buf::new(),
             kernels: DistanceKernels::best(),
         })
+    }
+
+    /// An index over stored parts (e.g. read from a file): `norms` holds the squared norm
+    /// of every row for L2 and is empty for inner product.
+    pub(crate) fn from_parts(
+        d: usize,
+        metric: Metric,
+        storage: FlatStorage,
+        norms: Buf<f32>,
+    ) -> Result<IndexFlat> {
+        let mut idx = Self::with_storage(d, metric, storage)?;
+        let rows = idx.storage.len() / d;
+        let want = if metric == Metric::L2 { rows } else { 0 };
+        if idx.storage.len() % d != 0 || norms.len() != want {
+            return Err(Error::InvalidArgument(format!(
+                "flat parts disagree: {} values for d = {d}, {} norms",
+                idx.storage.len(),
+                norms.len()
+            )));
+        }
+        idx.norms = norms;
+        Ok(idx)
+    }
+
+    /// Squared row norms (L2 only; empty for inner product).
+    pub fn norms(&self) -> &[f32] {
+        &self.norms
     }
 
     /// The stored vectors.
@@ -182,8 +210,8 @@ impl IndexFlat {
             });
         }
         match &mut self.storage {
-            FlatStorage::F16(v) => v.extend_from_slice(x),
-            FlatStorage::F32(v) => v.extend(x.iter().map(|h| h.to_f32())),
+            FlatStorage::F16(v) => v.to_mut().extend_from_slice(x),
+            FlatStorage::F32(v) => v.to_mut().extend(x.iter().map(|h| h.to_f32())),
         }
         self.update_norms(x.len() / self.d);
         Ok(())
@@ -203,7 +231,7 @@ impl IndexFlat {
                     .map(|x| x.to_f32() * x.to_f32())
                     .sum(),
             };
-            self.norms.push(n);
+            self.norms.to_mut().push(n);
         }
     }
 
@@ -250,7 +278,7 @@ impl IndexFlat {
             for (qi, row) in out.chunks_exact_mut(n).enumerate() {
                 let q = &queries[qi * d..(qi + 1) * d];
                 let qn: f32 = q.iter().map(|x| x * x).sum();
-                for (s, &xn) in row.iter_mut().zip(&self.norms) {
+                for (s, &xn) in row.iter_mut().zip(self.norms.iter()) {
                     *s = -(qn + xn - 2.0 * *s).max(0.0);
                 }
             }
@@ -330,6 +358,6 @@ impl Index for IndexFlat {
     }
     fn reset(&mut self) {
         self.storage.clear();
-        self.norms.clear();
+        self.norms = Buf::new();
     }
 }

@@ -31,6 +31,7 @@ use super::fastscan::RerankStorage;
 use super::flat::FlatStorage;
 use super::{check_k, check_vectors, Index};
 use crate::error::{Error, Result};
+use crate::io::buf::Buf;
 use crate::ivf::CoarseQuantizer;
 use crate::kmeans::KMeansConfig;
 use crate::metric::Metric;
@@ -60,7 +61,7 @@ const COMPACT_DEAD_FRACTION: f64 = 0.5;
 #[derive(Clone, Debug, PartialEq)]
 pub struct InvertedList {
     codes: PackedCodes,
-    ids: Vec<i64>,
+    ids: Buf<i64>,
     originals: Option<FlatStorage>,
     /// Tombstones (ids set to -1) not yet compacted away.
     dead: usize,
@@ -72,14 +73,54 @@ impl InvertedList {
     fn new(m: usize, keep: Option<RerankStorage>) -> Result<InvertedList> {
         Ok(InvertedList {
             codes: PackedCodes::new(m)?,
-            ids: Vec::new(),
+            ids: Buf::new(),
             originals: keep.map(|s| match s {
-                RerankStorage::F32 => FlatStorage::F32(Vec::new()),
-                RerankStorage::F16 => FlatStorage::F16(Vec::new()),
+                RerankStorage::F32 => FlatStorage::F32(Default::default()),
+                RerankStorage::F16 => FlatStorage::F16(Default::default()),
             }),
             dead: 0,
             fresh_from: 0,
         })
+    }
+
+    /// A list over stored parts (e.g. read from a file). Checks that the parts agree and
+    /// that `dead` is the number of tombstones.
+    pub(crate) fn from_parts(
+        codes: PackedCodes,
+        ids: Buf<i64>,
+        originals: Option<FlatStorage>,
+        fresh_from: usize,
+        d: usize,
+    ) -> Result<InvertedList> {
+        let n = ids.len();
+        let bad = |r: String| Err(Error::InvalidArgument(r));
+        if codes.ntotal() != n {
+            return bad(format!("{} codes for {n} ids", codes.ntotal()));
+        }
+        if originals.as_ref().is_some_and(|o| o.len() != n * d) {
+            return bad(format!("stored vectors do not match {n} ids"));
+        }
+        if fresh_from > n {
+            return bad(format!("fresh_from {fresh_from} beyond {n} entries"));
+        }
+        if let Some(&id) = ids.iter().find(|&&id| id < -1) {
+            return bad(format!(
+                "id {id} out of range (ids are >= 0, -1 for removed)"
+            ));
+        }
+        let dead = ids.iter().filter(|&&id| id == -1).count();
+        Ok(InvertedList {
+            codes,
+            ids,
+            originals,
+            dead,
+            fresh_from,
+        })
+    }
+
+    /// Entries added since the last training start at this offset.
+    pub fn fresh_from(&self) -> usize {
+        self.fresh_from
     }
 
     /// Entries, tombstones included.
@@ -131,7 +172,7 @@ impl InvertedList {
         }
         *self = InvertedList {
             codes,
-            ids,
+            ids: ids.into(),
             originals,
             dead: 0,
             fresh_from,
@@ -329,6 +370,47 @@ impl IndexIVFPQFastScan {
         Ok(index)
     }
 
+    /// An index over stored parts (e.g. read from a file).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn from_parts(
+        coarse: CoarseQuantizer,
+        pq: ProductQuantizer,
+        metric: Metric,
+        by_residual: bool,
+        lists: Vec<InvertedList>,
+        keep: Option<RerankStorage>,
+        next_id: i64,
+        drift: DriftStats,
+    ) -> Result<IndexIVFPQFastScan> {
+        if lists.len() != coarse.nlist() {
+            return Err(Error::InvalidArgument(format!(
+                "{} lists for nlist = {}",
+                lists.len(),
+                coarse.nlist()
+            )));
+        }
+        if lists
+            .iter()
+            .any(|l| l.codes.m() != pq.m() || l.originals.is_some() != keep.is_some())
+        {
+            return Err(Error::InvalidArgument(
+                "a list's codes or stored vectors disagree with the index".into(),
+            ));
+        }
+        let mut idx = Self::with_quantizers(coarse, pq, metric, by_residual)?;
+        idx.ntotal = lists.iter().map(InvertedList::live).sum();
+        let max_id = lists
+            .iter()
+            .flat_map(|l| l.ids.iter().copied())
+            .max()
+            .unwrap_or(-1);
+        idx.next_id = next_id.max(max_id.saturating_add(1));
+        idx.lists = lists;
+        idx.keep = keep;
+        idx.drift = drift;
+        Ok(idx)
+    }
+
     /// Sets `by_residual` (only while the index is untrained).
     pub fn set_by_residual(&mut self, by_residual: bool) -> Result<()> {
         if self.is_trained() {
@@ -466,7 +548,7 @@ impl IndexIVFPQFastScan {
         for (i, &l) in labels.iter().enumerate() {
             let list = &mut self.lists[l as usize];
             list.codes.push(&codes[i * m..(i + 1) * m])?;
-            list.ids.push(ids[i]);
+            list.ids.to_mut().push(ids[i]);
             if let Some(o) = &mut list.originals {
                 o.extend(&x[i * d..(i + 1) * d]);
             }
@@ -491,7 +573,11 @@ impl IndexIVFPQFastScan {
             .par_iter_mut()
             .map(|list| {
                 let mut r = 0;
-                for id in list.ids.iter_mut() {
+                if !list.ids.iter().any(|id| *id >= 0 && set.contains(id)) {
+                    return 0;
+                }
+                // Copies a mapped id array (copy on write) only for a list that changes.
+                for id in list.ids.to_mut().iter_mut() {
                     if *id >= 0 && set.contains(id) {
                         *id = -1;
                         r += 1;

@@ -9,6 +9,7 @@
 
 use super::{check_k, check_vectors, write_row, Index};
 use crate::error::{Error, Result};
+use crate::io::buf::Buf;
 use crate::kmeans::KMeansConfig;
 use crate::metric::Metric;
 use crate::pq::{Nbits, ProductQuantizer};
@@ -22,7 +23,7 @@ use rayon::prelude::*;
 pub struct IndexPQ {
     pq: ProductQuantizer,
     metric: Metric,
-    codes: Vec<u8>,
+    codes: Buf<u8>,
     /// k-means settings used by `train`.
     pub train_config: KMeansConfig,
     adc: AdcKernel,
@@ -35,7 +36,7 @@ impl IndexPQ {
         Ok(IndexPQ {
             pq: ProductQuantizer::new(d, m, nbits)?,
             metric,
-            codes: Vec::new(),
+            codes: Buf::new(),
             train_config: KMeansConfig::default(),
             adc: AdcKernel::best(),
             kernels: DistanceKernels::best(),
@@ -48,7 +49,7 @@ impl IndexPQ {
         IndexPQ {
             pq,
             metric,
-            codes: Vec::new(),
+            codes: Buf::new(),
             train_config: KMeansConfig::default(),
             adc: AdcKernel::best(),
             kernels: DistanceKernels::best(),
@@ -58,6 +59,32 @@ impl IndexPQ {
     /// The quantizer.
     pub fn pq(&self) -> &ProductQuantizer {
         &self.pq
+    }
+
+    /// An index over a trained quantizer and its codes (`ntotal * m` bytes, each `< ksub`).
+    pub(crate) fn from_parts(
+        pq: ProductQuantizer,
+        metric: Metric,
+        codes: Buf<u8>,
+    ) -> Result<IndexPQ> {
+        let ksub = pq.ksub();
+        if !codes.len().is_multiple_of(pq.m()) {
+            return Err(Error::InvalidArgument(format!(
+                "{} code bytes do not fill rows of m = {}",
+                codes.len(),
+                pq.m()
+            )));
+        }
+        if ksub < 256 {
+            if let Some(&c) = codes.iter().find(|&&c| c as usize >= ksub) {
+                return Err(Error::InvalidArgument(format!(
+                    "code byte {c} out of range for ksub = {ksub}"
+                )));
+            }
+        }
+        let mut idx = IndexPQ::with_quantizer(pq, metric);
+        idx.codes = codes;
+        Ok(idx)
     }
 
     /// The codes, `ntotal * m` bytes.
@@ -116,7 +143,7 @@ impl Index for IndexPQ {
     fn add(&mut self, x: &[f32]) -> Result<()> {
         // compute_codes answers NotTrained for an untrained quantizer.
         let codes = self.pq.compute_codes(x)?;
-        self.codes.extend_from_slice(&codes);
+        self.codes.to_mut().extend_from_slice(&codes);
         Ok(())
     }
     fn search(&self, queries: &[f32], k: usize) -> Result<SearchResult> {
@@ -147,6 +174,6 @@ impl Index for IndexPQ {
         Ok(res)
     }
     fn reset(&mut self) {
-        self.codes.clear();
+        self.codes = Buf::new();
     }
 }

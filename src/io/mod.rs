@@ -1,7 +1,9 @@
 //! Readers for vector data files: NumPy `.npy` (f32, f16, f64, i64; C order) and the
 //! `.fvecs` / `.ivecs` formats of the TEXMEX ANN benchmarks. Index files are in `crate::store`.
 
+pub mod buf;
 pub mod dump;
+pub mod file;
 pub mod npy;
 pub mod vecs;
 

@@ -18,6 +18,7 @@
 //! 32 vectors): `O(m)`, nothing is repacked.
 
 use crate::error::{Error, Result};
+use crate::io::buf::Buf;
 use pqcache_simd::fastscan::{block_bytes, code_at, set_code_at, BBS, MAX_M};
 
 /// 4-bit codes of `ntotal` vectors in fast-scan blocks.
@@ -26,7 +27,7 @@ pub struct PackedCodes {
     m: usize,
     m2: usize,
     ntotal: usize,
-    data: Vec<u8>,
+    data: Buf<u8>,
 }
 
 impl PackedCodes {
@@ -41,8 +42,23 @@ impl PackedCodes {
             m,
             m2: m + m % 2,
             ntotal: 0,
-            data: Vec::new(),
+            data: Buf::new(),
         })
+    }
+
+    /// Codes of `ntotal` vectors over `data` (`ceil(ntotal / 32)` blocks; e.g. mapped).
+    pub fn from_parts(m: usize, ntotal: usize, data: Buf<u8>) -> Result<PackedCodes> {
+        let mut p = PackedCodes::new(m)?;
+        let want = ntotal.div_ceil(BBS).checked_mul(p.block_bytes());
+        if want != Some(data.len()) {
+            return Err(Error::InvalidArgument(format!(
+                "{} packed bytes for {ntotal} vectors of m = {m}",
+                data.len()
+            )));
+        }
+        p.ntotal = ntotal;
+        p.data = data;
+        Ok(p)
     }
 
     /// Sub-quantizers.
@@ -85,11 +101,12 @@ impl PackedCodes {
         }
         let i = self.ntotal % BBS;
         if i == 0 {
-            self.data.resize(self.data.len() + self.block_bytes(), 0);
+            let grow = self.data.len() + self.block_bytes();
+            self.data.to_mut().resize(grow, 0);
         }
         let bb = self.block_bytes();
         let start = self.data.len() - bb;
-        let block = &mut self.data[start..];
+        let block = &mut self.data.to_mut()[start..];
         for (j, &c) in code.iter().enumerate() {
             set_code_at(block, i, j, c);
         }
@@ -112,7 +129,7 @@ impl PackedCodes {
         );
         let bb = self.block_bytes();
         set_code_at(
-            &mut self.data[(i / BBS) * bb..(i / BBS + 1) * bb],
+            &mut self.data.to_mut()[(i / BBS) * bb..(i / BBS + 1) * bb],
             i % BBS,
             j,
             code,
@@ -127,7 +144,7 @@ impl PackedCodes {
     /// Removes every vector.
     pub fn clear(&mut self) {
         self.ntotal = 0;
-        self.data.clear();
+        self.data = Buf::new();
     }
 }
 
@@ -140,8 +157,8 @@ pub fn pack_codes(codes: &[u8], m: usize) -> Result<PackedCodes> {
             got: codes.len() % m,
         });
     }
-    p.data
-        .reserve(codes.len() / m / BBS * p.block_bytes() + p.block_bytes());
+    let want = codes.len() / m / BBS * p.block_bytes() + p.block_bytes();
+    p.data.to_mut().reserve(want);
     for code in codes.chunks_exact(m) {
         p.push(code)?;
     }
