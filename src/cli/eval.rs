@@ -7,6 +7,7 @@ use super::progress::Progress;
 use super::with_threads;
 use crate::error::{Error, Result};
 use crate::index::{Index, IndexFlat, IndexIVFPQFastScan, IndexPQ, IndexPQFastScan, RerankStorage};
+use crate::io::file::AnyIndex;
 use crate::io::{load_groundtruth, load_vectors};
 use crate::kmeans::{KMeansConfig, KMeansInit};
 use crate::metric::Metric;
@@ -31,13 +32,118 @@ pub enum IndexKind {
 }
 
 impl IndexKind {
-    fn name(self) -> &'static str {
+    /// The CLI spelling.
+    pub fn name(self) -> &'static str {
         match self {
             IndexKind::Flat => "flat",
             IndexKind::Flat16 => "flat16",
             IndexKind::Pq => "pq",
             IndexKind::Pqfs => "pqfs",
             IndexKind::Ivfpqfs => "ivfpqfs",
+        }
+    }
+}
+
+/// How to build an index (shared by `eval` and `build`).
+#[derive(Args, Debug, Clone)]
+pub struct IndexOptions {
+    /// Index kind.
+    #[arg(long, value_enum, default_value = "pq")]
+    pub index: IndexKind,
+    /// Sub-quantizers (must divide the dimension).
+    #[arg(long, default_value_t = 16)]
+    pub m: usize,
+    /// Bits per sub-quantizer index (4, 6 or 8; pq only).
+    #[arg(long, default_value_t = 8)]
+    pub nbits: usize,
+    /// ivfpqfs: number of inverted lists.
+    #[arg(long, default_value_t = 1024)]
+    pub nlist: usize,
+    /// ivfpqfs: lists probed per query.
+    #[arg(long, default_value_t = 16)]
+    pub nprobe: usize,
+    /// pqfs / ivfpqfs: re-rank the best k * F candidates exactly (keeps f32 originals);
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub rerank: usize,
+    /// Metric: ip (inner product) or l2.
+    #[arg(long, default_value = "ip")]
+    pub metric: String,
+    /// Train on the first N base vectors.
+    #[arg(long, default_value_t = 65536)]
+    pub train_n: usize,
+    /// k-means iterations.
+    #[arg(long, default_value_t = 25)]
+    pub niter: usize,
+    /// Seed of k-means sampling and initialisation.
+    #[arg(long, default_value_t = 1234)]
+    pub seed: u64,
+    /// k-means initialisation: random or kmeans++.
+    #[arg(long, default_value = "random")]
+    pub init: String,
+}
+
+impl IndexOptions {
+    fn kmeans_config(&self) -> Result<KMeansConfig> {
+        let init = match self.init.as_str() {
+            "random" => KMeansInit::Random,
+            "kmeans++" | "kmeanspp" => KMeansInit::KMeansPlusPlus,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown init {other:?} (random or kmeans++)"
+                )))
+            }
+        };
+        Ok(KMeansConfig {
+            niter: self.niter,
+            seed: self.seed,
+            init,
+            ..KMeansConfig::default()
+        })
+    }
+
+    /// An empty (untrained) index of `d` dimensions as described; `qbs` is the fast-scan
+    /// query group.
+    pub fn empty_index(&self, d: usize, qbs: usize) -> Result<AnyIndex> {
+        let metric: Metric = self.metric.parse()?;
+        Ok(match self.index {
+            IndexKind::Flat => AnyIndex::Flat(IndexFlat::new(d, metric)?),
+            IndexKind::Flat16 => AnyIndex::Flat(IndexFlat::new_f16(d, metric)?),
+            IndexKind::Pq => {
+                let mut pq = IndexPQ::new(d, self.m, Nbits::from_bits(self.nbits)?, metric)?;
+                pq.train_config = self.kmeans_config()?;
+                AnyIndex::Pq(pq)
+            }
+            IndexKind::Pqfs => {
+                // --nbits is ignored: fast-scan codes are 4-bit.
+                let mut fs = IndexPQFastScan::new(d, self.m, metric)?;
+                fs.train_config = self.kmeans_config()?;
+                if self.rerank > 1 {
+                    fs.keep_originals(RerankStorage::F32)?;
+                    fs.rerank_factor = self.rerank;
+                }
+                fs.qbs = qbs.clamp(1, pqcache_simd::fastscan::MAX_QBS);
+                AnyIndex::PqFastScan(fs)
+            }
+            IndexKind::Ivfpqfs => {
+                let mut ivf = IndexIVFPQFastScan::new(d, self.nlist, self.m, metric)?;
+                ivf.train_config = self.kmeans_config()?;
+                ivf.nprobe = self.nprobe;
+                if self.rerank > 1 {
+                    ivf.keep_originals(RerankStorage::F32)?;
+                    ivf.rerank_factor = self.rerank;
+                }
+                AnyIndex::IvfPqFastScan(ivf)
+            }
+        })
+    }
+
+    /// (m, nbits) as reported.
+    fn code_shape(&self) -> (usize, usize) {
+        match self.index {
+            IndexKind::Pq => (self.m, self.nbits),
+            IndexKind::Pqfs | IndexKind::Ivfpqfs => (self.m, 4),
+            _ => (0, 0),
         }
     }
 }
@@ -54,48 +160,18 @@ pub struct EvalArgs {
     /// Ground-truth ids (.ivecs); without it, recall is measured against exact search.
     #[arg(long)]
     pub groundtruth: Option<PathBuf>,
-    /// Index kind.
-    #[arg(long, value_enum, default_value = "pq")]
-    pub index: IndexKind,
-    /// Sub-quantizers (must divide the dimension).
-    #[arg(long, default_value_t = 16)]
-    pub m: usize,
-    /// Bits per sub-quantizer index (4, 6 or 8).
-    #[arg(long, default_value_t = 8)]
-    pub nbits: usize,
-    /// ivfpqfs: number of inverted lists.
-    #[arg(long, default_value_t = 1024)]
-    pub nlist: usize,
-    /// ivfpqfs: lists probed per query.
-    #[arg(long, default_value_t = 16)]
-    pub nprobe: usize,
+    /// The index to build.
+    #[command(flatten)]
+    pub opts: IndexOptions,
     /// Neighbours per query.
     #[arg(long, default_value_t = 10)]
     pub k: usize,
     /// Queries per search call.
     #[arg(long, default_value_t = 1)]
     pub qbs: usize,
-    /// pqfs: re-rank the best k * F candidates exactly (keeps f32 originals); 0 = off.
-    #[arg(long, default_value_t = 0)]
-    pub rerank: usize,
-    /// Metric: ip (inner product) or l2.
-    #[arg(long, default_value = "ip")]
-    pub metric: String,
     /// Worker threads (0: all cores).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
-    /// Train on the first N base vectors.
-    #[arg(long, default_value_t = 65536)]
-    pub train_n: usize,
-    /// k-means iterations.
-    #[arg(long, default_value_t = 25)]
-    pub niter: usize,
-    /// Seed of k-means sampling and initialisation.
-    #[arg(long, default_value_t = 1234)]
-    pub seed: u64,
-    /// k-means initialisation: random or kmeans++.
-    #[arg(long, default_value = "random")]
-    pub init: String,
     /// Timed repetitions of the search (the best is reported).
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
@@ -166,27 +242,9 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn kmeans_config(a: &EvalArgs) -> Result<KMeansConfig> {
-    let init = match a.init.as_str() {
-        "random" => KMeansInit::Random,
-        "kmeans++" | "kmeanspp" => KMeansInit::KMeansPlusPlus,
-        other => {
-            return Err(Error::InvalidArgument(format!(
-                "unknown init {other:?} (random or kmeans++)"
-            )))
-        }
-    };
-    Ok(KMeansConfig {
-        niter: a.niter,
-        seed: a.seed,
-        init,
-        ..KMeansConfig::default()
-    })
-}
-
 /// Builds, times and scores the index described by `a` on the current thread pool.
 pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
-    let metric: Metric = a.metric.parse()?;
+    let metric: Metric = a.opts.metric.parse()?;
     if a.qbs == 0 || a.reps == 0 {
         return Err(Error::InvalidArgument(
             "qbs and reps must be at least 1".into(),
@@ -202,39 +260,10 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
         });
     }
     let (n, d) = (base.rows, base.dim);
-    let mut index: Box<dyn Index> = match a.index {
-        IndexKind::Flat => Box::new(IndexFlat::new(d, metric)?),
-        IndexKind::Flat16 => Box::new(IndexFlat::new_f16(d, metric)?),
-        IndexKind::Pq => {
-            let mut pq = IndexPQ::new(d, a.m, Nbits::from_bits(a.nbits)?, metric)?;
-            pq.train_config = kmeans_config(a)?;
-            Box::new(pq)
-        }
-        IndexKind::Pqfs => {
-            // --nbits is ignored: fast-scan codes are 4-bit.
-            let mut fs = IndexPQFastScan::new(d, a.m, metric)?;
-            fs.train_config = kmeans_config(a)?;
-            if a.rerank > 1 {
-                fs.keep_originals(RerankStorage::F32)?;
-                fs.rerank_factor = a.rerank;
-            }
-            fs.qbs = a.qbs.clamp(1, pqcache_simd::fastscan::MAX_QBS);
-            Box::new(fs)
-        }
-        IndexKind::Ivfpqfs => {
-            let mut ivf = IndexIVFPQFastScan::new(d, a.nlist, a.m, metric)?;
-            ivf.train_config = kmeans_config(a)?;
-            ivf.nprobe = a.nprobe;
-            if a.rerank > 1 {
-                ivf.keep_originals(RerankStorage::F32)?;
-                ivf.rerank_factor = a.rerank;
-            }
-            Box::new(ivf)
-        }
-    };
+    let mut index = a.opts.empty_index(d, a.qbs)?;
     let spin = Progress::spinner("training", show);
     let t = Instant::now();
-    index.train(base.head(a.train_n))?;
+    index.train(base.head(a.opts.train_n))?;
     let train_s = t.elapsed().as_secs_f64();
     spin.finish();
     let spin = Progress::spinner("adding", show);
@@ -283,15 +312,11 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
             found.recall_against(&exact.search(qdata, a.k)?.ids, a.k)
         }
     };
-    let (m, nbits) = match a.index {
-        IndexKind::Pq => (a.m, a.nbits),
-        IndexKind::Pqfs | IndexKind::Ivfpqfs => (a.m, 4),
-        _ => (0, 0),
-    };
+    let (m, nbits) = a.opts.code_shape();
     Ok(EvalReport {
         peer: "pqcache",
         version: env!("CARGO_PKG_VERSION"),
-        index: a.index.name().to_string(),
+        index: a.opts.index.name().to_string(),
         n,
         d,
         m,

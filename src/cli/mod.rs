@@ -1,10 +1,11 @@
 //! The `pqcache` command line: `eval` (build, search and score an index on vector files, with
 //! the same JSON as `../shared/peers/faiss_bench.py`) and `demo` (the README's main job on the
-//! bundled Gemma sample).
+//! bundled Gemma sample), `build` / `search` / `info` (index files).
 
 pub mod demo;
 pub mod eval;
 pub mod eval_attention;
+pub mod files;
 mod progress;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +32,12 @@ pub enum Command {
     EvalAttention(eval_attention::EvalAttentionArgs),
     /// Run the demonstration on the bundled real data (Gemma-3-270M keys and queries).
     Demo(demo::DemoArgs),
+    /// Build an index over a base set and save it to a file.
+    Build(files::BuildArgs),
+    /// Search an index file (opened zero-copy) for the queries of a vector file.
+    Search(files::SearchArgs),
+    /// Describe an index file; --verify checks every checksum.
+    Info(files::InfoArgs),
 }
 
 /// Runs the command line; returns the process exit code.
@@ -39,13 +46,19 @@ pub fn run(cli: Cli) -> i32 {
         Command::Eval(a) => eval::run(&a),
         Command::EvalAttention(a) => eval_attention::run(&a),
         Command::Demo(a) => demo::run(&a),
+        Command::Build(a) => files::build(&a),
+        Command::Search(a) => files::search(&a),
+        Command::Info(a) => files::info(&a),
     };
     match result {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e}");
             match e {
-                crate::Error::Io { .. } | crate::Error::Format { .. } => 2,
+                crate::Error::Io { .. }
+                | crate::Error::Format { .. }
+                | crate::Error::Corrupt { .. }
+                | crate::Error::Incompatible { .. } => 2,
                 _ => 1,
             }
         }

@@ -1,0 +1,179 @@
+//! `pqcache build`, `search` and `info`: index files from the command line.
+
+use super::eval::IndexOptions;
+use super::progress::Progress;
+use super::with_threads;
+use crate::error::{Error, Result};
+use crate::index::Index;
+use crate::io::file;
+use crate::io::load_vectors;
+use clap::Args;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Arguments of `pqcache build`.
+#[derive(Args, Debug, Clone)]
+pub struct BuildArgs {
+    /// Base vectors (.npy 2-d or 4-d [layer, head, token, dim], .fvecs).
+    #[arg(long)]
+    pub base: PathBuf,
+    /// The index to build.
+    #[command(flatten)]
+    pub opts: IndexOptions,
+    /// Layer of a 4-d .npy (kv head 0).
+    #[arg(long, default_value_t = 0)]
+    pub layer: usize,
+    /// Worker threads (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// The index file to write (replaced atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Arguments of `pqcache search`.
+#[derive(Args, Debug, Clone)]
+pub struct SearchArgs {
+    /// An index file.
+    #[arg(long)]
+    pub index: PathBuf,
+    /// Query vectors (same formats as the base).
+    #[arg(long)]
+    pub queries: PathBuf,
+    /// Neighbours per query.
+    #[arg(long, default_value_t = 10)]
+    pub k: usize,
+    /// Layer / query head of a 4-d .npy.
+    #[arg(long, default_value_t = 0)]
+    pub layer: usize,
+    /// Query head of a 4-d .npy.
+    #[arg(long, default_value_t = 0)]
+    pub head: usize,
+    /// Read the file into memory instead of mapping it.
+    #[arg(long)]
+    pub load: bool,
+    /// Print JSON: {"ids": [[...], ...], "distances": [[...], ...]}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `pqcache info`.
+#[derive(Args, Debug, Clone)]
+pub struct InfoArgs {
+    /// An index file.
+    pub file: PathBuf,
+    /// Check every checksum and invariant; exit non-zero on damage.
+    #[arg(long)]
+    pub verify: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `pqcache build`.
+pub fn build(a: &BuildArgs) -> Result<()> {
+    with_threads(a.threads, || -> Result<()> {
+        let base = load_vectors(&a.base, a.layer, 0)?;
+        let mut index = a.opts.empty_index(base.dim, 1)?;
+        let t = Instant::now();
+        let spin = Progress::spinner("training", true);
+        index.train(base.head(a.opts.train_n))?;
+        spin.finish();
+        let spin = Progress::spinner("adding", true);
+        index.add(&base.data)?;
+        spin.finish();
+        file::save(&index, &a.out)?;
+        eprintln!(
+            "built {} over {} x {} in {:.2} s -> {}",
+            a.opts.index.name(),
+            base.rows,
+            base.dim,
+            t.elapsed().as_secs_f64(),
+            a.out.display()
+        );
+        Ok(())
+    })?
+}
+
+/// Runs `pqcache search`.
+pub fn search(a: &SearchArgs) -> Result<()> {
+    let index = if a.load {
+        file::load(&a.index)?
+    } else {
+        file::open(&a.index)?
+    };
+    let q = load_vectors(&a.queries, a.layer, a.head)?;
+    if q.dim != index.dim() {
+        return Err(Error::DimensionMismatch {
+            expected: index.dim(),
+            got: q.dim,
+        });
+    }
+    let res = index.search(&q.data, a.k)?;
+    if a.json {
+        let rows = |v: &[f32]| -> Vec<Vec<f32>> { v.chunks(a.k).map(<[f32]>::to_vec).collect() };
+        let ids: Vec<Vec<i64>> = res.ids.chunks(a.k).map(<[i64]>::to_vec).collect();
+        let out = serde_json::json!({"ids": ids, "distances": rows(&res.distances)});
+        println!("{out}");
+    } else {
+        for qi in 0..res.nq {
+            let line: Vec<String> = res
+                .ids_of(qi)
+                .iter()
+                .zip(res.distances_of(qi))
+                .map(|(id, d)| format!("{id}:{d}"))
+                .collect();
+            println!("{qi}\t{}", line.join(" "));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `pqcache info`.
+pub fn info(a: &InfoArgs) -> Result<()> {
+    let layout = if a.verify {
+        file::verify(&a.file)?
+    } else {
+        file::info(&a.file)?
+    };
+    let index = file::open(&a.file)?;
+    let params = index.describe();
+    if a.json {
+        let mut obj = serde_json::Map::new();
+        obj.insert("version".into(), layout.version.into());
+        obj.insert("file_len".into(), layout.file_len.into());
+        for (k, v) in &params {
+            obj.insert(k.clone(), v.clone().into());
+        }
+        let secs: Vec<serde_json::Value> = layout
+            .sections
+            .iter()
+            .map(|s| serde_json::json!({"name": s.tag.name(), "offset": s.offset, "len": s.len}))
+            .collect();
+        obj.insert("sections".into(), secs.into());
+        obj.insert("verified".into(), a.verify.into());
+        println!("{}", serde_json::Value::Object(obj));
+    } else {
+        println!(
+            "{}: pqcache index, format version {}",
+            a.file.display(),
+            layout.version
+        );
+        for (k, v) in &params {
+            println!("  {k:14} {v}");
+        }
+        println!("  {:14} {} bytes", "file", layout.file_len);
+        for s in &layout.sections {
+            println!(
+                "  section {:16} {:>12} bytes at {}",
+                s.tag.name(),
+                s.len,
+                s.offset
+            );
+        }
+        if a.verify {
+            println!("  verified: every checksum and invariant holds");
+        }
+    }
+    Ok(())
+}
