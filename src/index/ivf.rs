@@ -946,7 +946,16 @@ impl Index for IndexIVFPQFastScan {
     /// Adds with ids continuing from the largest id seen so far.
     fn add(&mut self, x: &[f32]) -> Result<()> {
         let n = x.len() / self.pq.dim().max(1);
-        let ids: Vec<i64> = (self.next_id..self.next_id + n as i64).collect();
+        let end = i64::try_from(n)
+            .ok()
+            .and_then(|n| self.next_id.checked_add(n))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "ids would overflow: next id {} plus {n} vectors",
+                    self.next_id
+                ))
+            })?;
+        let ids: Vec<i64> = (self.next_id..end).collect();
         self.add_with_ids(x, &ids)
     }
     fn search(&self, queries: &[f32], k: usize) -> Result<SearchResult> {

@@ -138,7 +138,11 @@ impl StreamingIndex<IndexIVFPQFastScan> {
             let d = g.dim();
             let n = x.len() / d.max(1);
             let first = g.next_id();
-            let ids: Vec<i64> = (first..first + n as i64).collect();
+            let end = i64::try_from(n)
+                .ok()
+                .and_then(|n| first.checked_add(n))
+                .ok_or_else(|| Error::InvalidArgument("ids would overflow".into()))?;
+            let ids: Vec<i64> = (first..end).collect();
             self.apply_add(&mut g, x, &ids)?;
             ids
         };

@@ -482,6 +482,71 @@ pub fn write_sections(path: &Path, kind: IndexKind, sections: &[SectionOut<'_>])
         path: path.to_path_buf(),
         source,
     };
+    let layout = plan(kind, sections)?;
+    let tmp = temp_path(path);
+    let write = || -> std::io::Result<()> {
+        let file = File::create(&tmp)?;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        layout.write(&mut w, sections)?;
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&tmp, path)?;
+        sync_dir(path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(e)
+    })
+}
+
+/// Header, table and section offsets of a file about to be written.
+struct Layout {
+    header: [u8; HEADER_LEN],
+    table: Vec<u8>,
+    offsets: Vec<usize>,
+    header_crc: u32,
+    table_crc: u32,
+}
+
+impl Layout {
+    fn write(&self, w: &mut impl Write, sections: &[SectionOut<'_>]) -> std::io::Result<()> {
+        w.write_all(&self.header)?;
+        w.write_all(&self.table)?;
+        let mut at = HEADER_LEN + self.table.len();
+        let zeros = [0u8; ALIGN];
+        for (s, &off) in sections.iter().zip(&self.offsets) {
+            w.write_all(&zeros[..off - at])?;
+            for p in &s.pieces {
+                w.write_all(p.as_ref())?;
+            }
+            at = off + s.len();
+        }
+        w.write_all(&FOOTER_MAGIC)?;
+        w.write_all(&self.header_crc.to_le_bytes())?;
+        w.write_all(&self.table_crc.to_le_bytes())
+    }
+}
+
+/// The bytes of the file [`save`] would write (for tests and fuzzing).
+pub fn to_bytes(index: &impl kinds::Persist) -> Result<Vec<u8>> {
+    let (kind, sections) = index.sections();
+    let layout = plan(kind, &sections)?;
+    let mut out = Vec::new();
+    layout
+        .write(&mut out, &sections)
+        .expect("writing to a Vec cannot fail");
+    Ok(out)
+}
+
+/// Lays out `sections` of an index of `kind`: header, table, offsets, checksums.
+fn plan(kind: IndexKind, sections: &[SectionOut<'_>]) -> Result<Layout> {
+    if sections.is_empty() || sections.len() > MAX_SECTIONS {
+        return Err(Error::InvalidArgument(format!(
+            "{} sections",
+            sections.len()
+        )));
+    }
     // Layout.
     let n = sections.len();
     let mut offset = (HEADER_LEN + n * ENTRY_LEN).next_multiple_of(ALIGN);
@@ -510,33 +575,12 @@ pub fn write_sections(path: &Path, kind: IndexKind, sections: &[SectionOut<'_>])
     let header_crc = crc32fast::hash(&header[..60]);
     header[60..64].copy_from_slice(&header_crc.to_le_bytes());
 
-    let tmp = temp_path(path);
-    let write = || -> std::io::Result<()> {
-        let file = File::create(&tmp)?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
-        w.write_all(&header)?;
-        w.write_all(&table)?;
-        let mut at = HEADER_LEN + table.len();
-        let zeros = [0u8; ALIGN];
-        for (s, &off) in sections.iter().zip(&offsets) {
-            w.write_all(&zeros[..off - at])?;
-            for p in &s.pieces {
-                w.write_all(p.as_ref())?;
-            }
-            at = off + s.len();
-        }
-        w.write_all(&FOOTER_MAGIC)?;
-        w.write_all(&header_crc.to_le_bytes())?;
-        w.write_all(&table_crc.to_le_bytes())?;
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&tmp, path)?;
-        sync_dir(path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
+    Ok(Layout {
+        header,
+        table,
+        offsets,
+        header_crc,
+        table_crc,
     })
 }
 
