@@ -232,6 +232,31 @@ fn write_golden(dir: &Path) {
         let text = format!("{:?}\n{}\n", res.ids, dists.join(" "));
         std::fs::write(dir.join(format!("{name}.expect")), text).unwrap();
     }
+    let cache = golden_attention();
+    file::save(&cache, dir.join("attention-fastscan.pqc")).unwrap();
+    let sel = cache.select(0, &golden_attention_queries()).unwrap();
+    std::fs::write(dir.join("attention-fastscan.expect"), format!("{sel:?}\n")).unwrap();
+}
+
+/// A tiny attention cache: 1 layer, 1 kv head, group 2, d 8, 40 positions, fast-scan 2x4.
+fn golden_attention() -> pqcache::attention::AttentionRetriever {
+    use pqcache::attention::{AttentionRetriever, Budget, RetrieverConfig};
+    let mut cfg = RetrieverConfig::new(1, 1, 2, 8);
+    cfg.selector = "fastscan:2x4".parse().unwrap();
+    cfg.budget = Budget::Tokens(20);
+    cfg.sink = 2;
+    let mut r = AttentionRetriever::new(cfg).unwrap();
+    let kv: Vec<half::f16> = (0..40 * 8)
+        .map(|i| half::f16::from_f32(((i * 7) % 13) as f32 / 13.0 - 0.5))
+        .collect();
+    r.prefill(0, &kv, &kv).unwrap();
+    r
+}
+
+fn golden_attention_queries() -> Vec<f32> {
+    (0..2 * 8)
+        .map(|i| ((i * 3) % 5) as f32 / 5.0 - 0.3)
+        .collect()
 }
 
 #[test]
@@ -254,8 +279,16 @@ fn golden_files_of_every_version_open_and_answer_as_recorded() {
             if path.extension().is_none_or(|e| e != "pqc") {
                 continue;
             }
-            let idx = file::open(&path).unwrap();
             file::verify(&path).unwrap();
+            if file::info(&path).unwrap().kind == file::IndexKind::Attention {
+                let cache = file::open_attention(&path).unwrap();
+                let sel = cache.select(0, &golden_attention_queries()).unwrap();
+                let want = std::fs::read_to_string(path.with_extension("expect")).unwrap();
+                assert_eq!(format!("{sel:?}\n"), want, "{}", path.display());
+                checked += 1;
+                continue;
+            }
+            let idx = file::open(&path).unwrap();
             let res = idx.search(&golden_queries(), 3).unwrap();
             let want = std::fs::read_to_string(path.with_extension("expect")).unwrap();
             let mut lines = want.lines();
@@ -282,5 +315,119 @@ fn golden_files_of_every_version_open_and_answer_as_recorded() {
             checked += 1;
         }
     }
-    assert!(checked >= 10, "only {checked} golden files");
+    assert!(checked >= 11, "only {checked} golden files");
+}
+
+mod attention_cache {
+    use super::*;
+    use half::f16;
+    use pqcache::attention::{AttentionRetriever, Budget, RetrieverConfig};
+
+    fn halves(n: usize, seed: u64) -> Vec<f16> {
+        common::uniform(n, 1, seed)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect()
+    }
+
+    /// A 2-layer, 2-kv-head cache (group 2, d 16): layer 1 prefilled with 300 positions and
+    /// 20 appended; layer 0 left empty.
+    fn cache(spec: &str) -> AttentionRetriever {
+        let (kvh, d) = (2, 16);
+        let mut cfg = RetrieverConfig::new(2, kvh, 2, d);
+        cfg.selector = spec.parse().unwrap();
+        cfg.budget = Budget::Tokens(80);
+        cfg.sink = 4;
+        let mut r = AttentionRetriever::new(cfg).unwrap();
+        r.prefill(1, &halves(kvh * 300 * d, 1), &halves(kvh * 300 * d, 2))
+            .unwrap();
+        for i in 0..20 {
+            r.append(1, &halves(kvh * d, 10 + i), &halves(kvh * d, 50 + i))
+                .unwrap();
+        }
+        r
+    }
+
+    fn same_steps(a: &AttentionRetriever, b: &AttentionRetriever, what: &str) {
+        for s in 0..3 {
+            let q = common::uniform(4, 16, 100 + s);
+            assert_eq!(a.select(1, &q).unwrap(), b.select(1, &q).unwrap(), "{what}");
+            assert_eq!(a.attend(1, &q).unwrap(), b.attend(1, &q).unwrap(), "{what}");
+        }
+    }
+
+    #[test]
+    fn every_selector_round_trips_and_keeps_decoding() {
+        for spec in [
+            "exact",
+            "window",
+            "random",
+            "pq:4x6",
+            "fastscan:8x4:rerank2",
+            "quest:16",
+        ] {
+            let mut r = cache(spec);
+            let path = tmp(&format!("attention-{}.pqc", spec.replace(':', "_")));
+            file::save(&r, &path).unwrap();
+            let info = file::verify(&path).unwrap();
+            assert_eq!(info.kind, file::IndexKind::Attention);
+            let mut opened = file::open_attention(&path).unwrap();
+            let loaded = file::load_attention(&path).unwrap();
+            assert_eq!(opened.len(1), 320);
+            assert!(opened.is_empty(0));
+            same_steps(&r, &opened, spec);
+            same_steps(&r, &loaded, spec);
+            // Decoding goes on from the mapped cache (copy on write) exactly as in memory.
+            for i in 0..5 {
+                let (k, v) = (halves(32, 200 + i), halves(32, 300 + i));
+                r.append(1, &k, &v).unwrap();
+                opened.append(1, &k, &v).unwrap();
+            }
+            same_steps(&r, &opened, spec);
+            assert_eq!(
+                file::to_bytes(&opened).unwrap(),
+                file::to_bytes(&r).unwrap(),
+                "{spec}"
+            );
+            // The index readers refuse it with a clear error, and vice versa.
+            assert!(matches!(file::open(&path), Err(Error::InvalidArgument(_))));
+        }
+        let flat = tmp("attention-not.pqc");
+        file::save(&every_kind(8, 10).remove(0).1, &flat).unwrap();
+        assert!(matches!(
+            file::open_attention(&flat),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn truncations_and_bit_flips_of_an_attention_file_are_errors() {
+        let mut cfg = RetrieverConfig::new(1, 1, 2, 8);
+        cfg.selector = "fastscan:2x4".parse().unwrap();
+        cfg.budget = Budget::Tokens(20);
+        let mut r = AttentionRetriever::new(cfg).unwrap();
+        r.prefill(0, &halves(40 * 8, 1), &halves(40 * 8, 2))
+            .unwrap();
+        let bytes = file::to_bytes(&r).unwrap();
+        for len in 0..bytes.len() {
+            assert!(
+                file::load_attention_bytes(&bytes[..len]).is_err(),
+                "prefix {len}"
+            );
+        }
+        let mut b = bytes.clone();
+        for byte in 0..b.len() {
+            for bit in 0..8 {
+                b[byte] ^= 1 << bit;
+                assert!(
+                    file::verify_bytes(&b).is_err(),
+                    "verify missed {byte}:{bit}"
+                );
+                if let Ok(c) = file::load_attention_bytes(&b) {
+                    let _ = c.select(0, &[0.5; 16]);
+                }
+                b[byte] ^= 1 << bit;
+            }
+        }
+    }
 }

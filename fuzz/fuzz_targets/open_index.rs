@@ -1,11 +1,24 @@
 //! Arbitrary bytes through the index-file reader: an error or an index, never a panic or UB.
-//! Whatever opens must also search, grow and survive the full check.
+//! Whatever opens must also search (or attend), grow and survive the full check.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use pqcache::Index;
 
 fuzz_target!(|data: &[u8]| {
     let _ = pqcache::io::file::verify_bytes(data);
+    if let Ok(mut cache) = pqcache::io::file::load_attention_bytes(data) {
+        let c = cache.config().clone();
+        if c.head_dim <= 1024 && c.kv_heads * c.group <= 64 {
+            let q = vec![0.25f32; c.kv_heads * c.group * c.head_dim];
+            for layer in 0..c.layers.min(4) {
+                if !cache.is_empty(layer) {
+                    let _ = cache.attend(layer, &q);
+                }
+                let kv = vec![half::f16::from_f32(0.5); c.kv_heads * c.head_dim];
+                let _ = cache.append(layer, &kv, &kv);
+            }
+        }
+    }
     if let Ok(mut idx) = pqcache::io::file::load_bytes(data) {
         let d = idx.dim();
         if d > 0 && d <= 4096 {

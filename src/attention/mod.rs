@@ -29,9 +29,11 @@
 //! major; the selector's index covers the same positions.
 
 pub mod eval;
+pub mod persist;
 pub mod selector;
 
 use crate::error::{Error, Result};
+use crate::io::buf::Buf;
 use crate::io::f16_to_f32;
 use half::f16;
 use pqcache_simd::distance::DistanceKernels;
@@ -145,8 +147,8 @@ impl RetrieverConfig {
 
 /// Keys, values and the selector's index of one (layer, kv_head).
 struct HeadState {
-    keys: Vec<f16>,
-    values: Vec<f16>,
+    keys: Buf<f16>,
+    values: Buf<f16>,
     index: Option<Box<dyn HeadIndex>>,
 }
 
@@ -181,8 +183,8 @@ impl AttentionRetriever {
         cfg.selector.validate(cfg.head_dim)?;
         let heads = (0..cfg.layers * cfg.kv_heads)
             .map(|_| HeadState {
-                keys: Vec::new(),
-                values: Vec::new(),
+                keys: Buf::new(),
+                values: Buf::new(),
                 index: None,
             })
             .collect();
@@ -245,8 +247,8 @@ impl AttentionRetriever {
                 let v = &values[kv * t * d..(kv + 1) * t * d];
                 let k32 = f16_to_f32(k);
                 state.index = Some(spec.build(&k32, d, (layer * h + kv) as u64)?);
-                state.keys = k.to_vec();
-                state.values = v.to_vec();
+                state.keys = k.to_vec().into();
+                state.values = v.to_vec().into();
                 Ok(())
             })
             .collect::<Result<()>>()
@@ -272,8 +274,11 @@ impl AttentionRetriever {
             let index = state.index.as_mut().ok_or(Error::NotTrained)?;
             let k32 = f16_to_f32(k);
             index.append(&k32)?;
-            state.keys.extend_from_slice(k);
-            state.values.extend_from_slice(&value[kv * d..(kv + 1) * d]);
+            state.keys.to_mut().extend_from_slice(k);
+            state
+                .values
+                .to_mut()
+                .extend_from_slice(&value[kv * d..(kv + 1) * d]);
         }
         Ok(())
     }

@@ -175,6 +175,43 @@ impl SelectorSpec {
         }
     }
 
+    /// Rebuilds a head's index from what a file stored: the trained index for `pq` and
+    /// `fastscan`, the keys (`t * d` f16) for the others.
+    pub(crate) fn restore(
+        &self,
+        keys: &[f16],
+        d: usize,
+        seed: u64,
+        part: RestoredHead,
+    ) -> Result<Box<dyn HeadIndex>> {
+        let mismatch =
+            || Error::InvalidArgument("the stored index does not match the selector".into());
+        Ok(match (self, part) {
+            (SelectorSpec::Pq { m, nbits }, RestoredHead::Pq(pq)) => {
+                if pq.pq().m() != *m || pq.pq().nbits().bits() != *nbits || pq.dim() != d {
+                    return Err(mismatch());
+                }
+                Box::new(PqIndex { pq })
+            }
+            (SelectorSpec::FastScan { m, rerank }, RestoredHead::FastScan(fs)) => {
+                if fs.pq().m() != *m || fs.dim() != d {
+                    return Err(mismatch());
+                }
+                Box::new(FastScanIndex {
+                    fs,
+                    rerank: *rerank,
+                    scratch: Mutex::new((Vec::new(), Vec::new())),
+                })
+            }
+            (SelectorSpec::Pq { .. } | SelectorSpec::FastScan { .. }, _) => return Err(mismatch()),
+            (SelectorSpec::Quest { .. }, RestoredHead::Nothing) => {
+                self.build(&crate::io::f16_to_f32(keys), d, seed)?
+            }
+            (_, RestoredHead::Nothing) => self.build(&[], d, seed)?,
+            _ => return Err(mismatch()),
+        })
+    }
+
     /// Builds the per-head index on the prefill keys (`t * d` f32). `seed` varies per head.
     pub fn build(&self, keys: &[f32], d: usize, seed: u64) -> Result<Box<dyn HeadIndex>> {
         Ok(match self {
@@ -309,6 +346,31 @@ pub trait HeadIndex: Send + Sync {
     fn append(&mut self, key: &[f32]) -> Result<()>;
     /// Chooses `ctx.k` positions among `ctx.candidates`, sorted ascending.
     fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Vec<u32>>;
+    /// What this index keeps that the keys cannot give back (trained codebooks and codes),
+    /// for index files.
+    fn stored(&self) -> StoredHead<'_> {
+        StoredHead::Nothing
+    }
+}
+
+/// The trained part of a head's index, borrowed for saving.
+pub enum StoredHead<'a> {
+    /// Nothing: the index is rebuilt from the keys (exact, window, random, quest).
+    Nothing,
+    /// A PQ index.
+    Pq(&'a IndexPQ),
+    /// A fast-scan index.
+    FastScan(&'a IndexPQFastScan),
+}
+
+/// The trained part of a head's index, read back from a file.
+pub enum RestoredHead {
+    /// Nothing stored.
+    Nothing,
+    /// A PQ index.
+    Pq(IndexPQ),
+    /// A fast-scan index.
+    FastScan(IndexPQFastScan),
 }
 
 struct ExactIndex;
@@ -365,6 +427,9 @@ impl HeadIndex for PqIndex {
     fn append(&mut self, key: &[f32]) -> Result<()> {
         self.pq.add(key)
     }
+    fn stored(&self) -> StoredHead<'_> {
+        StoredHead::Pq(&self.pq)
+    }
     fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Vec<u32>> {
         let n = self.pq.ntotal();
         let mut all = vec![0.0f32; n];
@@ -389,6 +454,9 @@ struct FastScanIndex {
 impl HeadIndex for FastScanIndex {
     fn append(&mut self, key: &[f32]) -> Result<()> {
         self.fs.add(key)
+    }
+    fn stored(&self) -> StoredHead<'_> {
+        StoredHead::FastScan(&self.fs)
     }
 
     /// One fast-scan pass scores the whole group in u16. Per query head, only the candidates

@@ -136,8 +136,25 @@ pub fn info(a: &InfoArgs) -> Result<()> {
     } else {
         file::info(&a.file)?
     };
-    let index = file::open(&a.file)?;
-    let params = index.describe();
+    let params = if layout.kind == file::IndexKind::Attention {
+        let cache = file::open_attention(&a.file)?;
+        let c = cache.config();
+        let mut p: Vec<(String, String)> = vec![
+            ("kind".into(), "attention".into()),
+            ("layers".into(), c.layers.to_string()),
+            ("kv_heads".into(), c.kv_heads.to_string()),
+            ("group".into(), c.group.to_string()),
+            ("head_dim".into(), c.head_dim.to_string()),
+            ("selector".into(), c.selector.to_string()),
+            ("sink".into(), c.sink.to_string()),
+        ];
+        for layer in 0..c.layers {
+            p.push((format!("positions[{layer}]"), cache.len(layer).to_string()));
+        }
+        p
+    } else {
+        file::open(&a.file)?.describe()
+    };
     if a.json {
         let mut obj = serde_json::Map::new();
         obj.insert("version".into(), layout.version.into());

@@ -458,6 +458,9 @@ pub(crate) fn read(r: &Reader<'_>) -> Result<AnyIndex> {
             Ok(AnyIndex::PqFastScan(idx))
         }
         IndexKind::IvfPqFastScan => read_ivf(r),
+        IndexKind::Attention => Err(Error::InvalidArgument(
+            "the file holds an attention cache: use open_attention / load_attention".into(),
+        )),
     }
 }
 

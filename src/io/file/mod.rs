@@ -5,7 +5,8 @@
 //! 0             64         header
 //!                            0  magic      b"PQCACHE\0"
 //!                            8  version    u32   (FormatVersion)
-//!                           12  kind       u32   (IndexKind: 1 flat, 2 pq, 3 pq fast-scan, 4 ivf fast-scan)
+//!                           12  kind       u32   (IndexKind: 1 flat, 2 pq, 3 pq fast-scan, 4 ivf fast-scan,
+//!                                                  5 attention cache)
 //!                           16  flags      u32   (0; reserved)
 //!                           20  nsections  u32   (<= MAX_SECTIONS)
 //!                           24  file_len   u64   (the whole file, footer included)
@@ -20,7 +21,8 @@
 //! ```
 //!
 //! Every section is an array of little-endian scalars (`u8`, `f16`, `f32`, `i64`, `u64`);
-//! `meta` holds the kind's parameters as `u64` words (see [`kinds`]). Nothing is serialised
+//! `meta` holds the kind's parameters as `u64` words (see [`kinds`] and
+//! [`crate::attention::persist`]). Nothing is serialised
 //! with a generic encoder: the arrays are read in place.
 //!
 //! **Open** ([`open`]) maps the file and checks, before trusting anything: length, magic,
@@ -110,6 +112,8 @@ pub enum IndexKind {
     PqFastScan = 3,
     /// [`crate::IndexIVFPQFastScan`].
     IvfPqFastScan = 4,
+    /// [`crate::attention::AttentionRetriever`] (the KV cache and its per-head indexes).
+    Attention = 5,
 }
 
 impl IndexKind {
@@ -119,6 +123,7 @@ impl IndexKind {
             2 => IndexKind::Pq,
             3 => IndexKind::PqFastScan,
             4 => IndexKind::IvfPqFastScan,
+            5 => IndexKind::Attention,
             other => return Err(corrupt("header", format!("unknown index kind {other}"))),
         })
     }
@@ -130,6 +135,7 @@ impl IndexKind {
             IndexKind::Pq => "pq",
             IndexKind::PqFastScan => "pqfs",
             IndexKind::IvfPqFastScan => "ivfpqfs",
+            IndexKind::Attention => "attention",
         }
     }
 }
@@ -152,8 +158,14 @@ pub enum Tag {
     Vectors = 6,
     /// Squared norms, f32.
     Norms = 7,
-    /// Per inverted list: entries and `fresh_from`, u64 pairs.
+    /// Per inverted list (or attention head): two u64 words.
     Lists = 8,
+    /// The attention selector spec, UTF-8 text.
+    Selector = 9,
+    /// Attention keys, f16.
+    Keys = 10,
+    /// Attention values, f16.
+    Values = 11,
 }
 
 impl Tag {
@@ -167,6 +179,9 @@ impl Tag {
             6 => Tag::Vectors,
             7 => Tag::Norms,
             8 => Tag::Lists,
+            9 => Tag::Selector,
+            10 => Tag::Keys,
+            11 => Tag::Values,
             _ => return None,
         })
     }
@@ -182,6 +197,9 @@ impl Tag {
             Tag::Vectors => "vectors",
             Tag::Norms => "norms",
             Tag::Lists => "lists",
+            Tag::Selector => "selector",
+            Tag::Keys => "keys",
+            Tag::Values => "values",
         }
     }
 }
@@ -665,6 +683,32 @@ pub fn load_bytes(bytes: &[u8]) -> Result<AnyIndex> {
     kinds::read(&Reader::new(Source::Bytes(bytes))?)
 }
 
+/// Opens an attention cache file zero-copy (keys, values and codes stay in the mapping).
+pub fn open_attention(path: impl AsRef<Path>) -> Result<crate::attention::AttentionRetriever> {
+    let map = map_file(path.as_ref())?;
+    read_attention(&Reader::new(Source::Map(&map))?)
+}
+
+/// Reads an attention cache file into owned memory.
+pub fn load_attention(path: impl AsRef<Path>) -> Result<crate::attention::AttentionRetriever> {
+    load_attention_bytes(&read_file(path.as_ref())?)
+}
+
+/// Reads an attention cache from the bytes of a file.
+pub fn load_attention_bytes(bytes: &[u8]) -> Result<crate::attention::AttentionRetriever> {
+    read_attention(&Reader::new(Source::Bytes(bytes))?)
+}
+
+fn read_attention(r: &Reader<'_>) -> Result<crate::attention::AttentionRetriever> {
+    if r.info.kind != IndexKind::Attention {
+        return Err(Error::InvalidArgument(format!(
+            "the file holds a {} index, not an attention cache: use open / load",
+            r.info.kind.name()
+        )));
+    }
+    crate::attention::persist::read(r)
+}
+
 /// The header and section table of a file (validated, data not read).
 pub fn info(path: impl AsRef<Path>) -> Result<FileInfo> {
     let map = map_file(path.as_ref())?;
@@ -691,6 +735,10 @@ pub fn verify_bytes(bytes: &[u8]) -> Result<FileInfo> {
     if bytes[at..bytes.len() - FOOTER_LEN].iter().any(|&b| b != 0) {
         return Err(corrupt("footer", "non-zero padding before the footer"));
     }
-    kinds::read(&r)?;
+    if r.info.kind == IndexKind::Attention {
+        crate::attention::persist::read(&r)?;
+    } else {
+        kinds::read(&r)?;
+    }
     Ok(r.info)
 }

@@ -1,0 +1,270 @@
+//! Index files for the attention client: the whole KV cache and every (layer, kv_head)'s
+//! trained index in one file of kind `attention` (layout in [`crate::io::file`]).
+//!
+//! ```text
+//! meta       layers, kv_heads, group, head_dim, sink, window (u64::MAX: from the budget),
+//!            budget kind (0 ratio, 1 tokens), budget (f64 bits or count), aggregation
+//!            (0 sum, 1 max), scale (f32 bits)
+//! selector   the selector spec as text ("fastscan:64x4:rerank4", ...)
+//! lists      per head (layer-major, then kv_head): positions, state (0 empty, 1 rebuilt
+//!            from the keys, 2 pq, 3 fast-scan)
+//! keys       f16, head after head (positions * head_dim each); values: the same
+//! pq_centroids, codes   per head with a trained index, head after head
+//! ```
+//!
+//! Opening maps the file: keys, values and fast-scan / PQ codes stay in the mapping (a head
+//! copies its arrays on its first `append`); codebooks are copied; quest pages are rebuilt
+//! from the keys.
+
+use super::selector::{Aggregation, RestoredHead, SelectorSpec, StoredHead};
+use super::{AttentionRetriever, Budget, RetrieverConfig};
+use crate::error::{Error, Result};
+use crate::index::{IndexPQ, IndexPQFastScan};
+use crate::io::file::kinds::Persist;
+use crate::io::file::{corrupt, IndexKind, Reader, SectionOut, Tag};
+use crate::metric::Metric;
+use crate::pq::pack::PackedCodes;
+use crate::pq::{Nbits, ProductQuantizer};
+use half::f16;
+use pqcache_simd::fastscan::{block_bytes, BBS};
+use std::borrow::Cow;
+
+const NO_WINDOW: u64 = u64::MAX;
+/// Bounds on what a file may declare.
+const MAX_HEADS: usize = 1 << 16;
+const MAX_DIM: usize = 1 << 16;
+
+impl Persist for AttentionRetriever {
+    fn sections(&self) -> (IndexKind, Vec<SectionOut<'_>>) {
+        let c = &self.cfg;
+        let (budget_kind, budget) = match c.budget {
+            Budget::Ratio(r) => (0, r.to_bits()),
+            Budget::Tokens(t) => (1, t as u64),
+        };
+        let meta = vec![
+            c.layers as u64,
+            c.kv_heads as u64,
+            c.group as u64,
+            c.head_dim as u64,
+            c.sink as u64,
+            c.window.map_or(NO_WINDOW, |w| w as u64),
+            budget_kind,
+            budget,
+            match c.aggregation {
+                Aggregation::SumSoftmax => 0,
+                Aggregation::MaxSoftmax => 1,
+            },
+            c.scale.to_bits() as u64,
+        ];
+        let mut words = Vec::with_capacity(2 * self.heads.len());
+        let (mut cents, mut codes) = (Vec::new(), Vec::new());
+        for h in &self.heads {
+            let state = match h.index.as_ref().map(|i| i.stored()) {
+                None => 0,
+                Some(StoredHead::Nothing) => 1,
+                Some(StoredHead::Pq(pq)) => {
+                    cents.push(Cow::Borrowed(bytemuck::cast_slice(pq.pq().centroids())));
+                    codes.push(Cow::Borrowed(pq.codes()));
+                    2
+                }
+                Some(StoredHead::FastScan(fs)) => {
+                    cents.push(Cow::Borrowed(bytemuck::cast_slice(fs.pq().centroids())));
+                    codes.push(Cow::Borrowed(fs.packed_codes().data()));
+                    3
+                }
+            };
+            words.push((h.keys.len() / c.head_dim) as u64);
+            words.push(state);
+        }
+        let spec = c.selector.to_string().into_bytes();
+        let secs = vec![
+            SectionOut::words(Tag::Meta, &meta),
+            SectionOut {
+                tag: Tag::Selector,
+                elem: 1,
+                pieces: vec![Cow::Owned(spec)],
+            },
+            SectionOut::words(Tag::Lists, &words),
+            SectionOut {
+                tag: Tag::Keys,
+                elem: 2,
+                pieces: self
+                    .heads
+                    .iter()
+                    .map(|h| Cow::Borrowed(bytemuck::cast_slice(h.keys.as_slice())))
+                    .collect(),
+            },
+            SectionOut {
+                tag: Tag::Values,
+                elem: 2,
+                pieces: self
+                    .heads
+                    .iter()
+                    .map(|h| Cow::Borrowed(bytemuck::cast_slice(h.values.as_slice())))
+                    .collect(),
+            },
+            SectionOut {
+                tag: Tag::PqCentroids,
+                elem: 4,
+                pieces: cents,
+            },
+            SectionOut {
+                tag: Tag::Codes,
+                elem: 1,
+                pieces: codes,
+            },
+        ];
+        (IndexKind::Attention, secs)
+    }
+}
+
+fn small(v: u64, max: usize, what: &str) -> Result<usize> {
+    match usize::try_from(v) {
+        Ok(x) if x <= max => Ok(x),
+        _ => Err(corrupt(
+            "meta",
+            format!("{what} = {v} out of range (max {max})"),
+        )),
+    }
+}
+
+fn checked(a: usize, b: usize) -> Result<usize> {
+    a.checked_mul(b)
+        .ok_or_else(|| corrupt("lists", "sizes overflow"))
+}
+
+/// Reads an attention cache from a validated file.
+pub(crate) fn read(r: &Reader<'_>) -> Result<AttentionRetriever> {
+    let w: Vec<u64> = r.vec(Tag::Meta)?;
+    if w.len() != 10 {
+        return Err(corrupt("meta", format!("{} words, expected 10", w.len())));
+    }
+    let text: Vec<u8> = r.vec(Tag::Selector)?;
+    let spec: SelectorSpec = std::str::from_utf8(&text)
+        .map_err(|_| corrupt("selector", "not UTF-8"))?
+        .parse()
+        .map_err(|e: Error| corrupt("selector", e.to_string()))?;
+    let mut cfg = RetrieverConfig::new(
+        small(w[0], MAX_HEADS, "layers")?,
+        small(w[1], MAX_HEADS, "kv_heads")?,
+        small(w[2], MAX_HEADS, "group")?,
+        small(w[3], MAX_DIM, "head_dim")?,
+    );
+    cfg.sink = small(w[4], u32::MAX as usize, "sink")?;
+    cfg.window = match w[5] {
+        NO_WINDOW => None,
+        v => Some(small(v, u32::MAX as usize, "window")?),
+    };
+    cfg.budget = match w[6] {
+        0 => Budget::Ratio(f64::from_bits(w[7])),
+        1 => Budget::Tokens(small(w[7], u32::MAX as usize, "budget")?),
+        other => return Err(corrupt("meta", format!("budget kind {other}"))),
+    };
+    cfg.aggregation = match w[8] {
+        0 => Aggregation::SumSoftmax,
+        1 => Aggregation::MaxSoftmax,
+        other => return Err(corrupt("meta", format!("aggregation {other}"))),
+    };
+    cfg.scale = f32::from_bits(small(w[9], u32::MAX as usize, "scale")? as u32);
+    cfg.selector = spec.clone();
+    let (layers, h, d) = (cfg.layers, cfg.kv_heads, cfg.head_dim);
+    let mut ret = AttentionRetriever::new(cfg).map_err(|e| corrupt("meta", e.to_string()))?;
+    let nheads = checked(layers, h)?;
+    let words: Vec<u64> = r.vec(Tag::Lists)?;
+    if words.len() != checked(nheads, 2)? {
+        return Err(corrupt(
+            "lists",
+            format!("{} words for {nheads} heads", words.len()),
+        ));
+    }
+    let (mut kv_at, mut cent_at, mut code_at) = (0usize, 0usize, 0usize);
+    let mut layer_len: Vec<Option<usize>> = vec![None; layers];
+    for (i, pair) in words.chunks_exact(2).enumerate() {
+        let t = small(pair[0], u32::MAX as usize, "positions")?;
+        let n = checked(t, d)?;
+        // Every kv_head of a layer holds the same positions.
+        let layer = i / h;
+        match layer_len[layer] {
+            Some(len) if len != t => {
+                return Err(corrupt(
+                    "lists",
+                    format!("layer {layer}: heads of {len} and {t} positions"),
+                ))
+            }
+            _ => layer_len[layer] = Some(t),
+        }
+        let keys = r.buf::<f16>(Tag::Keys, kv_at, n)?;
+        let values = r.buf::<f16>(Tag::Values, kv_at, n)?;
+        kv_at += n;
+        let part = match (pair[1], &spec) {
+            (0, _) => None,
+            (1, _) => Some(RestoredHead::Nothing),
+            (2, SelectorSpec::Pq { m, nbits }) => {
+                let nb =
+                    Nbits::from_bits(*nbits).map_err(|e| corrupt("selector", e.to_string()))?;
+                let pq = quantizer(r, d, *m, nb, &mut cent_at)?;
+                let bytes = checked(t, *m)?;
+                let codes = r.buf::<u8>(Tag::Codes, code_at, bytes)?;
+                code_at += bytes;
+                let idx = IndexPQ::from_parts(pq, Metric::InnerProduct, codes)
+                    .map_err(|e| corrupt("codes", e.to_string()))?;
+                Some(RestoredHead::Pq(idx))
+            }
+            (3, SelectorSpec::FastScan { m, .. }) => {
+                let pq = quantizer(r, d, *m, Nbits::Four, &mut cent_at)?;
+                let bytes = checked(t.div_ceil(BBS), block_bytes(*m + *m % 2))?;
+                let buf = r.buf::<u8>(Tag::Codes, code_at, bytes)?;
+                code_at += bytes;
+                let codes = PackedCodes::from_parts(*m, t, buf)
+                    .map_err(|e| corrupt("codes", e.to_string()))?;
+                let idx = IndexPQFastScan::from_parts(pq, Metric::InnerProduct, codes, None)
+                    .map_err(|e| corrupt("codes", e.to_string()))?;
+                Some(RestoredHead::FastScan(idx))
+            }
+            (state, _) => {
+                return Err(corrupt(
+                    "lists",
+                    format!("head state {state} does not fit the selector {spec}"),
+                ))
+            }
+        };
+        if part.is_none() && t > 0 {
+            return Err(corrupt("lists", "a head with positions but no index"));
+        }
+        let head = &mut ret.heads[i];
+        head.index = match part {
+            Some(p) => Some(
+                spec.restore(&keys, d, i as u64, p)
+                    .map_err(|e| corrupt("lists", e.to_string()))?,
+            ),
+            None => None,
+        };
+        head.keys = keys;
+        head.values = values;
+    }
+    for (tag, used) in [
+        (Tag::Keys, kv_at),
+        (Tag::Values, kv_at),
+        (Tag::PqCentroids, cent_at),
+        (Tag::Codes, code_at),
+    ] {
+        if r.count(tag) != Some(used) {
+            return Err(corrupt(tag.name(), "size does not match the heads"));
+        }
+    }
+    Ok(ret)
+}
+
+fn quantizer(
+    r: &Reader<'_>,
+    d: usize,
+    m: usize,
+    nbits: Nbits,
+    at: &mut usize,
+) -> Result<ProductQuantizer> {
+    let n = checked(nbits.ksub(), d)?;
+    let cents = r.buf::<f32>(Tag::PqCentroids, *at, n)?.to_vec();
+    *at += n;
+    ProductQuantizer::from_centroids(d, m, nbits, cents)
+        .map_err(|e| corrupt("pq_centroids", e.to_string()))
+}
