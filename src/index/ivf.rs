@@ -40,12 +40,13 @@ use crate::pq::pack::PackedCodes;
 use crate::pq::{Nbits, ProductQuantizer};
 use crate::result::SearchResult;
 use pqcache_simd::distance::DistanceKernels;
-use pqcache_simd::fastscan::{FastScanKernel, BBS};
+use pqcache_simd::fastscan::{FastScanKernel, BBS, MAX_QBS};
 use pqcache_simd::Level;
 use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::SeedableRng;
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashSet};
 use std::sync::Arc;
@@ -179,6 +180,25 @@ impl InvertedList {
         };
         Ok(())
     }
+}
+
+/// From this many queries on, a search scans each list once per group of queries.
+const BATCH_MIN_QUERIES: usize = 8;
+
+/// A query's table material: one u8 table for every list, or (L2 with residuals) the
+/// `q . r_jc` terms from which each list's table is built.
+enum QueryPrep {
+    Shared(QuantizedLut),
+    ResidualL2 { dots: Vec<f32>, norm: f32 },
+}
+
+/// Buffers reused across list scans.
+#[derive(Default)]
+struct ScanScratch {
+    bytes: Vec<u8>,
+    sums: Vec<u16>,
+    masks: Vec<u32>,
+    floats: Vec<f32>,
 }
 
 /// A candidate: float score, id, and where it lives.
@@ -742,142 +762,143 @@ impl IndexIVFPQFastScan {
         QuantizedLut::new(&lut, m, m + m % 2)
     }
 
-    /// Scans list `l` into `heap`; `bias` is added to every float score of the list.
-    #[allow(clippy::too_many_arguments)]
-    fn scan_list(
+    /// What a query needs to build the table of any list it probes.
+    fn prepare(&self, q: &[f32]) -> QueryPrep {
+        if self.by_residual && self.metric == Metric::L2 {
+            // L2 with residuals: q . r_jc for every (j, c), shared by the lists.
+            let mut dots = vec![0.0f32; self.pq.m() * 16];
+            self.pq
+                .compute_lut(q, Metric::InnerProduct, &self.kernels, &mut dots);
+            QueryPrep::ResidualL2 {
+                dots,
+                norm: q.iter().map(|v| v * v).sum(),
+            }
+        } else {
+            QueryPrep::Shared(self.table(q))
+        }
+    }
+
+    /// The table of list `l` for a prepared query with coarse score `coarse`, and the bias
+    /// added to every float score of the list; `scratch` holds the float table.
+    fn list_table<'a>(
+        &self,
+        prep: &'a QueryPrep,
+        l: usize,
+        coarse: f32,
+        scratch: &mut Vec<f32>,
+    ) -> (Cow<'a, QuantizedLut>, f32) {
+        match prep {
+            // Inner product with residuals: q . x = q . c_l + q . r.
+            QueryPrep::Shared(lut) => (
+                Cow::Borrowed(lut),
+                if self.by_residual { coarse } else { 0.0 },
+            ),
+            QueryPrep::ResidualL2 { dots, norm } => {
+                // -||q - c_l - r||² = -||q - c_l||² + sum_j (2 q_j . r_jc - term_ljc), and
+                // -||q - c_l||² = coarse - ||q||².
+                let m = self.pq.m();
+                let pre = &self.precomputed[l * m * 16..(l + 1) * m * 16];
+                scratch.clear();
+                scratch.extend(dots.iter().zip(pre).map(|(a, b)| 2.0 * a - b));
+                (
+                    Cow::Owned(QuantizedLut::new(scratch, m, m + m % 2)),
+                    coarse - norm,
+                )
+            }
+        }
+    }
+
+    /// Scans list `l` once for a group of up to `MAX_QBS` queries: `tables[j]` (table, bias)
+    /// belongs to the query whose heap is `heaps[members[j]]`. Each query's kernel threshold
+    /// is its heap's floor, so blocks no query can use are skipped in-kernel.
+    fn scan_list_group(
         &self,
         l: usize,
-        lut: &QuantizedLut,
-        bias: f32,
-        heap: &mut CandHeap,
-        buf: &mut Vec<u16>,
-        masks: &mut Vec<u32>,
+        tables: &[(Cow<'_, QuantizedLut>, f32)],
+        heaps: &mut [CandHeap],
+        members: &[usize],
+        scratch: &mut ScanScratch,
     ) {
         let list = &self.lists[l];
         let (n, bb, m2) = (list.len(), list.codes.block_bytes(), list.codes.m2());
-        let score = |s: u16| bias + lut.score(s);
+        let g = tables.len();
+        scratch.bytes.clear();
+        for (t, _) in tables {
+            scratch.bytes.extend_from_slice(&t.table);
+        }
         for (ci, chunk) in list.codes.data().chunks(CHUNK_BLOCKS * bb).enumerate() {
             let nb = chunk.len() / bb;
-            buf.resize(nb * BBS, 0);
-            masks.resize(nb, 0);
-            // A u16 floor below every sum whose float score can beat the heap's threshold
-            // (one step of margin for rounding); `None`: offer every score.
-            let floor = if heap.is_full() {
-                let x = (heap.threshold() - bias - lut.bias) / lut.delta;
-                (x >= 2.0).then(|| (x.floor() as f64 - 1.0).min(65_535.0) as u16)
-            } else {
-                None
-            };
+            scratch.sums.resize(g * nb * BBS, 0);
+            scratch.masks.resize(g * nb, 0);
+            // Per query, a u16 floor below every sum whose float score can beat the heap's
+            // threshold (one step of margin for rounding); `None`: offer every score.
+            let mut floors = [None; MAX_QBS];
+            let mut thresholds = [0u16; MAX_QBS];
+            for (j, ((lut, bias), &h)) in tables.iter().zip(members).enumerate() {
+                let heap = &heaps[h];
+                if heap.is_full() {
+                    let x = (heap.threshold() - bias - lut.bias) / lut.delta;
+                    floors[j] = (x >= 2.0).then(|| (x.floor() as f64 - 1.0).min(65_535.0) as u16);
+                }
+                thresholds[j] = floors[j].unwrap_or(0);
+            }
+            self.scan.accumulate(
+                chunk,
+                nb,
+                m2,
+                &scratch.bytes,
+                g,
+                &thresholds[..g],
+                &mut scratch.sums,
+                &mut scratch.masks,
+            );
             let base = ci * CHUNK_BLOCKS * BBS;
             let valid = (n - base).min(nb * BBS);
-            let offer = |i: usize, s: u16, heap: &mut CandHeap| {
-                let id = list.ids[base + i];
-                if id >= 0 {
-                    heap.push(Cand {
-                        score: score(s),
-                        id,
-                        list: l as u32,
-                        offset: (base + i) as u32,
-                    });
-                }
-            };
-            match floor {
-                None => {
-                    self.scan
-                        .accumulate_scores(chunk, nb, m2, &lut.table, 1, buf);
-                    for (i, &s) in buf[..valid].iter().enumerate() {
-                        offer(i, s, heap);
+            for (j, ((lut, bias), &h)) in tables.iter().zip(members).enumerate() {
+                let heap = &mut heaps[h];
+                let sums = &scratch.sums[j * nb * BBS..(j + 1) * nb * BBS];
+                let mut offer = |i: usize| {
+                    let id = list.ids[base + i];
+                    if id >= 0 {
+                        heap.push(Cand {
+                            score: bias + lut.score(sums[i]),
+                            id,
+                            list: l as u32,
+                            offset: (base + i) as u32,
+                        });
                     }
+                };
+                if floors[j].is_none() {
+                    (0..valid).for_each(&mut offer);
+                    continue;
                 }
-                Some(t) => {
-                    self.scan
-                        .accumulate(chunk, nb, m2, &lut.table, 1, &[t], buf, masks);
-                    for (b, &mask) in masks.iter().enumerate() {
-                        let mut bits = mask;
-                        while bits != 0 {
-                            let i = b * BBS + bits.trailing_zeros() as usize;
-                            bits &= bits - 1;
-                            if i >= valid {
-                                break;
-                            }
-                            offer(i, buf[i], heap);
+                for (b, &mask) in scratch.masks[j * nb..(j + 1) * nb].iter().enumerate() {
+                    let mut bits = mask;
+                    while bits != 0 {
+                        let i = b * BBS + bits.trailing_zeros() as usize;
+                        bits &= bits - 1;
+                        if i >= valid {
+                            break;
                         }
+                        offer(i);
                     }
                 }
             }
         }
     }
 
-    /// The best `k` of one query, best first (fewer if the probed lists hold fewer).
-    fn search_one(&self, q: &[f32], k: usize, parallel_lists: bool) -> Vec<Cand> {
-        let probes = self.coarse.probe(&self.kernels, q, self.nprobe);
-        let rerank = self.rerank_factor > 1 && self.keep.is_some();
-        let c = if rerank { k * self.rerank_factor } else { k };
-        let residual_l2 = self.by_residual && self.metric == Metric::L2;
-        let m = self.pq.m();
-        // L2 with residuals: q . r_jc for every (j, c), shared by the lists; else the table.
-        let (shared, q_dots, q_norm) = if residual_l2 {
-            let mut t = vec![0.0f32; m * 16];
-            self.pq
-                .compute_lut(q, Metric::InnerProduct, &self.kernels, &mut t);
-            (None, t, q.iter().map(|v| v * v).sum::<f32>())
+    /// Candidates kept per query before re-ranking.
+    fn pool_size(&self, k: usize) -> usize {
+        if self.rerank_factor > 1 && self.keep.is_some() {
+            k * self.rerank_factor
         } else {
-            (Some(self.table(q)), Vec::new(), 0.0)
-        };
-        let scan_probe = |heap: &mut CandHeap,
-                          bufs: &mut (Vec<u16>, Vec<u32>, Vec<f32>),
-                          &(coarse_score, l): &(f32, u32)| {
-            let l = l as usize;
-            if self.lists[l].live() == 0 {
-                return;
-            }
-            match &shared {
-                Some(lut) => {
-                    // Inner product with residuals: q . x = q . c_l + q . r.
-                    let bias = if self.by_residual { coarse_score } else { 0.0 };
-                    self.scan_list(l, lut, bias, heap, &mut bufs.0, &mut bufs.1);
-                }
-                None => {
-                    // -||q - c_l - r||² = -||q - c_l||² + sum_j (2 q_j . r_jc - term_ljc),
-                    // and -||q - c_l||² = coarse_score - ||q||².
-                    let t = &mut bufs.2;
-                    t.clear();
-                    let pre = &self.precomputed[l * m * 16..(l + 1) * m * 16];
-                    t.extend(q_dots.iter().zip(pre).map(|(a, b)| 2.0 * a - b));
-                    let lut = QuantizedLut::new(t, m, m + m % 2);
-                    self.scan_list(
-                        l,
-                        &lut,
-                        coarse_score - q_norm,
-                        heap,
-                        &mut bufs.0,
-                        &mut bufs.1,
-                    );
-                }
-            }
-        };
-        let heap = if parallel_lists && probes.len() > 1 {
-            probes
-                .par_iter()
-                .fold(
-                    || (CandHeap::new(c), (Vec::new(), Vec::new(), Vec::new())),
-                    |(mut heap, mut bufs), p| {
-                        scan_probe(&mut heap, &mut bufs, p);
-                        (heap, bufs)
-                    },
-                )
-                .map(|(h, _)| h)
-                .reduce(|| CandHeap::new(c), CandHeap::merge)
-        } else {
-            let mut heap = CandHeap::new(c);
-            let mut bufs = (Vec::new(), Vec::new(), Vec::new());
-            for p in &probes {
-                scan_probe(&mut heap, &mut bufs, p);
-            }
-            heap
-        };
-        let mut best = heap.into_sorted();
-        if rerank {
+            k
+        }
+    }
+
+    /// Re-ranks (when on) and keeps the best `k` of a query's sorted candidates.
+    fn finish(&self, q: &[f32], k: usize, mut best: Vec<Cand>) -> Vec<Cand> {
+        if self.rerank_factor > 1 && self.keep.is_some() {
             for cand in &mut best {
                 let list = &self.lists[cand.list as usize];
                 let orig = list.originals.as_ref().expect("kept when rerank is on");
@@ -885,9 +906,111 @@ impl IndexIVFPQFastScan {
                 cand.score = self.metric.to_score(v);
             }
             best.sort_unstable_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
-            best.truncate(k);
         }
+        best.truncate(k);
         best
+    }
+
+    /// The best `k` of one query, best first (fewer if the probed lists hold fewer).
+    fn search_one(&self, q: &[f32], k: usize, parallel_lists: bool) -> Vec<Cand> {
+        let probes = self.coarse.probe(&self.kernels, q, self.nprobe);
+        let c = self.pool_size(k);
+        let prep = self.prepare(q);
+        let scan_probe =
+            |heaps: &mut [CandHeap], scratch: &mut ScanScratch, &(coarse, l): &(f32, u32)| {
+                let l = l as usize;
+                if self.lists[l].live() == 0 {
+                    return;
+                }
+                let mut floats = std::mem::take(&mut scratch.floats);
+                let table = self.list_table(&prep, l, coarse, &mut floats);
+                self.scan_list_group(l, &[table], heaps, &[0], scratch);
+                scratch.floats = floats;
+            };
+        let heap = if parallel_lists && probes.len() > 1 {
+            probes
+                .par_iter()
+                .fold(
+                    || ([CandHeap::new(c)], ScanScratch::default()),
+                    |(mut heaps, mut scratch), p| {
+                        scan_probe(&mut heaps, &mut scratch, p);
+                        (heaps, scratch)
+                    },
+                )
+                .map(|([h], _)| h)
+                .reduce(|| CandHeap::new(c), CandHeap::merge)
+        } else {
+            let mut heaps = [CandHeap::new(c)];
+            let mut scratch = ScanScratch::default();
+            for p in &probes {
+                scan_probe(&mut heaps, &mut scratch, p);
+            }
+            let [h] = heaps;
+            h
+        };
+        self.finish(q, k, heap.into_sorted())
+    }
+
+    /// A batch of queries (`nq * d`), each row's best `k`: the probed lists are scanned once
+    /// per group of up to `MAX_QBS` queries of the batch that probe them (FAISS's batch
+    /// order), so a code block is loaded once for the group.
+    fn search_batch(&self, queries: &[f32], k: usize) -> Vec<Vec<Cand>> {
+        let d = self.pq.dim();
+        let nq = queries.len() / d;
+        let probes = self.coarse.probe_batch(queries, self.nprobe);
+        let c = self.pool_size(k);
+        let preps: Vec<QueryPrep> = queries.par_chunks(d).map(|q| self.prepare(q)).collect();
+        // Query chunks run in parallel; inside a chunk, lists are scanned for the chunk's
+        // queries that probe them.
+        let per_task = nq
+            .div_ceil(rayon::current_num_threads() * 2)
+            .clamp(16, 1024);
+        let rows: Vec<Vec<Cand>> = (0..nq)
+            .collect::<Vec<_>>()
+            .par_chunks(per_task)
+            .flat_map_iter(|qs| {
+                let mut by_list: Vec<Vec<(usize, f32)>> = Vec::new();
+                let mut touched: Vec<usize> = Vec::new();
+                for (local, &qi) in qs.iter().enumerate() {
+                    for &(coarse, l) in &probes[qi] {
+                        let l = l as usize;
+                        if self.lists[l].live() == 0 {
+                            continue;
+                        }
+                        if by_list.len() <= l {
+                            by_list.resize(self.nlist(), Vec::new());
+                        }
+                        if by_list[l].is_empty() {
+                            touched.push(l);
+                        }
+                        by_list[l].push((local, coarse));
+                    }
+                }
+                touched.sort_unstable();
+                let mut heaps: Vec<CandHeap> = qs.iter().map(|_| CandHeap::new(c)).collect();
+                let mut scratch = ScanScratch::default();
+                let mut floats: Vec<Vec<f32>> = vec![Vec::new(); MAX_QBS];
+                for &l in &touched {
+                    for group in by_list[l].chunks(MAX_QBS) {
+                        let members: Vec<usize> = group.iter().map(|&(local, _)| local).collect();
+                        let tables: Vec<(Cow<'_, QuantizedLut>, f32)> = group
+                            .iter()
+                            .zip(floats.iter_mut())
+                            .map(|(&(local, coarse), f)| {
+                                self.list_table(&preps[qs[local]], l, coarse, f)
+                            })
+                            .collect();
+                        self.scan_list_group(l, &tables, &mut heaps, &members, &mut scratch);
+                    }
+                }
+                heaps
+                    .into_iter()
+                    .zip(qs)
+                    .map(|(h, &qi)| self.finish(&queries[qi * d..(qi + 1) * d], k, h.into_sorted()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        rows
     }
 
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
@@ -963,17 +1086,21 @@ impl Index for IndexIVFPQFastScan {
         let d = self.pq.dim();
         let mut res = SearchResult::empty(nq, k, self.metric);
         self.run(|| {
-            let parallel_lists = nq < rayon::current_num_threads();
-            res.distances
-                .par_chunks_mut(k)
-                .zip(res.ids.par_chunks_mut(k))
-                .zip(queries.par_chunks(d))
-                .for_each(|((dist, ids), q)| {
-                    for (slot, c) in self.search_one(q, k, parallel_lists).iter().enumerate() {
-                        dist[slot] = self.metric.from_score(c.score);
-                        ids[slot] = c.id;
-                    }
-                });
+            let rows = if nq >= BATCH_MIN_QUERIES {
+                self.search_batch(queries, k)
+            } else {
+                let parallel_lists = nq < rayon::current_num_threads();
+                queries
+                    .par_chunks(d)
+                    .map(|q| self.search_one(q, k, parallel_lists))
+                    .collect()
+            };
+            for (qi, row) in rows.iter().enumerate() {
+                for (slot, c) in row.iter().enumerate() {
+                    res.distances[qi * k + slot] = self.metric.from_score(c.score);
+                    res.ids[qi * k + slot] = c.id;
+                }
+            }
         });
         Ok(res)
     }

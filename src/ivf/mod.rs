@@ -142,6 +142,29 @@ impl CoarseQuantizer {
         labels
     }
 
+    /// The `nprobe` best lists of each row of `queries` (`nq * d`), one GEMM per chunk.
+    pub fn probe_batch(&self, queries: &[f32], nprobe: usize) -> Vec<Vec<(f32, u32)>> {
+        let (d, nlist) = (self.d, self.nlist);
+        let np = nprobe.clamp(1, nlist);
+        queries
+            .par_chunks(ASSIGN_CHUNK * d)
+            .flat_map_iter(|rows| {
+                let r = rows.len() / d;
+                let mut scores = vec![0.0f32; r * nlist];
+                gemm_abt(rows, r, &self.centroids, nlist, d, &mut scores, nlist);
+                scores
+                    .chunks_mut(nlist)
+                    .map(|row| {
+                        for (l, v) in row.iter_mut().enumerate() {
+                            *v = self.adjust(*v, l);
+                        }
+                        select_topk(row, np)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// The `nprobe` best lists for one query (`d` floats), best first, with their coarse
     /// scores (`q . c` for inner product, `2 q . c - ||c||²` for L2).
     pub fn probe(&self, kernels: &DistanceKernels, q: &[f32], nprobe: usize) -> Vec<(f32, u32)> {

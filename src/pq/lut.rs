@@ -69,15 +69,18 @@ impl ProductQuantizer {
 /// (vectorises; `f32::min` folds do not, for their NaN rule). Exact, like any min / max.
 #[inline(always)]
 fn min_max16(row: &[f32; 16]) -> (f32, f32) {
-    let (mut lo, mut hi) = (*row, *row);
-    let mut w = 8;
-    while w > 0 {
-        for i in 0..w {
-            lo[i] = if lo[i + w] < lo[i] { lo[i + w] } else { lo[i] };
-            hi[i] = if hi[i + w] > hi[i] { hi[i + w] } else { hi[i] };
+    #[inline(always)]
+    fn fold<const W: usize>(lo: &mut [f32; 16], hi: &mut [f32; 16]) {
+        for i in 0..W {
+            lo[i] = if lo[i + W] < lo[i] { lo[i + W] } else { lo[i] };
+            hi[i] = if hi[i + W] > hi[i] { hi[i + W] } else { hi[i] };
         }
-        w /= 2;
     }
+    let (mut lo, mut hi) = (*row, *row);
+    fold::<8>(&mut lo, &mut hi);
+    fold::<4>(&mut lo, &mut hi);
+    fold::<2>(&mut lo, &mut hi);
+    fold::<1>(&mut lo, &mut hi);
     (lo[0], hi[0])
 }
 
@@ -118,9 +121,9 @@ impl QuantizedLut {
             .zip(&mins)
         {
             for (o, &v) in out.iter_mut().zip(row) {
-                // Round half up; the clamp keeps the cast exact (`as u8` would saturate the
-                // same way, and maps NaN to 0), and lets the loop vectorise.
-                *o = ((v - lo) * inv + 0.5).clamp(0.0, 255.0) as u8;
+                // Round half up (truncation of x + 0.5 >= 0); through i32 and an integer
+                // clamp (same result as a saturating `as u8`, NaN to 0) the loop vectorises.
+                *o = (((v - lo) * inv + 0.5) as i32).clamp(0, 255) as u8;
             }
         }
         let bias = mins.iter().map(|&v| v as f64).sum::<f64>() as f32;
