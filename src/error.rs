@@ -43,6 +43,12 @@ pub enum Error {
         /// Versions this build reads, e.g. `1..=1`.
         supported: String,
     },
+    /// No usable GPU: the CUDA driver or NVRTC library is missing, or there is no device.
+    #[error("no GPU available: {0}")]
+    NoDevice(String),
+    /// A CUDA call failed.
+    #[error("GPU error: {0}")]
+    Gpu(String),
     /// A parameter is out of its valid range or parameters contradict each other.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

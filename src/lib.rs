@@ -14,6 +14,7 @@
 //! | [`select`] | top-k selection, small k (heap) and large k (quickselect, u16 radix select) |
 //! | [`io`] | `.npy`, `.fvecs`, `.ivecs` readers |
 //! | [`cli`] | the `pqcache` command line |
+//! | `gpu` | (feature `cuda`) KV cache on the GPU and sparse attention over selected positions |
 //! | `pqcache_simd` | the kernels (separate crate), runtime-dispatched scalar / AVX2 / AVX-512 / NEON |
 //!
 //! ```
@@ -42,6 +43,8 @@
 pub mod attention;
 pub mod cli;
 pub mod error;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod index;
 pub mod io;
 pub mod ivf;

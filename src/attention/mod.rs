@@ -311,27 +311,67 @@ impl AttentionRetriever {
         let plan = self.plan(layer);
         (0..h)
             .into_par_iter()
-            .map(|kv| {
-                let state = &self.heads[layer * h + kv];
-                let index = state.index.as_ref().ok_or(Error::NotTrained)?;
-                let chosen = if plan.k == 0 {
-                    Vec::new()
-                } else {
-                    index.choose(&ChooseContext {
-                        queries: &queries[kv * g * d..(kv + 1) * g * d],
-                        d,
-                        scale: self.cfg.scale,
-                        keys: &state.keys,
-                        candidates: plan.candidates.clone(),
-                        k: plan.k,
-                        aggregation: self.cfg.aggregation,
-                        kernels: &self.kernels,
-                        step: plan.len as u64,
-                    })?
-                };
-                Ok(plan.positions(&chosen))
-            })
+            .map(|kv| self.choose_head(layer, kv, &queries[kv * g * d..(kv + 1) * g * d], &plan))
             .collect()
+    }
+
+    /// [`AttentionRetriever::select`] for one kv_head: `queries` is that head's group,
+    /// `[group, dim]` f32. Lets a caller overlap one head's selection with another head's
+    /// attention (the GPU adapter's pipeline).
+    pub fn select_head(&self, layer: usize, kv_head: usize, queries: &[f32]) -> Result<Vec<u32>> {
+        self.check_layer(layer)?;
+        let (h, g, d) = (self.cfg.kv_heads, self.cfg.group, self.cfg.head_dim);
+        if kv_head >= h {
+            return Err(Error::InvalidArgument(format!(
+                "kv_head {kv_head} out of range ({h} kv heads)"
+            )));
+        }
+        if queries.len() != g * d {
+            return Err(Error::DimensionMismatch {
+                expected: g * d,
+                got: queries.len(),
+            });
+        }
+        crate::index::check_vectors(queries, d, "queries")?;
+        if self.is_empty(layer) {
+            return Err(Error::EmptyIndex);
+        }
+        self.choose_head(layer, kv_head, queries, &self.plan(layer))
+    }
+
+    fn choose_head(
+        &self,
+        layer: usize,
+        kv: usize,
+        queries: &[f32],
+        plan: &StepPlan,
+    ) -> Result<Vec<u32>> {
+        let d = self.cfg.head_dim;
+        let state = &self.heads[layer * self.cfg.kv_heads + kv];
+        let index = state.index.as_ref().ok_or(Error::NotTrained)?;
+        let chosen = if plan.k == 0 {
+            Vec::new()
+        } else {
+            index.choose(&ChooseContext {
+                queries,
+                d,
+                scale: self.cfg.scale,
+                keys: &state.keys,
+                candidates: plan.candidates.clone(),
+                k: plan.k,
+                aggregation: self.cfg.aggregation,
+                kernels: &self.kernels,
+                step: plan.len as u64,
+            })?
+        };
+        Ok(plan.positions(&chosen))
+    }
+
+    /// The cached keys and values of (`layer`, `kv_head`): `[position, dim]` f16 each.
+    pub fn kv(&self, layer: usize, kv_head: usize) -> Option<(&[f16], &[f16])> {
+        let h = self.heads.get(layer * self.cfg.kv_heads + kv_head)?;
+        (layer < self.cfg.layers && kv_head < self.cfg.kv_heads)
+            .then(|| (h.keys.as_slice(), h.values.as_slice()))
     }
 
     /// The sparse attention output of one decode step: [`AttentionRetriever::select`], then

@@ -4,9 +4,13 @@
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::path::PathBuf;
 
-/// `../shared/data` beside the repository (CI lays it there).
+/// `../shared/data` beside the repository (CI lays it there), or `$PQCACHE_SHARED_DATA` (for
+/// test binaries run on another machine, e.g. by scripts/gpu-check.sh).
 pub fn shared_data() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
+    let p = match std::env::var_os("PQCACHE_SHARED_DATA") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"),
+    };
     assert!(
         p.exists(),
         "test data not found at {} (../shared/data beside the repository)",
