@@ -8,6 +8,7 @@
 //! * [`distance`]: dot products and squared L2 distances, f32 x f32 and f32 x f16.
 //! * [`argmin`]: nearest centroid from GEMM output (k-means assignment, PQ encoding).
 //! * [`fastscan`]: 4-bit fast-scan accumulation (u8 tables in registers, u16 sums, 32-vector blocks).
+//! * [`lut`]: quantization of fast-scan tables (float rows of 16 to u8).
 //! * [`adc`]: asymmetric distance computation with a float lookup table over byte codes
 //!   (one byte per sub-quantizer, 8-bit or unpacked 4-bit product-quantization codes).
 //!
@@ -26,5 +27,6 @@ pub mod argmin;
 pub mod distance;
 pub mod fastscan;
 pub mod level;
+pub mod lut;
 
 pub use level::Level;

@@ -46,7 +46,6 @@ use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::SeedableRng;
 use rayon::prelude::*;
-use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashSet};
 use std::sync::Arc;
@@ -198,7 +197,27 @@ struct ScanScratch {
     bytes: Vec<u8>,
     sums: Vec<u16>,
     masks: Vec<u32>,
+}
+
+/// A per-list table under construction (L2 with residuals), reused across lists.
+struct LutSlot {
     floats: Vec<f32>,
+    mins: Vec<f32>,
+    lut: QuantizedLut,
+}
+
+impl Default for LutSlot {
+    fn default() -> Self {
+        LutSlot {
+            floats: Vec::new(),
+            mins: Vec::new(),
+            lut: QuantizedLut {
+                table: Vec::new(),
+                delta: 1.0,
+                bias: 0.0,
+            },
+        }
+    }
 }
 
 /// A candidate: float score, id, and where it lives.
@@ -779,31 +798,28 @@ impl IndexIVFPQFastScan {
     }
 
     /// The table of list `l` for a prepared query with coarse score `coarse`, and the bias
-    /// added to every float score of the list; `scratch` holds the float table.
+    /// added to every float score of the list; a per-list table is built in `slot`.
     fn list_table<'a>(
         &self,
         prep: &'a QueryPrep,
         l: usize,
         coarse: f32,
-        scratch: &mut Vec<f32>,
-    ) -> (Cow<'a, QuantizedLut>, f32) {
+        slot: &'a mut LutSlot,
+    ) -> (&'a QuantizedLut, f32) {
         match prep {
             // Inner product with residuals: q . x = q . c_l + q . r.
-            QueryPrep::Shared(lut) => (
-                Cow::Borrowed(lut),
-                if self.by_residual { coarse } else { 0.0 },
-            ),
+            QueryPrep::Shared(lut) => (lut, if self.by_residual { coarse } else { 0.0 }),
             QueryPrep::ResidualL2 { dots, norm } => {
                 // -||q - c_l - r||² = -||q - c_l||² + sum_j (2 q_j . r_jc - term_ljc), and
                 // -||q - c_l||² = coarse - ||q||².
                 let m = self.pq.m();
                 let pre = &self.precomputed[l * m * 16..(l + 1) * m * 16];
-                scratch.clear();
-                scratch.extend(dots.iter().zip(pre).map(|(a, b)| 2.0 * a - b));
-                (
-                    Cow::Owned(QuantizedLut::new(scratch, m, m + m % 2)),
-                    coarse - norm,
-                )
+                slot.floats.clear();
+                slot.floats
+                    .extend(dots.iter().zip(pre).map(|(a, b)| 2.0 * a - b));
+                slot.lut
+                    .requantize(&slot.floats, m, m + m % 2, &mut slot.mins);
+                (&slot.lut, coarse - norm)
             }
         }
     }
@@ -814,7 +830,7 @@ impl IndexIVFPQFastScan {
     fn scan_list_group(
         &self,
         l: usize,
-        tables: &[(Cow<'_, QuantizedLut>, f32)],
+        tables: &[(&QuantizedLut, f32)],
         heaps: &mut [CandHeap],
         members: &[usize],
         scratch: &mut ScanScratch,
@@ -822,6 +838,8 @@ impl IndexIVFPQFastScan {
         let list = &self.lists[l];
         let (n, bb, m2) = (list.len(), list.codes.block_bytes(), list.codes.m2());
         let g = tables.len();
+        // One slice for the whole scan (a mapped id array resolves its view once).
+        let ids = list.ids.as_slice();
         scratch.bytes.clear();
         for (t, _) in tables {
             scratch.bytes.extend_from_slice(&t.table);
@@ -858,7 +876,7 @@ impl IndexIVFPQFastScan {
                 let heap = &mut heaps[h];
                 let sums = &scratch.sums[j * nb * BBS..(j + 1) * nb * BBS];
                 let mut offer = |i: usize| {
-                    let id = list.ids[base + i];
+                    let id = ids[base + i];
                     if id >= 0 {
                         heap.push(Cand {
                             score: bias + lut.score(sums[i]),
@@ -916,22 +934,22 @@ impl IndexIVFPQFastScan {
         let probes = self.coarse.probe(&self.kernels, q, self.nprobe);
         let c = self.pool_size(k);
         let prep = self.prepare(q);
-        let scan_probe =
-            |heaps: &mut [CandHeap], scratch: &mut ScanScratch, &(coarse, l): &(f32, u32)| {
-                let l = l as usize;
-                if self.lists[l].live() == 0 {
-                    return;
-                }
-                let mut floats = std::mem::take(&mut scratch.floats);
-                let table = self.list_table(&prep, l, coarse, &mut floats);
-                self.scan_list_group(l, &[table], heaps, &[0], scratch);
-                scratch.floats = floats;
-            };
+        let scan_probe = |heaps: &mut [CandHeap],
+                          scratch: &mut (ScanScratch, LutSlot),
+                          &(coarse, l): &(f32, u32)| {
+            let l = l as usize;
+            if self.lists[l].live() == 0 {
+                return;
+            }
+            let (scan, slot) = scratch;
+            let table = self.list_table(&prep, l, coarse, slot);
+            self.scan_list_group(l, &[table], heaps, &[0], scan);
+        };
         let heap = if parallel_lists && probes.len() > 1 {
             probes
                 .par_iter()
                 .fold(
-                    || ([CandHeap::new(c)], ScanScratch::default()),
+                    || ([CandHeap::new(c)], Default::default()),
                     |(mut heaps, mut scratch), p| {
                         scan_probe(&mut heaps, &mut scratch, p);
                         (heaps, scratch)
@@ -941,7 +959,7 @@ impl IndexIVFPQFastScan {
                 .reduce(|| CandHeap::new(c), CandHeap::merge)
         } else {
             let mut heaps = [CandHeap::new(c)];
-            let mut scratch = ScanScratch::default();
+            let mut scratch = Default::default();
             for p in &probes {
                 scan_probe(&mut heaps, &mut scratch, p);
             }
@@ -989,15 +1007,17 @@ impl IndexIVFPQFastScan {
                 touched.sort_unstable();
                 let mut heaps: Vec<CandHeap> = qs.iter().map(|_| CandHeap::new(c)).collect();
                 let mut scratch = ScanScratch::default();
-                let mut floats: Vec<Vec<f32>> = vec![Vec::new(); MAX_QBS];
+                let mut slots: Vec<LutSlot> = (0..MAX_QBS).map(|_| LutSlot::default()).collect();
+                let mut members = Vec::with_capacity(MAX_QBS);
                 for &l in &touched {
                     for group in by_list[l].chunks(MAX_QBS) {
-                        let members: Vec<usize> = group.iter().map(|&(local, _)| local).collect();
-                        let tables: Vec<(Cow<'_, QuantizedLut>, f32)> = group
+                        members.clear();
+                        members.extend(group.iter().map(|&(local, _)| local));
+                        let tables: Vec<(&QuantizedLut, f32)> = group
                             .iter()
-                            .zip(floats.iter_mut())
-                            .map(|(&(local, coarse), f)| {
-                                self.list_table(&preps[qs[local]], l, coarse, f)
+                            .zip(slots.iter_mut())
+                            .map(|(&(local, coarse), slot)| {
+                                self.list_table(&preps[qs[local]], l, coarse, slot)
                             })
                             .collect();
                         self.scan_list_group(l, &tables, &mut heaps, &members, &mut scratch);

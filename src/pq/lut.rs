@@ -8,6 +8,8 @@
 use super::ProductQuantizer;
 use crate::metric::Metric;
 use pqcache_simd::distance::DistanceKernels;
+use pqcache_simd::lut::LutKernel;
+use std::sync::OnceLock;
 
 impl ProductQuantizer {
     /// Fills `lut` (`m * ksub`) for query `q` (`d`). The quantizer must be trained and the
@@ -65,25 +67,6 @@ impl ProductQuantizer {
     }
 }
 
-/// Smallest and largest of 16 finite values, by a halving tree of lane-wise comparisons
-/// (vectorises; `f32::min` folds do not, for their NaN rule). Exact, like any min / max.
-#[inline(always)]
-fn min_max16(row: &[f32; 16]) -> (f32, f32) {
-    #[inline(always)]
-    fn fold<const W: usize>(lo: &mut [f32; 16], hi: &mut [f32; 16]) {
-        for i in 0..W {
-            lo[i] = if lo[i + W] < lo[i] { lo[i + W] } else { lo[i] };
-            hi[i] = if hi[i + W] > hi[i] { hi[i + W] } else { hi[i] };
-        }
-    }
-    let (mut lo, mut hi) = (*row, *row);
-    fold::<8>(&mut lo, &mut hi);
-    fold::<4>(&mut lo, &mut hi);
-    fold::<2>(&mut lo, &mut hi);
-    fold::<1>(&mut lo, &mut hi);
-    (lo[0], hi[0])
-}
-
 /// A lookup table quantized to u8 for fast-scan, with the map back to float scores.
 ///
 /// `table[j * 16 + c] = round((s[j][c] - min_j) / delta)`, where `s` is the float table of
@@ -104,30 +87,28 @@ pub struct QuantizedLut {
 impl QuantizedLut {
     /// Quantizes `scores` (`m * 16` floats to maximise) into a table of `m2` rows.
     pub fn new(scores: &[f32], m: usize, m2: usize) -> QuantizedLut {
+        let mut lut = QuantizedLut {
+            table: Vec::new(),
+            delta: 1.0,
+            bias: 0.0,
+        };
+        lut.requantize(scores, m, m2, &mut Vec::new());
+        lut
+    }
+
+    /// [`QuantizedLut::new`] into this table's buffer (no allocation once it is large
+    /// enough); `mins` is scratch space.
+    pub fn requantize(&mut self, scores: &[f32], m: usize, m2: usize, mins: &mut Vec<f32>) {
+        static KERNEL: OnceLock<LutKernel> = OnceLock::new();
         debug_assert_eq!(scores.len(), m * 16);
-        let mut mins = Vec::with_capacity(m);
-        let mut span = 0.0f32;
-        for row in scores.chunks_exact(16) {
-            let (lo, hi) = min_max16(row.try_into().expect("16 wide"));
-            mins.push(lo);
-            span = span.max(hi - lo);
-        }
-        let delta = if span > 0.0 { span / 255.0 } else { 1.0 };
-        let inv = 1.0 / delta;
-        let mut table = vec![0u8; m2 * 16];
-        for ((row, out), &lo) in scores
-            .chunks_exact(16)
-            .zip(table.chunks_exact_mut(16))
-            .zip(&mins)
-        {
-            for (o, &v) in out.iter_mut().zip(row) {
-                // Round half up (truncation of x + 0.5 >= 0); through i32 and an integer
-                // clamp (same result as a saturating `as u8`, NaN to 0) the loop vectorises.
-                *o = (((v - lo) * inv + 0.5) as i32).clamp(0, 255) as u8;
-            }
-        }
-        let bias = mins.iter().map(|&v| v as f64).sum::<f64>() as f32;
-        QuantizedLut { table, delta, bias }
+        // Every level gives the same bytes: the kernel is resolved once per process.
+        let kernel = KERNEL.get_or_init(LutKernel::best);
+        mins.clear();
+        mins.resize(m, 0.0);
+        self.table.clear();
+        self.table.resize(m2 * 16, 0);
+        self.delta = kernel.quantize(scores, mins, &mut self.table);
+        self.bias = mins.iter().map(|&v| v as f64).sum::<f64>() as f32;
     }
 
     /// The float score of a u16 sum.

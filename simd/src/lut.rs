@@ -1,0 +1,220 @@
+//! Quantization of fast-scan lookup tables: float rows of 16 entries to u8.
+//!
+//! Input: `m` rows of 16 floats (scores to maximise), row-major. Two passes:
+//!
+//! 1. per row `j`: `min_j` and `max_j`; `span = max_j (max_j - min_j)`;
+//!    `delta = span / 255` (1 if the span is 0), `inv = 1 / delta`.
+//! 2. `table[j][c] = clamp(trunc((s[j][c] - min_j) * inv + 0.5), 0, 255)` (round half up).
+//!
+//! Every level does the same operations in the same order per element (a subtraction, a
+//! multiplication and an addition, each rounded; no fused multiply-add), and min / max are
+//! exact, so every level matches the scalar reference bit for bit. Rows must be finite (the
+//! callers check their queries); a NaN entry gives 0.
+
+use crate::level::Level;
+
+/// A resolved table-quantization kernel.
+#[derive(Clone, Copy)]
+pub struct LutKernel {
+    level: Level,
+    quantize: fn(&[f32], &mut [f32], &mut [u8]) -> f32,
+}
+
+impl std::fmt::Debug for LutKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LutKernel")
+            .field("level", &self.level)
+            .finish()
+    }
+}
+
+impl LutKernel {
+    /// The kernel for `level`, capped at what the CPU supports.
+    pub fn for_level(level: Level) -> LutKernel {
+        let level = level.capped();
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            Level::V3 | Level::V4 => LutKernel {
+                level: Level::V3,
+                quantize: x86::quantize_v3,
+            },
+            _ => LutKernel {
+                level: Level::Scalar,
+                quantize: quantize_scalar,
+            },
+        }
+    }
+
+    /// The kernel for [`Level::best`].
+    pub fn best() -> LutKernel {
+        LutKernel::for_level(Level::best())
+    }
+
+    /// The level this kernel was resolved for.
+    pub fn level(&self) -> Level {
+        self.level
+    }
+
+    /// Quantizes `scores` (`m * 16`) into the first `m * 16` bytes of `table`, writes each
+    /// row's minimum into `mins` (`m`), and returns `delta`. Panics if the lengths disagree.
+    pub fn quantize(&self, scores: &[f32], mins: &mut [f32], table: &mut [u8]) -> f32 {
+        assert!(
+            scores.len().is_multiple_of(16)
+                && mins.len() == scores.len() / 16
+                && table.len() >= scores.len(),
+            "quantize: shapes disagree"
+        );
+        (self.quantize)(scores, mins, table)
+    }
+}
+
+#[inline(always)]
+fn delta_of(span: f32) -> f32 {
+    if span > 0.0 {
+        span / 255.0
+    } else {
+        1.0
+    }
+}
+
+/// Scalar reference of [`LutKernel::quantize`].
+pub fn quantize_scalar(scores: &[f32], mins: &mut [f32], table: &mut [u8]) -> f32 {
+    let mut span = 0.0f32;
+    for (row, lo_out) in scores.chunks_exact(16).zip(mins.iter_mut()) {
+        let (mut lo, mut hi) = (row[0], row[0]);
+        for &v in &row[1..] {
+            lo = if v < lo { v } else { lo };
+            hi = if v > hi { v } else { hi };
+        }
+        *lo_out = lo;
+        let s = hi - lo;
+        span = if s > span { s } else { span };
+    }
+    let delta = delta_of(span);
+    let inv = 1.0 / delta;
+    for ((row, out), &lo) in scores
+        .chunks_exact(16)
+        .zip(table.chunks_exact_mut(16))
+        .zip(mins.iter())
+    {
+        for (o, &v) in out.iter_mut().zip(row) {
+            *o = (((v - lo) * inv + 0.5) as i32).clamp(0, 255) as u8;
+        }
+    }
+    delta
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Horizontal min and max of 16 floats held as two halves.
+    #[inline(always)]
+    unsafe fn min_max(a: __m256, b: __m256) -> (f32, f32) {
+        // SAFETY (caller): AVX2 is enabled.
+        unsafe {
+            let mut lo = _mm256_min_ps(a, b);
+            let mut hi = _mm256_max_ps(a, b);
+            lo = _mm256_min_ps(lo, _mm256_permute2f128_ps::<1>(lo, lo));
+            hi = _mm256_max_ps(hi, _mm256_permute2f128_ps::<1>(hi, hi));
+            lo = _mm256_min_ps(lo, _mm256_shuffle_ps::<0b01_00_11_10>(lo, lo));
+            hi = _mm256_max_ps(hi, _mm256_shuffle_ps::<0b01_00_11_10>(hi, hi));
+            lo = _mm256_min_ps(lo, _mm256_shuffle_ps::<0b10_11_00_01>(lo, lo));
+            hi = _mm256_max_ps(hi, _mm256_shuffle_ps::<0b10_11_00_01>(hi, hi));
+            (_mm256_cvtss_f32(lo), _mm256_cvtss_f32(hi))
+        }
+    }
+
+    /// 8 quantized values as i32 lanes: `clamp(trunc((v - lo) * inv + 0.5), 0, 255)`.
+    #[inline(always)]
+    unsafe fn quant8(v: __m256, lo: __m256, inv: __m256, half: __m256, top: __m256) -> __m256i {
+        // SAFETY (caller): AVX2 is enabled.
+        unsafe {
+            let x = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(v, lo), inv), half);
+            // max(x, 0) returns 0 for NaN (the second operand), as the scalar cast does; the
+            // float clamp before truncation equals the scalar integer clamp after it.
+            let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_setzero_ps()), top);
+            _mm256_cvttps_epi32(x)
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn quantize_v3_imp(scores: &[f32], mins: &mut [f32], table: &mut [u8]) -> f32 {
+        let m = scores.len() / 16;
+        let p = scores.as_ptr();
+        // SAFETY: row j reads p[16 j .. 16 j + 16] with j < m = len / 16; the stores write
+        // table[16 j .. 16 j + 16], and table.len() >= 16 m (checked by the caller).
+        unsafe {
+            let mut span = 0.0f32;
+            for (j, lo_out) in mins.iter_mut().enumerate().take(m) {
+                let a = _mm256_loadu_ps(p.add(16 * j));
+                let b = _mm256_loadu_ps(p.add(16 * j + 8));
+                let (lo, hi) = min_max(a, b);
+                *lo_out = lo;
+                let s = hi - lo;
+                span = if s > span { s } else { span };
+            }
+            let delta = super::delta_of(span);
+            let inv = _mm256_set1_ps(1.0 / delta);
+            let half = _mm256_set1_ps(0.5);
+            let top = _mm256_set1_ps(255.0);
+            let out = table.as_mut_ptr();
+            for (j, &lo) in mins.iter().enumerate().take(m) {
+                let lo = _mm256_set1_ps(lo);
+                let q0 = quant8(_mm256_loadu_ps(p.add(16 * j)), lo, inv, half, top);
+                let q1 = quant8(_mm256_loadu_ps(p.add(16 * j + 8)), lo, inv, half, top);
+                // i32 -> u16 -> u8 with unsigned saturation (values are already 0..=255);
+                // packs interleave 128-bit lanes, the permute restores the order.
+                let w = _mm256_packus_epi32(q0, q1);
+                let w = _mm256_permute4x64_epi64::<0b11_01_10_00>(w);
+                let bytes =
+                    _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w));
+                _mm_storeu_si128(out.add(16 * j) as *mut __m128i, bytes);
+            }
+            delta
+        }
+    }
+
+    pub(super) fn quantize_v3(scores: &[f32], mins: &mut [f32], table: &mut [u8]) -> f32 {
+        // SAFETY: only reachable through a kernel built for V3 or V4, which the CPU supports.
+        unsafe { quantize_v3_imp(scores, mins, table) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    #[test]
+    fn every_level_is_bit_exact_with_scalar() {
+        let mut rng = StdRng::seed_from_u64(5);
+        for m in [1usize, 2, 3, 16, 17, 64, 130] {
+            for trial in 0..6 {
+                let scores: Vec<f32> = (0..m * 16)
+                    .map(|i| match trial {
+                        0 => rng.random_range(-3.0..3.0),
+                        1 => rng.random_range(-1e6..1e6),
+                        2 => (i % 5) as f32, // many ties, exact halves
+                        3 => 7.25,           // zero span
+                        4 => rng.random_range(0..512) as f32 / 2.0, // x.5 boundaries
+                        _ => rng.random_range(-1e-30..1e-30),
+                    })
+                    .collect();
+                let (mut wm, mut wt) = (vec![0.0; m], vec![0u8; m * 16 + 16]);
+                let wd = quantize_scalar(&scores, &mut wm, &mut wt);
+                for level in Level::all_supported() {
+                    let (mut gm, mut gt) = (vec![0.0; m], vec![0u8; m * 16 + 16]);
+                    let gd = LutKernel::for_level(level).quantize(&scores, &mut gm, &mut gt);
+                    assert_eq!(
+                        gd.to_bits(),
+                        wd.to_bits(),
+                        "level {level} m {m} trial {trial}"
+                    );
+                    assert_eq!(gm, wm, "level {level} m {m} trial {trial}");
+                    assert_eq!(gt, wt, "level {level} m {m} trial {trial}");
+                }
+            }
+        }
+    }
+}
