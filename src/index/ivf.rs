@@ -262,29 +262,64 @@ impl PartialEq for Cand {
 }
 impl Eq for Cand {}
 
-/// The best `cap` candidates seen so far, the worst on top.
+/// From this many kept candidates on (re-ranking pools, large k), [`CandHeap`] keeps a
+/// reservoir instead of a binary heap.
+const RESERVOIR_MIN: usize = 48;
+
+/// The best `cap` candidates seen so far (order: higher score, then smaller id).
+///
+/// Small `cap`: a binary heap with the worst on top. Large `cap`: a reservoir of up to
+/// `2 * cap` candidates; when it fills, a selection keeps the best `cap` and the worst of
+/// them becomes the threshold to beat (FAISS's reservoir handler): `O(1)` amortised per
+/// offer instead of `O(log cap)`.
 struct CandHeap {
     cap: usize,
     heap: BinaryHeap<Cand>,
+    reservoir: Vec<Cand>,
+    /// Reservoir mode: the worst kept candidate after the last compaction.
+    floor: Option<Cand>,
 }
 
 impl CandHeap {
     fn new(cap: usize) -> CandHeap {
+        let reservoir = cap >= RESERVOIR_MIN;
         CandHeap {
             cap,
-            heap: BinaryHeap::with_capacity(cap + 1),
+            heap: BinaryHeap::with_capacity(if reservoir { 0 } else { cap + 1 }),
+            reservoir: Vec::with_capacity(if reservoir { 2 * cap } else { 0 }),
+            floor: None,
         }
     }
-    fn is_full(&self) -> bool {
-        self.heap.len() >= self.cap
+    fn is_reservoir(&self) -> bool {
+        self.cap >= RESERVOIR_MIN
     }
-    /// The score to beat once full.
+    /// Whether [`CandHeap::threshold`] is finite (only better candidates can still enter).
+    fn is_full(&self) -> bool {
+        if self.is_reservoir() {
+            self.floor.is_some()
+        } else {
+            self.heap.len() >= self.cap
+        }
+    }
+    /// The score an entering candidate must reach (ties are decided by id).
     fn threshold(&self) -> f32 {
-        self.heap.peek().map_or(f32::NEG_INFINITY, |c| c.score)
+        if self.is_reservoir() {
+            self.floor.map_or(f32::NEG_INFINITY, |c| c.score)
+        } else {
+            self.heap.peek().map_or(f32::NEG_INFINITY, |c| c.score)
+        }
     }
     #[inline]
     fn push(&mut self, c: Cand) {
-        if self.heap.len() < self.cap {
+        if self.is_reservoir() {
+            if self.floor.is_some_and(|f| !c.beats(&f)) {
+                return;
+            }
+            self.reservoir.push(c);
+            if self.reservoir.len() >= 2 * self.cap {
+                self.compact();
+            }
+        } else if self.heap.len() < self.cap {
             self.heap.push(c);
         } else if let Some(mut top) = self.heap.peek_mut() {
             if c.beats(&top) {
@@ -292,13 +327,28 @@ impl CandHeap {
             }
         }
     }
+    /// Reservoir: keeps the best `cap` (best first in `Ord`), the last of them as the floor.
+    fn compact(&mut self) {
+        if self.reservoir.len() > self.cap {
+            self.reservoir.select_nth_unstable(self.cap - 1);
+            self.reservoir.truncate(self.cap);
+        }
+        if self.reservoir.len() == self.cap {
+            self.floor = self.reservoir.iter().max().copied();
+        }
+    }
     fn merge(mut self, other: CandHeap) -> CandHeap {
-        for c in other.heap {
+        for c in other.heap.into_iter().chain(other.reservoir) {
             self.push(c);
         }
         self
     }
-    fn into_sorted(self) -> Vec<Cand> {
+    fn into_sorted(mut self) -> Vec<Cand> {
+        if self.is_reservoir() {
+            self.compact();
+            self.reservoir.sort_unstable();
+            return self.reservoir;
+        }
         // Ascending in `Ord` = best first.
         self.heap.into_sorted_vec()
     }
