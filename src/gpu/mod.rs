@@ -304,10 +304,14 @@ impl GpuSparseAttention {
             starts.push(flat.len() as u32);
         }
         let launch = self.launch(cache, layer, group, scale, queries, &flat, &starts, 0..h)?;
-        self.dev
-            .stream
+        let s = &self.dev.stream;
+        let out = s
             .clone_dtoh(&launch.out)
-            .map_err(|e| gpu_err("download", e))
+            .map_err(|e| gpu_err("download", e))?;
+        // A device-to-pageable copy returns when done; the explicit wait also surfaces any
+        // asynchronous launch error here, as a typed error.
+        s.synchronize().map_err(|e| gpu_err("synchronize", e))?;
+        Ok(out)
     }
 
     /// One decode step of `layer` on CPU and GPU together: per kv_head, the CPU retriever
@@ -370,6 +374,10 @@ impl GpuSparseAttention {
                 .map_err(|e| gpu_err("event", e))? as f64
                 / 1e3;
         }
+        self.dev
+            .stream
+            .synchronize()
+            .map_err(|e| gpu_err("synchronize", e))?;
         report.total_s = start.elapsed().as_secs_f64();
         Ok((out, report))
     }
