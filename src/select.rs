@@ -323,6 +323,69 @@ pub fn select_topk_nonneg_f32(scores: &[f32], k: usize) -> Vec<u32> {
     if k == 0 {
         return Vec::new();
     }
+    if let Some(found) = select_topk_sampled(scores, k) {
+        return found;
+    }
+    select_topk_nonneg_f32_histogram(scores, k)
+}
+
+/// Elements sampled (every `SAMPLE_STRIDE`-th) to place the floor of the sampled selection.
+const NONNEG_SAMPLE_STRIDE: usize = 16;
+
+/// The sampled path of [`select_topk_nonneg_f32`]: the `(k / n)` quantile of every 16th score,
+/// widened by 25 % and 16 places, is a floor expected to have a little more than `k` scores at
+/// or above it; one pass collects them and an exact selection (score, then smaller index)
+/// orders them. `None` when the floor turns out too high (fewer than `k` at or above it) or
+/// the input is too small to sample: the caller falls back to the exact histogram method.
+/// About one pass over the scores plus `O(k)`, and no large allocation.
+fn select_topk_sampled(scores: &[f32], k: usize) -> Option<Vec<u32>> {
+    let n = scores.len();
+    if n < 64 * NONNEG_SAMPLE_STRIDE || k * 2 > n {
+        return None;
+    }
+    let mut sample: Vec<f32> = scores
+        .iter()
+        .step_by(NONNEG_SAMPLE_STRIDE)
+        .copied()
+        .collect();
+    let want = ((k as f64 / n as f64) * sample.len() as f64 * 1.25).ceil() as usize + 16;
+    if want >= sample.len() {
+        return None;
+    }
+    // The want-th largest of the sample.
+    let (_, nth, _) = sample.select_nth_unstable_by(want - 1, |a, b| b.total_cmp(a));
+    let floor = *nth;
+    let mut pairs: Vec<(f32, u32)> = Vec::with_capacity(k + k / 2 + 64);
+    for (i, &v) in scores.iter().enumerate() {
+        if v >= floor {
+            pairs.push((v, i as u32));
+        }
+    }
+    if pairs.len() < k {
+        return None;
+    }
+    if k < pairs.len() {
+        pairs.select_nth_unstable_by(k - 1, rank);
+        pairs.truncate(k);
+    }
+    // Ascending indices through a bitmap over the positions: O(n / 64 + k), no sort.
+    let mut bits = vec![0u64; n.div_ceil(64)];
+    for &(_, i) in &pairs {
+        bits[i as usize / 64] |= 1 << (i % 64);
+    }
+    let mut out = Vec::with_capacity(k);
+    for (w, &word) in bits.iter().enumerate() {
+        let mut b = word;
+        while b != 0 {
+            out.push((w * 64) as u32 + b.trailing_zeros());
+            b &= b - 1;
+        }
+    }
+    Some(out)
+}
+
+/// The exact histogram path of [`select_topk_nonneg_f32`] (`1 <= k <= scores.len()`).
+fn select_topk_nonneg_f32_histogram(scores: &[f32], k: usize) -> Vec<u32> {
     // Negative zero and anything negative (not expected) map to bucket 0.
     let key = |v: f32| {
         let bits = v.to_bits();
@@ -488,16 +551,20 @@ mod tests {
     #[test]
     fn nonneg_f32_selection_matches_full_sort() {
         let mut rng = StdRng::seed_from_u64(12);
-        for n in [0usize, 1, 50, 3000] {
-            for kind in 0..3 {
+        // n >= 1024 and k <= n / 2 take the sampled path; kind 3 fools the sample (every
+        // sampled position is high), forcing its fallback to the histogram for larger k.
+        for n in [0usize, 1, 50, 3000, 40_000] {
+            for kind in 0..4 {
                 let scores: Vec<f32> = (0..n)
-                    .map(|_| match kind {
+                    .map(|i| match kind {
                         0 => rng.random_range(0.0..1.0),
                         1 => rng.random_range(0..5) as f32 * 0.25, // many ties
-                        _ => (rng.random_range(-80.0f32..0.0)).exp(), // wide dynamic range
+                        2 => (rng.random_range(-80.0f32..0.0)).exp(), // wide dynamic range
+                        _ if i % 16 == 0 => 1.0,
+                        _ => rng.random_range(0.0..0.5),
                     })
                     .collect();
-                for k in [1usize, 10, 300, 2999, 5000] {
+                for k in [1usize, 10, 300, 2999, 5000, 19_000] {
                     let mut want: Vec<u32> = naive(&scores, k.min(n))
                         .into_iter()
                         .map(|(_, i)| i)

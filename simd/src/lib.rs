@@ -9,6 +9,7 @@
 //! * [`argmin`]: nearest centroid from GEMM output (k-means assignment, PQ encoding).
 //! * [`fastscan`]: 4-bit fast-scan accumulation (u8 tables in registers, u16 sums, 32-vector blocks).
 //! * [`lut`]: quantization of fast-scan tables (float rows of 16 to u8).
+//! * [`softmax`]: softmax weights of fast-scan sums through a table (attention selection).
 //! * [`adc`]: asymmetric distance computation with a float lookup table over byte codes
 //!   (one byte per sub-quantizer, 8-bit or unpacked 4-bit product-quantization codes).
 //!
@@ -28,5 +29,6 @@ pub mod distance;
 pub mod fastscan;
 pub mod level;
 pub mod lut;
+pub mod softmax;
 
 pub use level::Level;

@@ -20,6 +20,7 @@ use crate::pq::Nbits;
 use crate::select::select_topk_nonneg_f32;
 use half::f16;
 use pqcache_simd::distance::DistanceKernels;
+use pqcache_simd::softmax::SoftmaxKernel;
 use rand::{rngs::StdRng, seq::index::sample, SeedableRng};
 use std::fmt;
 use std::ops::Range;
@@ -200,6 +201,7 @@ impl SelectorSpec {
                 Box::new(FastScanIndex {
                     fs,
                     rerank: *rerank,
+                    softmax: SoftmaxKernel::best(),
                     scratch: Mutex::new((Vec::new(), Vec::new())),
                 })
             }
@@ -233,6 +235,7 @@ impl SelectorSpec {
                 Box::new(FastScanIndex {
                     fs,
                     rerank: *rerank,
+                    softmax: SoftmaxKernel::best(),
                     scratch: Mutex::new((Vec::new(), Vec::new())),
                 })
             }
@@ -446,6 +449,7 @@ impl HeadIndex for PqIndex {
 struct FastScanIndex {
     fs: IndexPQFastScan,
     rerank: usize,
+    softmax: SoftmaxKernel,
     /// Buffers reused across steps (u16 sums, aggregated scores): fresh megabyte-sized
     /// allocations every step would cost page faults comparable to the scan itself.
     scratch: Mutex<(Vec<u16>, Vec<f32>)>,
@@ -477,38 +481,19 @@ impl HeadIndex for FastScanIndex {
         let nc = cand.len();
         dense.clear();
         dense.resize(nc, 0.0);
-        let mut touched: Vec<u32> = Vec::new();
-        let mut live: Vec<u32> = Vec::new();
         // Per head: (largest approximate logit, normaliser), for re-ranking.
         let mut norms = Vec::with_capacity(g);
+        let max = ctx.aggregation == Aggregation::MaxSoftmax;
         for (q, table) in tables.iter().enumerate() {
             let row = &sums[q * n + cand.start..q * n + cand.end];
             let hi = row.iter().copied().max().unwrap_or(0);
             let step = ctx.scale * table.delta;
             let span = ((LOG_CUTOFF / step).ceil() as usize).min(hi as usize);
             let lo = hi - span as u16;
-            live.clear();
-            if lo == 0 {
-                live.extend(0..nc as u32);
-            } else {
-                self.fs.collect_above(row, lo - 1, &mut live);
-            }
-            let mut hist = vec![0u32; span + 1];
-            for &i in &live {
-                hist[(row[i as usize] - lo) as usize] += 1;
-            }
-            let (prob, z) = exp_table(step, span, &hist);
-            for &i in &live {
-                let p = prob[(row[i as usize] - lo) as usize];
-                let slot = &mut dense[i as usize];
-                if *slot == 0.0 {
-                    if p == 0.0 {
-                        continue;
-                    }
-                    touched.push(i);
-                }
-                ctx.aggregation.combine(slot, p);
-            }
+            let weights = exp_weights(step, span);
+            let z = self.softmax.weight_sum(row, lo, &weights);
+            self.softmax
+                .accumulate(row, lo, &weights, 1.0 / z, dense, max);
             norms.push((ctx.scale * table.score(hi), z));
         }
         let want = if self.rerank > 1 {
@@ -517,20 +502,18 @@ impl HeadIndex for FastScanIndex {
             ctx.k
         }
         .min(nc);
-        let weights: Vec<f32> = touched.iter().map(|&i| dense[i as usize]).collect();
-        let mut best: Vec<u32> = select_topk_nonneg_f32(&weights, want)
+        let mut best: Vec<u32> = select_topk_nonneg_f32(dense, want)
             .into_iter()
-            .map(|j| touched[j as usize])
+            .filter(|&i| dense[i as usize] > 0.0)
             .collect();
         if best.len() < want {
-            // Fill with the most recent weightless candidates.
-            let mut taken = vec![false; nc];
-            best.iter().for_each(|&i| taken[i as usize] = true);
+            // Fewer than `want` candidates carry weight (all of them are in `best`): fill
+            // with the most recent weightless ones.
             let need = want - best.len();
             best.extend(
                 (0..nc as u32)
                     .rev()
-                    .filter(|&i| !taken[i as usize])
+                    .filter(|&i| dense[i as usize] == 0.0)
                     .take(need),
             );
         }
@@ -564,13 +547,14 @@ impl HeadIndex for FastScanIndex {
 /// dump (`eval-attention`, ratio 0.1): the same error as a cutoff of 30, 30 % less time.
 const LOG_CUTOFF: f32 = 12.0;
 
-/// `(p, Z)` with `p[b] = exp(step * (b - range)) / Z` for `b` in `0..=range` and `Z =
-/// sum_b hist[b] * exp(step * (b - range))`: the softmax probability of a candidate whose u16 score is
-/// `lo + b`. Built downwards from the maximum by repeated multiplication, recomputed with
-/// `exp` every 64 entries (relative error below 1e-5), and cut to 0 below 1e-30 (a weight no
-/// attention output can feel), which also keeps denormals out.
-fn exp_table(step: f32, range: usize, hist: &[u32]) -> (Vec<f32>, f32) {
-    let mut prob = vec![0.0f32; range + 1];
+/// The weight table of [`pqcache_simd::softmax`]: `w[0] = 0` (scores below `lo`) and
+/// `w[b + 1] = exp(step * (b - range))` for `b` in `0..=range`: the unnormalised softmax weight
+/// of a candidate whose u16 score is `lo + b` (the maximum `lo + range` weighs 1). Built
+/// downwards from the maximum by repeated multiplication, recomputed with `exp` every 64
+/// entries (relative error below 1e-5), and cut to 0 below 1e-30 (a weight no attention
+/// output can feel), which also keeps denormals out.
+fn exp_weights(step: f32, range: usize) -> Vec<f32> {
+    let mut w = vec![0.0f32; range + 2];
     let ratio = (-step).exp();
     let mut e = 1.0f32;
     for (i, b) in (0..=range).rev().enumerate() {
@@ -580,13 +564,10 @@ fn exp_table(step: f32, range: usize, hist: &[u32]) -> (Vec<f32>, f32) {
         if e < 1e-30 {
             break;
         }
-        prob[b] = e;
+        w[b + 1] = e;
         e *= ratio;
     }
-    let z: f32 = hist.iter().zip(&prob).map(|(&c, &p)| c as f32 * p).sum();
-    let inv = 1.0 / z;
-    prob.iter_mut().for_each(|p| *p *= inv);
-    (prob, z)
+    w
 }
 
 /// Quest: per page of `page` positions, the channel-wise min and max of its keys.
