@@ -248,3 +248,38 @@ fn large_k_is_exact_when_the_sampled_floor_is_too_high() {
     let want: Vec<i64> = all[..k].iter().map(|x| x.1).collect();
     assert_eq!(res.ids_of(0), &want[..]);
 }
+
+#[test]
+fn scan_scores_is_the_same_on_one_thread_and_many() {
+    // One thread with whole blocks takes the single-call path straight into `out`; otherwise
+    // chunks run in parallel and are copied into place. Both must give the same sums.
+    let d = 16;
+    for n in [64usize, 320, 333] {
+        let base = common::uniform(n, d, 3);
+        let q = common::uniform(6, d, 4);
+        let mut idx = IndexPQFastScan::new(d, 8, Metric::InnerProduct).unwrap();
+        idx.train(&base).unwrap();
+        idx.add(&base).unwrap();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut out = vec![0u16; 6 * n];
+            let tables = pool.install(|| idx.scan_scores(&q, &mut out)).unwrap();
+            (out, tables)
+        };
+        let (a, ta) = run(1);
+        let (b, tb) = run(2);
+        assert_eq!(a, b, "n {n}");
+        assert_eq!(ta, tb, "n {n}");
+        // Against the packed codes and tables, for one vector.
+        let code = idx.packed_codes().code(n - 1);
+        let want: u16 = code
+            .iter()
+            .enumerate()
+            .map(|(j, &c)| ta[5].table[j * 16 + c as usize] as u16)
+            .sum();
+        assert_eq!(a[5 * n + n - 1], want);
+    }
+}

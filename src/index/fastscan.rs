@@ -217,6 +217,30 @@ impl IndexPQFastScan {
         let (bb, m2) = (self.codes.block_bytes(), self.codes.m2());
         let span = CHUNK_BLOCKS * BBS;
         let mut tables = Vec::with_capacity(nq);
+        if rayon::current_num_threads() == 1 && n.is_multiple_of(BBS) {
+            // One kernel call per query group over every block, straight into `out`: with
+            // whole blocks the kernel's query-major layout is exactly `out`'s rows.
+            let nb = self.codes.nblocks();
+            let mut masks = Vec::new();
+            for (group, rows) in queries.chunks(MAX_QBS * d).zip(out.chunks_mut(MAX_QBS * n)) {
+                let luts: Vec<QuantizedLut> =
+                    group.chunks(d).map(|q| self.quantized_lut(q)).collect();
+                let gq = luts.len();
+                masks.resize(gq * nb, 0u32);
+                self.scan.accumulate(
+                    self.codes.data(),
+                    nb,
+                    m2,
+                    &concat_tables(&luts),
+                    gq,
+                    &[u16::MAX; MAX_QBS][..gq],
+                    rows,
+                    &mut masks,
+                );
+                tables.extend(luts);
+            }
+            return Ok(tables);
+        }
         for (group, rows) in queries.chunks(MAX_QBS * d).zip(out.chunks_mut(MAX_QBS * n)) {
             let luts: Vec<QuantizedLut> = group.chunks(d).map(|q| self.quantized_lut(q)).collect();
             let bytes = concat_tables(&luts);
