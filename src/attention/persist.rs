@@ -20,7 +20,7 @@ use super::selector::{Aggregation, RestoredHead, SelectorSpec, StoredHead};
 use super::{AttentionRetriever, Budget, RetrieverConfig};
 use crate::error::{Error, Result};
 use crate::index::{IndexPQ, IndexPQFastScan};
-use crate::io::file::kinds::Persist;
+use crate::io::file::kinds::{small, Persist};
 use crate::io::file::{corrupt, IndexKind, Reader, SectionOut, Tag};
 use crate::metric::Metric;
 use crate::pq::pack::PackedCodes;
@@ -115,16 +115,6 @@ impl Persist for AttentionRetriever {
             },
         ];
         (IndexKind::Attention, secs)
-    }
-}
-
-fn small(v: u64, max: usize, what: &str) -> Result<usize> {
-    match usize::try_from(v) {
-        Ok(x) if x <= max => Ok(x),
-        _ => Err(corrupt(
-            "meta",
-            format!("{what} = {v} out of range (max {max})"),
-        )),
     }
 }
 

@@ -20,7 +20,7 @@
 //! originals if kept.
 
 use super::flat::FlatStorage;
-use super::{check_k, check_vectors, Index};
+use super::{check_k, check_vectors, for_each_marked, Index};
 use crate::error::{Error, Result};
 use crate::kmeans::KMeansConfig;
 use crate::metric::Metric;
@@ -432,16 +432,10 @@ impl IndexPQFastScan {
                     (0..nq)
                         .map(|q| {
                             let mut out = Vec::new();
-                            for (b, &mask) in masks[q * nb..(q + 1) * nb].iter().enumerate() {
-                                let mut bits = mask;
-                                while bits != 0 {
-                                    let i = b * BBS + bits.trailing_zeros() as usize;
-                                    bits &= bits - 1;
-                                    if base + i < n {
-                                        out.push((buf[q * nb * BBS + i], (base + i) as u32));
-                                    }
-                                }
-                            }
+                            let valid = n.saturating_sub(base);
+                            for_each_marked(&masks[q * nb..(q + 1) * nb], valid, |i| {
+                                out.push((buf[q * nb * BBS + i], (base + i) as u32));
+                            });
                             out
                         })
                         .collect()
@@ -531,20 +525,12 @@ fn push_masked(heap: &mut TopKHeap, scores: &[u16], masks: &[u32], base: usize, 
         }
         return;
     }
-    for (b, &mask) in masks.iter().enumerate() {
-        let mut bits = mask;
-        while bits != 0 {
-            let i = b * BBS + bits.trailing_zeros() as usize;
-            bits &= bits - 1;
-            if i >= valid {
-                break;
-            }
-            let s = scores[i] as f32;
-            if s > heap.threshold() {
-                heap.push(s, (base + i) as u32);
-            }
+    for_each_marked(masks, valid, |i| {
+        let s = scores[i] as f32;
+        if s > heap.threshold() {
+            heap.push(s, (base + i) as u32);
         }
-    }
+    });
 }
 
 impl Index for IndexPQFastScan {

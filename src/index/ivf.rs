@@ -29,7 +29,7 @@
 
 use super::fastscan::RerankStorage;
 use super::flat::FlatStorage;
-use super::{check_k, check_vectors, Index};
+use super::{check_k, check_vectors, for_each_marked, Index};
 use crate::error::{Error, Result};
 use crate::io::buf::Buf;
 use crate::ivf::CoarseQuantizer;
@@ -940,17 +940,7 @@ impl IndexIVFPQFastScan {
                     (0..valid).for_each(&mut offer);
                     continue;
                 }
-                for (b, &mask) in scratch.masks[j * nb..(j + 1) * nb].iter().enumerate() {
-                    let mut bits = mask;
-                    while bits != 0 {
-                        let i = b * BBS + bits.trailing_zeros() as usize;
-                        bits &= bits - 1;
-                        if i >= valid {
-                            break;
-                        }
-                        offer(i);
-                    }
-                }
+                for_each_marked(&scratch.masks[j * nb..(j + 1) * nb], valid, offer);
             }
         }
     }

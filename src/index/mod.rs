@@ -73,6 +73,24 @@ pub fn check_k(k: usize, ntotal: usize) -> Result<()> {
     Ok(())
 }
 
+/// Calls `f(i)` for every position `i < valid` whose bit is set in `masks` (one u32 per block
+/// of 32, as the fast-scan kernel marks the scores above a threshold), ascending.
+#[inline]
+pub(crate) fn for_each_marked(masks: &[u32], valid: usize, mut f: impl FnMut(usize)) {
+    use pqcache_simd::fastscan::BBS;
+    for (b, &mask) in masks.iter().enumerate() {
+        let mut bits = mask;
+        while bits != 0 {
+            let i = b * BBS + bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if i >= valid {
+                return;
+            }
+            f(i);
+        }
+    }
+}
+
 /// Selects the top `k` of `scores` (larger is better) into one result row, converting scores
 /// back to the metric's distances.
 pub(crate) fn write_row(

@@ -332,7 +332,8 @@ fn meta(r: &Reader<'_>, n: usize) -> Result<Vec<u64>> {
     Ok(words)
 }
 
-fn small(v: u64, max: usize, what: &str) -> Result<usize> {
+/// A `meta` word as a size no larger than `max`, or a corruption error naming it.
+pub(crate) fn small(v: u64, max: usize, what: &str) -> Result<usize> {
     match usize::try_from(v) {
         Ok(x) if x <= max => Ok(x),
         _ => Err(corrupt(
