@@ -200,24 +200,11 @@ struct ScanScratch {
 }
 
 /// A per-list table under construction (L2 with residuals), reused across lists.
+#[derive(Default)]
 struct LutSlot {
     floats: Vec<f32>,
     mins: Vec<f32>,
     lut: QuantizedLut,
-}
-
-impl Default for LutSlot {
-    fn default() -> Self {
-        LutSlot {
-            floats: Vec::new(),
-            mins: Vec::new(),
-            lut: QuantizedLut {
-                table: Vec::new(),
-                delta: 1.0,
-                bias: 0.0,
-            },
-        }
-    }
 }
 
 /// A candidate: float score, id, and where it lives.

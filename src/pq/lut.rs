@@ -74,7 +74,7 @@ impl ProductQuantizer {
 /// per-sub-quantizer range over 255. A u16 sum `t` of table bytes maps back to the float score
 /// `bias + delta * t` with `bias = sum_j min_j`; the rounding error is at most `m * delta / 2`.
 /// Padding sub-quantizers (`m <= j < m2`) have all-zero rows.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct QuantizedLut {
     /// `m2 * 16` bytes.
     pub table: Vec<u8>,
@@ -87,11 +87,7 @@ pub struct QuantizedLut {
 impl QuantizedLut {
     /// Quantizes `scores` (`m * 16` floats to maximise) into a table of `m2` rows.
     pub fn new(scores: &[f32], m: usize, m2: usize) -> QuantizedLut {
-        let mut lut = QuantizedLut {
-            table: Vec::new(),
-            delta: 1.0,
-            bias: 0.0,
-        };
+        let mut lut = QuantizedLut::default();
         lut.requantize(scores, m, m2, &mut Vec::new());
         lut
     }

@@ -73,11 +73,11 @@ impl Persist for IndexFlat {
             storage_word(Some(s)),
             self.ntotal() as u64,
         ];
-        let mut secs = vec![
+        let secs = vec![
+            SectionOut::words(Tag::Meta, &meta),
             storage_section(Tag::Vectors, s),
             SectionOut::of(Tag::Norms, self.norms()),
         ];
-        secs.insert(0, SectionOut::words(Tag::Meta, &meta));
         (IndexKind::Flat, secs)
     }
 }
@@ -92,11 +92,11 @@ impl Persist for IndexPQ {
             pq.nbits().bits() as u64,
             self.ntotal() as u64,
         ];
-        let mut secs = vec![
+        let secs = vec![
+            SectionOut::words(Tag::Meta, &meta),
             SectionOut::of(Tag::PqCentroids, pq.centroids()),
             SectionOut::of(Tag::Codes, self.codes()),
         ];
-        secs.insert(0, SectionOut::words(Tag::Meta, &meta));
         (IndexKind::Pq, secs)
     }
 }
@@ -114,13 +114,13 @@ impl Persist for IndexPQFastScan {
             self.qbs as u64,
         ];
         let mut secs = vec![
+            SectionOut::words(Tag::Meta, &meta),
             SectionOut::of(Tag::PqCentroids, pq.centroids()),
             SectionOut::of(Tag::Codes, self.packed_codes().data()),
         ];
         if let Some(o) = self.originals() {
             secs.push(storage_section(Tag::Vectors, o));
         }
-        secs.insert(0, SectionOut::words(Tag::Meta, &meta));
         (IndexKind::PqFastScan, secs)
     }
 }
@@ -158,6 +158,7 @@ impl Persist for IndexIVFPQFastScan {
             drift.added as u64,
         ];
         let mut secs = vec![
+            SectionOut::words(Tag::Meta, &meta),
             SectionOut::of(Tag::CoarseCentroids, self.coarse().centroids()),
             SectionOut::of(Tag::PqCentroids, pq.centroids()),
             SectionOut::words(Tag::Lists, &list_words(self)),
@@ -191,7 +192,6 @@ impl Persist for IndexIVFPQFastScan {
                     .collect(),
             });
         }
-        secs.insert(0, SectionOut::words(Tag::Meta, &meta));
         (IndexKind::IvfPqFastScan, secs)
     }
 }
