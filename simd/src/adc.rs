@@ -41,7 +41,7 @@ impl AdcKernel {
             // v4 uses the 8-lane kernel: 16-lane gathers measured slower on AVX-512 machines
             // (m=16, n=65536: 250 us against 226 us; `cargo bench --bench pq adc_scan`).
             #[cfg(target_arch = "x86_64")]
-            Level::V4 | Level::V3 => AdcKernel {
+            Level::V4Icl | Level::V4 | Level::V3 => AdcKernel {
                 level,
                 scan: x86::scan_v3,
             },

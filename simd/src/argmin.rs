@@ -31,7 +31,7 @@ impl NearestKernel {
         let level = level.capped();
         match level {
             #[cfg(target_arch = "x86_64")]
-            Level::V4 => NearestKernel {
+            Level::V4 | Level::V4Icl => NearestKernel {
                 level,
                 nearest: x86::nearest_v4,
             },

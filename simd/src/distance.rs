@@ -39,7 +39,7 @@ impl DistanceKernels {
         let level = level.capped();
         match level {
             #[cfg(target_arch = "x86_64")]
-            Level::V4 => DistanceKernels {
+            Level::V4 | Level::V4Icl => DistanceKernels {
                 level,
                 dot_f32: x86::dot_f32_v4,
                 l2sq_f32: x86::l2sq_f32_v4,
@@ -521,10 +521,12 @@ mod x86 {
         unsafe { imp(alpha, x, y) }
     }
 
-    /// Group dot products with `L`-lane registers: per row, each 8/16-wide chunk of the row is
-    /// widened once and multiplied into every query's accumulator.
+    /// Group dot products with `L`-lane registers: rows two at a time, each 8/16-wide chunk
+    /// of a row widened once and multiplied into every query's accumulator. The query count
+    /// is a const parameter (groups of 4) so that the `2 x NQ` accumulators live in registers:
+    /// independent FMA chains enough to cover the FMA latency.
     macro_rules! group_kernel {
-        ($name:ident, $feat:literal, $w:expr, $zero:ident, $load_q:ident, $fma:ident, $reduce:expr, $load_h:expr) => {
+        ($name:ident, $feat:literal, $w:expr, $vec:ty, $zero:ident, $load_q:ident, $fma:ident, $reduce:expr, $load_h:expr) => {
             #[target_feature(enable = $feat)]
             unsafe fn $name(queries: &[f32], g: usize, rows: &[f16], out: &mut [f32]) {
                 let d = queries.len() / g;
@@ -533,35 +535,87 @@ mod x86 {
                     return;
                 }
                 let n = rows.len() / d;
-                let full = d / $w * $w;
-                for (i, row) in rows.chunks_exact(d).enumerate() {
-                    for q0 in (0..g).step_by(4) {
-                        let gq = (g - q0).min(4);
-                        // SAFETY: loads read indices < full <= d of the row and of each query.
-                        unsafe {
-                            let mut acc = [$zero(); 4];
-                            let mut c = 0;
-                            while c < full {
-                                let x = $load_h(row.as_ptr().add(c));
-                                for (j, a) in acc.iter_mut().enumerate().take(gq) {
-                                    *a = $fma(
+                #[inline(always)]
+                unsafe fn tail(q: &[f32], row: &[f16], from: usize) -> f32 {
+                    let mut t = 0.0f32;
+                    for c in from..q.len() {
+                        t += q[c] * row[c].to_f32();
+                    }
+                    t
+                }
+                /// Rows `i0..i0 + R` against queries `q0..q0 + NQ`.
+                #[inline(always)]
+                unsafe fn tile<const R: usize, const NQ: usize>(
+                    queries: &[f32],
+                    q0: usize,
+                    rows: &[f16],
+                    i0: usize,
+                    d: usize,
+                    n: usize,
+                    out: &mut [f32],
+                ) {
+                    let full = d / $w * $w;
+                    // SAFETY: loads read columns < full <= d of rows i0..i0 + R (< n) and of
+                    // queries q0..q0 + NQ (< g), checked by the caller.
+                    unsafe {
+                        let mut acc: [[$vec; NQ]; R] = [[$zero(); NQ]; R];
+                        let mut c = 0;
+                        while c < full {
+                            for r in 0..R {
+                                let x = $load_h(rows.as_ptr().add((i0 + r) * d + c));
+                                for j in 0..NQ {
+                                    acc[r][j] = $fma(
                                         $load_q(queries.as_ptr().add((q0 + j) * d + c)),
                                         x,
-                                        *a,
+                                        acc[r][j],
                                     );
                                 }
-                                c += $w;
                             }
-                            for j in 0..gq {
+                            c += $w;
+                        }
+                        for r in 0..R {
+                            let row = &rows[(i0 + r) * d..(i0 + r + 1) * d];
+                            for j in 0..NQ {
                                 let q = &queries[(q0 + j) * d..(q0 + j + 1) * d];
-                                let mut tail = 0.0f32;
-                                for t in full..d {
-                                    tail += q[t] * row[t].to_f32();
-                                }
-                                out[(q0 + j) * n + i] = $reduce(acc[j]) + tail;
+                                let t = if full < d { tail(q, row, full) } else { 0.0 };
+                                out[(q0 + j) * n + i0 + r] = $reduce(acc[r][j]) + t;
                             }
                         }
                     }
+                }
+                #[inline(always)]
+                unsafe fn run<const NQ: usize>(
+                    queries: &[f32],
+                    q0: usize,
+                    rows: &[f16],
+                    d: usize,
+                    n: usize,
+                    out: &mut [f32],
+                ) {
+                    let mut i = 0;
+                    // SAFETY: i + 2 <= n and i < n respectively; q0 + NQ <= g.
+                    unsafe {
+                        while i + 2 <= n {
+                            tile::<2, NQ>(queries, q0, rows, i, d, n, out);
+                            i += 2;
+                        }
+                        if i < n {
+                            tile::<1, NQ>(queries, q0, rows, i, d, n, out);
+                        }
+                    }
+                }
+                let mut q0 = 0;
+                while q0 < g {
+                    // SAFETY: every call covers queries q0..q0 + NQ <= g and rows < n.
+                    unsafe {
+                        match g - q0 {
+                            1 => run::<1>(queries, q0, rows, d, n, out),
+                            2 => run::<2>(queries, q0, rows, d, n, out),
+                            3 => run::<3>(queries, q0, rows, d, n, out),
+                            _ => run::<4>(queries, q0, rows, d, n, out),
+                        }
+                    }
+                    q0 += 4;
                 }
             }
         };
@@ -571,6 +625,7 @@ mod x86 {
         dot_group_v3_imp,
         "avx2,fma,f16c",
         8,
+        __m256,
         _mm256_setzero_ps,
         _mm256_loadu_ps,
         _mm256_fmadd_ps,
@@ -581,6 +636,7 @@ mod x86 {
         dot_group_v4_imp,
         "avx512f,avx512bw,avx512vl,avx2,fma,f16c",
         16,
+        __m512,
         _mm512_setzero_ps,
         _mm512_loadu_ps,
         _mm512_fmadd_ps,

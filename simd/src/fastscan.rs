@@ -30,6 +30,12 @@
 //! of its `m` table bytes, at most `255 * m2 <= 65,280` for `m <= 256`, so it fits a u16 and
 //! every level matches the scalar reference bit for bit. Longer codes are rejected.
 //!
+//! With AVX-512 VBMI and VNNI ([`Level::V4Icl`]) the same layout is scanned differently: a
+//! 64-byte load (four sub-quantizers) is regrouped vector-major by one byte permute shared by
+//! all queries, then per query two `vpermb` look the nibbles up in the four tables at once
+//! (64 entries, one register) and two `vpdpbusd` add each vector's four bytes into its i32
+//! lane: four instructions per load and query instead of eight, the same sums.
+//!
 //! Multi-query: the kernel scores one block for up to [`MAX_QBS`] queries at once, loading
 //! and splitting each code chunk once for all of them (the GQA case: the query heads sharing
 //! one KV head).
@@ -84,6 +90,12 @@ impl FastScanKernel {
     pub fn for_level(level: Level) -> FastScanKernel {
         let level = level.capped();
         match level {
+            #[cfg(target_arch = "x86_64")]
+            Level::V4Icl => FastScanKernel {
+                level,
+                accumulate: x86::accumulate_v4icl,
+                collect: x86::collect_above_v4,
+            },
             #[cfg(target_arch = "x86_64")]
             Level::V4 => FastScanKernel {
                 level,
@@ -461,6 +473,122 @@ mod x86 {
         }
     }
 
+    /// `vpermb` indices that regroup a 64-byte code load (two pairs, four sub-quantizers)
+    /// vector-major: byte `4 i + j` of the result is byte `16 j + i` of the load, i.e. the
+    /// codes of vector `i` (low nibble) and `16 + i` (high nibble) for sub-quantizer `j`.
+    const VECTOR_MAJOR: [u8; 64] = {
+        let mut idx = [0u8; 64];
+        let mut k = 0;
+        while k < 64 {
+            idx[k] = ((k % 4) * 16 + k / 4) as u8;
+            k += 1;
+        }
+        idx
+    };
+
+    /// `j << 4` at byte `4 i + j`: selects sub-quantizer `j`'s 16 entries of a 64-byte table.
+    const SUBQ_SELECT: [u8; 64] = {
+        let mut sel = [0u8; 64];
+        let mut k = 0;
+        while k < 64 {
+            sel[k] = ((k % 4) << 4) as u8;
+            k += 1;
+        }
+        sel
+    };
+
+    /// The AVX-512 VBMI + VNNI block kernel. Per 64-byte code load (four sub-quantizers x 32
+    /// vectors) and query: two `vpermb` look up all 64-entry tables (four sub-quantizers'
+    /// 16 entries each) at once, the codes regrouped vector-major so that the four bytes of
+    /// each vector lie side by side, and two `vpdpbusd` against ones add them into i32 lanes,
+    /// one per vector. Half the per-query instructions of [`block_v4`]'s shuffle / widening
+    /// adds, split evenly between the two vector ports. Two accumulator sets (even and odd
+    /// loads) hide the dot product's latency when few queries share the pass.
+    #[inline(always)]
+    unsafe fn block_v4icl<const NQ: usize>(
+        block: *const u8,
+        m2: usize,
+        luts: *const u8,
+        thr: &[u16; NQ],
+        out: &[*mut u16; NQ],
+        masks: &[*mut u32; NQ],
+    ) {
+        // SAFETY: as in block_v3; the odd last pair is read with a 32-byte masked load (codes
+        // and tables), so nothing past the block or the tables is touched, and the missing
+        // tables read as zeros. AVX-512 BW, VBMI and VNNI enabled by the entry point.
+        unsafe {
+            let low = _mm512_set1_epi8(0x0f);
+            let ones = _mm512_set1_epi8(1);
+            let regroup = _mm512_loadu_si512(VECTOR_MAJOR.as_ptr() as *const __m512i);
+            let select = _mm512_loadu_si512(SUBQ_SELECT.as_ptr() as *const __m512i);
+            let zero = _mm512_setzero_si512();
+            let quads = m2.div_ceil(4);
+            #[inline(always)]
+            unsafe fn quad<const NQ: usize>(
+                codes: __m512i,
+                luts: *const u8,
+                table_stride: usize,
+                full: bool,
+                [low, ones, regroup, select]: [__m512i; 4],
+                acc: &mut [[__m512i; 2]; NQ],
+            ) {
+                // SAFETY: as in block_v4icl (luts points at this load's 64 table bytes of query 0,
+                // or 32 when the load is not full).
+                unsafe {
+                    let c = _mm512_permutexvar_epi8(regroup, codes);
+                    // (c & 0x0f) | select, and the same for the high nibbles.
+                    let lo = _mm512_ternarylogic_epi32::<0xEA>(c, low, select);
+                    let hi =
+                        _mm512_ternarylogic_epi32::<0xEA>(_mm512_srli_epi16::<4>(c), low, select);
+                    for (q, a) in acc.iter_mut().enumerate() {
+                        let tp = luts.add(q * table_stride);
+                        let t = if full {
+                            _mm512_loadu_si512(tp as *const __m512i)
+                        } else {
+                            _mm512_maskz_loadu_epi8(0xffff_ffff, tp as *const i8)
+                        };
+                        a[0] = _mm512_dpbusd_epi32(a[0], _mm512_permutexvar_epi8(lo, t), ones);
+                        a[1] = _mm512_dpbusd_epi32(a[1], _mm512_permutexvar_epi8(hi, t), ones);
+                    }
+                }
+            }
+            let consts = [low, ones, regroup, select];
+            let load = |s: usize| {
+                if 4 * s + 4 <= m2 {
+                    (
+                        _mm512_loadu_si512(block.add(s * 64) as *const __m512i),
+                        true,
+                    )
+                } else {
+                    let c = _mm512_maskz_loadu_epi8(0xffff_ffff, block.add(s * 64) as *const i8);
+                    (c, false)
+                }
+            };
+            // Per query: [vectors 0..16, vectors 16..32]; `even` takes the even loads, `odd`
+            // the odd ones (unrolled by hand, so that both sets stay in registers).
+            let (mut even, mut odd) = ([[zero; 2]; NQ], [[zero; 2]; NQ]);
+            let mut s = 0;
+            while s + 2 <= quads {
+                let (c0, f0) = load(s);
+                quad::<NQ>(c0, luts.add(s * 64), m2 * 16, f0, consts, &mut even);
+                let (c1, f1) = load(s + 1);
+                quad::<NQ>(c1, luts.add((s + 1) * 64), m2 * 16, f1, consts, &mut odd);
+                s += 2;
+            }
+            if s < quads {
+                let (c0, f0) = load(s);
+                quad::<NQ>(c0, luts.add(s * 64), m2 * 16, f0, consts, &mut even);
+            }
+            for (q, (e, o)) in even.iter().zip(&odd).enumerate() {
+                let lo = _mm512_cvtepi32_epi16(_mm512_add_epi32(e[0], o[0]));
+                let hi = _mm512_cvtepi32_epi16(_mm512_add_epi32(e[1], o[1]));
+                let r = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                _mm512_storeu_si512(out[q] as *mut __m512i, r);
+                *masks[q] = _mm512_cmpgt_epu16_mask(r, _mm512_set1_epi16(thr[q] as i16));
+            }
+        }
+    }
+
     macro_rules! driver {
         ($name:ident, $block:ident, $feat:literal) => {
             #[target_feature(enable = $feat)]
@@ -590,6 +718,18 @@ mod x86 {
         // SAFETY: only reachable through a kernel built for V3 or above, which the CPU
         // supports; shapes checked by FastScanKernel::accumulate.
         unsafe { accumulate_v3_imp(args) }
+    }
+
+    driver!(
+        accumulate_v4icl_imp,
+        block_v4icl,
+        "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni"
+    );
+
+    pub(super) fn accumulate_v4icl(args: super::Args<'_>) {
+        // SAFETY: only installed by FastScanKernel::for_level(Level::V4Icl), which the CPU
+        // supports; shapes checked by FastScanKernel::accumulate.
+        unsafe { accumulate_v4icl_imp(args) }
     }
 
     pub(super) fn accumulate_v4(args: super::Args<'_>) {

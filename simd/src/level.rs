@@ -3,12 +3,21 @@
 //! The CPU is probed once ([`Level::detected`], cached in a `OnceLock`). An index or searcher
 //! resolves its kernel table when it is built, from [`Level::best`], so that no hot loop
 //! branches on the level. The environment variable `PQCACHE_SIMD_LEVEL`
-//! (`scalar`, `v3`, `v4`, `neon`) forces a lower level for tests and benches; it is capped at
+//! (`scalar`, `v3`, `v4`, `v4icl`, `neon`) forces a lower level for tests and benches; it is capped at
 //! what the CPU supports, so it can never select an instruction set the CPU lacks.
 
 use std::fmt;
 use std::str::FromStr;
 use std::sync::OnceLock;
+
+/// Every level, lowest first.
+const ALL: [Level; 5] = [
+    Level::Scalar,
+    Level::Neon,
+    Level::V3,
+    Level::V4,
+    Level::V4Icl,
+];
 
 /// Name of the environment variable that caps the SIMD level.
 pub const LEVEL_ENV: &str = "PQCACHE_SIMD_LEVEL";
@@ -24,6 +33,10 @@ pub enum Level {
     V3,
     /// x86-64-v4: AVX-512 F, BW, VL, DQ (Skylake-SP and later, Zen 4 and later).
     V4,
+    /// x86-64-v4 plus AVX-512 VBMI (byte permutes across the register) and VNNI (u8 dot
+    /// products): Ice Lake, Sapphire Rapids and later, Zen 4 and later. Only the fast-scan
+    /// kernel differs from [`Level::V4`].
+    V4Icl,
 }
 
 impl Level {
@@ -64,17 +77,15 @@ impl Level {
         match self {
             Level::Scalar => true,
             Level::Neon => detected == Level::Neon,
-            Level::V3 => detected == Level::V3 || detected == Level::V4,
-            Level::V4 => detected == Level::V4,
+            Level::V3 => detected >= Level::V3,
+            Level::V4 => detected >= Level::V4,
+            Level::V4Icl => detected == Level::V4Icl,
         }
     }
 
     /// Every level this CPU supports, lowest first (for tests and benches).
     pub fn all_supported() -> Vec<Level> {
-        [Level::Scalar, Level::Neon, Level::V3, Level::V4]
-            .into_iter()
-            .filter(|l| l.is_supported())
-            .collect()
+        ALL.into_iter().filter(|l| l.is_supported()).collect()
     }
 
     /// Short lower-case name, as accepted by `PQCACHE_SIMD_LEVEL`.
@@ -84,6 +95,7 @@ impl Level {
             Level::Neon => "neon",
             Level::V3 => "v3",
             Level::V4 => "v4",
+            Level::V4Icl => "v4icl",
         }
     }
 }
@@ -102,7 +114,7 @@ impl fmt::Display for UnknownLevel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "unknown SIMD level {:?} (expected scalar, v3, v4 or neon)",
+            "unknown SIMD level {:?} (expected scalar, v3, v4, v4icl or neon)",
             self.0
         )
     }
@@ -118,6 +130,7 @@ impl FromStr for Level {
             "neon" => Ok(Level::Neon),
             "v3" | "avx2" => Ok(Level::V3),
             "v4" | "avx512" => Ok(Level::V4),
+            "v4icl" | "icelake" => Ok(Level::V4Icl),
             other => Err(UnknownLevel(other.to_string())),
         }
     }
@@ -133,7 +146,11 @@ fn probe() -> Level {
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512dq");
-    if v4 {
+    let icl =
+        v4 && is_x86_feature_detected!("avx512vbmi") && is_x86_feature_detected!("avx512vnni");
+    if icl {
+        Level::V4Icl
+    } else if v4 {
         Level::V4
     } else if v3 {
         Level::V3
@@ -162,7 +179,7 @@ mod tests {
 
     #[test]
     fn parse_and_display_round_trip() {
-        for l in [Level::Scalar, Level::Neon, Level::V3, Level::V4] {
+        for l in ALL {
             assert_eq!(l.name().parse::<Level>().unwrap(), l);
         }
         assert!("sse9".parse::<Level>().is_err());
@@ -170,7 +187,7 @@ mod tests {
 
     #[test]
     fn capped_never_exceeds_support() {
-        for l in [Level::Scalar, Level::Neon, Level::V3, Level::V4] {
+        for l in ALL {
             assert!(l.capped().is_supported(), "{l} capped to unsupported");
         }
         assert!(Level::all_supported().contains(&Level::Scalar));

@@ -34,7 +34,7 @@ impl LutKernel {
         let level = level.capped();
         match level {
             #[cfg(target_arch = "x86_64")]
-            Level::V3 | Level::V4 => LutKernel {
+            Level::V3 | Level::V4 | Level::V4Icl => LutKernel {
                 level: Level::V3,
                 quantize: x86::quantize_v3,
             },

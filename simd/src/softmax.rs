@@ -42,7 +42,7 @@ impl SoftmaxKernel {
         let level = level.capped();
         match level {
             #[cfg(target_arch = "x86_64")]
-            Level::V3 | Level::V4 => SoftmaxKernel {
+            Level::V3 | Level::V4 | Level::V4Icl => SoftmaxKernel {
                 level: Level::V3,
                 sum: x86::weight_sum_v3,
                 acc: x86::accumulate_v3,
