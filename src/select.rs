@@ -18,6 +18,7 @@
 //! equal to `T`, and a counting sort over `T..=max` orders the survivors: `O(n + k + 2^16)`.
 
 use pqcache_simd::fastscan::FastScanKernel;
+use pqcache_simd::filter::FilterKernel;
 use std::cmp::Ordering;
 
 /// Below this ratio `n / k` the quickselect strategy is used.
@@ -343,38 +344,50 @@ fn select_topk_sampled(scores: &[f32], k: usize) -> Option<Vec<u32>> {
     if n < 64 * NONNEG_SAMPLE_STRIDE || k * 2 > n {
         return None;
     }
-    let mut sample: Vec<f32> = scores
+    // Non-negative floats order as their bit patterns (negative zero counts as zero).
+    let bits = |v: f32| {
+        let b = v.to_bits();
+        if b >> 31 == 1 {
+            0
+        } else {
+            b
+        }
+    };
+    let mut sample: Vec<u32> = scores
         .iter()
         .step_by(NONNEG_SAMPLE_STRIDE)
-        .copied()
+        .map(|&v| bits(v))
         .collect();
     let want = ((k as f64 / n as f64) * sample.len() as f64 * 1.25).ceil() as usize + 16;
     if want >= sample.len() {
         return None;
     }
     // The want-th largest of the sample.
-    let (_, nth, _) = sample.select_nth_unstable_by(want - 1, |a, b| b.total_cmp(a));
-    let floor = *nth;
-    let mut pairs: Vec<(f32, u32)> = Vec::with_capacity(k + k / 2 + 64);
-    for (i, &v) in scores.iter().enumerate() {
-        if v >= floor {
-            pairs.push((v, i as u32));
-        }
-    }
-    if pairs.len() < k {
+    let (_, nth, _) = sample.select_nth_unstable_by(want - 1, |a, b| b.cmp(a));
+    let floor = f32::from_bits(*nth);
+    let mut found: Vec<u32> = Vec::with_capacity(k + k / 2 + 64);
+    FilterKernel::best().collect_at_least(scores, floor, 0, &mut found);
+    if found.len() < k {
         return None;
     }
-    if k < pairs.len() {
-        pairs.select_nth_unstable_by(k - 1, rank);
-        pairs.truncate(k);
+    // One u64 per survivor: score bits above the inverted position, so that the larger key
+    // is the better (higher score, then smaller position): integer selection.
+    let mut keys: Vec<u64> = found
+        .iter()
+        .map(|&i| (u64::from(bits(scores[i as usize])) << 32) | u64::from(!i))
+        .collect();
+    if k < keys.len() {
+        keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+        keys.truncate(k);
     }
     // Ascending indices through a bitmap over the positions: O(n / 64 + k), no sort.
-    let mut bits = vec![0u64; n.div_ceil(64)];
-    for &(_, i) in &pairs {
-        bits[i as usize / 64] |= 1 << (i % 64);
+    let mut mask = vec![0u64; n.div_ceil(64)];
+    for &key in &keys {
+        let i = !(key as u32);
+        mask[i as usize / 64] |= 1 << (i % 64);
     }
     let mut out = Vec::with_capacity(k);
-    for (w, &word) in bits.iter().enumerate() {
+    for (w, &word) in mask.iter().enumerate() {
         let mut b = word;
         while b != 0 {
             out.push((w * 64) as u32 + b.trailing_zeros());

@@ -4,10 +4,11 @@
 //!
 //! * [`level`]: CPU feature detection, done once, and the [`Level`] a kernel table is built for.
 //!   Levels follow the x86-64 micro-architecture levels: `scalar`, `v3` (AVX2 + FMA + F16C),
-//!   `v4` (AVX-512 F/BW/VL), and `neon` on aarch64.
+//!   `v4` (AVX-512 F/BW/VL), `v4icl` (plus VBMI and VNNI), and `neon` on aarch64.
 //! * [`distance`]: dot products and squared L2 distances, f32 x f32 and f32 x f16.
 //! * [`argmin`]: nearest centroid from GEMM output (k-means assignment, PQ encoding).
 //! * [`fastscan`]: 4-bit fast-scan accumulation (u8 tables in registers, u16 sums, 32-vector blocks).
+//! * [`filter`]: positions of the scores at or above a floor (top-k selection).
 //! * [`lut`]: quantization of fast-scan tables (float rows of 16 to u8).
 //! * [`softmax`]: softmax weights of fast-scan sums through a table (attention selection).
 //! * [`adc`]: asymmetric distance computation with a float lookup table over byte codes
@@ -27,6 +28,7 @@ pub mod adc;
 pub mod argmin;
 pub mod distance;
 pub mod fastscan;
+pub mod filter;
 pub mod level;
 pub mod lut;
 pub mod softmax;
