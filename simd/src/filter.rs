@@ -1,4 +1,5 @@
-//! Threshold filters: the positions of the scores at or above a floor, ascending.
+//! Threshold filters: the positions of the scores at or above a floor, ascending; and the
+//! largest of u16 scores (the softmax reference point of a fast-scan row).
 //!
 //! [`FilterKernel::collect_at_least`] takes non-negative, non-NaN f32 scores (aggregated
 //! softmax weights): 16 (AVX-512) or 8 (AVX2) compares give a bit mask, whose set bits are
@@ -8,12 +9,14 @@
 use crate::level::Level;
 
 type CollectFn = fn(&[f32], f32, u32, &mut Vec<u32>);
+type MaxFn = fn(&[u16]) -> u16;
 
 /// A resolved filter kernel.
 #[derive(Clone, Copy)]
 pub struct FilterKernel {
     level: Level,
     collect: CollectFn,
+    max: MaxFn,
 }
 
 impl std::fmt::Debug for FilterKernel {
@@ -32,15 +35,18 @@ impl FilterKernel {
             Level::V4 | Level::V4Icl => FilterKernel {
                 level: Level::V4,
                 collect: x86::collect_v4,
+                max: x86::max_v4,
             },
             #[cfg(target_arch = "x86_64")]
             Level::V3 => FilterKernel {
                 level: Level::V3,
                 collect: x86::collect_v3,
+                max: x86::max_v3,
             },
             _ => FilterKernel {
                 level: Level::Scalar,
                 collect: collect_at_least_scalar,
+                max: max_u16_scalar,
             },
         }
     }
@@ -60,6 +66,16 @@ impl FilterKernel {
     pub fn collect_at_least(&self, scores: &[f32], floor: f32, base: u32, out: &mut Vec<u32>) {
         (self.collect)(scores, floor, base, out)
     }
+
+    /// The largest of `scores` (0 when empty).
+    pub fn max_u16(&self, scores: &[u16]) -> u16 {
+        (self.max)(scores)
+    }
+}
+
+/// Scalar reference of [`FilterKernel::max_u16`].
+pub fn max_u16_scalar(scores: &[u16]) -> u16 {
+    scores.iter().copied().max().unwrap_or(0)
 }
 
 /// Pushes `base + i` for each set bit `i` of `mask`, ascending.
@@ -129,6 +145,70 @@ mod x86 {
         super::collect_at_least_scalar(&scores[full..], floor, base + full as u32, out);
     }
 
+    #[target_feature(enable = "avx2")]
+    unsafe fn max_v3_imp(scores: &[u16]) -> u16 {
+        let full = scores.len() / 64 * 64;
+        // SAFETY: loads read scores[i .. i + 64] with i + 64 <= len.
+        unsafe {
+            let p = scores.as_ptr();
+            let mut m = [_mm256_setzero_si256(); 4];
+            let mut i = 0;
+            while i < full {
+                for (j, a) in m.iter_mut().enumerate() {
+                    let v = _mm256_loadu_si256(p.add(i + 16 * j) as *const __m256i);
+                    *a = _mm256_max_epu16(*a, v);
+                }
+                i += 64;
+            }
+            let all = _mm256_max_epu16(_mm256_max_epu16(m[0], m[1]), _mm256_max_epu16(m[2], m[3]));
+            let mut lanes = [0u16; 16];
+            _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, all);
+            lanes
+                .into_iter()
+                .max()
+                .unwrap_or(0)
+                .max(super::max_u16_scalar(&scores[full..]))
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+    unsafe fn max_v4_imp(scores: &[u16]) -> u16 {
+        let full = scores.len() / 128 * 128;
+        // SAFETY: loads read scores[i .. i + 128] with i + 128 <= len.
+        unsafe {
+            let p = scores.as_ptr();
+            let mut m = [_mm512_setzero_si512(); 4];
+            let mut i = 0;
+            while i < full {
+                for (j, a) in m.iter_mut().enumerate() {
+                    let v = _mm512_loadu_si512(p.add(i + 32 * j) as *const __m512i);
+                    *a = _mm512_max_epu16(*a, v);
+                }
+                i += 128;
+            }
+            let all = _mm512_max_epu16(_mm512_max_epu16(m[0], m[1]), _mm512_max_epu16(m[2], m[3]));
+            let mut lanes = [0u16; 32];
+            _mm512_storeu_si512(lanes.as_mut_ptr() as *mut __m512i, all);
+            lanes
+                .into_iter()
+                .max()
+                .unwrap_or(0)
+                .max(super::max_u16_scalar(&scores[full..]))
+        }
+    }
+
+    pub(super) fn max_v3(scores: &[u16]) -> u16 {
+        // SAFETY: only reachable through a kernel built for V3 or above, which the CPU
+        // supports.
+        unsafe { max_v3_imp(scores) }
+    }
+
+    pub(super) fn max_v4(scores: &[u16]) -> u16 {
+        // SAFETY: only reachable through a kernel built for V4 or above, which the CPU
+        // supports.
+        unsafe { max_v4_imp(scores) }
+    }
+
     pub(super) fn collect_v3(scores: &[f32], floor: f32, base: u32, out: &mut Vec<u32>) {
         // SAFETY: only reachable through a kernel built for V3 or above, which the CPU
         // supports.
@@ -163,7 +243,10 @@ mod tests {
                 let mut got = vec![99];
                 collect_at_least_scalar(&scores, floor, 7, &mut got);
                 assert_eq!(got[1..], want[..], "scalar n {n} floor {floor}");
+                let bits: Vec<u16> = scores.iter().map(|&v| (v * 8.0) as u16 * 3000).collect();
                 for level in Level::all_supported() {
+                    let k = FilterKernel::for_level(level);
+                    assert_eq!(k.max_u16(&bits), max_u16_scalar(&bits), "{level} n {n}");
                     let mut got = vec![99];
                     FilterKernel::for_level(level).collect_at_least(&scores, floor, 7, &mut got);
                     assert_eq!(got[0], 99, "appends");

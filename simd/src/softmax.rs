@@ -1,31 +1,98 @@
-//! Softmax weights of fast-scan scores through a table, for the attention client.
+//! Softmax weights of fast-scan scores, for the attention client.
 //!
-//! A query head's u16 fast-scan sums map to unnormalised softmax weights through a small
-//! table: `w(v) = table[idx(v)]` with `idx(v) = v - lo + 1` for `v >= lo` and `0` below (the
-//! caller puts `exp(step * (v - hi))` at `v - lo + 1` and `0.0` at index 0), the index capped
-//! at `table.len() - 1`. Two kernels:
+//! A query head's u16 fast-scan sums `v` map to unnormalised softmax weights
+//! `w(v) = exp(-step * d)` with `d = hi - v` (`hi`: the head's largest sum, weight 1; a sum
+//! above `hi` counts as `d = 0`), and `w(v) = 0` when `d > span` (the caller's cutoff: tokens
+//! that far below the best carry no weight). The exponential comes from four 16-entry tables
+//! ([`ExpTables`]), one per hex digit of `d`:
 //!
-//! * [`SoftmaxKernel::weight_sum`]: `sum_i w(row[i])`, the normaliser. Summed in 8 lanes
-//!   (`lane = i % 8`), the lanes combined as `((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))`:
-//!   every level adds in this order, so every level returns the same bits.
-//! * [`SoftmaxKernel::accumulate`]: `acc[i] = acc[i] + w(row[i]) * factor` (sum over the
-//!   group's heads) or `max(acc[i], w(row[i]) * factor)` (max): one multiplication and one
-//!   addition or maximum per element, identical on every level.
+//! ```text
+//! w = ((t3[d >> 12] * t2[(d >> 8) & 15]) * t1[(d >> 4) & 15]) * t0[d & 15]
+//! tl[j] = exp(-step * j * 16^l)        (computed in f64, rounded once)
+//! ```
 //!
-//! AVX2 widens 8 sums to i32, builds the indices with integer max / min, and gathers the
-//! weights (`vgatherdps`); the index cap means a gather never reads outside the table.
+//! Every level multiplies in this order, so every level gives the same bits. Each table fits
+//! one AVX-512 register, so a lookup is one `vpermps` (which reads only the low four bits of
+//! each index: no masking) instead of a gather from memory; AVX2 looks up the two 8-entry
+//! halves and blends on bit 3. Within the cutoff (`d <= span`, weights down to the caller's
+//! `e^-12` or so) every partial product is at least the final weight, so no denormal occurs;
+//! the product is within a few ulps of `exp(-step * d)`.
+//!
+//! * [`SoftmaxKernel::weight_sum`]: `sum_i w(row[i])`, the normaliser. Summed in 64 lanes
+//!   (`lane = i % 64`: four independent AVX-512 or eight AVX2 accumulators, so the additions
+//!   do not wait on each other), folded to 8 lanes as `m[j] = l[j] + l[8 + j] + ... + l[56 + j]`
+//!   left to right, then combined as `((m0 + m1) + (m2 + m3)) + ((m4 + m5) + (m6 + m7))` on
+//!   every level.
+//! * [`SoftmaxKernel::combine`]: per element, the group's weights `w_h(row_h[i]) * factor_h`
+//!   folded over the heads in order from `0.0`, by addition (the sum of the group's softmax)
+//!   or maximum: one pass that writes each output once, identical on every level.
 
 use crate::level::Level;
 
-type SumFn = fn(&[u16], u16, &[f32]) -> f32;
-type AccFn = fn(&[u16], u16, &[f32], f32, &mut [f32], bool);
+/// The four 16-entry tables of `exp(-step * d)`, `d` in `0..65536` (see the module doc).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExpTables {
+    t: [[f32; 16]; 4],
+}
+
+impl ExpTables {
+    /// Tables for `exp(-step * d)`; `step` is the logit of one unit of the u16 sums (finite,
+    /// non-negative: a negative or NaN step is treated as 0, every weight 1).
+    pub fn new(step: f32) -> ExpTables {
+        let step = if step.is_finite() && step > 0.0 {
+            step as f64
+        } else if step == f32::INFINITY {
+            f64::INFINITY
+        } else {
+            0.0
+        };
+        let mut t = [[0.0f32; 16]; 4];
+        for (l, table) in t.iter_mut().enumerate() {
+            for (j, e) in table.iter_mut().enumerate() {
+                let d = (j << (4 * l)) as f64;
+                *e = if d == 0.0 {
+                    1.0
+                } else {
+                    (-step * d).exp() as f32
+                };
+            }
+        }
+        ExpTables { t }
+    }
+
+    /// `exp(-step * d)` through the tables (the scalar reference of every level).
+    #[inline(always)]
+    pub fn weight(&self, d: u16) -> f32 {
+        let d = d as usize;
+        ((self.t[3][d >> 12] * self.t[2][(d >> 8) & 15]) * self.t[1][(d >> 4) & 15])
+            * self.t[0][d & 15]
+    }
+}
+
+type SumFn = fn(&[u16], u16, u16, &ExpTables) -> f32;
+type CombineFn = fn(&[HeadRow<'_>], &mut [f32], bool);
+
+/// One query head's input to [`SoftmaxKernel::combine`].
+#[derive(Clone, Copy, Debug)]
+pub struct HeadRow<'a> {
+    /// The head's u16 sums, one per element.
+    pub row: &'a [u16],
+    /// The sum of weight 1 (the head's largest).
+    pub hi: u16,
+    /// Sums more than this below `hi` weigh 0.
+    pub span: u16,
+    /// The exponential tables of the head's step.
+    pub exp: &'a ExpTables,
+    /// Multiplies every weight (the inverse of the head's normaliser).
+    pub factor: f32,
+}
 
 /// A resolved softmax-weight kernel.
 #[derive(Clone, Copy)]
 pub struct SoftmaxKernel {
     level: Level,
     sum: SumFn,
-    acc: AccFn,
+    combine: CombineFn,
 }
 
 impl std::fmt::Debug for SoftmaxKernel {
@@ -39,18 +106,23 @@ impl std::fmt::Debug for SoftmaxKernel {
 impl SoftmaxKernel {
     /// The kernel for `level`, capped at what the CPU supports.
     pub fn for_level(level: Level) -> SoftmaxKernel {
-        let level = level.capped();
-        match level {
+        match level.capped() {
             #[cfg(target_arch = "x86_64")]
-            Level::V3 | Level::V4 | Level::V4Icl => SoftmaxKernel {
+            Level::V4 | Level::V4Icl => SoftmaxKernel {
+                level: Level::V4,
+                sum: x86::weight_sum_v4,
+                combine: x86::combine_v4,
+            },
+            #[cfg(target_arch = "x86_64")]
+            Level::V3 => SoftmaxKernel {
                 level: Level::V3,
                 sum: x86::weight_sum_v3,
-                acc: x86::accumulate_v3,
+                combine: x86::combine_v3,
             },
             _ => SoftmaxKernel {
                 level: Level::Scalar,
                 sum: weight_sum_scalar,
-                acc: accumulate_scalar,
+                combine: combine_scalar,
             },
         }
     }
@@ -65,172 +137,322 @@ impl SoftmaxKernel {
         self.level
     }
 
-    /// `sum_i w(row[i])` (see the module doc). Panics if `table` is empty.
-    pub fn weight_sum(&self, row: &[u16], lo: u16, table: &[f32]) -> f32 {
-        assert!(!table.is_empty(), "weight_sum: empty table");
-        (self.sum)(row, lo, table)
+    /// `sum_i w(row[i])` (see the module doc).
+    pub fn weight_sum(&self, row: &[u16], hi: u16, span: u16, exp: &ExpTables) -> f32 {
+        (self.sum)(row, hi, span, exp)
     }
 
-    /// `acc[i] = acc[i] + w(row[i]) * factor`, or the maximum of the two if `max`. Panics if
-    /// the lengths differ or `table` is empty.
-    pub fn accumulate(
-        &self,
-        row: &[u16],
-        lo: u16,
-        table: &[f32],
-        factor: f32,
-        acc: &mut [f32],
-        max: bool,
-    ) {
+    /// `out[i] = fold(0.0, heads, |a, h| a + w_h(h.row[i]) * h.factor)`, or with the maximum
+    /// instead of the sum if `max`. Panics if a row's length differs from `out`'s.
+    pub fn combine(&self, heads: &[HeadRow<'_>], out: &mut [f32], max: bool) {
         assert!(
-            !table.is_empty() && row.len() == acc.len(),
-            "accumulate: shapes disagree"
+            heads.iter().all(|h| h.row.len() == out.len()),
+            "combine: shapes disagree"
         );
-        (self.acc)(row, lo, table, factor, acc, max)
+        (self.combine)(heads, out, max)
     }
 }
 
+/// The weight of sum `v` (scalar reference).
 #[inline(always)]
-fn index(v: u16, lo: u16, cap: usize) -> usize {
-    if v >= lo {
-        ((v - lo) as usize + 1).min(cap)
+fn weight(v: u16, hi: u16, span: u16, exp: &ExpTables) -> f32 {
+    let d = hi.saturating_sub(v);
+    if d > span {
+        0.0
     } else {
-        0
+        exp.weight(d)
     }
 }
 
-#[inline(always)]
-fn combine_lanes(l: &[f32; 8]) -> f32 {
-    ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
+/// Lanes of [`SoftmaxKernel::weight_sum`].
+const LANES: usize = 64;
+
+fn combine_lanes(l: &[f32; LANES]) -> f32 {
+    let m: [f32; 8] = std::array::from_fn(|j| {
+        let mut s = l[j];
+        for t in 1..LANES / 8 {
+            s += l[8 * t + j];
+        }
+        s
+    });
+    ((m[0] + m[1]) + (m[2] + m[3])) + ((m[4] + m[5]) + (m[6] + m[7]))
 }
 
-/// Scalar reference of [`SoftmaxKernel::weight_sum`].
-pub fn weight_sum_scalar(row: &[u16], lo: u16, table: &[f32]) -> f32 {
-    let cap = table.len() - 1;
-    let mut lanes = [0.0f32; 8];
-    for (i, &v) in row.iter().enumerate() {
-        lanes[i % 8] += table[index(v, lo, cap)];
+/// Scalar reference of [`SoftmaxKernel::weight_sum`], continuing `lanes` from element `from`.
+fn weight_sum_from(
+    row: &[u16],
+    hi: u16,
+    span: u16,
+    exp: &ExpTables,
+    mut lanes: [f32; LANES],
+    from: usize,
+) -> f32 {
+    for (i, &v) in row.iter().enumerate().skip(from) {
+        lanes[i % LANES] += weight(v, hi, span, exp);
     }
     combine_lanes(&lanes)
 }
 
-/// Scalar reference of [`SoftmaxKernel::accumulate`].
-pub fn accumulate_scalar(
-    row: &[u16],
-    lo: u16,
-    table: &[f32],
-    factor: f32,
-    acc: &mut [f32],
-    max: bool,
-) {
-    let cap = table.len() - 1;
-    for (a, &v) in acc.iter_mut().zip(row) {
-        let w = table[index(v, lo, cap)] * factor;
-        *a = if max {
-            if w > *a {
-                w
-            } else {
-                *a
-            }
+/// Scalar reference of [`SoftmaxKernel::weight_sum`].
+pub fn weight_sum_scalar(row: &[u16], hi: u16, span: u16, exp: &ExpTables) -> f32 {
+    weight_sum_from(row, hi, span, exp, [0.0; LANES], 0)
+}
+
+/// `a` folded with `w`: the sum, or the maximum (`a` kept when equal).
+#[inline(always)]
+fn fold(a: f32, w: f32, max: bool) -> f32 {
+    if max {
+        if w > a {
+            w
         } else {
-            *a + w
-        };
+            a
+        }
+    } else {
+        a + w
     }
+}
+
+/// Scalar reference of [`SoftmaxKernel::combine`], from element `from` on.
+fn combine_from(heads: &[HeadRow<'_>], out: &mut [f32], max: bool, from: usize) {
+    for (i, o) in out.iter_mut().enumerate().skip(from) {
+        let mut a = 0.0f32;
+        for h in heads {
+            a = fold(a, weight(h.row[i], h.hi, h.span, h.exp) * h.factor, max);
+        }
+        *o = a;
+    }
+}
+
+/// Scalar reference of [`SoftmaxKernel::combine`].
+pub fn combine_scalar(heads: &[HeadRow<'_>], out: &mut [f32], max: bool) {
+    combine_from(heads, out, max, 0)
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::ExpTables;
     use std::arch::x86_64::*;
 
-    /// Gathered weights of 8 sums at `p`.
-    ///
-    /// # Safety
-    /// AVX2 enabled; `p` readable for 8 u16; `table` has `cap + 1` floats.
-    #[inline(always)]
-    unsafe fn weights8(p: *const u16, lo1: __m256i, cap: __m256i, table: *const f32) -> __m256 {
-        // SAFETY: as stated; every index is clamped to 0..=cap.
-        unsafe {
-            let v = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
-            // v - lo + 1, negative (below lo) -> 0, capped.
-            let idx = _mm256_sub_epi32(v, lo1);
-            let idx = _mm256_min_epi32(_mm256_max_epi32(idx, _mm256_setzero_si256()), cap);
-            _mm256_i32gather_ps::<4>(table, idx)
-        }
-    }
+    /// The AVX2 form of the tables: per table, its two 8-entry halves.
+    struct Tables8([[__m256; 2]; 4]);
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn weight_sum_v3_imp(row: &[u16], lo: u16, table: &[f32]) -> f32 {
-        let n = row.len();
-        let full = n / 8 * 8;
-        let capn = table.len() - 1;
-        // SAFETY: loads read row[i .. i + 8] with i + 8 <= n; gathers stay in the table.
-        unsafe {
-            let lo1 = _mm256_set1_epi32(lo as i32 - 1);
-            let cap = _mm256_set1_epi32(capn as i32);
-            let mut acc = _mm256_setzero_ps();
-            let mut i = 0;
-            while i < full {
-                acc = _mm256_add_ps(acc, weights8(row.as_ptr().add(i), lo1, cap, table.as_ptr()));
-                i += 8;
+    impl Tables8 {
+        /// # Safety
+        /// AVX2 available.
+        #[inline(always)]
+        unsafe fn new(exp: &ExpTables) -> Tables8 {
+            // SAFETY: each table has 16 floats: halves at 0 and 8.
+            unsafe {
+                Tables8(std::array::from_fn(|l| {
+                    [
+                        _mm256_loadu_ps(exp.t[l].as_ptr()),
+                        _mm256_loadu_ps(exp.t[l].as_ptr().add(8)),
+                    ]
+                }))
             }
-            let mut lanes = [0.0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-            for (j, &v) in row[full..].iter().enumerate() {
-                lanes[j] += table[super::index(v, lo, capn)];
-            }
-            super::combine_lanes(&lanes)
         }
-    }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn accumulate_v3_imp(
-        row: &[u16],
-        lo: u16,
-        table: &[f32],
-        factor: f32,
-        acc: &mut [f32],
-        max: bool,
-    ) {
-        let n = row.len();
-        let full = n / 8 * 8;
-        let capn = table.len() - 1;
-        // SAFETY: row and acc have n elements (checked by the caller); full blocks only.
-        unsafe {
-            let lo1 = _mm256_set1_epi32(lo as i32 - 1);
-            let cap = _mm256_set1_epi32(capn as i32);
-            let f = _mm256_set1_ps(factor);
-            let mut i = 0;
-            while i < full {
-                let w = _mm256_mul_ps(weights8(row.as_ptr().add(i), lo1, cap, table.as_ptr()), f);
-                let a = _mm256_loadu_ps(acc.as_ptr().add(i));
-                // max(w, a) picks a when equal or NaN, as the scalar `if w > a`.
-                let r = if max {
-                    _mm256_max_ps(w, a)
-                } else {
-                    _mm256_add_ps(a, w)
+        /// Weights of 8 sums at `p`.
+        ///
+        /// # Safety
+        /// AVX2 available; `p` readable for 8 u16.
+        #[inline(always)]
+        unsafe fn weights(&self, p: *const u16, hi: __m256i, span: __m256i) -> __m256 {
+            // SAFETY: as stated.
+            unsafe {
+                let v = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+                let d = _mm256_max_epi32(_mm256_sub_epi32(hi, v), _mm256_setzero_si256());
+                // Table l: entry (d >> 4l) & 15; vpermps reads the low 3 bits, bit 3 (moved
+                // to the sign bit) picks the half.
+                let look = |l: usize, idx: __m256i, sel: __m256i| {
+                    let [lo, up] = self.0[l];
+                    _mm256_blendv_ps(
+                        _mm256_permutevar8x32_ps(lo, idx),
+                        _mm256_permutevar8x32_ps(up, idx),
+                        _mm256_castsi256_ps(sel),
+                    )
                 };
-                _mm256_storeu_ps(acc.as_mut_ptr().add(i), r);
+                let w3 = look(3, _mm256_srli_epi32::<12>(d), _mm256_slli_epi32::<16>(d));
+                let w2 = look(2, _mm256_srli_epi32::<8>(d), _mm256_slli_epi32::<20>(d));
+                let w1 = look(1, _mm256_srli_epi32::<4>(d), _mm256_slli_epi32::<24>(d));
+                let w0 = look(0, d, _mm256_slli_epi32::<28>(d));
+                let w = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(w3, w2), w1), w0);
+                let cut = _mm256_cmpgt_epi32(d, span);
+                _mm256_andnot_ps(_mm256_castsi256_ps(cut), w)
+            }
+        }
+    }
+
+    /// The AVX-512 form: one register per table.
+    struct Tables16([__m512; 4]);
+
+    impl Tables16 {
+        /// # Safety
+        /// AVX-512F available.
+        #[inline(always)]
+        unsafe fn new(exp: &ExpTables) -> Tables16 {
+            // SAFETY: each table has 16 floats.
+            unsafe { Tables16(std::array::from_fn(|l| _mm512_loadu_ps(exp.t[l].as_ptr()))) }
+        }
+
+        /// Weights of 16 sums at `p`.
+        ///
+        /// # Safety
+        /// AVX-512F/BW available; `p` readable for 16 u16.
+        #[inline(always)]
+        unsafe fn weights(&self, p: *const u16, hi: __m512i, span: __m512i) -> __m512 {
+            // SAFETY: as stated.
+            unsafe {
+                let v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+                let d = _mm512_max_epi32(_mm512_sub_epi32(hi, v), _mm512_setzero_si512());
+                // vpermps reads the low 4 bits of each index: (d >> 4l) & 15 for free.
+                let [t0, t1, t2, t3] = self.0;
+                let w3 = _mm512_permutexvar_ps(_mm512_srli_epi32::<12>(d), t3);
+                let w2 = _mm512_permutexvar_ps(_mm512_srli_epi32::<8>(d), t2);
+                let w1 = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(d), t1);
+                let w0 = _mm512_permutexvar_ps(d, t0);
+                let w = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(w3, w2), w1), w0);
+                _mm512_maskz_mov_ps(_mm512_cmple_epi32_mask(d, span), w)
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn weight_sum_v3_imp(row: &[u16], hi: u16, span: u16, exp: &ExpTables) -> f32 {
+        let full = row.len() / super::LANES * super::LANES;
+        // SAFETY: loads read row[i .. i + 64] with i + 64 <= len.
+        unsafe {
+            let t = Tables8::new(exp);
+            let (h, s) = (_mm256_set1_epi32(hi as i32), _mm256_set1_epi32(span as i32));
+            let mut acc = [_mm256_setzero_ps(); 8];
+            let mut i = 0;
+            while i < full {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_add_ps(*a, t.weights(row.as_ptr().add(i + 8 * j), h, s));
+                }
+                i += super::LANES;
+            }
+            let mut lanes = [0.0f32; super::LANES];
+            for (j, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * j), *a);
+            }
+            super::weight_sum_from(row, hi, span, exp, lanes, full)
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    unsafe fn weight_sum_v4_imp(row: &[u16], hi: u16, span: u16, exp: &ExpTables) -> f32 {
+        let full = row.len() / super::LANES * super::LANES;
+        // SAFETY: loads read row[i .. i + 64] with i + 64 <= len.
+        unsafe {
+            let t = Tables16::new(exp);
+            let (h, s) = (_mm512_set1_epi32(hi as i32), _mm512_set1_epi32(span as i32));
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut i = 0;
+            while i < full {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_add_ps(*a, t.weights(row.as_ptr().add(i + 16 * j), h, s));
+                }
+                i += super::LANES;
+            }
+            let mut lanes = [0.0f32; super::LANES];
+            for (j, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(lanes.as_mut_ptr().add(16 * j), *a);
+            }
+            super::weight_sum_from(row, hi, span, exp, lanes, full)
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn combine_v3_imp(heads: &[super::HeadRow<'_>], out: &mut [f32], max: bool) {
+        let full = out.len() / 8 * 8;
+        // SAFETY: every row has out.len() elements (checked by the caller); full blocks only.
+        unsafe {
+            let prep: Vec<_> = heads
+                .iter()
+                .map(|h| {
+                    (
+                        Tables8::new(h.exp),
+                        _mm256_set1_epi32(h.hi as i32),
+                        _mm256_set1_epi32(h.span as i32),
+                        _mm256_set1_ps(h.factor),
+                        h.row.as_ptr(),
+                    )
+                })
+                .collect();
+            let mut i = 0;
+            while i < full {
+                let mut a = _mm256_setzero_ps();
+                for (t, h, s, f, row) in &prep {
+                    let w = _mm256_mul_ps(t.weights(row.add(i), *h, *s), *f);
+                    // max(w, a) picks a when equal or NaN, as the scalar `if w > a`.
+                    a = if max {
+                        _mm256_max_ps(w, a)
+                    } else {
+                        _mm256_add_ps(a, w)
+                    };
+                }
+                _mm256_storeu_ps(out.as_mut_ptr().add(i), a);
                 i += 8;
             }
         }
-        super::accumulate_scalar(&row[full..], lo, table, factor, &mut acc[full..], max);
+        super::combine_from(heads, out, max, full);
     }
 
-    pub(super) fn weight_sum_v3(row: &[u16], lo: u16, table: &[f32]) -> f32 {
-        // SAFETY: only reachable through a kernel built for V3 or V4, which the CPU supports.
-        unsafe { weight_sum_v3_imp(row, lo, table) }
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    unsafe fn combine_v4_imp(heads: &[super::HeadRow<'_>], out: &mut [f32], max: bool) {
+        let full = out.len() / 16 * 16;
+        // SAFETY: as in combine_v3_imp, blocks of 16.
+        unsafe {
+            let prep: Vec<_> = heads
+                .iter()
+                .map(|h| {
+                    (
+                        Tables16::new(h.exp),
+                        _mm512_set1_epi32(h.hi as i32),
+                        _mm512_set1_epi32(h.span as i32),
+                        _mm512_set1_ps(h.factor),
+                        h.row.as_ptr(),
+                    )
+                })
+                .collect();
+            let mut i = 0;
+            while i < full {
+                let mut a = _mm512_setzero_ps();
+                for (t, h, s, f, row) in &prep {
+                    let w = _mm512_mul_ps(t.weights(row.add(i), *h, *s), *f);
+                    a = if max {
+                        _mm512_max_ps(w, a)
+                    } else {
+                        _mm512_add_ps(a, w)
+                    };
+                }
+                _mm512_storeu_ps(out.as_mut_ptr().add(i), a);
+                i += 16;
+            }
+        }
+        super::combine_from(heads, out, max, full);
     }
 
-    pub(super) fn accumulate_v3(
-        row: &[u16],
-        lo: u16,
-        table: &[f32],
-        factor: f32,
-        acc: &mut [f32],
-        max: bool,
-    ) {
-        // SAFETY: as above; lengths checked by SoftmaxKernel::accumulate.
-        unsafe { accumulate_v3_imp(row, lo, table, factor, acc, max) }
+    pub(super) fn weight_sum_v3(row: &[u16], hi: u16, span: u16, exp: &ExpTables) -> f32 {
+        // SAFETY: only reachable through a kernel built for V3, which the CPU supports.
+        unsafe { weight_sum_v3_imp(row, hi, span, exp) }
+    }
+
+    pub(super) fn weight_sum_v4(row: &[u16], hi: u16, span: u16, exp: &ExpTables) -> f32 {
+        // SAFETY: only reachable through a kernel built for V4 or above, which the CPU
+        // supports.
+        unsafe { weight_sum_v4_imp(row, hi, span, exp) }
+    }
+
+    pub(super) fn combine_v3(heads: &[super::HeadRow<'_>], out: &mut [f32], max: bool) {
+        // SAFETY: as weight_sum_v3; lengths checked by SoftmaxKernel::combine.
+        unsafe { combine_v3_imp(heads, out, max) }
+    }
+
+    pub(super) fn combine_v4(heads: &[super::HeadRow<'_>], out: &mut [f32], max: bool) {
+        // SAFETY: as weight_sum_v4; lengths checked by SoftmaxKernel::combine.
+        unsafe { combine_v4_imp(heads, out, max) }
     }
 }
 
@@ -242,26 +464,65 @@ mod tests {
     #[test]
     fn every_level_is_bit_exact_with_scalar() {
         let mut rng = StdRng::seed_from_u64(8);
-        for n in [0usize, 1, 7, 8, 9, 31, 64, 1000] {
-            for (lo, tlen) in [(0u16, 1usize), (100, 50), (0, 70_000), (60_000, 3)] {
-                let row: Vec<u16> = (0..n).map(|_| rng.random_range(0..=u16::MAX)).collect();
-                let mut table: Vec<f32> = (0..tlen).map(|_| rng.random_range(0.0..1.0)).collect();
-                table[0] = 0.0;
-                let want = weight_sum_scalar(&row, lo, &table);
-                let init: Vec<f32> = (0..n).map(|_| rng.random_range(0.0..0.5)).collect();
-                for max in [false, true] {
-                    let mut a_want = init.clone();
-                    accumulate_scalar(&row, lo, &table, 0.75, &mut a_want, max);
-                    for level in Level::all_supported() {
-                        let k = SoftmaxKernel::for_level(level);
-                        assert_eq!(
-                            k.weight_sum(&row, lo, &table).to_bits(),
-                            want.to_bits(),
-                            "{level} n {n}"
-                        );
-                        let mut a = init.clone();
-                        k.accumulate(&row, lo, &table, 0.75, &mut a, max);
-                        assert_eq!(a, a_want, "{level} n {n} max {max}");
+        for n in [0usize, 1, 7, 8, 9, 15, 16, 17, 31, 63, 64, 65, 200, 1000] {
+            for (hi, span, step) in [
+                (0u16, 0u16, 0.5f32),
+                (100, 50, 0.25),
+                (u16::MAX, u16::MAX, 1e-4),
+                (60_000, 3, 2.0),
+                (30_000, 20_000, 6e-4),
+            ] {
+                let exp = ExpTables::new(step);
+                // Sums around hi: inside the span, beyond it, and above hi.
+                let row: Vec<u16> = (0..n)
+                    .map(|_| match rng.random_range(0..4) {
+                        0 => rng.random_range(0..=u16::MAX),
+                        _ => hi.saturating_sub(rng.random_range(0..=span.saturating_add(2))),
+                    })
+                    .collect();
+                let want = weight_sum_scalar(&row, hi, span, &exp);
+                for level in Level::all_supported() {
+                    let k = SoftmaxKernel::for_level(level);
+                    assert_eq!(
+                        k.weight_sum(&row, hi, span, &exp).to_bits(),
+                        want.to_bits(),
+                        "{level} n {n} hi {hi} span {span}"
+                    );
+                }
+                // Groups of 1..=5 heads: this row, then others with their own bounds.
+                let others: Vec<(Vec<u16>, u16, u16, ExpTables)> = (0..4)
+                    .map(|h| {
+                        let row = (0..n).map(|_| rng.random_range(0..=u16::MAX)).collect();
+                        let hi = rng.random_range(0..=u16::MAX);
+                        let span = rng.random_range(0..=u16::MAX) >> h;
+                        (row, hi, span, ExpTables::new(rng.random_range(1e-4..0.5)))
+                    })
+                    .collect();
+                for g in 1..=5 {
+                    let mut heads = vec![HeadRow {
+                        row: &row,
+                        hi,
+                        span,
+                        exp: &exp,
+                        factor: 0.75,
+                    }];
+                    for (r, h, s, e) in &others[..g - 1] {
+                        heads.push(HeadRow {
+                            row: r,
+                            hi: *h,
+                            span: *s,
+                            exp: e,
+                            factor: 1.0 / (1.0 + *h as f32),
+                        });
+                    }
+                    for max in [false, true] {
+                        let mut want = vec![f32::NAN; n];
+                        combine_scalar(&heads, &mut want, max);
+                        for level in Level::all_supported() {
+                            let mut got = vec![f32::NAN; n];
+                            SoftmaxKernel::for_level(level).combine(&heads, &mut got, max);
+                            assert_eq!(got, want, "{level} n {n} heads {g} max {max}");
+                        }
                     }
                 }
             }
@@ -269,15 +530,24 @@ mod tests {
     }
 
     #[test]
-    fn weights_follow_the_index_rule() {
-        // Below lo: index 0 (weight 0); lo -> 1; beyond the table: the last entry.
-        let table = [0.0, 1.0, 2.0, 4.0];
+    fn weights_follow_the_rule_and_the_exponential() {
+        let exp = ExpTables::new(0.01);
+        for d in [0u16, 1, 15, 16, 255, 256, 4095, 4096, 20_000, u16::MAX] {
+            // The tables take the f32 step as given.
+            let want = (-(0.01f32 as f64) * d as f64).exp();
+            let got = exp.weight(d) as f64;
+            assert!(
+                (got - want).abs() <= 4.0 * f32::EPSILON as f64 * want + 1e-38,
+                "d {d}: {got} vs {want}"
+            );
+        }
+        // Above hi: weight 1; beyond the span: 0.
         for level in Level::all_supported() {
             let k = SoftmaxKernel::for_level(level);
-            assert_eq!(
-                k.weight_sum(&[9, 10, 11, 12, 500], 10, &table),
-                0.0 + 1.0 + 2.0 + 4.0 + 4.0
-            );
+            let row = [110u16, 100, 99, 98, 97];
+            let s = k.weight_sum(&row, 100, 2, &exp);
+            let want = 1.0 + 1.0 + exp.weight(1) + exp.weight(2);
+            assert!((s - want).abs() < 1e-6, "{level}: {s} vs {want}");
         }
     }
 }

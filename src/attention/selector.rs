@@ -20,7 +20,8 @@ use crate::pq::Nbits;
 use crate::select::select_topk_nonneg_f32;
 use half::f16;
 use pqcache_simd::distance::DistanceKernels;
-use pqcache_simd::softmax::SoftmaxKernel;
+use pqcache_simd::filter::FilterKernel;
+use pqcache_simd::softmax::{ExpTables, HeadRow, SoftmaxKernel};
 use rand::{rngs::StdRng, seq::index::sample, SeedableRng};
 use std::fmt;
 use std::ops::Range;
@@ -202,6 +203,7 @@ impl SelectorSpec {
                     fs,
                     rerank: *rerank,
                     softmax: SoftmaxKernel::best(),
+                    filter: FilterKernel::best(),
                     scratch: Mutex::new((Vec::new(), Vec::new())),
                 })
             }
@@ -236,6 +238,7 @@ impl SelectorSpec {
                     fs,
                     rerank: *rerank,
                     softmax: SoftmaxKernel::best(),
+                    filter: FilterKernel::best(),
                     scratch: Mutex::new((Vec::new(), Vec::new())),
                 })
             }
@@ -450,6 +453,7 @@ struct FastScanIndex {
     fs: IndexPQFastScan,
     rerank: usize,
     softmax: SoftmaxKernel,
+    filter: FilterKernel,
     /// Buffers reused across steps (u16 sums, aggregated scores): fresh megabyte-sized
     /// allocations every step would cost page faults comparable to the scan itself.
     scratch: Mutex<(Vec<u16>, Vec<f32>)>,
@@ -463,14 +467,15 @@ impl HeadIndex for FastScanIndex {
         StoredHead::FastScan(&self.fs)
     }
 
-    /// One fast-scan pass scores the whole group in u16. Per query head, only the candidates
-    /// whose approximate logit is within `LOG_CUTOFF` of the head's maximum carry weight (the
-    /// rest weigh less than `e^-12` of the head's best token each); the SIMD threshold filter keeps
-    /// those, and their softmax comes from a table of `exp` per u16 value (the table's bias
-    /// cancels), normalised over them. The group's aggregated scores are accumulated sparsely
+    /// One fast-scan pass scores the whole group in u16. Per query head, the softmax of the
+    /// approximate logits: weights `exp(step * (v - hi))` from the head's largest sum `hi`
+    /// through the SIMD exponential tables of [`pqcache_simd::softmax`], zero for candidates
+    /// more than `LOG_CUTOFF` below `hi` (each weighs less than `e^-12` of the head's best
+    /// token), normalised over the candidates. The group's weights are combined in one pass
     /// and the best `k` (or `rerank * k`, then re-scored with exact logits under the same
-    /// normalisers) found by a radix select. If fewer than `k` candidates carry any weight,
-    /// the most recent others fill the budget (their weight is negligible either way).
+    /// normalisers) found by a sampled threshold and an exact selection of the survivors. If
+    /// fewer than `k` candidates carry any weight, the most recent others fill the budget
+    /// (their weight is negligible either way).
     fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Vec<u32>> {
         let (n, g) = (self.fs.ntotal(), ctx.group());
         let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
@@ -479,23 +484,32 @@ impl HeadIndex for FastScanIndex {
         let tables = self.fs.scan_scores(ctx.queries, sums)?;
         let cand = ctx.candidates.clone();
         let nc = cand.len();
-        dense.clear();
         dense.resize(nc, 0.0);
         // Per head: (largest approximate logit, normaliser), for re-ranking.
         let mut norms = Vec::with_capacity(g);
-        let max = ctx.aggregation == Aggregation::MaxSoftmax;
+        let mut heads = Vec::with_capacity(g);
         for (q, table) in tables.iter().enumerate() {
             let row = &sums[q * n + cand.start..q * n + cand.end];
-            let hi = row.iter().copied().max().unwrap_or(0);
+            let hi = self.filter.max_u16(row);
             let step = ctx.scale * table.delta;
-            let span = ((LOG_CUTOFF / step).ceil() as usize).min(hi as usize);
-            let lo = hi - span as u16;
-            let weights = exp_weights(step, span);
-            let z = self.softmax.weight_sum(row, lo, &weights);
-            self.softmax
-                .accumulate(row, lo, &weights, 1.0 / z, dense, max);
+            let span = (LOG_CUTOFF / step).ceil().min(hi as f32) as u16;
+            let exp = ExpTables::new(step);
+            let z = self.softmax.weight_sum(row, hi, span, &exp);
+            heads.push((row, hi, span, exp, 1.0 / z));
             norms.push((ctx.scale * table.score(hi), z));
         }
+        let heads: Vec<HeadRow<'_>> = heads
+            .iter()
+            .map(|(row, hi, span, exp, factor)| HeadRow {
+                row,
+                hi: *hi,
+                span: *span,
+                exp,
+                factor: *factor,
+            })
+            .collect();
+        let max = ctx.aggregation == Aggregation::MaxSoftmax;
+        self.softmax.combine(&heads, dense, max);
         let want = if self.rerank > 1 {
             self.rerank * ctx.k
         } else {
@@ -546,29 +560,6 @@ impl HeadIndex for FastScanIndex {
 /// only be chosen when fewer than `k` candidates carry weight. Measured on a 32K-token Gemma
 /// dump (`eval-attention`, ratio 0.1): the same error as a cutoff of 30, 30 % less time.
 const LOG_CUTOFF: f32 = 12.0;
-
-/// The weight table of [`pqcache_simd::softmax`]: `w[0] = 0` (scores below `lo`) and
-/// `w[b + 1] = exp(step * (b - range))` for `b` in `0..=range`: the unnormalised softmax weight
-/// of a candidate whose u16 score is `lo + b` (the maximum `lo + range` weighs 1). Built
-/// downwards from the maximum by repeated multiplication, recomputed with `exp` every 64
-/// entries (relative error below 1e-5), and cut to 0 below 1e-30 (a weight no attention
-/// output can feel), which also keeps denormals out.
-fn exp_weights(step: f32, range: usize) -> Vec<f32> {
-    let mut w = vec![0.0f32; range + 2];
-    let ratio = (-step).exp();
-    let mut e = 1.0f32;
-    for (i, b) in (0..=range).rev().enumerate() {
-        if i % 64 == 0 {
-            e = (-step * i as f32).exp();
-        }
-        if e < 1e-30 {
-            break;
-        }
-        w[b + 1] = e;
-        e *= ratio;
-    }
-    w
-}
 
 /// Quest: per page of `page` positions, the channel-wise min and max of its keys.
 struct QuestIndex {
