@@ -1,7 +1,8 @@
 //! One decode step of the attention client: selection for one layer with 8 kv_heads x 4 query
 //! heads, head_dim 128, budget 10 %, at 32K and 128K cached tokens. Fast-scan selection
-//! (with and without exact re-ranking) against exact scoring of the f16 keys (SIMD dot
-//! products over every candidate, the same aggregation). Single thread.
+//! (with and without exact re-ranking) against exact selection (SIMD dot products of the f16
+//! keys with every candidate, the same aggregation and top-k) and against the exact scores
+//! alone (the dot products, the floor of any exact selection). Single thread.
 //!
 //! Keys are synthetic: per channel a random offset and scale on uniform noise (LLM keys have
 //! strong per-channel structure; this imitates it, the real-data quality figures come from
@@ -31,6 +32,23 @@ fn bench_step(c: &mut Criterion) {
             .map(f16::from_f32)
             .collect();
         let queries = common::keys_like(kv_heads * group, d, 9);
+        // The scoring part of exact selection alone (its floor): every kv head's group
+        // against all its keys, one pass over the f16 keys (SIMD, memory-bound here).
+        let kernels = pqcache_simd::distance::DistanceKernels::for_level(pqcache::Level::best());
+        let mut logits = vec![0.0f32; group * context];
+        let name = format!("exact_scores_only/kv_heads=8/group=4/d=128/context={context}");
+        g.bench_function(BenchmarkId::from_parameter(name), |b| {
+            b.iter(|| {
+                for kv in 0..kv_heads {
+                    kernels.dot_group_rows_f16(
+                        &queries[kv * group * d..(kv + 1) * group * d],
+                        group,
+                        &keys[kv * context * d..(kv + 1) * context * d],
+                        &mut logits,
+                    );
+                }
+            })
+        });
         for spec in ["exact", "fastscan:64x4", "fastscan:64x4:rerank4"] {
             let mut cfg = RetrieverConfig::new(1, kv_heads, group, d);
             cfg.selector = spec.parse().unwrap();
