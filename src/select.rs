@@ -144,6 +144,99 @@ impl TopKHeap {
     }
 }
 
+/// [`TopKHeap`] for u16 scores (fast-scan sums): each (score, position) packed into one u64
+/// key, `score << 32 | !position`, so that the larger key is the better pair (higher score,
+/// then smaller position) and the heap compares plain integers.
+#[derive(Clone, Debug)]
+pub struct TopKHeapU16 {
+    k: usize,
+    /// Min-heap of keys: the worst kept pair at index 0.
+    heap: Vec<u64>,
+}
+
+impl TopKHeapU16 {
+    /// An empty heap for `k` elements.
+    pub fn new(k: usize) -> TopKHeapU16 {
+        TopKHeapU16 {
+            k,
+            heap: Vec::with_capacity(k),
+        }
+    }
+
+    #[inline(always)]
+    fn key(score: u16, pos: u32) -> u64 {
+        (u64::from(score) << 32) | u64::from(!pos)
+    }
+
+    /// Whether `k` elements are kept.
+    #[inline(always)]
+    pub fn is_full(&self) -> bool {
+        self.heap.len() >= self.k
+    }
+
+    /// The score an element must beat to enter once the heap is full (the worst kept score;
+    /// an equal score with a larger position does not enter). Meaningless while not full.
+    #[inline(always)]
+    pub fn threshold(&self) -> u16 {
+        self.heap.first().map_or(0, |&key| (key >> 32) as u16)
+    }
+
+    /// Offers (score, position).
+    #[inline]
+    pub fn push(&mut self, score: u16, pos: u32) {
+        let key = Self::key(score, pos);
+        if self.heap.len() < self.k {
+            self.heap.push(key);
+            let mut i = self.heap.len() - 1;
+            while i > 0 {
+                let parent = (i - 1) / 2;
+                if self.heap[parent] <= key {
+                    break;
+                }
+                self.heap[i] = self.heap[parent];
+                i = parent;
+            }
+            self.heap[i] = key;
+        } else if self.k > 0 && key > self.heap[0] {
+            let n = self.heap.len();
+            let mut i = 0;
+            loop {
+                let l = 2 * i + 1;
+                if l >= n {
+                    break;
+                }
+                let c = if l + 1 < n && self.heap[l + 1] < self.heap[l] {
+                    l + 1
+                } else {
+                    l
+                };
+                if self.heap[c] >= key {
+                    break;
+                }
+                self.heap[i] = self.heap[c];
+                i = c;
+            }
+            self.heap[i] = key;
+        }
+    }
+
+    /// Offers every element of `other`.
+    pub fn merge(&mut self, other: TopKHeapU16) {
+        for key in other.heap {
+            self.push((key >> 32) as u16, !(key as u32));
+        }
+    }
+
+    /// The kept (score, position) pairs, best first.
+    pub fn into_sorted(mut self) -> Vec<(u16, u32)> {
+        self.heap.sort_unstable_by(|a, b| b.cmp(a));
+        self.heap
+            .into_iter()
+            .map(|key| ((key >> 32) as u16, !(key as u32)))
+            .collect()
+    }
+}
+
 /// The `k` best (score, position) pairs of `scores`, best first. `k` is clamped to `n`.
 pub fn select_topk(scores: &[f32], k: usize) -> Vec<(f32, u32)> {
     let n = scores.len();
@@ -530,6 +623,33 @@ mod tests {
         all.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         all.truncate(k);
         all
+    }
+
+    #[test]
+    fn u16_heap_matches_full_sort_in_any_order_and_across_merges() {
+        let mut rng = StdRng::seed_from_u64(21);
+        for n in [0usize, 1, 5, 64, 1000] {
+            // Few distinct values: ties everywhere, the smaller position must win.
+            let scores: Vec<u16> = (0..n).map(|_| rng.random_range(60_000..60_008)).collect();
+            for k in [1usize, 3, 10, 100] {
+                let want = naive_u16(&scores, n, k);
+                // Shuffled offers, split over three heaps merged at the end.
+                let mut order: Vec<usize> = (0..n).collect();
+                for i in (1..n).rev() {
+                    order.swap(i, rng.random_range(0..=i));
+                }
+                let mut heaps = vec![TopKHeapU16::new(k); 3];
+                for (j, &i) in order.iter().enumerate() {
+                    heaps[j % 3].push(scores[i], i as u32);
+                }
+                let mut all = heaps.pop().unwrap();
+                for h in heaps {
+                    all.merge(h);
+                }
+                assert_eq!(all.is_full(), n >= k, "n {n} k {k}");
+                assert_eq!(all.into_sorted(), want, "n {n} k {k}");
+            }
+        }
     }
 
     #[test]

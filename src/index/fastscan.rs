@@ -28,7 +28,7 @@ use crate::pq::lut::QuantizedLut;
 use crate::pq::pack::PackedCodes;
 use crate::pq::{Nbits, ProductQuantizer};
 use crate::result::SearchResult;
-use crate::select::{select_sorted, select_topk_u16_segments, sort_u16_desc_stable, TopKHeap};
+use crate::select::{select_sorted, select_topk_u16_segments, sort_u16_desc_stable, TopKHeapU16};
 use pqcache_simd::distance::DistanceKernels;
 use pqcache_simd::fastscan::{FastScanKernel, BBS, MAX_QBS};
 use pqcache_simd::Level;
@@ -309,7 +309,7 @@ impl IndexPQFastScan {
                 .par_chunks(CHUNK_BLOCKS * bb)
                 .enumerate()
                 .fold(
-                    || (vec![TopKHeap::new(c); nq], Vec::new(), Vec::new()),
+                    || (vec![TopKHeapU16::new(c); nq], Vec::new(), Vec::new()),
                     |(mut heaps, mut buf, mut masks), (ci, chunk)| {
                         let nb = chunk.len() / bb;
                         buf.resize(nq * nb * BBS, 0u16);
@@ -319,7 +319,7 @@ impl IndexPQFastScan {
                         let mut thresholds = [0u16; MAX_QBS];
                         for (t, h) in thresholds.iter_mut().zip(&heaps) {
                             if h.is_full() {
-                                *t = h.threshold() as u16;
+                                *t = h.threshold();
                             }
                         }
                         self.scan.accumulate(
@@ -342,7 +342,7 @@ impl IndexPQFastScan {
                 )
                 .map(|(heaps, _, _)| heaps)
                 .reduce(
-                    || vec![TopKHeap::new(c); nq],
+                    || vec![TopKHeapU16::new(c); nq],
                     |mut a, b| {
                         for (x, y) in a.iter_mut().zip(b) {
                             x.merge(y);
@@ -350,7 +350,15 @@ impl IndexPQFastScan {
                         a
                     },
                 );
-            heaps.into_iter().map(TopKHeap::into_sorted).collect()
+            heaps
+                .into_iter()
+                .map(|h| {
+                    h.into_sorted()
+                        .into_iter()
+                        .map(|(s, p)| (s as f32, p))
+                        .collect()
+                })
+                .collect()
         } else {
             let floors = self.sample_floors(&bytes, nq, c);
             let found = self.collect_above_floors(&bytes, nq, &floors);
@@ -515,18 +523,18 @@ fn select_above_floor(found: &[(u16, u32)], c: usize, floor: u16) -> Option<Vec<
 /// as it stood before the chunk; the threshold only rises, so the masks are conservative and
 /// each marked score is checked again. A tie never enters: positions ascend within a task and
 /// the smaller position wins. While the heap is not full, every score is offered.
-fn push_masked(heap: &mut TopKHeap, scores: &[u16], masks: &[u32], base: usize, n: usize) {
+fn push_masked(heap: &mut TopKHeapU16, scores: &[u16], masks: &[u32], base: usize, n: usize) {
     let valid = scores.len().min(n.saturating_sub(base));
     if !heap.is_full() {
         for (i, &s) in scores[..valid].iter().enumerate() {
-            if !heap.is_full() || s as f32 > heap.threshold() {
-                heap.push(s as f32, (base + i) as u32);
+            if !heap.is_full() || s > heap.threshold() {
+                heap.push(s, (base + i) as u32);
             }
         }
         return;
     }
     for_each_marked(masks, valid, |i| {
-        let s = scores[i] as f32;
+        let s = scores[i];
         if s > heap.threshold() {
             heap.push(s, (base + i) as u32);
         }
