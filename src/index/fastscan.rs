@@ -439,7 +439,11 @@ impl IndexPQFastScan {
                     let base = ci * CHUNK_BLOCKS * BBS;
                     (0..nq)
                         .map(|q| {
-                            let mut out = Vec::new();
+                            let marked: u32 = masks[q * nb..(q + 1) * nb]
+                                .iter()
+                                .map(|m| m.count_ones())
+                                .sum();
+                            let mut out = Vec::with_capacity(marked as usize);
                             let valid = n.saturating_sub(base);
                             for_each_marked(&masks[q * nb..(q + 1) * nb], valid, |i| {
                                 out.push((buf[q * nb * BBS + i], (base + i) as u32));
@@ -452,10 +456,12 @@ impl IndexPQFastScan {
             .collect();
         (0..nq)
             .map(|q| {
-                per_chunk
-                    .iter()
-                    .flat_map(|chunk| chunk[q].iter().copied())
-                    .collect()
+                let total = per_chunk.iter().map(|chunk| chunk[q].len()).sum();
+                let mut all = Vec::with_capacity(total);
+                for chunk in &per_chunk {
+                    all.extend_from_slice(&chunk[q]);
+                }
+                all
             })
             .collect()
     }
