@@ -22,7 +22,7 @@ pub struct DistanceKernels {
     dot_f16: fn(&[f32], &[f16]) -> f32,
     l2sq_f16: fn(&[f32], &[f16]) -> f32,
     axpy: fn(f32, &[f32], &mut [f32]),
-    dot_group_f16: fn(&[f32], usize, &[f16], &mut [f32]),
+    dot_group_f16: fn(&[f32], usize, &[f16], Option<&[u32]>, &mut [f32]),
 }
 
 impl std::fmt::Debug for DistanceKernels {
@@ -160,7 +160,38 @@ impl DistanceKernels {
         let n = rows.len().checked_div(d).unwrap_or(0);
         assert_eq!(rows.len(), n * d, "rows length must be n * d");
         assert_eq!(out.len(), g * n, "out length must be g * n");
-        (self.dot_group_f16)(queries, g, rows, out)
+        (self.dot_group_f16)(queries, g, rows, None, out)
+    }
+
+    /// [`DistanceKernels::dot_group_rows_f16`] over the rows at `positions` of `rows` (`n`
+    /// positions, in any order, repeats allowed), read in place:
+    /// `out[q * n + j] = dot(query_q, row_{positions[j]})`. Panics if the shapes disagree, `g`
+    /// is 0 or a position is out of range.
+    pub fn dot_group_at_f16(
+        &self,
+        queries: &[f32],
+        g: usize,
+        rows: &[f16],
+        positions: &[u32],
+        out: &mut [f32],
+    ) {
+        assert!(
+            g > 0 && queries.len().is_multiple_of(g),
+            "queries must hold g rows"
+        );
+        let d = queries.len() / g;
+        let nrows = rows.len().checked_div(d).unwrap_or(0);
+        assert_eq!(rows.len(), nrows * d, "rows length must be a multiple of d");
+        assert!(
+            d == 0 || positions.iter().all(|&p| (p as usize) < nrows),
+            "position out of range"
+        );
+        assert_eq!(
+            out.len(),
+            g * positions.len(),
+            "out length must be g * positions"
+        );
+        (self.dot_group_f16)(queries, g, rows, Some(positions), out)
     }
 }
 
@@ -223,15 +254,24 @@ pub mod scalar {
         }
     }
 
-    /// Group dot products, query-major output (see `DistanceKernels::dot_group_rows_f16`).
-    pub fn dot_group_f16(queries: &[f32], g: usize, rows: &[f16], out: &mut [f32]) {
+    /// Group dot products, query-major output (see `DistanceKernels::dot_group_rows_f16`),
+    /// over every row or the rows `at` the given positions.
+    pub fn dot_group_f16(
+        queries: &[f32],
+        g: usize,
+        rows: &[f16],
+        at: Option<&[u32]>,
+        out: &mut [f32],
+    ) {
         let d = queries.len() / g;
         if d == 0 {
             out.fill(0.0);
             return;
         }
-        let n = rows.len() / d;
-        for (i, row) in rows.chunks_exact(d).enumerate() {
+        let n = at.map_or(rows.len() / d, <[u32]>::len);
+        for i in 0..n {
+            let p = at.map_or(i, |a| a[i] as usize);
+            let row = &rows[p * d..(p + 1) * d];
             for q in 0..g {
                 out[q * n + i] = dot_f16(&queries[q * d..(q + 1) * d], row);
             }
@@ -528,13 +568,19 @@ mod x86 {
     macro_rules! group_kernel {
         ($name:ident, $feat:literal, $w:expr, $vec:ty, $zero:ident, $load_q:ident, $fma:ident, $reduce:expr, $load_h:expr) => {
             #[target_feature(enable = $feat)]
-            unsafe fn $name(queries: &[f32], g: usize, rows: &[f16], out: &mut [f32]) {
+            unsafe fn $name(
+                queries: &[f32],
+                g: usize,
+                rows: &[f16],
+                at: Option<&[u32]>,
+                out: &mut [f32],
+            ) {
                 let d = queries.len() / g;
                 if d == 0 {
                     out.fill(0.0);
                     return;
                 }
-                let n = rows.len() / d;
+                let n = at.map_or(rows.len() / d, <[u32]>::len);
                 #[inline(always)]
                 unsafe fn tail(q: &[f32], row: &[f16], from: usize) -> f32 {
                     let mut t = 0.0f32;
@@ -543,26 +589,30 @@ mod x86 {
                     }
                     t
                 }
-                /// Rows `i0..i0 + R` against queries `q0..q0 + NQ`.
+                /// Outputs `i0..i0 + R` (rows `i0..` or at `at[i0..]`) against queries
+                /// `q0..q0 + NQ`.
                 #[inline(always)]
                 unsafe fn tile<const R: usize, const NQ: usize>(
                     queries: &[f32],
                     q0: usize,
                     rows: &[f16],
+                    at: Option<&[u32]>,
                     i0: usize,
                     d: usize,
                     n: usize,
                     out: &mut [f32],
                 ) {
                     let full = d / $w * $w;
-                    // SAFETY: loads read columns < full <= d of rows i0..i0 + R (< n) and of
-                    // queries q0..q0 + NQ (< g), checked by the caller.
+                    let phys: [usize; R] =
+                        std::array::from_fn(|r| at.map_or(i0 + r, |a| a[i0 + r] as usize));
+                    // SAFETY: loads read columns < full <= d of rows phys[r] (< rows / d,
+                    // checked by the caller) and of queries q0..q0 + NQ (< g).
                     unsafe {
                         let mut acc: [[$vec; NQ]; R] = [[$zero(); NQ]; R];
                         let mut c = 0;
                         while c < full {
                             for r in 0..R {
-                                let x = $load_h(rows.as_ptr().add((i0 + r) * d + c));
+                                let x = $load_h(rows.as_ptr().add(phys[r] * d + c));
                                 for j in 0..NQ {
                                     acc[r][j] = $fma(
                                         $load_q(queries.as_ptr().add((q0 + j) * d + c)),
@@ -574,7 +624,7 @@ mod x86 {
                             c += $w;
                         }
                         for r in 0..R {
-                            let row = &rows[(i0 + r) * d..(i0 + r + 1) * d];
+                            let row = &rows[phys[r] * d..(phys[r] + 1) * d];
                             for j in 0..NQ {
                                 let q = &queries[(q0 + j) * d..(q0 + j + 1) * d];
                                 let t = if full < d { tail(q, row, full) } else { 0.0 };
@@ -588,6 +638,7 @@ mod x86 {
                     queries: &[f32],
                     q0: usize,
                     rows: &[f16],
+                    at: Option<&[u32]>,
                     d: usize,
                     n: usize,
                     out: &mut [f32],
@@ -596,11 +647,11 @@ mod x86 {
                     // SAFETY: i + 2 <= n and i < n respectively; q0 + NQ <= g.
                     unsafe {
                         while i + 2 <= n {
-                            tile::<2, NQ>(queries, q0, rows, i, d, n, out);
+                            tile::<2, NQ>(queries, q0, rows, at, i, d, n, out);
                             i += 2;
                         }
                         if i < n {
-                            tile::<1, NQ>(queries, q0, rows, i, d, n, out);
+                            tile::<1, NQ>(queries, q0, rows, at, i, d, n, out);
                         }
                     }
                 }
@@ -609,10 +660,10 @@ mod x86 {
                     // SAFETY: every call covers queries q0..q0 + NQ <= g and rows < n.
                     unsafe {
                         match g - q0 {
-                            1 => run::<1>(queries, q0, rows, d, n, out),
-                            2 => run::<2>(queries, q0, rows, d, n, out),
-                            3 => run::<3>(queries, q0, rows, d, n, out),
-                            _ => run::<4>(queries, q0, rows, d, n, out),
+                            1 => run::<1>(queries, q0, rows, at, d, n, out),
+                            2 => run::<2>(queries, q0, rows, at, d, n, out),
+                            3 => run::<3>(queries, q0, rows, at, d, n, out),
+                            _ => run::<4>(queries, q0, rows, at, d, n, out),
                         }
                     }
                     q0 += 4;
@@ -644,14 +695,28 @@ mod x86 {
         |p: *const f16| f16::load16(p)
     );
 
-    pub(super) fn dot_group_f16_v3(queries: &[f32], g: usize, rows: &[f16], out: &mut [f32]) {
-        // SAFETY: only reachable through a table built for a level >= V3 the CPU supports.
-        unsafe { dot_group_v3_imp(queries, g, rows, out) }
+    pub(super) fn dot_group_f16_v3(
+        queries: &[f32],
+        g: usize,
+        rows: &[f16],
+        at: Option<&[u32]>,
+        out: &mut [f32],
+    ) {
+        // SAFETY: only reachable through a table built for a level >= V3 the CPU supports;
+        // shapes and positions checked by the public entry points.
+        unsafe { dot_group_v3_imp(queries, g, rows, at, out) }
     }
 
-    pub(super) fn dot_group_f16_v4(queries: &[f32], g: usize, rows: &[f16], out: &mut [f32]) {
-        // SAFETY: only reachable through a table built for V4, which the CPU supports.
-        unsafe { dot_group_v4_imp(queries, g, rows, out) }
+    pub(super) fn dot_group_f16_v4(
+        queries: &[f32],
+        g: usize,
+        rows: &[f16],
+        at: Option<&[u32]>,
+        out: &mut [f32],
+    ) {
+        // SAFETY: only reachable through a table built for V4, which the CPU supports;
+        // shapes and positions checked by the public entry points.
+        unsafe { dot_group_v4_imp(queries, g, rows, at, out) }
     }
 
     macro_rules! entry {
@@ -867,6 +932,49 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn group_at_positions_equals_group_over_the_gathered_rows() {
+        let mut rng = StdRng::seed_from_u64(14);
+        for d in [1usize, 16, 17, 128] {
+            for g in 1..=6 {
+                let nrows = 9;
+                let queries: Vec<f32> = (0..g * d).map(|_| rng.random_range(-2.0..2.0)).collect();
+                let rows: Vec<f16> = (0..nrows * d)
+                    .map(|_| f16::from_f32(rng.random_range(-2.0..2.0)))
+                    .collect();
+                for n in [0usize, 1, 2, 5, 12] {
+                    let at: Vec<u32> = (0..n).map(|_| rng.random_range(0..nrows as u32)).collect();
+                    let gathered: Vec<f16> = at
+                        .iter()
+                        .flat_map(|&p| rows[p as usize * d..(p as usize + 1) * d].iter().copied())
+                        .collect();
+                    for level in Level::all_supported() {
+                        let k = DistanceKernels::for_level(level);
+                        let mut want = vec![f32::NAN; g * n];
+                        k.dot_group_rows_f16(&queries, g, &gathered, &mut want);
+                        let mut got = vec![f32::NAN; g * n];
+                        k.dot_group_at_f16(&queries, g, &rows, &at, &mut got);
+                        assert_eq!(got, want, "level {level} d {d} g {g} n {n}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "position out of range")]
+    fn group_at_rejects_a_position_past_the_rows() {
+        let rows = vec![f16::ZERO; 2 * 4];
+        let mut out = vec![0.0; 1];
+        DistanceKernels::for_level(Level::Scalar).dot_group_at_f16(
+            &[1.0; 4],
+            1,
+            &rows,
+            &[2],
+            &mut out,
+        );
     }
 
     #[test]

@@ -299,16 +299,12 @@ impl ChooseContext<'_> {
     }
 
     /// Exact logits of every query against scattered `positions`, query-major: the rows are
-    /// gathered (in the given, usually ascending, order) and scored in one grouped pass.
-    fn exact_logits_at(&self, positions: &[usize]) -> Vec<f32> {
-        let (d, g, n) = (self.d, self.group(), positions.len());
-        let mut rows = Vec::with_capacity(n * d);
-        for &p in positions {
-            rows.extend_from_slice(&self.keys[p * d..(p + 1) * d]);
-        }
-        let mut out = vec![0.0f32; g * n];
+    /// read in place (in the given order) and scored in one grouped pass.
+    fn exact_logits_at(&self, positions: &[u32]) -> Vec<f32> {
+        let g = self.group();
+        let mut out = vec![0.0f32; g * positions.len()];
         self.kernels
-            .dot_group_rows_f16(self.queries, g, &rows, &mut out);
+            .dot_group_at_f16(self.queries, g, self.keys, positions, &mut out);
         out.iter_mut().for_each(|l| *l *= self.scale);
         out
     }
@@ -536,7 +532,7 @@ impl HeadIndex for FastScanIndex {
             chosen.sort_unstable();
             return Ok(chosen);
         }
-        let positions: Vec<usize> = best.iter().map(|&i| cand.start + i as usize).collect();
+        let positions: Vec<u32> = best.iter().map(|&i| cand.start as u32 + i).collect();
         let exact = ctx.exact_logits_at(&positions);
         let mut rescored = vec![0.0f32; positions.len()];
         for (q, &(top, z)) in norms.iter().enumerate() {
@@ -550,7 +546,7 @@ impl HeadIndex for FastScanIndex {
         }
         Ok(select_topk_nonneg_f32(&rescored, ctx.k)
             .into_iter()
-            .map(|j| positions[j as usize] as u32)
+            .map(|j| positions[j as usize])
             .collect())
     }
 }
