@@ -13,6 +13,9 @@
 use crate::level::Level;
 use half::f16;
 
+/// Group dot products over every row (`None`) or the rows at the given positions.
+type GroupDotFn = fn(&[f32], usize, &[f16], Option<&[u32]>, &mut [f32]);
+
 /// A table of distance kernels resolved for one [`Level`].
 #[derive(Clone, Copy)]
 pub struct DistanceKernels {
@@ -22,7 +25,7 @@ pub struct DistanceKernels {
     dot_f16: fn(&[f32], &[f16]) -> f32,
     l2sq_f16: fn(&[f32], &[f16]) -> f32,
     axpy: fn(f32, &[f32], &mut [f32]),
-    dot_group_f16: fn(&[f32], usize, &[f16], Option<&[u32]>, &mut [f32]),
+    dot_group_f16: GroupDotFn,
 }
 
 impl std::fmt::Debug for DistanceKernels {
@@ -595,8 +598,7 @@ mod x86 {
                 unsafe fn tile<const R: usize, const NQ: usize>(
                     queries: &[f32],
                     q0: usize,
-                    rows: &[f16],
-                    at: Option<&[u32]>,
+                    (rows, at): (&[f16], Option<&[u32]>),
                     i0: usize,
                     d: usize,
                     n: usize,
@@ -647,11 +649,11 @@ mod x86 {
                     // SAFETY: i + 2 <= n and i < n respectively; q0 + NQ <= g.
                     unsafe {
                         while i + 2 <= n {
-                            tile::<2, NQ>(queries, q0, rows, at, i, d, n, out);
+                            tile::<2, NQ>(queries, q0, (rows, at), i, d, n, out);
                             i += 2;
                         }
                         if i < n {
-                            tile::<1, NQ>(queries, q0, rows, at, i, d, n, out);
+                            tile::<1, NQ>(queries, q0, (rows, at), i, d, n, out);
                         }
                     }
                 }
