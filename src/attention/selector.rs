@@ -199,13 +199,7 @@ impl SelectorSpec {
                 if fs.pq().m() != *m || fs.dim() != d {
                     return Err(mismatch());
                 }
-                Box::new(FastScanIndex {
-                    fs,
-                    rerank: *rerank,
-                    softmax: SoftmaxKernel::best(),
-                    filter: FilterKernel::best(),
-                    scratch: Mutex::new((Vec::new(), Vec::new())),
-                })
+                Box::new(FastScanIndex::new(fs, *rerank))
             }
             (SelectorSpec::Pq { .. } | SelectorSpec::FastScan { .. }, _) => return Err(mismatch()),
             (SelectorSpec::Quest { .. }, RestoredHead::Nothing) => {
@@ -234,13 +228,7 @@ impl SelectorSpec {
                 fs.train_config.seed = seed;
                 fs.train(keys)?;
                 fs.add(keys)?;
-                Box::new(FastScanIndex {
-                    fs,
-                    rerank: *rerank,
-                    softmax: SoftmaxKernel::best(),
-                    filter: FilterKernel::best(),
-                    scratch: Mutex::new((Vec::new(), Vec::new())),
-                })
+                Box::new(FastScanIndex::new(fs, *rerank))
             }
             SelectorSpec::Quest { page } => {
                 let mut q = QuestIndex {
@@ -475,6 +463,19 @@ struct FastScanIndex {
     /// Buffers reused across steps (u16 sums, aggregated scores): fresh megabyte-sized
     /// allocations every step would cost page faults comparable to the scan itself.
     scratch: Mutex<(Vec<u16>, Vec<f32>)>,
+}
+
+impl FastScanIndex {
+    /// Wraps a trained (and filled) fast-scan index; kernels resolved once here.
+    fn new(fs: IndexPQFastScan, rerank: usize) -> FastScanIndex {
+        FastScanIndex {
+            fs,
+            rerank,
+            softmax: SoftmaxKernel::best(),
+            filter: FilterKernel::best(),
+            scratch: Mutex::new((Vec::new(), Vec::new())),
+        }
+    }
 }
 
 impl HeadIndex for FastScanIndex {
