@@ -73,7 +73,7 @@ type SumFn = fn(&[u16], u16, u16, &ExpTables) -> f32;
 type CombineFn = fn(&[HeadRow<'_>], &mut [f32], bool);
 
 /// One query head's input to [`SoftmaxKernel::combine`].
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct HeadRow<'a> {
     /// The head's u16 sums, one per element.
     pub row: &'a [u16],
@@ -82,7 +82,7 @@ pub struct HeadRow<'a> {
     /// Sums more than this below `hi` weigh 0.
     pub span: u16,
     /// The exponential tables of the head's step.
-    pub exp: &'a ExpTables,
+    pub exp: ExpTables,
     /// Multiplies every weight (the inverse of the head's normaliser).
     pub factor: f32,
 }
@@ -217,7 +217,7 @@ fn combine_from(heads: &[HeadRow<'_>], out: &mut [f32], max: bool, from: usize) 
     for (i, o) in out.iter_mut().enumerate().skip(from) {
         let mut a = 0.0f32;
         for h in heads {
-            a = fold(a, weight(h.row[i], h.hi, h.span, h.exp) * h.factor, max);
+            a = fold(a, weight(h.row[i], h.hi, h.span, &h.exp) * h.factor, max);
         }
         *o = a;
     }
@@ -372,7 +372,7 @@ mod x86 {
                 .iter()
                 .map(|h| {
                     (
-                        Tables8::new(h.exp),
+                        Tables8::new(&h.exp),
                         _mm256_set1_epi32(h.hi as i32),
                         _mm256_set1_epi32(h.span as i32),
                         _mm256_set1_ps(h.factor),
@@ -408,7 +408,7 @@ mod x86 {
                 .iter()
                 .map(|h| {
                     (
-                        Tables16::new(h.exp),
+                        Tables16::new(&h.exp),
                         _mm512_set1_epi32(h.hi as i32),
                         _mm512_set1_epi32(h.span as i32),
                         _mm512_set1_ps(h.factor),
@@ -503,7 +503,7 @@ mod tests {
                         row: &row,
                         hi,
                         span,
-                        exp: &exp,
+                        exp: exp.clone(),
                         factor: 0.75,
                     }];
                     for (r, h, s, e) in &others[..g - 1] {
@@ -511,7 +511,7 @@ mod tests {
                             row: r,
                             hi: *h,
                             span: *s,
-                            exp: e,
+                            exp: e.clone(),
                             factor: 1.0 / (1.0 + *h as f32),
                         });
                     }

@@ -514,19 +514,15 @@ impl HeadIndex for FastScanIndex {
             let span = (LOG_CUTOFF / step).ceil().min(hi as f32) as u16;
             let exp = ExpTables::new(step);
             let z = self.softmax.weight_sum(row, hi, span, &exp);
-            heads.push((row, hi, span, exp, 1.0 / z));
+            heads.push(HeadRow {
+                row,
+                hi,
+                span,
+                exp,
+                factor: 1.0 / z,
+            });
             norms.push((ctx.scale * table.score(hi), z));
         }
-        let heads: Vec<HeadRow<'_>> = heads
-            .iter()
-            .map(|(row, hi, span, exp, factor)| HeadRow {
-                row,
-                hi: *hi,
-                span: *span,
-                exp,
-                factor: *factor,
-            })
-            .collect();
         let max = ctx.aggregation == Aggregation::MaxSoftmax;
         self.softmax.combine(&heads, dense, max);
         let want = if self.rerank > 1 {
