@@ -6,7 +6,9 @@
 //!
 //! Keys are synthetic: per channel a random offset and scale on uniform noise (LLM keys have
 //! strong per-channel structure; this imitates it, the real-data quality figures come from
-//! `pqcache eval-attention`).
+//! `pqcache eval-attention`). The prefill hands 1,024 synthetic prompt queries per query head
+//! to the fast-scan key transform, as a serving stack would. `fastscan:32x4` reads 16 bytes
+//! per key (a sixteenth of the f16 key), `fastscan:64x4` 32 bytes (an eighth).
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use half::f16;
 use pqcache::attention::{AttentionRetriever, Budget, RetrieverConfig};
@@ -32,6 +34,10 @@ fn bench_step(c: &mut Criterion) {
             .map(f16::from_f32)
             .collect();
         let queries = common::keys_like(kv_heads * group, d, 9);
+        let prompt_queries: Vec<f16> = common::keys_like(kv_heads * group * 1024, d, 10)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
         // The scoring part of exact selection alone (its floor): every kv head's group
         // against all its keys, one pass over the f16 keys (SIMD, memory-bound here).
         let kernels = pqcache_simd::distance::DistanceKernels::for_level(pqcache::Level::best());
@@ -49,12 +55,18 @@ fn bench_step(c: &mut Criterion) {
                 }
             })
         });
-        for spec in ["exact", "fastscan:64x4", "fastscan:64x4:rerank4"] {
+        for spec in [
+            "exact",
+            "fastscan:32x4",
+            "fastscan:64x4",
+            "fastscan:64x4:rerank4",
+        ] {
             let mut cfg = RetrieverConfig::new(1, kv_heads, group, d);
             cfg.selector = spec.parse().unwrap();
             cfg.budget = Budget::Ratio(0.1);
             let mut r = AttentionRetriever::new(cfg).unwrap();
-            pool.install(|| r.prefill(0, &keys, &values)).unwrap();
+            pool.install(|| r.prefill_with_queries(0, &keys, &values, &prompt_queries))
+                .unwrap();
             // Checked once: every kv_head gets its budget.
             let sel = pool.install(|| r.select(0, &queries)).unwrap();
             assert!(

@@ -2,8 +2,9 @@
 //!
 //! Protocol (the one `pqcache eval-attention` runs), for a dump of `T` tokens: for every layer
 //! and `P` decode positions `t` evenly spaced in `[T/2, T)`, the indexes are trained on the keys
-//! of `[0, T/2)` (the prefill) and the keys of `[T/2, t]` are appended one by one (decoded
-//! tokens). At `t`, the budget is `B = max(ratio * (t + 1), sink + 2)`, the window
+//! of `[0, T/2)` (the prefill; fast-scan also fits its channel scale to the prefill's
+//! queries, as [`super::AttentionRetriever::prefill_with_queries`] does) and the keys of
+//! `[T/2, t]` are appended one by one (decoded tokens). At `t`, the budget is `B = max(ratio * (t + 1), sink + 2)`, the window
 //! `W = (B - sink) / 2`, `k = B - sink - W` positions are retrieved among `[sink, t + 1 - W)`.
 //! Per query head: `mass` = full-attention probability of the attended set; `err` =
 //! `||o_S - o|| / ||o||` with `o_S` the softmax renormalised over the set. Per kv_head:
@@ -105,10 +106,13 @@ pub fn evaluate(dump: &AttentionDump, cfg: &EvalConfig) -> Result<Vec<EvalRow>> 
             let mut indexes = (0..kvh)
                 .map(|h| {
                     let k32 = f16_to_f32(&keys[h][..prefill * d]);
-                    spec.build(&k32, d, (layer * kvh + h) as u64)
+                    let q32: Vec<f32> = (h * g..(h + 1) * g)
+                        .flat_map(|qh| f16_to_f32(&dump.queries(layer, qh)[..prefill * d]))
+                        .collect();
+                    spec.build(&k32, &q32, d, (layer * kvh + h) as u64)
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let oracle = SelectorSpec::Exact.build(&[], d, 0)?;
+            let oracle = SelectorSpec::Exact.build(&[], &[], d, 0)?;
             let mut next = prefill;
             for &t in &steps {
                 // Decoded tokens prefill..=t enter the indexes one by one.

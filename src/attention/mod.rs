@@ -138,6 +138,7 @@ impl RetrieverConfig {
             selector: SelectorSpec::FastScan {
                 m: (head_dim / 2).clamp(1, 256),
                 rerank: 4,
+                transform: true,
             },
             aggregation: Aggregation::SumSoftmax,
             scale: 1.0 / (head_dim as f32).sqrt(),
@@ -224,8 +225,25 @@ impl AttentionRetriever {
 
     /// Stores a whole prompt for `layer` and builds each kv_head's index (trained on these
     /// keys; the kv_heads in parallel). `keys` and `values` are `[kv_head, token, dim]` f16.
-    /// Replaces anything cached for the layer.
+    /// Replaces anything cached for the layer. Without the prompt's queries the fast-scan
+    /// selector balances its sub-spaces on the keys alone: prefer
+    /// [`AttentionRetriever::prefill_with_queries`] when they are at hand.
     pub fn prefill(&mut self, layer: usize, keys: &[f16], values: &[f16]) -> Result<()> {
+        self.prefill_with_queries(layer, keys, values, &[])
+    }
+
+    /// [`AttentionRetriever::prefill`], with the prompt's queries (`[query_head, token, dim]`
+    /// f16, any number of tokens, `kv_heads * group` query heads; may be empty): the fast-scan
+    /// selector weighs each key channel by the root mean square of its group's queries in
+    /// that channel before quantizing (see [`crate::pq::transform`]), which is what a
+    /// prefill has already computed and what decides which keys score high.
+    pub fn prefill_with_queries(
+        &mut self,
+        layer: usize,
+        keys: &[f16],
+        values: &[f16],
+        queries: &[f16],
+    ) -> Result<()> {
         self.check_layer(layer)?;
         let (h, d) = (self.cfg.kv_heads, self.cfg.head_dim);
         if !keys.len().is_multiple_of(h * d) || keys.len() != values.len() {
@@ -236,6 +254,15 @@ impl AttentionRetriever {
         }
         check_finite(keys, "keys")?;
         check_finite(values, "values")?;
+        let qrow = h * self.cfg.group * d;
+        if !queries.len().is_multiple_of(qrow) {
+            return Err(Error::DimensionMismatch {
+                expected: qrow,
+                got: queries.len() % qrow,
+            });
+        }
+        check_finite(queries, "queries")?;
+        let group_len = queries.len() / h;
         let t = keys.len() / (h * d);
         let spec = self.cfg.selector.clone();
         let heads = &mut self.heads[layer * h..(layer + 1) * h];
@@ -246,7 +273,8 @@ impl AttentionRetriever {
                 let k = &keys[kv * t * d..(kv + 1) * t * d];
                 let v = &values[kv * t * d..(kv + 1) * t * d];
                 let k32 = f16_to_f32(k);
-                state.index = Some(spec.build(&k32, d, (layer * h + kv) as u64)?);
+                let q32 = f16_to_f32(&queries[kv * group_len..(kv + 1) * group_len]);
+                state.index = Some(spec.build(&k32, &q32, d, (layer * h + kv) as u64)?);
                 state.keys = k.to_vec().into();
                 state.values = v.to_vec().into();
                 Ok(())

@@ -10,6 +10,9 @@
 //!            from the keys, 2 pq, 3 fast-scan)
 //! keys       f16, head after head (positions * head_dim each); values: the same
 //! pq_centroids, codes   per head with a trained index, head after head
+//! transform  per fast-scan head, head after head: the key transform's permutation (head_dim
+//!            u32) then its scales (head_dim f32 bits); absent in files of format 1, whose
+//!            fast-scan heads read the identity
 //! ```
 //!
 //! Opening maps the file: keys, values and fast-scan / PQ codes stay in the mapping (a head
@@ -24,6 +27,7 @@ use crate::io::file::kinds::{small, Persist};
 use crate::io::file::{corrupt, IndexKind, Reader, SectionOut, Tag};
 use crate::metric::Metric;
 use crate::pq::pack::PackedCodes;
+use crate::pq::transform::DimTransform;
 use crate::pq::{Nbits, ProductQuantizer};
 use half::f16;
 use pqcache_simd::fastscan::{block_bytes, BBS};
@@ -57,7 +61,7 @@ impl Persist for AttentionRetriever {
             c.scale.to_bits() as u64,
         ];
         let mut words = Vec::with_capacity(2 * self.heads.len());
-        let (mut cents, mut codes) = (Vec::new(), Vec::new());
+        let (mut cents, mut codes, mut transforms) = (Vec::new(), Vec::new(), Vec::new());
         for h in &self.heads {
             let state = match h.index.as_ref().map(|i| i.stored()) {
                 None => 0,
@@ -67,9 +71,11 @@ impl Persist for AttentionRetriever {
                     codes.push(Cow::Borrowed(pq.codes()));
                     2
                 }
-                Some(StoredHead::FastScan(fs)) => {
+                Some(StoredHead::FastScan(fs, transform)) => {
                     cents.push(Cow::Borrowed(bytemuck::cast_slice(fs.pq().centroids())));
                     codes.push(Cow::Borrowed(fs.packed_codes().data()));
+                    transforms.push(Cow::Borrowed(bytemuck::cast_slice(transform.perm())));
+                    transforms.push(Cow::Borrowed(bytemuck::cast_slice(transform.scale())));
                     3
                 }
             };
@@ -77,7 +83,7 @@ impl Persist for AttentionRetriever {
             words.push(state);
         }
         let spec = c.selector.to_string().into_bytes();
-        let secs = vec![
+        let mut secs = vec![
             SectionOut::words(Tag::Meta, &meta),
             SectionOut {
                 tag: Tag::Selector,
@@ -114,6 +120,13 @@ impl Persist for AttentionRetriever {
                 pieces: codes,
             },
         ];
+        if !transforms.is_empty() {
+            secs.push(SectionOut {
+                tag: Tag::Transform,
+                elem: 4,
+                pieces: transforms,
+            });
+        }
         (IndexKind::Attention, secs)
     }
 }
@@ -167,7 +180,8 @@ pub(crate) fn read(r: &Reader<'_>) -> Result<AttentionRetriever> {
             format!("{} words for {nheads} heads", words.len()),
         ));
     }
-    let (mut kv_at, mut cent_at, mut code_at) = (0usize, 0usize, 0usize);
+    let (mut kv_at, mut cent_at, mut code_at, mut transform_at) = (0usize, 0usize, 0usize, 0usize);
+    let has_transforms = r.count(Tag::Transform).is_some();
     let mut layer_len: Vec<Option<usize>> = vec![None; layers];
     for (i, pair) in words.chunks_exact(2).enumerate() {
         let t = small(pair[0], u32::MAX as usize, "positions")?;
@@ -209,7 +223,20 @@ pub(crate) fn read(r: &Reader<'_>) -> Result<AttentionRetriever> {
                     .map_err(|e| corrupt("codes", e.to_string()))?;
                 let idx = IndexPQFastScan::from_parts(pq, Metric::InnerProduct, codes, None)
                     .map_err(|e| corrupt("codes", e.to_string()))?;
-                Some(RestoredHead::FastScan(idx))
+                let transform = if has_transforms {
+                    let perm = r.buf::<u32>(Tag::Transform, transform_at, d)?.to_vec();
+                    let scale: Vec<f32> = r
+                        .buf::<u32>(Tag::Transform, transform_at + d, d)?
+                        .iter()
+                        .map(|&b| f32::from_bits(b))
+                        .collect();
+                    transform_at += 2 * d;
+                    DimTransform::from_parts(perm, scale)
+                        .map_err(|e| corrupt("transform", e.to_string()))?
+                } else {
+                    DimTransform::identity(d)
+                };
+                Some(RestoredHead::FastScan(idx, transform))
             }
             (state, _) => {
                 return Err(corrupt(
@@ -237,8 +264,11 @@ pub(crate) fn read(r: &Reader<'_>) -> Result<AttentionRetriever> {
         (Tag::Values, kv_at),
         (Tag::PqCentroids, cent_at),
         (Tag::Codes, code_at),
+        (Tag::Transform, transform_at),
     ] {
-        if r.count(tag) != Some(used) {
+        // Format-1 files have no transform section (their heads read the identity).
+        let optional = tag == Tag::Transform && !has_transforms;
+        if !optional && r.count(tag) != Some(used) {
             return Err(corrupt(tag.name(), "size does not match the heads"));
         }
     }

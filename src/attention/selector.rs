@@ -6,8 +6,12 @@
 //! | `window` | none | the most recent candidates (the whole budget becomes recent tokens) |
 //! | `random` | none | uniformly random candidates (seeded per step) |
 //! | `pq:MxB` | [`IndexPQ`] (`B` = 4, 6 or 8 bits) | float-table ADC (PQCache's own scheme: `pq:2x6`) |
-//! | `fastscan:Mx4[:rerankF]` | [`IndexPQFastScan`] | u8-table fast-scan of the whole group at once; optionally the best `F * k` re-scored exactly |
+//! | `fastscan:Mx4[:rerankF][:plain]` | [`IndexPQFastScan`] after a [`DimTransform`] | u8-table fast-scan of the whole group at once; optionally the best `F * k` re-scored exactly |
 //! | `quest:P` | page min/max | Quest's upper bound `sum_c max(q_c min_c, q_c max_c)` per page of `P` tokens; whole pages |
+//!
+//! Fast-scan keys pass through a [`DimTransform`] fitted at prefill: channels scaled by the
+//! prefill queries' root mean square (when the caller gives them) and dealt to sub-spaces so
+//! that each carries the same share of variance; `:plain` quantizes the raw keys instead.
 //!
 //! Every index is trained on the prefill keys and then takes each decoded key with `append`
 //! (fast-scan appends into its last block: O(m) after encoding). Scores are combined over the
@@ -16,6 +20,7 @@
 use crate::error::{Error, Result};
 use crate::index::{Index, IndexPQ, IndexPQFastScan};
 use crate::metric::Metric;
+use crate::pq::transform::DimTransform;
 use crate::pq::Nbits;
 use crate::select::select_topk_nonneg_f32;
 use half::f16;
@@ -84,6 +89,8 @@ pub enum SelectorSpec {
         m: usize,
         /// Re-rank `rerank * k` candidates exactly (0 or 1: off).
         rerank: usize,
+        /// Quantize the keys through a fitted [`DimTransform`] (`false`: `:plain`).
+        transform: bool,
     },
     /// Quest page bounds.
     Quest {
@@ -99,10 +106,20 @@ impl fmt::Display for SelectorSpec {
             SelectorSpec::Window => write!(f, "window"),
             SelectorSpec::Random => write!(f, "random"),
             SelectorSpec::Pq { m, nbits } => write!(f, "pq:{m}x{nbits}"),
-            SelectorSpec::FastScan { m, rerank } if *rerank > 1 => {
-                write!(f, "fastscan:{m}x4:rerank{rerank}")
+            SelectorSpec::FastScan {
+                m,
+                rerank,
+                transform,
+            } => {
+                write!(f, "fastscan:{m}x4")?;
+                if *rerank > 1 {
+                    write!(f, ":rerank{rerank}")?;
+                }
+                if !transform {
+                    write!(f, ":plain")?;
+                }
+                Ok(())
             }
-            SelectorSpec::FastScan { m, .. } => write!(f, "fastscan:{m}x4"),
             SelectorSpec::Quest { page } => write!(f, "quest:{page}"),
         }
     }
@@ -135,15 +152,25 @@ impl FromStr for SelectorSpec {
                 if nbits != 4 {
                     return Err(Error::InvalidArgument(format!("fastscan codes are 4-bit, got {nbits}")));
                 }
-                let rerank = match rest {
-                    [] => 0,
-                    [r] => r
-                        .strip_prefix("rerank")
-                        .and_then(|f| f.parse().ok())
-                        .ok_or_else(|| Error::InvalidArgument(format!("bad re-rank setting {r:?} (e.g. rerank4)")))?,
-                    _ => return Err(Error::InvalidArgument(format!("bad selector {s:?}"))),
-                };
-                SelectorSpec::FastScan { m, rerank }
+                let (mut rerank, mut transform) = (None, true);
+                for option in rest {
+                    if *option == "plain" && transform {
+                        transform = false;
+                    } else if let (Some(f), None) = (option.strip_prefix("rerank"), rerank) {
+                        rerank = Some(f.parse().map_err(|_| {
+                            Error::InvalidArgument(format!("bad re-rank setting {option:?} (e.g. rerank4)"))
+                        })?);
+                    } else {
+                        return Err(Error::InvalidArgument(format!(
+                            "bad fastscan option {option:?} in {s:?} (rerankF, plain; each once)"
+                        )));
+                    }
+                }
+                SelectorSpec::FastScan {
+                    m,
+                    rerank: rerank.unwrap_or(0),
+                    transform,
+                }
             }
             ["quest", p] => SelectorSpec::Quest {
                 page: p
@@ -154,7 +181,7 @@ impl FromStr for SelectorSpec {
             },
             _ => {
                 return Err(Error::InvalidArgument(format!(
-                    "unknown selector {s:?} (exact, window, random, pq:MxB, fastscan:Mx4[:rerankF], quest:P)"
+                    "unknown selector {s:?} (exact, window, random, pq:MxB, fastscan:Mx4[:rerankF][:plain], quest:P)"
                 )))
             }
         };
@@ -195,23 +222,31 @@ impl SelectorSpec {
                 }
                 Box::new(PqIndex { pq })
             }
-            (SelectorSpec::FastScan { m, rerank }, RestoredHead::FastScan(fs)) => {
-                if fs.pq().m() != *m || fs.dim() != d {
+            (SelectorSpec::FastScan { m, rerank, .. }, RestoredHead::FastScan(fs, transform)) => {
+                if fs.pq().m() != *m || fs.dim() != d || transform.dim() != d {
                     return Err(mismatch());
                 }
-                Box::new(FastScanIndex::new(fs, *rerank))
+                Box::new(FastScanIndex::new(fs, transform, *rerank))
             }
             (SelectorSpec::Pq { .. } | SelectorSpec::FastScan { .. }, _) => return Err(mismatch()),
             (SelectorSpec::Quest { .. }, RestoredHead::Nothing) => {
-                self.build(&crate::io::f16_to_f32(keys), d, seed)?
+                self.build(&crate::io::f16_to_f32(keys), &[], d, seed)?
             }
-            (_, RestoredHead::Nothing) => self.build(&[], d, seed)?,
+            (_, RestoredHead::Nothing) => self.build(&[], &[], d, seed)?,
             _ => return Err(mismatch()),
         })
     }
 
-    /// Builds the per-head index on the prefill keys (`t * d` f32). `seed` varies per head.
-    pub fn build(&self, keys: &[f32], d: usize, seed: u64) -> Result<Box<dyn HeadIndex>> {
+    /// Builds the per-head index on the prefill keys (`t * d` f32). `queries` (`nq * d` f32,
+    /// may be empty) are the prefill queries of the head's group: fast-scan fits its
+    /// [`DimTransform`] scale to them. `seed` varies per head.
+    pub fn build(
+        &self,
+        keys: &[f32],
+        queries: &[f32],
+        d: usize,
+        seed: u64,
+    ) -> Result<Box<dyn HeadIndex>> {
         Ok(match self {
             SelectorSpec::Exact => Box::new(ExactIndex),
             SelectorSpec::Window => Box::new(WindowIndex),
@@ -223,12 +258,22 @@ impl SelectorSpec {
                 pq.add(keys)?;
                 Box::new(PqIndex { pq })
             }
-            SelectorSpec::FastScan { m, rerank } => {
+            SelectorSpec::FastScan {
+                m,
+                rerank,
+                transform,
+            } => {
                 let mut fs = IndexPQFastScan::new(d, *m, Metric::InnerProduct)?;
                 fs.train_config.seed = seed;
-                fs.train(keys)?;
-                fs.add(keys)?;
-                Box::new(FastScanIndex::new(fs, *rerank))
+                let transform = if *transform {
+                    DimTransform::fit(keys, queries, d, *m)?
+                } else {
+                    DimTransform::identity(d)
+                };
+                let mapped = transform.keys(keys);
+                fs.train(&mapped)?;
+                fs.add(&mapped)?;
+                Box::new(FastScanIndex::new(fs, transform, *rerank))
             }
             SelectorSpec::Quest { page } => {
                 let mut q = QuestIndex {
@@ -371,8 +416,8 @@ pub enum StoredHead<'a> {
     Nothing,
     /// A PQ index.
     Pq(&'a IndexPQ),
-    /// A fast-scan index.
-    FastScan(&'a IndexPQFastScan),
+    /// A fast-scan index and the transform its keys went through.
+    FastScan(&'a IndexPQFastScan, &'a DimTransform),
 }
 
 /// The trained part of a head's index, read back from a file.
@@ -381,8 +426,8 @@ pub enum RestoredHead {
     Nothing,
     /// A PQ index.
     Pq(IndexPQ),
-    /// A fast-scan index.
-    FastScan(IndexPQFastScan),
+    /// A fast-scan index and the transform its keys went through.
+    FastScan(IndexPQFastScan, DimTransform),
 }
 
 struct ExactIndex;
@@ -456,7 +501,9 @@ impl HeadIndex for PqIndex {
 }
 
 struct FastScanIndex {
+    /// Over the transformed keys.
     fs: IndexPQFastScan,
+    transform: DimTransform,
     rerank: usize,
     softmax: SoftmaxKernel,
     filter: FilterKernel,
@@ -467,9 +514,10 @@ struct FastScanIndex {
 
 impl FastScanIndex {
     /// Wraps a trained (and filled) fast-scan index; kernels resolved once here.
-    fn new(fs: IndexPQFastScan, rerank: usize) -> FastScanIndex {
+    fn new(fs: IndexPQFastScan, transform: DimTransform, rerank: usize) -> FastScanIndex {
         FastScanIndex {
             fs,
+            transform,
             rerank,
             softmax: SoftmaxKernel::best(),
             filter: FilterKernel::best(),
@@ -480,10 +528,16 @@ impl FastScanIndex {
 
 impl HeadIndex for FastScanIndex {
     fn append(&mut self, key: &[f32]) -> Result<()> {
-        self.fs.add(key)
+        if key.len() != self.transform.dim() {
+            return Err(Error::DimensionMismatch {
+                expected: self.transform.dim(),
+                got: key.len(),
+            });
+        }
+        self.fs.add(&self.transform.keys(key))
     }
     fn stored(&self) -> StoredHead<'_> {
-        StoredHead::FastScan(&self.fs)
+        StoredHead::FastScan(&self.fs, &self.transform)
     }
 
     /// One fast-scan pass scores the whole group in u16. Per query head, the softmax of the
@@ -500,7 +554,9 @@ impl HeadIndex for FastScanIndex {
         let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let (sums, dense) = &mut *guard;
         sums.resize(g * n, 0);
-        let tables = self.fs.scan_scores(ctx.queries, sums)?;
+        let tables = self
+            .fs
+            .scan_scores(&self.transform.queries(ctx.queries), sums)?;
         let cand = ctx.candidates.clone();
         let nc = cand.len();
         dense.resize(nc, 0.0);

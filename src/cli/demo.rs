@@ -171,7 +171,7 @@ fn demo(a: &DemoArgs) -> Result<()> {
 /// Part 2: sparse attention at 10 % of the context, every selector against the oracle.
 fn attention_table(dump: &AttentionDump, positions: usize) -> Result<()> {
     let selectors =
-        "exact,window,random,pq:2x6,fastscan:64x4,fastscan:128x4,fastscan:128x4:rerank4,quest:16";
+        "exact,window,random,pq:2x6,fastscan:32x4,fastscan:64x4,fastscan:64x4:plain,fastscan:128x4,fastscan:128x4:rerank4,quest:16";
     let cfg = EvalConfig {
         ratios: vec![0.1],
         positions,

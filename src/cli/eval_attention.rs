@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 /// Selectors run when none is named.
 pub const DEFAULT_SELECTORS: &str =
-    "exact,window,random,pq:2x6,fastscan:64x4,fastscan:64x4:rerank4,fastscan:128x4,fastscan:128x4:rerank4,quest:16";
+    "exact,window,random,pq:2x6,fastscan:32x4,fastscan:64x4,fastscan:64x4:plain,fastscan:64x4:rerank4,fastscan:128x4,fastscan:128x4:plain,fastscan:128x4:rerank4,quest:16";
 
 /// Arguments of `pqcache eval-attention`.
 #[derive(Args, Debug, Clone)]
@@ -25,7 +25,7 @@ pub struct EvalAttentionArgs {
     /// Decode positions per layer, evenly spaced in [T/2, T).
     #[arg(long, default_value_t = 16)]
     pub positions: usize,
-    /// Selectors, comma-separated (exact, window, random, pq:MxB, fastscan:Mx4[:rerankF], quest:P).
+    /// Selectors, comma-separated (exact, window, random, pq:MxB, fastscan:Mx4[:rerankF][:plain], quest:P).
     #[arg(long, default_value = DEFAULT_SELECTORS)]
     pub selectors: String,
     /// Always-attended first tokens.

@@ -25,6 +25,7 @@ pub mod encode;
 pub mod lut;
 pub mod pack;
 pub mod train;
+pub mod transform;
 
 use crate::error::{Error, Result};
 

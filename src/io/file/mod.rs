@@ -77,17 +77,20 @@ pub const MAX_SECTIONS: usize = 32;
 pub enum FormatVersion {
     /// The first format.
     V1 = 1,
+    /// Adds the attention file's `transform` section.
+    V2 = 2,
 }
 
 impl FormatVersion {
     /// The version written.
-    pub const CURRENT: FormatVersion = FormatVersion::V1;
+    pub const CURRENT: FormatVersion = FormatVersion::V2;
     /// The oldest version read.
     pub const OLDEST_SUPPORTED: FormatVersion = FormatVersion::V1;
 
     fn from_u32(v: u32) -> Result<FormatVersion> {
         match v {
             1 => Ok(FormatVersion::V1),
+            2 => Ok(FormatVersion::V2),
             found => Err(Error::Incompatible {
                 found,
                 supported: format!(
@@ -166,6 +169,8 @@ pub enum Tag {
     Keys = 10,
     /// Attention values, f16.
     Values = 11,
+    /// Per fast-scan attention head, its key transform (format 2).
+    Transform = 12,
 }
 
 impl Tag {
@@ -182,6 +187,7 @@ impl Tag {
             9 => Tag::Selector,
             10 => Tag::Keys,
             11 => Tag::Values,
+            12 => Tag::Transform,
             _ => return None,
         })
     }
@@ -200,6 +206,7 @@ impl Tag {
             Tag::Selector => "selector",
             Tag::Keys => "keys",
             Tag::Values => "values",
+            Tag::Transform => "transform",
         }
     }
 }
