@@ -11,7 +11,10 @@
 //! tl[j] = exp(-step * j * 16^l)        (computed in f64, rounded once)
 //! ```
 //!
-//! Every level multiplies in this order, so every level gives the same bits. Each table fits
+//! Every level multiplies in this order, so every level gives the same bits. Since
+//! `tl[0] = 1` exactly, the SIMD levels skip the tables of the digits that are zero for every
+//! `d <= span` (`span < 4096`: no `t3`; `span < 256`: no `t2` either; lanes beyond the span
+//! are zeroed anyway): the same bits for one or two fewer lookups. Each table fits
 //! one AVX-512 register, so a lookup is one `vpermps` (which reads only the low four bits of
 //! each index: no masking) instead of a gather from memory; AVX2 looks up the two 8-entry
 //! halves and blends on bit 3. Within the cutoff (`d <= span`, weights down to the caller's
@@ -153,6 +156,17 @@ impl SoftmaxKernel {
     }
 }
 
+/// Hex digits of `d` that can be non-zero when `d <= span`: the SIMD levels look up only
+/// these tables (the others read their entry 0, which is exactly 1).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn digits(span: u16) -> usize {
+    match span {
+        0..=255 => 2,
+        256..=4095 => 3,
+        _ => 4,
+    }
+}
+
 /// The weight of sum `v` (scalar reference).
 #[inline(always)]
 fn weight(v: u16, hi: u16, span: u16, exp: &ExpTables) -> f32 {
@@ -257,7 +271,13 @@ mod x86 {
         /// # Safety
         /// AVX2 available; `p` readable for 8 u16.
         #[inline(always)]
-        unsafe fn weights(&self, p: *const u16, hi: __m256i, span: __m256i) -> __m256 {
+        /// Only the `DIGITS` low tables are looked up (see [`super::digits`]).
+        unsafe fn weights<const DIGITS: usize>(
+            &self,
+            p: *const u16,
+            hi: __m256i,
+            span: __m256i,
+        ) -> __m256 {
             // SAFETY: as stated.
             unsafe {
                 let v = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
@@ -272,11 +292,20 @@ mod x86 {
                         _mm256_castsi256_ps(sel),
                     )
                 };
-                let w3 = look(3, _mm256_srli_epi32::<12>(d), _mm256_slli_epi32::<16>(d));
-                let w2 = look(2, _mm256_srli_epi32::<8>(d), _mm256_slli_epi32::<20>(d));
                 let w1 = look(1, _mm256_srli_epi32::<4>(d), _mm256_slli_epi32::<24>(d));
                 let w0 = look(0, d, _mm256_slli_epi32::<28>(d));
-                let w = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(w3, w2), w1), w0);
+                let high = if DIGITS >= 3 {
+                    let w2 = look(2, _mm256_srli_epi32::<8>(d), _mm256_slli_epi32::<20>(d));
+                    if DIGITS == 4 {
+                        let w3 = look(3, _mm256_srli_epi32::<12>(d), _mm256_slli_epi32::<16>(d));
+                        _mm256_mul_ps(_mm256_mul_ps(w3, w2), w1)
+                    } else {
+                        _mm256_mul_ps(w2, w1)
+                    }
+                } else {
+                    w1
+                };
+                let w = _mm256_mul_ps(high, w0);
                 let cut = _mm256_cmpgt_epi32(d, span);
                 _mm256_andnot_ps(_mm256_castsi256_ps(cut), w)
             }
@@ -300,25 +329,45 @@ mod x86 {
         /// # Safety
         /// AVX-512F/BW available; `p` readable for 16 u16.
         #[inline(always)]
-        unsafe fn weights(&self, p: *const u16, hi: __m512i, span: __m512i) -> __m512 {
+        /// Only the `DIGITS` low tables are looked up (see [`super::digits`]).
+        unsafe fn weights<const DIGITS: usize>(
+            &self,
+            p: *const u16,
+            hi: __m512i,
+            span: __m512i,
+        ) -> __m512 {
             // SAFETY: as stated.
             unsafe {
                 let v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
                 let d = _mm512_max_epi32(_mm512_sub_epi32(hi, v), _mm512_setzero_si512());
                 // vpermps reads the low 4 bits of each index: (d >> 4l) & 15 for free.
                 let [t0, t1, t2, t3] = self.0;
-                let w3 = _mm512_permutexvar_ps(_mm512_srli_epi32::<12>(d), t3);
-                let w2 = _mm512_permutexvar_ps(_mm512_srli_epi32::<8>(d), t2);
                 let w1 = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(d), t1);
                 let w0 = _mm512_permutexvar_ps(d, t0);
-                let w = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(w3, w2), w1), w0);
+                let high = if DIGITS >= 3 {
+                    let w2 = _mm512_permutexvar_ps(_mm512_srli_epi32::<8>(d), t2);
+                    if DIGITS == 4 {
+                        let w3 = _mm512_permutexvar_ps(_mm512_srli_epi32::<12>(d), t3);
+                        _mm512_mul_ps(_mm512_mul_ps(w3, w2), w1)
+                    } else {
+                        _mm512_mul_ps(w2, w1)
+                    }
+                } else {
+                    w1
+                };
+                let w = _mm512_mul_ps(high, w0);
                 _mm512_maskz_mov_ps(_mm512_cmple_epi32_mask(d, span), w)
             }
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn weight_sum_v3_imp(row: &[u16], hi: u16, span: u16, exp: &ExpTables) -> f32 {
+    unsafe fn weight_sum_v3_imp<const DIGITS: usize>(
+        row: &[u16],
+        hi: u16,
+        span: u16,
+        exp: &ExpTables,
+    ) -> f32 {
         let full = row.len() / super::LANES * super::LANES;
         // SAFETY: loads read row[i .. i + 64] with i + 64 <= len.
         unsafe {
@@ -328,7 +377,7 @@ mod x86 {
             let mut i = 0;
             while i < full {
                 for (j, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_add_ps(*a, t.weights(row.as_ptr().add(i + 8 * j), h, s));
+                    *a = _mm256_add_ps(*a, t.weights::<DIGITS>(row.as_ptr().add(i + 8 * j), h, s));
                 }
                 i += super::LANES;
             }
@@ -341,7 +390,12 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    unsafe fn weight_sum_v4_imp(row: &[u16], hi: u16, span: u16, exp: &ExpTables) -> f32 {
+    unsafe fn weight_sum_v4_imp<const DIGITS: usize>(
+        row: &[u16],
+        hi: u16,
+        span: u16,
+        exp: &ExpTables,
+    ) -> f32 {
         let full = row.len() / super::LANES * super::LANES;
         // SAFETY: loads read row[i .. i + 64] with i + 64 <= len.
         unsafe {
@@ -351,7 +405,7 @@ mod x86 {
             let mut i = 0;
             while i < full {
                 for (j, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_add_ps(*a, t.weights(row.as_ptr().add(i + 16 * j), h, s));
+                    *a = _mm512_add_ps(*a, t.weights::<DIGITS>(row.as_ptr().add(i + 16 * j), h, s));
                 }
                 i += super::LANES;
             }
@@ -364,7 +418,11 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn combine_v3_imp(heads: &[super::HeadRow<'_>], out: &mut [f32], max: bool) {
+    unsafe fn combine_v3_imp<const DIGITS: usize>(
+        heads: &[super::HeadRow<'_>],
+        out: &mut [f32],
+        max: bool,
+    ) {
         let full = out.len() / 8 * 8;
         // SAFETY: every row has out.len() elements (checked by the caller); full blocks only.
         unsafe {
@@ -384,7 +442,7 @@ mod x86 {
             while i < full {
                 let mut a = _mm256_setzero_ps();
                 for (t, h, s, f, row) in &prep {
-                    let w = _mm256_mul_ps(t.weights(row.add(i), *h, *s), *f);
+                    let w = _mm256_mul_ps(t.weights::<DIGITS>(row.add(i), *h, *s), *f);
                     // max(w, a) picks a when equal or NaN, as the scalar `if w > a`.
                     a = if max {
                         _mm256_max_ps(w, a)
@@ -400,7 +458,11 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    unsafe fn combine_v4_imp(heads: &[super::HeadRow<'_>], out: &mut [f32], max: bool) {
+    unsafe fn combine_v4_imp<const DIGITS: usize>(
+        heads: &[super::HeadRow<'_>],
+        out: &mut [f32],
+        max: bool,
+    ) {
         let full = out.len() / 16 * 16;
         // SAFETY: as in combine_v3_imp, blocks of 16.
         unsafe {
@@ -420,7 +482,7 @@ mod x86 {
             while i < full {
                 let mut a = _mm512_setzero_ps();
                 for (t, h, s, f, row) in &prep {
-                    let w = _mm512_mul_ps(t.weights(row.add(i), *h, *s), *f);
+                    let w = _mm512_mul_ps(t.weights::<DIGITS>(row.add(i), *h, *s), *f);
                     a = if max {
                         _mm512_max_ps(w, a)
                     } else {
@@ -436,23 +498,56 @@ mod x86 {
 
     pub(super) fn weight_sum_v3(row: &[u16], hi: u16, span: u16, exp: &ExpTables) -> f32 {
         // SAFETY: only reachable through a kernel built for V3, which the CPU supports.
-        unsafe { weight_sum_v3_imp(row, hi, span, exp) }
+        unsafe {
+            match super::digits(span) {
+                2 => weight_sum_v3_imp::<2>(row, hi, span, exp),
+                3 => weight_sum_v3_imp::<3>(row, hi, span, exp),
+                _ => weight_sum_v3_imp::<4>(row, hi, span, exp),
+            }
+        }
     }
 
     pub(super) fn weight_sum_v4(row: &[u16], hi: u16, span: u16, exp: &ExpTables) -> f32 {
         // SAFETY: only reachable through a kernel built for V4 or above, which the CPU
         // supports.
-        unsafe { weight_sum_v4_imp(row, hi, span, exp) }
+        unsafe {
+            match super::digits(span) {
+                2 => weight_sum_v4_imp::<2>(row, hi, span, exp),
+                3 => weight_sum_v4_imp::<3>(row, hi, span, exp),
+                _ => weight_sum_v4_imp::<4>(row, hi, span, exp),
+            }
+        }
     }
 
     pub(super) fn combine_v3(heads: &[super::HeadRow<'_>], out: &mut [f32], max: bool) {
         // SAFETY: as weight_sum_v3; lengths checked by SoftmaxKernel::combine.
-        unsafe { combine_v3_imp(heads, out, max) }
+        unsafe {
+            match widest(heads) {
+                2 => combine_v3_imp::<2>(heads, out, max),
+                3 => combine_v3_imp::<3>(heads, out, max),
+                _ => combine_v3_imp::<4>(heads, out, max),
+            }
+        }
     }
 
     pub(super) fn combine_v4(heads: &[super::HeadRow<'_>], out: &mut [f32], max: bool) {
         // SAFETY: as weight_sum_v4; lengths checked by SoftmaxKernel::combine.
-        unsafe { combine_v4_imp(heads, out, max) }
+        unsafe {
+            match widest(heads) {
+                2 => combine_v4_imp::<2>(heads, out, max),
+                3 => combine_v4_imp::<3>(heads, out, max),
+                _ => combine_v4_imp::<4>(heads, out, max),
+            }
+        }
+    }
+
+    /// The digits the widest span of the group needs.
+    fn widest(heads: &[super::HeadRow<'_>]) -> usize {
+        heads
+            .iter()
+            .map(|h| super::digits(h.span))
+            .max()
+            .unwrap_or(2)
     }
 }
 
@@ -471,6 +566,12 @@ mod tests {
                 (u16::MAX, u16::MAX, 1e-4),
                 (60_000, 3, 2.0),
                 (30_000, 20_000, 6e-4),
+                (2_000, 1_000, 0.01),
+                (5_000, 300, 0.04),
+                (4_200, 4_095, 3e-3),
+                (9_000, 4_096, 3e-3),
+                (700, 255, 0.05),
+                (700, 256, 0.05),
             ] {
                 let exp = ExpTables::new(step);
                 // Sums around hi: inside the span, beyond it, and above hi.
@@ -494,7 +595,13 @@ mod tests {
                     .map(|h| {
                         let row = (0..n).map(|_| rng.random_range(0..=u16::MAX)).collect();
                         let hi = rng.random_range(0..=u16::MAX);
-                        let span = rng.random_range(0..=u16::MAX) >> h;
+                        // Even heads: spans up to this row's (so that small groups need
+                        // as few tables as it does); odd heads: anything.
+                        let span = if h % 2 == 0 {
+                            rng.random_range(0..=span)
+                        } else {
+                            rng.random_range(0..=u16::MAX) >> h
+                        };
                         (row, hi, span, ExpTables::new(rng.random_range(1e-4..0.5)))
                     })
                     .collect();
