@@ -604,19 +604,24 @@ impl HeadIndex for FastScanIndex {
         }
         if self.rerank <= 1 {
             let mut chosen: Vec<u32> = best.into_iter().map(|i| cand.start as u32 + i).collect();
-            chosen.sort_unstable();
+            // Ascending already, unless weightless candidates were appended.
+            if !chosen.is_sorted() {
+                chosen.sort_unstable();
+            }
             return Ok(chosen);
         }
         let positions: Vec<u32> = best.iter().map(|&i| cand.start as u32 + i).collect();
         let exact = ctx.exact_logits_at(&positions);
         let mut rescored = vec![0.0f32; positions.len()];
         for (q, &(top, z)) in norms.iter().enumerate() {
-            for (r, &l) in rescored
-                .iter_mut()
-                .zip(&exact[q * positions.len()..(q + 1) * positions.len()])
-            {
-                let p = (l - top).exp() / z;
-                ctx.aggregation.combine(r, p);
+            let logits = &exact[q * positions.len()..(q + 1) * positions.len()];
+            // p = exp(l - top) / z, as exp(l - hi) * (exp(hi - top) / z) with hi the larger of
+            // `top` and the exact logits: every exponent is then <= 0 (the straight-line
+            // exponential, vectorised), and one libm call per head.
+            let hi = logits.iter().copied().fold(top, f32::max);
+            let factor = (((hi - top) as f64).exp() / z as f64) as f32;
+            for (r, &l) in rescored.iter_mut().zip(logits) {
+                ctx.aggregation.combine(r, exp_nonpositive(l - hi) * factor);
             }
         }
         Ok(select_topk_nonneg_f32(&rescored, ctx.k)
