@@ -4,7 +4,8 @@
 //! and `P` decode positions `t` evenly spaced in `[T/2, T)`, the indexes are trained on the keys
 //! of `[0, T/2)` (the prefill; fast-scan also fits its channel scale to the prefill's
 //! queries, as [`super::AttentionRetriever::prefill_with_queries`] does) and the keys of
-//! `[T/2, t]` are appended one by one (decoded tokens). At `t`, the budget is `B = max(ratio * (t + 1), sink + 2)`, the window
+//! `[T/2, t]` are appended one by one (decoded tokens; fast-scan re-trains on all the cached
+//! keys as the cache grows, see [`super::selector`], unless `:static`). At `t`, the budget is `B = max(ratio * (t + 1), sink + 2)`, the window
 //! `W = (B - sink) / 2`, `k = B - sink - W` positions are retrieved among `[sink, t + 1 - W)`.
 //! Per query head: `mass` = full-attention probability of the attended set; `err` =
 //! `||o_S - o|| / ||o||` with `o_S` the softmax renormalised over the set. Per kv_head:
@@ -119,6 +120,7 @@ pub fn evaluate(dump: &AttentionDump, cfg: &EvalConfig) -> Result<Vec<EvalRow>> 
                 while next <= t {
                     for (h, index) in indexes.iter_mut().enumerate() {
                         index.append(&f16_to_f32(&keys[h][next * d..(next + 1) * d]))?;
+                        index.refresh_if_due(&keys[h][..(next + 1) * d], d)?;
                     }
                     next += 1;
                 }

@@ -139,6 +139,7 @@ impl RetrieverConfig {
                 m: (head_dim / 2).clamp(1, 256),
                 rerank: 4,
                 transform: true,
+                refresh: true,
             },
             aggregation: Aggregation::SumSoftmax,
             scale: 1.0 / (head_dim as f32).sqrt(),
@@ -307,6 +308,7 @@ impl AttentionRetriever {
                 .values
                 .to_mut()
                 .extend_from_slice(&value[kv * d..(kv + 1) * d]);
+            index.refresh_if_due(&state.keys, d)?;
         }
         Ok(())
     }

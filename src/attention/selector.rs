@@ -6,12 +6,21 @@
 //! | `window` | none | the most recent candidates (the whole budget becomes recent tokens) |
 //! | `random` | none | uniformly random candidates (seeded per step) |
 //! | `pq:MxB` | [`IndexPQ`] (`B` = 4, 6 or 8 bits) | float-table ADC (PQCache's own scheme: `pq:2x6`) |
-//! | `fastscan:Mx4[:rerankF][:plain]` | [`IndexPQFastScan`] after a [`DimTransform`] | u8-table fast-scan of the whole group at once; optionally the best `F * k` re-scored exactly |
+//! | `fastscan:Mx4[:rerankF][:plain][:static]` | [`IndexPQFastScan`] after a [`DimTransform`] | u8-table fast-scan of the whole group at once; optionally the best `F * k` re-scored exactly |
 //! | `quest:P` | page min/max | Quest's upper bound `sum_c max(q_c min_c, q_c max_c)` per page of `P` tokens; whole pages |
 //!
 //! Fast-scan keys pass through a [`DimTransform`] fitted at prefill: channels scaled by the
 //! prefill queries' root mean square (when the caller gives them) and dealt to sub-spaces so
 //! that each carries the same share of variance; `:plain` quantizes the raw keys instead.
+//!
+//! **Codebook refresh.** Post-RoPE keys drift with position: the slow-rotating channels of
+//! keys decoded after the prefill take angles the prefill never showed, and codebooks trained
+//! on the prefill quantize them worse and worse. A fast-scan head re-trains its codebooks on a
+//! sample of every cached key and re-encodes them (same transform) once the cache has grown by
+//! a quarter since the last training (and by at least [`REFRESH_MIN_GROWTH`] positions), from
+//! [`HeadIndex::refresh_if_due`], which the retriever calls after each append; `:static`
+//! keeps the prefill's codebooks. Amortised, about one re-encoding of the cache per 25 % of
+//! growth.
 //!
 //! Every index is trained on the prefill keys and then takes each decoded key with `append`
 //! (fast-scan appends into its last block: O(m) after encoding). Scores are combined over the
@@ -91,6 +100,8 @@ pub enum SelectorSpec {
         rerank: usize,
         /// Quantize the keys through a fitted [`DimTransform`] (`false`: `:plain`).
         transform: bool,
+        /// Re-train the codebooks as the cache grows (`false`: `:static`).
+        refresh: bool,
     },
     /// Quest page bounds.
     Quest {
@@ -110,6 +121,7 @@ impl fmt::Display for SelectorSpec {
                 m,
                 rerank,
                 transform,
+                refresh,
             } => {
                 write!(f, "fastscan:{m}x4")?;
                 if *rerank > 1 {
@@ -117,6 +129,9 @@ impl fmt::Display for SelectorSpec {
                 }
                 if !transform {
                     write!(f, ":plain")?;
+                }
+                if !refresh {
+                    write!(f, ":static")?;
                 }
                 Ok(())
             }
@@ -152,17 +167,19 @@ impl FromStr for SelectorSpec {
                 if nbits != 4 {
                     return Err(Error::InvalidArgument(format!("fastscan codes are 4-bit, got {nbits}")));
                 }
-                let (mut rerank, mut transform) = (None, true);
+                let (mut rerank, mut transform, mut refresh) = (None, true, true);
                 for option in rest {
                     if *option == "plain" && transform {
                         transform = false;
+                    } else if *option == "static" && refresh {
+                        refresh = false;
                     } else if let (Some(f), None) = (option.strip_prefix("rerank"), rerank) {
                         rerank = Some(f.parse().map_err(|_| {
                             Error::InvalidArgument(format!("bad re-rank setting {option:?} (e.g. rerank4)"))
                         })?);
                     } else {
                         return Err(Error::InvalidArgument(format!(
-                            "bad fastscan option {option:?} in {s:?} (rerankF, plain; each once)"
+                            "bad fastscan option {option:?} in {s:?} (rerankF, plain, static; each once)"
                         )));
                     }
                 }
@@ -170,6 +187,7 @@ impl FromStr for SelectorSpec {
                     m,
                     rerank: rerank.unwrap_or(0),
                     transform,
+                    refresh,
                 }
             }
             ["quest", p] => SelectorSpec::Quest {
@@ -181,7 +199,7 @@ impl FromStr for SelectorSpec {
             },
             _ => {
                 return Err(Error::InvalidArgument(format!(
-                    "unknown selector {s:?} (exact, window, random, pq:MxB, fastscan:Mx4[:rerankF][:plain], quest:P)"
+                    "unknown selector {s:?} (exact, window, random, pq:MxB, fastscan:Mx4[:rerankF][:plain][:static], quest:P)"
                 )))
             }
         };
@@ -222,11 +240,16 @@ impl SelectorSpec {
                 }
                 Box::new(PqIndex { pq })
             }
-            (SelectorSpec::FastScan { m, rerank, .. }, RestoredHead::FastScan(fs, transform)) => {
+            (
+                SelectorSpec::FastScan {
+                    m, rerank, refresh, ..
+                },
+                RestoredHead::FastScan(fs, transform),
+            ) => {
                 if fs.pq().m() != *m || fs.dim() != d || transform.dim() != d {
                     return Err(mismatch());
                 }
-                Box::new(FastScanIndex::new(fs, transform, *rerank))
+                Box::new(FastScanIndex::new(fs, transform, *rerank, *refresh))
             }
             (SelectorSpec::Pq { .. } | SelectorSpec::FastScan { .. }, _) => return Err(mismatch()),
             (SelectorSpec::Quest { .. }, RestoredHead::Nothing) => {
@@ -262,6 +285,7 @@ impl SelectorSpec {
                 m,
                 rerank,
                 transform,
+                refresh,
             } => {
                 let mut fs = IndexPQFastScan::new(d, *m, Metric::InnerProduct)?;
                 fs.train_config.seed = seed;
@@ -273,7 +297,7 @@ impl SelectorSpec {
                 let mapped = transform.keys(keys);
                 fs.train(&mapped)?;
                 fs.add(&mapped)?;
-                Box::new(FastScanIndex::new(fs, transform, *rerank))
+                Box::new(FastScanIndex::new(fs, transform, *rerank, *refresh))
             }
             SelectorSpec::Quest { page } => {
                 let mut q = QuestIndex {
@@ -401,6 +425,11 @@ fn exp_nonpositive(x: f32) -> f32 {
 pub trait HeadIndex: Send + Sync {
     /// Takes the key of the next position (`d` f32).
     fn append(&mut self, key: &[f32]) -> Result<()>;
+    /// Re-trains on `keys` (every cached key, `len * d` f16, the last appended one included)
+    /// if the index's refresh policy says it is due; whether it did.
+    fn refresh_if_due(&mut self, _keys: &[f16], _d: usize) -> Result<bool> {
+        Ok(false)
+    }
     /// Chooses `ctx.k` positions among `ctx.candidates`, sorted ascending.
     fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Vec<u32>>;
     /// What this index keeps that the keys cannot give back (trained codebooks and codes),
@@ -505,6 +534,10 @@ struct FastScanIndex {
     fs: IndexPQFastScan,
     transform: DimTransform,
     rerank: usize,
+    /// Re-train as the cache grows (see the module doc).
+    refresh: bool,
+    /// Positions at the last training.
+    trained_len: usize,
     softmax: SoftmaxKernel,
     filter: FilterKernel,
     /// Buffers reused across steps (u16 sums, aggregated scores): fresh megabyte-sized
@@ -514,11 +547,18 @@ struct FastScanIndex {
 
 impl FastScanIndex {
     /// Wraps a trained (and filled) fast-scan index; kernels resolved once here.
-    fn new(fs: IndexPQFastScan, transform: DimTransform, rerank: usize) -> FastScanIndex {
+    fn new(
+        fs: IndexPQFastScan,
+        transform: DimTransform,
+        rerank: usize,
+        refresh: bool,
+    ) -> FastScanIndex {
         FastScanIndex {
+            trained_len: fs.ntotal(),
             fs,
             transform,
             rerank,
+            refresh,
             softmax: SoftmaxKernel::best(),
             filter: FilterKernel::best(),
             scratch: Mutex::new((Vec::new(), Vec::new())),
@@ -538,6 +578,35 @@ impl HeadIndex for FastScanIndex {
     }
     fn stored(&self) -> StoredHead<'_> {
         StoredHead::FastScan(&self.fs, &self.transform)
+    }
+
+    /// Due once the cache holds a quarter more positions than at the last training (and at
+    /// least [`REFRESH_MIN_GROWTH`] more): the codebooks are re-trained on up to
+    /// [`REFRESH_SAMPLE`] keys spread evenly over every position, then every key is
+    /// re-encoded (same transform, same seed). The new index replaces the old one only when
+    /// both steps succeeded.
+    fn refresh_if_due(&mut self, keys: &[f16], d: usize) -> Result<bool> {
+        let n = keys.len() / d.max(1);
+        let due = self.trained_len + (self.trained_len / 4).max(REFRESH_MIN_GROWTH);
+        if !self.refresh || n < due || d != self.fs.dim() {
+            return Ok(false);
+        }
+        let take = n.min(REFRESH_SAMPLE);
+        let sample: Vec<f32> = (0..take)
+            .flat_map(|i| {
+                let p = i * n / take;
+                keys[p * d..(p + 1) * d].iter().map(|v| v.to_f32())
+            })
+            .collect();
+        let mut fs = IndexPQFastScan::new(d, self.fs.pq().m(), Metric::InnerProduct)?;
+        fs.train_config = self.fs.train_config.clone();
+        fs.train(&self.transform.keys(&sample))?;
+        for chunk in keys.chunks(REFRESH_ENCODE_CHUNK * d) {
+            fs.add(&self.transform.keys(&crate::io::f16_to_f32(chunk)))?;
+        }
+        self.fs = fs;
+        self.trained_len = n;
+        Ok(true)
     }
 
     /// One fast-scan pass scores the whole group in u16. Per query head, the softmax of the
@@ -630,6 +699,15 @@ impl HeadIndex for FastScanIndex {
             .collect())
     }
 }
+
+/// A fast-scan head re-trains once it has grown by at least this many positions (and a
+/// quarter) since its last training: a floor so that short caches do not re-train every few
+/// tokens.
+pub const REFRESH_MIN_GROWTH: usize = 256;
+/// Keys a refresh trains on at most (k-means subsamples further, to 256 per centroid).
+const REFRESH_SAMPLE: usize = 16_384;
+/// Keys converted and encoded at a time by a refresh.
+const REFRESH_ENCODE_CHUNK: usize = 4096;
 
 /// Candidates whose approximate logit is more than this below a head's maximum weigh less
 /// than `e^-12` (6e-6) of the head's best token each and are treated as weightless: they can
