@@ -124,8 +124,13 @@ pub struct RetrieverConfig {
 }
 
 impl RetrieverConfig {
-    /// Defaults: sink 32, window from the budget, budget 10 %, 4-bit fast-scan with `m =
-    /// head_dim / 2` and 4x exact re-ranking, sum-of-softmax aggregation.
+    /// Defaults: sink 32, window from the budget, budget 10 %, sum-of-softmax aggregation,
+    /// 4-bit fast-scan with four dimensions per sub-quantizer (`m = head_dim / 4`, or the
+    /// largest divisor of `head_dim` below it: 1/16 of the f16 keys' bytes), keys through the
+    /// fitted transform, codebook refresh, no re-ranking. On the Gemma-3 dumps at a 10 %
+    /// budget that is 1.08-1.13x the oracle's attention error at 7-9x the speed of exact
+    /// scoring; `m = head_dim / 2` gives 1.02-1.05x at about 5x, and `rerank: 4` on top
+    /// 1.00-1.01x at about 2x (README, "Measured").
     pub fn new(layers: usize, kv_heads: usize, group: usize, head_dim: usize) -> RetrieverConfig {
         RetrieverConfig {
             layers,
@@ -136,8 +141,11 @@ impl RetrieverConfig {
             window: None,
             budget: Budget::Ratio(0.1),
             selector: SelectorSpec::FastScan {
-                m: (head_dim / 2).clamp(1, 256),
-                rerank: 4,
+                m: (1..=(head_dim / 4).clamp(1, 256))
+                    .rev()
+                    .find(|m| head_dim.is_multiple_of(*m))
+                    .unwrap_or(1),
+                rerank: 0,
                 transform: true,
                 refresh: true,
             },
