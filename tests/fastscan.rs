@@ -73,11 +73,25 @@ fn selection_returns_exactly_the_top_k_of_the_quantized_scores() {
     let q = &queries[..4 * 256];
     let mut scores = vec![0u16; 4 * n];
     let tables = fs.scan_scores(q, &mut scores).unwrap();
-    // k = 10 takes the heap path, k = n / 10 and n / 5 the radix-select path.
-    for k in [10usize, 100, n / 10, n / 5] {
-        for qbs in [1usize, 4] {
+    // k = 10 takes the heap path, k = n / 10 and n / 5 the radix-select path; one thread
+    // takes the heap path's sequential loop (chunks of 16 to 64 blocks), two its fork-join.
+    let pools: Vec<rayon::ThreadPool> = [1, 2]
+        .iter()
+        .map(|&t| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .unwrap()
+        })
+        .collect();
+    for (k, qbs, pool) in [10usize, 100, n / 10, n / 5]
+        .into_iter()
+        .flat_map(|k| [1usize, 4].map(|qbs| (k, qbs)))
+        .flat_map(|(k, qbs)| pools.iter().map(move |p| (k, qbs, p)))
+    {
+        {
             fs.qbs = qbs;
-            let res = fs.search(q, k).unwrap();
+            let res = pool.install(|| fs.search(q, k)).unwrap();
             for qi in 0..4 {
                 let row = &scores[qi * n..(qi + 1) * n];
                 let mut all: Vec<(u16, i64)> = row
@@ -87,7 +101,12 @@ fn selection_returns_exactly_the_top_k_of_the_quantized_scores() {
                     .collect();
                 all.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
                 let want: Vec<i64> = all[..k].iter().map(|x| x.1).collect();
-                assert_eq!(res.ids_of(qi), &want[..], "k {k} qbs {qbs} query {qi}");
+                assert_eq!(
+                    res.ids_of(qi),
+                    &want[..],
+                    "k {k} qbs {qbs} threads {} query {qi}",
+                    pool.current_num_threads()
+                );
                 for (slot, &(s, _)) in all[..k].iter().enumerate() {
                     assert_eq!(res.distances_of(qi)[slot], tables[qi].score(s));
                 }

@@ -37,6 +37,9 @@ use rayon::prelude::*;
 /// Blocks scanned per kernel call (512 vectors: the u16 scores of a chunk stay in L1, and
 /// the heap threshold handed to the kernel is refreshed every 512 vectors).
 const CHUNK_BLOCKS: usize = 16;
+/// Largest chunk of the single-threaded small-k scan (it starts at `CHUNK_BLOCKS` and doubles;
+/// 64 blocks of 4 queries keep the score buffer, 16 KB, in L1).
+const SEQUENTIAL_CHUNK_BLOCKS: usize = 64;
 
 /// Large-k selection samples every `SAMPLE_STRIDE`-th block to place its score floor.
 const SAMPLE_STRIDE: usize = 16;
@@ -300,56 +303,51 @@ impl IndexPQFastScan {
     /// Top `c` candidates (u16 score as f32, position) per query of a group.
     fn candidates(&self, luts: &[QuantizedLut], c: usize) -> Vec<Vec<(f32, u32)>> {
         let n = self.ntotal();
-        let (bb, m2, nq) = (self.codes.block_bytes(), self.codes.m2(), luts.len());
+        let (bb, nq) = (self.codes.block_bytes(), luts.len());
         let bytes = concat_tables(luts);
         if c * 32 <= n {
-            let heaps = self
-                .codes
-                .data()
-                .par_chunks(CHUNK_BLOCKS * bb)
-                .enumerate()
-                .fold(
-                    || (vec![TopKHeapU16::new(c); nq], Vec::new(), Vec::new()),
-                    |(mut heaps, mut buf, mut masks), (ci, chunk)| {
-                        let nb = chunk.len() / bb;
-                        buf.resize(nq * nb * BBS, 0u16);
-                        masks.resize(nq * nb, 0u32);
-                        // Each heap's threshold as it stands before the chunk (0 while it is
-                        // not full: then every score is offered).
-                        let mut thresholds = [0u16; MAX_QBS];
-                        for (t, h) in thresholds.iter_mut().zip(&heaps) {
-                            if h.is_full() {
-                                *t = h.threshold();
+            let heaps = if rayon::current_num_threads() == 1 {
+                // One thread: chunks in order with no fork-join, growing once the heaps have
+                // settled (their thresholds then move little from one chunk to the next).
+                let mut state = (vec![TopKHeapU16::new(c); nq], Vec::new(), Vec::new());
+                let nblocks = self.codes.nblocks();
+                let (mut b0, mut step) = (0, CHUNK_BLOCKS);
+                while b0 < nblocks {
+                    let nb = step.min(nblocks - b0);
+                    let chunk = &self.codes.data()[b0 * bb..(b0 + nb) * bb];
+                    self.scan_into_heaps(&mut state, chunk, b0 * BBS, &bytes);
+                    b0 += nb;
+                    step = (step * 2).min(SEQUENTIAL_CHUNK_BLOCKS);
+                }
+                state.0
+            } else {
+                self.codes
+                    .data()
+                    .par_chunks(CHUNK_BLOCKS * bb)
+                    .enumerate()
+                    .fold(
+                        || (vec![TopKHeapU16::new(c); nq], Vec::new(), Vec::new()),
+                        |mut state, (ci, chunk)| {
+                            self.scan_into_heaps(
+                                &mut state,
+                                chunk,
+                                ci * CHUNK_BLOCKS * BBS,
+                                &bytes,
+                            );
+                            state
+                        },
+                    )
+                    .map(|(heaps, _, _)| heaps)
+                    .reduce(
+                        || vec![TopKHeapU16::new(c); nq],
+                        |mut a, b| {
+                            for (x, y) in a.iter_mut().zip(b) {
+                                x.merge(y);
                             }
-                        }
-                        self.scan.accumulate(
-                            chunk,
-                            nb,
-                            m2,
-                            &bytes,
-                            nq,
-                            &thresholds[..nq],
-                            &mut buf,
-                            &mut masks,
-                        );
-                        let base = ci * CHUNK_BLOCKS * BBS;
-                        for (q, heap) in heaps.iter_mut().enumerate() {
-                            let scores = &buf[q * nb * BBS..(q + 1) * nb * BBS];
-                            push_masked(heap, scores, &masks[q * nb..(q + 1) * nb], base, n);
-                        }
-                        (heaps, buf, masks)
-                    },
-                )
-                .map(|(heaps, _, _)| heaps)
-                .reduce(
-                    || vec![TopKHeapU16::new(c); nq],
-                    |mut a, b| {
-                        for (x, y) in a.iter_mut().zip(b) {
-                            x.merge(y);
-                        }
-                        a
-                    },
-                );
+                            a
+                        },
+                    )
+            };
             heaps
                 .into_iter()
                 .map(|h| {
@@ -382,6 +380,40 @@ impl IndexPQFastScan {
                     ))
                 })
                 .collect()
+        }
+    }
+
+    /// Scores the blocks of `chunk` (vector `base` first) for every query of a group and
+    /// offers each heap the scores above its threshold as it stood before the chunk (every
+    /// score while it is not full). `state`: the heaps and two reusable buffers.
+    fn scan_into_heaps(
+        &self,
+        state: &mut (Vec<TopKHeapU16>, Vec<u16>, Vec<u32>),
+        chunk: &[u8],
+        base: usize,
+        bytes: &[u8],
+    ) {
+        let (heaps, buf, masks) = state;
+        let (bb, m2, nq, n) = (
+            self.codes.block_bytes(),
+            self.codes.m2(),
+            heaps.len(),
+            self.ntotal(),
+        );
+        let nb = chunk.len() / bb;
+        buf.resize(nq * nb * BBS, 0u16);
+        masks.resize(nq * nb, 0u32);
+        let mut thresholds = [0u16; MAX_QBS];
+        for (t, h) in thresholds.iter_mut().zip(heaps.iter()) {
+            if h.is_full() {
+                *t = h.threshold();
+            }
+        }
+        self.scan
+            .accumulate(chunk, nb, m2, bytes, nq, &thresholds[..nq], buf, masks);
+        for (q, heap) in heaps.iter_mut().enumerate() {
+            let scores = &buf[q * nb * BBS..(q + 1) * nb * BBS];
+            push_masked(heap, scores, &masks[q * nb..(q + 1) * nb], base, n);
         }
     }
 
