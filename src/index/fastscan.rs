@@ -455,6 +455,41 @@ impl IndexPQFastScan {
         floors: &[u16; MAX_QBS],
     ) -> Vec<Vec<(u16, u32)>> {
         let (n, bb, m2) = (self.ntotal(), self.codes.block_bytes(), self.codes.m2());
+        if rayon::current_num_threads() == 1 {
+            // One thread: chunks in order, straight into one list per query (no per-chunk
+            // lists to allocate and concatenate).
+            let mut found: Vec<Vec<(u16, u32)>> = vec![Vec::new(); nq];
+            let (mut buf, mut masks) = (Vec::new(), Vec::new());
+            for (ci, chunk) in self
+                .codes
+                .data()
+                .chunks(SEQUENTIAL_CHUNK_BLOCKS * bb)
+                .enumerate()
+            {
+                let nb = chunk.len() / bb;
+                buf.resize(nq * nb * BBS, 0u16);
+                masks.resize(nq * nb, 0u32);
+                self.scan.accumulate(
+                    chunk,
+                    nb,
+                    m2,
+                    bytes,
+                    nq,
+                    &floors[..nq],
+                    &mut buf,
+                    &mut masks,
+                );
+                let base = ci * SEQUENTIAL_CHUNK_BLOCKS * BBS;
+                let valid = n.saturating_sub(base);
+                for (q, out) in found.iter_mut().enumerate() {
+                    let scores = &buf[q * nb * BBS..(q + 1) * nb * BBS];
+                    for_each_marked(&masks[q * nb..(q + 1) * nb], valid, |i| {
+                        out.push((scores[i], (base + i) as u32));
+                    });
+                }
+            }
+            return found;
+        }
         let per_chunk: Vec<Vec<Vec<(u16, u32)>>> = self
             .codes
             .data()
