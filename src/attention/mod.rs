@@ -316,7 +316,21 @@ impl AttentionRetriever {
                 .values
                 .to_mut()
                 .extend_from_slice(&value[kv * d..(kv + 1) * d]);
-            index.refresh_if_due(&state.keys, d)?;
+        }
+        // The heads of a layer grow together, so a refresh comes due on all of them at once:
+        // they re-train in parallel (and no thread is woken for the appends in between).
+        let heads = &mut self.heads[layer * h..(layer + 1) * h];
+        let len = heads[0].keys.len() / d;
+        if heads
+            .iter()
+            .any(|s| s.index.as_ref().is_some_and(|i| i.refresh_due(len)))
+        {
+            heads
+                .par_iter_mut()
+                .try_for_each(|state| match state.index.as_mut() {
+                    Some(index) => index.refresh_if_due(&state.keys, d).map(|_| ()),
+                    None => Ok(()),
+                })?;
         }
         Ok(())
     }

@@ -425,6 +425,11 @@ fn exp_nonpositive(x: f32) -> f32 {
 pub trait HeadIndex: Send + Sync {
     /// Takes the key of the next position (`d` f32).
     fn append(&mut self, key: &[f32]) -> Result<()>;
+    /// Whether [`HeadIndex::refresh_if_due`] would re-train once the cache holds `len`
+    /// positions.
+    fn refresh_due(&self, _len: usize) -> bool {
+        false
+    }
     /// Re-trains on `keys` (every cached key, `len * d` f16, the last appended one included)
     /// if the index's refresh policy says it is due; whether it did.
     fn refresh_if_due(&mut self, _keys: &[f16], _d: usize) -> Result<bool> {
@@ -585,10 +590,13 @@ impl HeadIndex for FastScanIndex {
     /// [`REFRESH_SAMPLE`] keys spread evenly over every position, then every key is
     /// re-encoded (same transform, same seed). The new index replaces the old one only when
     /// both steps succeeded.
+    fn refresh_due(&self, len: usize) -> bool {
+        self.refresh && len >= self.trained_len + (self.trained_len / 4).max(REFRESH_MIN_GROWTH)
+    }
+
     fn refresh_if_due(&mut self, keys: &[f16], d: usize) -> Result<bool> {
         let n = keys.len() / d.max(1);
-        let due = self.trained_len + (self.trained_len / 4).max(REFRESH_MIN_GROWTH);
-        if !self.refresh || n < due || d != self.fs.dim() {
+        if !self.refresh_due(n) || d != self.fs.dim() {
             return Ok(false);
         }
         let take = n.min(REFRESH_SAMPLE);
