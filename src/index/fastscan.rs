@@ -300,8 +300,9 @@ impl IndexPQFastScan {
             .collect()
     }
 
-    /// Top `c` candidates (u16 score as f32, position) per query of a group.
-    fn candidates(&self, luts: &[QuantizedLut], c: usize) -> Vec<Vec<(f32, u32)>> {
+    /// Top `c` candidates (u16 score, position) per query of a group, best first (ties to
+    /// the smaller position).
+    fn candidates(&self, luts: &[QuantizedLut], c: usize) -> Vec<Vec<(u16, u32)>> {
         let n = self.ntotal();
         let (bb, nq) = (self.codes.block_bytes(), luts.len());
         let bytes = concat_tables(luts);
@@ -348,36 +349,21 @@ impl IndexPQFastScan {
                         },
                     )
             };
-            heaps
-                .into_iter()
-                .map(|h| {
-                    h.into_sorted()
-                        .into_iter()
-                        .map(|(s, p)| (s as f32, p))
-                        .collect()
-                })
-                .collect()
+            heaps.into_iter().map(TopKHeapU16::into_sorted).collect()
         } else {
             let floors = self.sample_floors(&bytes, nq, c);
             let found = self.collect_above_floors(&bytes, nq, &floors);
-            let to_f32 = |v: Vec<(u16, u32)>| v.into_iter().map(|(s, p)| (s as f32, p)).collect();
             let mut full_scan: Option<Vec<u16>> = None;
             (0..nq)
                 .map(|q| {
                     if let Some(best) = select_above_floor(&found[q], c, floors[q]) {
-                        return to_f32(best);
+                        return best;
                     }
                     // The sampled floor was too high (fewer than c scores above it): exact
                     // radix selection over every score.
                     let buf = full_scan.get_or_insert_with(|| self.scan_chunks(luts));
                     let segs = self.segments(buf, nq, q);
-                    to_f32(select_topk_u16_segments(
-                        &self.scan,
-                        &segs,
-                        CHUNK_BLOCKS * BBS,
-                        n,
-                        c,
-                    ))
+                    select_topk_u16_segments(&self.scan, &segs, CHUNK_BLOCKS * BBS, n, c)
                 })
                 .collect()
         }
@@ -545,26 +531,33 @@ impl IndexPQFastScan {
         };
         let cands = self.candidates(&luts, c);
         for (qi, (cand, lut)) in cands.into_iter().zip(&luts).enumerate() {
-            let q = &group[qi * d..(qi + 1) * d];
-            let mut scored: Vec<(f32, u32)> = match (&self.originals, rerank) {
-                (Some(orig), true) => cand
-                    .iter()
-                    .map(|&(_, p)| {
-                        let v = orig.metric_value(&self.kernels, self.metric, q, p as usize);
-                        (self.metric.to_score(v), p)
-                    })
-                    .collect(),
-                _ => cand
-                    .iter()
-                    .map(|&(s, p)| (lut.score(s as u16), p))
-                    .collect(),
-            };
-            if rerank {
-                select_sorted(&mut scored, k);
-            }
-            for (slot, (s, p)) in scored.into_iter().take(k).enumerate() {
-                dist[qi * k + slot] = self.metric.from_score(s);
-                ids[qi * k + slot] = p as i64;
+            let (dist, ids) = (
+                &mut dist[qi * k..(qi + 1) * k],
+                &mut ids[qi * k..(qi + 1) * k],
+            );
+            match (&self.originals, rerank) {
+                (Some(orig), true) => {
+                    let q = &group[qi * d..(qi + 1) * d];
+                    let mut scored: Vec<(f32, u32)> = cand
+                        .iter()
+                        .map(|&(_, p)| {
+                            let v = orig.metric_value(&self.kernels, self.metric, q, p as usize);
+                            (self.metric.to_score(v), p)
+                        })
+                        .collect();
+                    select_sorted(&mut scored, k);
+                    for ((dv, iv), (s, p)) in dist.iter_mut().zip(ids.iter_mut()).zip(scored) {
+                        *dv = self.metric.from_score(s);
+                        *iv = p as i64;
+                    }
+                }
+                // The candidates are the top k already, in order: straight into the result.
+                _ => {
+                    for ((dv, iv), &(s, p)) in dist.iter_mut().zip(ids.iter_mut()).zip(&cand) {
+                        *dv = self.metric.from_score(lut.score(s));
+                        *iv = p as i64;
+                    }
+                }
             }
         }
     }
