@@ -496,49 +496,36 @@ mod x86 {
         super::combine_from(heads, out, max, full);
     }
 
+    /// `$f::<D>(args)` with `D` the number of tables `$digits` asks for (2, 3 or 4).
+    macro_rules! by_digits {
+        ($digits:expr, $f:ident($($arg:expr),*)) => {
+            match $digits {
+                2 => $f::<2>($($arg),*),
+                3 => $f::<3>($($arg),*),
+                _ => $f::<4>($($arg),*),
+            }
+        };
+    }
+
     pub(super) fn weight_sum_v3(row: &[u16], hi: u16, span: u16, exp: &ExpTables) -> f32 {
         // SAFETY: only reachable through a kernel built for V3, which the CPU supports.
-        unsafe {
-            match super::digits(span) {
-                2 => weight_sum_v3_imp::<2>(row, hi, span, exp),
-                3 => weight_sum_v3_imp::<3>(row, hi, span, exp),
-                _ => weight_sum_v3_imp::<4>(row, hi, span, exp),
-            }
-        }
+        unsafe { by_digits!(super::digits(span), weight_sum_v3_imp(row, hi, span, exp)) }
     }
 
     pub(super) fn weight_sum_v4(row: &[u16], hi: u16, span: u16, exp: &ExpTables) -> f32 {
         // SAFETY: only reachable through a kernel built for V4 or above, which the CPU
         // supports.
-        unsafe {
-            match super::digits(span) {
-                2 => weight_sum_v4_imp::<2>(row, hi, span, exp),
-                3 => weight_sum_v4_imp::<3>(row, hi, span, exp),
-                _ => weight_sum_v4_imp::<4>(row, hi, span, exp),
-            }
-        }
+        unsafe { by_digits!(super::digits(span), weight_sum_v4_imp(row, hi, span, exp)) }
     }
 
     pub(super) fn combine_v3(heads: &[super::HeadRow<'_>], out: &mut [f32], max: bool) {
         // SAFETY: as weight_sum_v3; lengths checked by SoftmaxKernel::combine.
-        unsafe {
-            match widest(heads) {
-                2 => combine_v3_imp::<2>(heads, out, max),
-                3 => combine_v3_imp::<3>(heads, out, max),
-                _ => combine_v3_imp::<4>(heads, out, max),
-            }
-        }
+        unsafe { by_digits!(widest(heads), combine_v3_imp(heads, out, max)) }
     }
 
     pub(super) fn combine_v4(heads: &[super::HeadRow<'_>], out: &mut [f32], max: bool) {
         // SAFETY: as weight_sum_v4; lengths checked by SoftmaxKernel::combine.
-        unsafe {
-            match widest(heads) {
-                2 => combine_v4_imp::<2>(heads, out, max),
-                3 => combine_v4_imp::<3>(heads, out, max),
-                _ => combine_v4_imp::<4>(heads, out, max),
-            }
-        }
+        unsafe { by_digits!(widest(heads), combine_v4_imp(heads, out, max)) }
     }
 
     /// The digits the widest span of the group needs.
