@@ -440,39 +440,20 @@ impl IndexPQFastScan {
         nq: usize,
         floors: &[u16; MAX_QBS],
     ) -> Vec<Vec<(u16, u32)>> {
-        let (n, bb, m2) = (self.ntotal(), self.codes.block_bytes(), self.codes.m2());
+        let bb = self.codes.block_bytes();
         if rayon::current_num_threads() == 1 {
             // One thread: chunks in order, straight into one list per query (no per-chunk
             // lists to allocate and concatenate).
             let mut found: Vec<Vec<(u16, u32)>> = vec![Vec::new(); nq];
-            let (mut buf, mut masks) = (Vec::new(), Vec::new());
+            let mut scratch = (Vec::new(), Vec::new());
             for (ci, chunk) in self
                 .codes
                 .data()
                 .chunks(SEQUENTIAL_CHUNK_BLOCKS * bb)
                 .enumerate()
             {
-                let nb = chunk.len() / bb;
-                buf.resize(nq * nb * BBS, 0u16);
-                masks.resize(nq * nb, 0u32);
-                self.scan.accumulate(
-                    chunk,
-                    nb,
-                    m2,
-                    bytes,
-                    nq,
-                    &floors[..nq],
-                    &mut buf,
-                    &mut masks,
-                );
                 let base = ci * SEQUENTIAL_CHUNK_BLOCKS * BBS;
-                let valid = n.saturating_sub(base);
-                for (q, out) in found.iter_mut().enumerate() {
-                    let scores = &buf[q * nb * BBS..(q + 1) * nb * BBS];
-                    for_each_marked(&masks[q * nb..(q + 1) * nb], valid, |i| {
-                        out.push((scores[i], (base + i) as u32));
-                    });
-                }
+                self.scan_above_floors(&mut scratch, chunk, base, bytes, floors, &mut found);
             }
             return found;
         }
@@ -483,27 +464,11 @@ impl IndexPQFastScan {
             .enumerate()
             .map_init(
                 || (Vec::new(), Vec::new()),
-                |(buf, masks), (ci, chunk)| {
-                    let nb = chunk.len() / bb;
-                    buf.resize(nq * nb * BBS, 0u16);
-                    masks.resize(nq * nb, 0u32);
-                    self.scan
-                        .accumulate(chunk, nb, m2, bytes, nq, &floors[..nq], buf, masks);
+                |scratch, (ci, chunk)| {
+                    let mut found = vec![Vec::new(); nq];
                     let base = ci * CHUNK_BLOCKS * BBS;
-                    (0..nq)
-                        .map(|q| {
-                            let marked: u32 = masks[q * nb..(q + 1) * nb]
-                                .iter()
-                                .map(|m| m.count_ones())
-                                .sum();
-                            let mut out = Vec::with_capacity(marked as usize);
-                            let valid = n.saturating_sub(base);
-                            for_each_marked(&masks[q * nb..(q + 1) * nb], valid, |i| {
-                                out.push((buf[q * nb * BBS + i], (base + i) as u32));
-                            });
-                            out
-                        })
-                        .collect()
+                    self.scan_above_floors(scratch, chunk, base, bytes, floors, &mut found);
+                    found
                 },
             )
             .collect();
@@ -517,6 +482,42 @@ impl IndexPQFastScan {
                 all
             })
             .collect()
+    }
+
+    /// Scores the blocks of `chunk` (vector `base` first) for the group's tables and appends
+    /// to `found[q]` every (score, position) above `floors[q]`, in position order.
+    /// `scratch`: reusable score and mask buffers.
+    fn scan_above_floors(
+        &self,
+        (buf, masks): &mut (Vec<u16>, Vec<u32>),
+        chunk: &[u8],
+        base: usize,
+        bytes: &[u8],
+        floors: &[u16; MAX_QBS],
+        found: &mut [Vec<(u16, u32)>],
+    ) {
+        let (n, bb, m2, nq) = (
+            self.ntotal(),
+            self.codes.block_bytes(),
+            self.codes.m2(),
+            found.len(),
+        );
+        let nb = chunk.len() / bb;
+        buf.resize(nq * nb * BBS, 0u16);
+        masks.resize(nq * nb, 0u32);
+        self.scan
+            .accumulate(chunk, nb, m2, bytes, nq, &floors[..nq], buf, masks);
+        let valid = n.saturating_sub(base);
+        for (q, out) in found.iter_mut().enumerate() {
+            let (scores, marks) = (
+                &buf[q * nb * BBS..(q + 1) * nb * BBS],
+                &masks[q * nb..(q + 1) * nb],
+            );
+            out.reserve(marks.iter().map(|m| m.count_ones() as usize).sum());
+            for_each_marked(marks, valid, |i| {
+                out.push((scores[i], (base + i) as u32));
+            });
+        }
     }
 
     /// Searches one group of at most `MAX_QBS` queries into `dist` / `ids` (`g * k` each).
