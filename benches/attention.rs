@@ -11,7 +11,7 @@
 //! per key (a sixteenth of the f16 key), `fastscan:64x4` 32 bytes (an eighth).
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use half::f16;
-use pqcache::attention::{AttentionRetriever, Budget, RetrieverConfig};
+use pqcache::attention::{AttentionRetriever, AttentionShape, Budget, RetrieverConfig};
 
 #[path = "common.rs"]
 mod common;
@@ -34,9 +34,9 @@ fn bench_step(c: &mut Criterion) {
             .map(f16::from_f32)
             .collect();
         let queries = common::keys_like(kv_heads * group, d, 9);
-        let prompt_queries: Vec<f16> = common::keys_like(kv_heads * group * 1024, d, 10)
+        let prompt_queries: Vec<f32> = common::keys_like(kv_heads * group * 1024, d, 10)
             .into_iter()
-            .map(f16::from_f32)
+            .map(|x| f16::from_f32(x).to_f32())
             .collect();
         // The scoring part of exact selection alone (its floor): every kv head's group
         // against all its keys, one pass over the f16 keys (SIMD, memory-bound here).
@@ -61,11 +61,19 @@ fn bench_step(c: &mut Criterion) {
             "fastscan:64x4",
             "fastscan:64x4:rerank4",
         ] {
-            let mut cfg = RetrieverConfig::new(1, kv_heads, group, d);
-            cfg.selector = spec.parse().unwrap();
-            cfg.budget = Budget::Ratio(0.1);
-            let mut r = AttentionRetriever::new(cfg).unwrap();
-            pool.install(|| r.prefill_with_queries(0, &keys, &values, &prompt_queries))
+            let shape = AttentionShape {
+                layers: 1,
+                query_heads: kv_heads * group,
+                kv_heads,
+                head_dim: d,
+            };
+            let mut r = AttentionRetriever::new(RetrieverConfig {
+                selector: spec.parse().unwrap(),
+                budget: Budget::Ratio(0.1),
+                ..RetrieverConfig::new(shape)
+            })
+            .unwrap();
+            pool.install(|| r.prefill(0, &keys, &values, &prompt_queries))
                 .unwrap();
             // Checked once: every kv_head gets its budget.
             let sel = pool.install(|| r.select(0, &queries)).unwrap();

@@ -12,7 +12,8 @@
 //! | [`pq`] | product quantizer: `train`, `encode`, per-query `lut` |
 //! | [`index`] | indexes: [`IndexFlat`] (exact, f32/f16), [`IndexPQ`] (ADC), [`IndexPQFastScan`] (4-bit fast-scan), [`IndexIVFPQFastScan`] (IVF), [`StreamingIndex`] (concurrent add/search/refresh) |
 //! | [`select`] | top-k selection, small k (heap) and large k (quickselect, u16 radix select) |
-//! | [`io`] | `.npy`, `.fvecs`, `.ivecs` readers |
+//! | [`attention`] | the attention client: per layer and kv_head KV cache, selectors, sparse attention ([`AttentionRetriever`]) |
+//! | [`io`] | `.npy`, `.fvecs`, `.ivecs` readers, index files |
 //! | [`cli`] | the `pqcache` command line |
 //! | `gpu` | (feature `cuda`) KV cache on the GPU and sparse attention over selected positions |
 //! | `pqcache_simd` | the kernels (separate crate), runtime-dispatched scalar / AVX2 / AVX-512 / NEON |
@@ -55,7 +56,11 @@ pub mod pq;
 pub mod result;
 pub mod select;
 
+pub use attention::selector::{Aggregation, SelectorSpec};
+pub use attention::{AttentionRetriever, AttentionShape, Budget, RetrieverConfig, StepPlan};
 pub use error::{Error, Result};
+/// The f16 type of keys and values (`half::f16`), so callers need not depend on `half`.
+pub use half::f16;
 pub use index::{
     Index, IndexFlat, IndexIVFPQFastScan, IndexPQ, IndexPQFastScan, RefreshPolicy, RerankStorage,
     StreamingIndex,

@@ -4,7 +4,9 @@ mod common;
 use half::f16;
 use pqcache::attention::eval::{evaluate, EvalConfig};
 use pqcache::attention::selector::{Aggregation, SelectorSpec};
-use pqcache::attention::{attention, AttentionRetriever, Budget, RetrieverConfig, StepPlan};
+use pqcache::attention::{
+    attention, AttentionRetriever, AttentionShape, Budget, RetrieverConfig, StepPlan,
+};
 use pqcache::io::dump::AttentionDump;
 use pqcache::Error;
 use pqcache_simd::distance::DistanceKernels;
@@ -126,14 +128,20 @@ fn dense(q: &[f32], keys: &[f16], values: &[f16], d: usize, scale: f32) -> Vec<f
 fn attend_equals_dense_attention_when_the_budget_is_the_whole_context() {
     let dump = persuasion();
     let (d, t) = (dump.head_dim, 600);
-    let mut cfg = RetrieverConfig::new(1, 1, 4, d);
+    let mut cfg = RetrieverConfig::new(AttentionShape {
+        layers: 1,
+        query_heads: 1 * 4,
+        kv_heads: 1,
+        head_dim: d,
+    });
     cfg.budget = Budget::Ratio(1.0);
     cfg.scale = dump.scale;
     cfg.selector = "fastscan:64x4".parse().unwrap();
     let mut r = AttentionRetriever::new(cfg).unwrap();
     let keys = dump.keys(0, 0);
     let values = dump.values(0, 0);
-    r.prefill(0, &keys[..500 * d], &values[..500 * d]).unwrap();
+    r.prefill(0, &keys[..500 * d], &values[..500 * d], &[])
+        .unwrap();
     for p in 500..t {
         r.append(0, &keys[p * d..(p + 1) * d], &values[p * d..(p + 1) * d])
             .unwrap();
@@ -188,12 +196,17 @@ fn gqa_selection_keeps_sink_window_and_budget_per_kv_head() {
         "fastscan:8x4:rerank2",
         "quest:16",
     ] {
-        let mut cfg = RetrieverConfig::new(2, kvh, g, d);
+        let mut cfg = RetrieverConfig::new(AttentionShape {
+            layers: 2,
+            query_heads: kvh * g,
+            kv_heads: kvh,
+            head_dim: d,
+        });
         cfg.selector = spec.parse().unwrap();
         cfg.budget = Budget::Tokens(100);
         cfg.sink = 8;
         let mut r = AttentionRetriever::new(cfg).unwrap();
-        r.prefill(1, &keys, &values).unwrap();
+        r.prefill(1, &keys, &values, &[]).unwrap();
         let q = common::uniform(kvh * g, d, 3);
         let sel = r.select(1, &q).unwrap();
         let plan: StepPlan = r.plan(1);
@@ -237,12 +250,17 @@ fn exact_selection_matches_a_brute_force_sum_of_softmaxes() {
         .map(f16::from_f32)
         .collect();
     let values = keys.clone();
-    let mut cfg = RetrieverConfig::new(1, 1, g, d);
+    let mut cfg = RetrieverConfig::new(AttentionShape {
+        layers: 1,
+        query_heads: 1 * g,
+        kv_heads: 1,
+        head_dim: d,
+    });
     cfg.selector = SelectorSpec::Exact;
     cfg.budget = Budget::Tokens(60);
     cfg.sink = 4;
     let mut r = AttentionRetriever::new(cfg.clone()).unwrap();
-    r.prefill(0, &keys, &values).unwrap();
+    r.prefill(0, &keys, &values, &[]).unwrap();
     let q = common::uniform(g, d, 5);
     let plan = r.plan(0);
     let chosen: Vec<u32> = r.select(0, &q).unwrap()[0]
@@ -285,7 +303,12 @@ fn bad_input_is_a_typed_error() {
     assert!("pq:2".parse::<SelectorSpec>().is_err());
     assert!("quest:0".parse::<SelectorSpec>().is_err());
     assert!("nope".parse::<SelectorSpec>().is_err());
-    let mut cfg = RetrieverConfig::new(1, 1, 2, 8);
+    let mut cfg = RetrieverConfig::new(AttentionShape {
+        layers: 1,
+        query_heads: 1 * 2,
+        kv_heads: 1,
+        head_dim: 8,
+    });
     cfg.selector = "fastscan:3x4".parse().unwrap();
     assert!(matches!(
         AttentionRetriever::new(cfg.clone()),
@@ -298,24 +321,24 @@ fn bad_input_is_a_typed_error() {
     let mut r = AttentionRetriever::new(cfg).unwrap();
     let kv: Vec<f16> = vec![f16::from_f32(0.5); 10 * 8];
     assert!(matches!(
-        r.prefill(1, &kv, &kv),
+        r.prefill(1, &kv, &kv, &[]),
         Err(Error::InvalidArgument(_))
     ));
     assert!(matches!(
-        r.prefill(0, &kv[..7], &kv[..7]),
+        r.prefill(0, &kv[..7], &kv[..7], &[]),
         Err(Error::DimensionMismatch { .. })
     ));
     let mut bad = kv.clone();
     bad[3] = f16::NAN;
     assert!(matches!(
-        r.prefill(0, &bad, &kv),
+        r.prefill(0, &bad, &kv, &[]),
         Err(Error::NonFinite { .. })
     ));
-    assert!(matches!(
-        r.append(0, &kv[..8], &kv[..8]),
-        Err(Error::NotTrained)
-    ));
-    r.prefill(0, &kv, &kv).unwrap();
+    // An empty layer takes appends (a prompt shorter than any codebook): it selects exactly
+    // until the selector can train.
+    r.append(0, &kv[..8], &kv[..8]).unwrap();
+    assert_eq!(r.select(0, &[0.0; 16]).unwrap(), vec![vec![0]]);
+    r.prefill(0, &kv, &kv, &[]).unwrap();
     assert!(matches!(
         r.select(0, &[0.0; 8]),
         Err(Error::DimensionMismatch { .. })
@@ -350,12 +373,17 @@ fn fastscan_refresh_follows_drifting_keys() {
     // Queries that weigh the drifting channels as much as the others.
     let queries: Vec<Vec<f32>> = (0..8).map(|s| common::uniform(g, d, 100 + s)).collect();
     let run = |spec: &str| {
-        let mut cfg = RetrieverConfig::new(1, 1, g, d);
+        let mut cfg = RetrieverConfig::new(AttentionShape {
+            layers: 1,
+            query_heads: 1 * g,
+            kv_heads: 1,
+            head_dim: d,
+        });
         cfg.selector = spec.parse().unwrap();
         cfg.budget = Budget::Tokens(200);
         cfg.sink = 8;
         let mut r = AttentionRetriever::new(cfg).unwrap();
-        r.prefill(0, &keys[..prompt * d], &values[..prompt * d])
+        r.prefill(0, &keys[..prompt * d], &values[..prompt * d], &[])
             .unwrap();
         for p in prompt..t {
             r.append(0, &keys[p * d..(p + 1) * d], &values[p * d..(p + 1) * d])

@@ -4,6 +4,7 @@ mod common;
 
 use pqcache::index::ivf::IndexIVFPQFastScan;
 use pqcache::io::file::{self, AnyIndex, HEADER_LEN};
+use pqcache::AttentionShape;
 use pqcache::{Error, Index, IndexFlat, IndexPQ, IndexPQFastScan, Metric, Nbits, RerankStorage};
 use std::path::{Path, PathBuf};
 
@@ -242,7 +243,12 @@ fn write_golden(dir: &Path) {
 /// with a key transform fitted to 10 prompt queries.
 fn golden_attention() -> pqcache::attention::AttentionRetriever {
     use pqcache::attention::{AttentionRetriever, Budget, RetrieverConfig};
-    let mut cfg = RetrieverConfig::new(1, 1, 2, 8);
+    let mut cfg = RetrieverConfig::new(AttentionShape {
+        layers: 1,
+        query_heads: 1 * 2,
+        kv_heads: 1,
+        head_dim: 8,
+    });
     cfg.selector = "fastscan:2x4".parse().unwrap();
     cfg.budget = Budget::Tokens(20);
     cfg.sink = 2;
@@ -250,11 +256,12 @@ fn golden_attention() -> pqcache::attention::AttentionRetriever {
     let kv: Vec<half::f16> = (0..40 * 8)
         .map(|i| half::f16::from_f32(((i * 7) % 13) as f32 / 13.0 - 0.5))
         .collect();
-    let prompt_queries: Vec<half::f16> = (0..2 * 10 * 8)
-        .map(|i| half::f16::from_f32(((i * 5) % 11) as f32 * (1 + i % 8) as f32 / 20.0 - 0.7))
+    let prompt_queries: Vec<f32> = (0..2 * 10 * 8)
+        .map(|i| {
+            half::f16::from_f32(((i * 5) % 11) as f32 * (1 + i % 8) as f32 / 20.0 - 0.7).to_f32()
+        })
         .collect();
-    r.prefill_with_queries(0, &kv, &kv, &prompt_queries)
-        .unwrap();
+    r.prefill(0, &kv, &kv, &prompt_queries).unwrap();
     r
 }
 
@@ -341,12 +348,17 @@ mod attention_cache {
     /// 20 appended; layer 0 left empty.
     fn cache(spec: &str) -> AttentionRetriever {
         let (kvh, d) = (2, 16);
-        let mut cfg = RetrieverConfig::new(2, kvh, 2, d);
+        let mut cfg = RetrieverConfig::new(AttentionShape {
+            layers: 2,
+            query_heads: kvh * 2,
+            kv_heads: kvh,
+            head_dim: d,
+        });
         cfg.selector = spec.parse().unwrap();
         cfg.budget = Budget::Tokens(80);
         cfg.sink = 4;
         let mut r = AttentionRetriever::new(cfg).unwrap();
-        r.prefill(1, &halves(kvh * 300 * d, 1), &halves(kvh * 300 * d, 2))
+        r.prefill(1, &halves(kvh * 300 * d, 1), &halves(kvh * 300 * d, 2), &[])
             .unwrap();
         for i in 0..20 {
             r.append(1, &halves(kvh * d, 10 + i), &halves(kvh * d, 50 + i))
@@ -409,11 +421,16 @@ mod attention_cache {
 
     #[test]
     fn truncations_and_bit_flips_of_an_attention_file_are_errors() {
-        let mut cfg = RetrieverConfig::new(1, 1, 2, 8);
+        let mut cfg = RetrieverConfig::new(AttentionShape {
+            layers: 1,
+            query_heads: 1 * 2,
+            kv_heads: 1,
+            head_dim: 8,
+        });
         cfg.selector = "fastscan:2x4".parse().unwrap();
         cfg.budget = Budget::Tokens(20);
         let mut r = AttentionRetriever::new(cfg).unwrap();
-        r.prefill(0, &halves(40 * 8, 1), &halves(40 * 8, 2))
+        r.prefill(0, &halves(40 * 8, 1), &halves(40 * 8, 2), &[])
             .unwrap();
         let bytes = file::to_bytes(&r).unwrap();
         for len in 0..bytes.len() {

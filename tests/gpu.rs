@@ -6,7 +6,7 @@
 mod common;
 
 use half::f16;
-use pqcache::attention::{AttentionRetriever, Budget, RetrieverConfig};
+use pqcache::attention::{AttentionRetriever, AttentionShape, Budget, RetrieverConfig};
 use pqcache::gpu::{probe, GpuDevice, GpuKvCache, GpuSparseAttention};
 use pqcache::io::dump::AttentionDump;
 use pqcache::Error;
@@ -66,7 +66,12 @@ fn gpu_attention_equals_the_cpu_reference_on_gemma_for_every_layer() {
     let (h, g, d, t) = (dump.kv_heads, dump.group_size(), dump.head_dim, dump.tokens);
     let attn = GpuSparseAttention::new(&dev).unwrap();
     for layer in 0..dump.layers.len() {
-        let mut cfg = RetrieverConfig::new(1, h, g, d);
+        let mut cfg = RetrieverConfig::new(AttentionShape {
+            layers: 1,
+            query_heads: h * g,
+            kv_heads: h,
+            head_dim: d,
+        });
         cfg.budget = Budget::Ratio(0.1);
         cfg.selector = "fastscan:128x4:rerank4".parse().unwrap();
         let mut cpu = AttentionRetriever::new(cfg).unwrap();
@@ -79,7 +84,7 @@ fn gpu_attention_equals_the_cpu_reference_on_gemma_for_every_layer() {
             k0.extend(head(dump.keys(layer, kv), 0, half));
             v0.extend(head(dump.values(layer, kv), 0, half));
         }
-        cpu.prefill(0, &k0, &v0).unwrap();
+        cpu.prefill(0, &k0, &v0, &[]).unwrap();
         gpu.prefill(0, &k0, &v0).unwrap();
         for p in half..t {
             let (mut k, mut v) = (Vec::new(), Vec::new());

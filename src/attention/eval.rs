@@ -3,7 +3,7 @@
 //! Protocol (the one `pqcache eval-attention` runs), for a dump of `T` tokens: for every layer
 //! and `P` decode positions `t` evenly spaced in `[T/2, T)`, the indexes are trained on the keys
 //! of `[0, T/2)` (the prefill; fast-scan also fits its channel scale to the prefill's
-//! queries, as [`super::AttentionRetriever::prefill_with_queries`] does) and the keys of
+//! queries: [`super::AttentionRetriever::prefill`]) and the keys of
 //! `[T/2, t]` are appended one by one (decoded tokens; fast-scan re-trains on all the cached
 //! keys as the cache grows, see [`super::selector`], unless `:static`). At `t`, the budget is `B = max(ratio * (t + 1), sink + 2)`, the window
 //! `W = (B - sink) / 2`, `k = B - sink - W` positions are retrieved among `[sink, t + 1 - W)`.
@@ -12,8 +12,8 @@
 //! `recall` = overlap of the retrieved positions with the exact top-k under the same
 //! aggregation (the `exact` selector's choice), over `k`.
 
-use super::selector::{Aggregation, ChooseContext, SelectorSpec};
-use super::{attention, Budget, StepPlan};
+use super::selector::{Aggregation, SelectorSpec};
+use super::{attention, check_budget, AttentionRetriever, AttentionShape, Budget, RetrieverConfig};
 use crate::error::{Error, Result};
 use crate::io::dump::AttentionDump;
 use crate::io::f16_to_f32;
@@ -77,7 +77,10 @@ struct Acc {
     steps: usize,
 }
 
-/// Runs the protocol on a dump. Rows are ordered by ratio, then selector.
+/// Runs the protocol on a dump, through [`AttentionRetriever`] (one per selector, every
+/// layer of the dump): `prefill` with `[0, T/2)` and its queries, `append` token by token,
+/// `select` per ratio (`set_budget`), `select_oracle` for the recall and the oracle's error.
+/// Rows are ordered by ratio, then selector.
 pub fn evaluate(dump: &AttentionDump, cfg: &EvalConfig) -> Result<Vec<EvalRow>> {
     if dump.v.is_empty() {
         return Err(Error::InvalidArgument(
@@ -89,102 +92,88 @@ pub fn evaluate(dump: &AttentionDump, cfg: &EvalConfig) -> Result<Vec<EvalRow>> 
             "need >= 4 tokens, positions, ratios and selectors".into(),
         ));
     }
-    if let Some(r) = cfg.ratios.iter().find(|r| !(**r > 0.0 && **r <= 1.0)) {
-        return Err(Error::InvalidArgument(format!(
-            "ratio {r} is not in (0, 1]"
-        )));
+    for &r in &cfg.ratios {
+        check_budget(Budget::Ratio(r))?;
     }
     let (d, g, kvh, tokens) = (dump.head_dim, dump.group_size(), dump.kv_heads, dump.tokens);
+    let shape = AttentionShape {
+        layers: dump.layers.len(),
+        query_heads: dump.q_heads,
+        kv_heads: kvh,
+        head_dim: d,
+    };
     let prefill = tokens / 2;
     let steps = decode_positions(tokens, cfg.positions);
     let kernels = DistanceKernels::best();
     let mut accs = vec![vec![Acc::default(); cfg.selectors.len()]; cfg.ratios.len()];
-    for layer in 0..dump.layers.len() {
-        let keys: Vec<&[half::f16]> = (0..kvh).map(|h| dump.keys(layer, h)).collect();
-        let values: Vec<&[half::f16]> = (0..kvh).map(|h| dump.values(layer, h)).collect();
-        for (si, spec) in cfg.selectors.iter().enumerate() {
-            spec.validate(d)?;
-            let mut indexes = (0..kvh)
-                .map(|h| {
-                    let k32 = f16_to_f32(&keys[h][..prefill * d]);
-                    let q32: Vec<f32> = (h * g..(h + 1) * g)
-                        .flat_map(|qh| f16_to_f32(&dump.queries(layer, qh)[..prefill * d]))
-                        .collect();
-                    spec.build(&k32, &q32, d, (layer * kvh + h) as u64)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let oracle = SelectorSpec::Exact.build(&[], &[], d, 0)?;
+    for (si, spec) in cfg.selectors.iter().enumerate() {
+        let mut retriever = AttentionRetriever::new(RetrieverConfig {
+            sink: cfg.sink,
+            budget: Budget::Ratio(cfg.ratios[0]),
+            selector: spec.clone(),
+            aggregation: cfg.aggregation,
+            scale: dump.scale,
+            ..RetrieverConfig::new(shape)
+        })?;
+        for layer in 0..dump.layers.len() {
+            let keys_of = |h: usize| dump.keys(layer, h);
+            let values_of = |h: usize| dump.values(layer, h);
+            let queries_of = |h: usize| dump.queries(layer, h);
+            retriever.prefill(
+                layer,
+                &rows(keys_of, kvh, 0..prefill, d),
+                &rows(values_of, kvh, 0..prefill, d),
+                &f16_to_f32(&rows(queries_of, dump.q_heads, 0..prefill, d)),
+            )?;
             let mut next = prefill;
             for &t in &steps {
-                // Decoded tokens prefill..=t enter the indexes one by one.
+                // Decoded tokens prefill..=t enter the cache one by one.
                 while next <= t {
-                    for (h, index) in indexes.iter_mut().enumerate() {
-                        index.append(&f16_to_f32(&keys[h][next * d..(next + 1) * d]))?;
-                        index.refresh_if_due(&keys[h][..(next + 1) * d], d)?;
-                    }
+                    retriever.append(
+                        layer,
+                        &rows(keys_of, kvh, next..next + 1, d),
+                        &rows(values_of, kvh, next..next + 1, d),
+                    )?;
                     next += 1;
                 }
                 let len = t + 1;
-                let queries: Vec<Vec<f32>> = (0..dump.q_heads)
-                    .map(|qh| f16_to_f32(&dump.queries(layer, qh)[t * d..(t + 1) * d]))
-                    .collect();
-                let group_qs: Vec<Vec<f32>> = (0..kvh)
-                    .map(|h| queries[h * g..(h + 1) * g].concat())
-                    .collect();
+                let queries = f16_to_f32(&rows(queries_of, dump.q_heads, t..t + 1, d));
                 for (ri, &ratio) in cfg.ratios.iter().enumerate() {
-                    let plan = StepPlan::new(len, cfg.sink, None, Budget::Ratio(ratio));
+                    retriever.set_budget(Budget::Ratio(ratio))?;
+                    let plan = retriever.plan(layer);
                     let acc = &mut accs[ri][si];
-                    let ctx_for = |h: usize| ChooseContext {
-                        queries: &group_qs[h],
-                        d,
-                        scale: dump.scale,
-                        keys: &keys[h][..len * d],
-                        candidates: plan.candidates.clone(),
-                        k: plan.k,
-                        aggregation: cfg.aggregation,
-                        kernels: &kernels,
-                        step: len as u64,
-                    };
-                    let mut chosen_all = Vec::with_capacity(kvh);
                     let start = Instant::now();
-                    for (h, index) in indexes.iter().enumerate() {
-                        let ctx = ctx_for(h);
-                        chosen_all.push(if plan.k == 0 {
-                            Vec::new()
-                        } else {
-                            index.choose(&ctx)?
-                        });
-                    }
+                    let sets = retriever.select(layer, &queries)?;
                     acc.select_s += start.elapsed().as_secs_f64();
                     acc.steps += 1;
-                    for (h, chosen) in chosen_all.iter().enumerate() {
-                        let ctx = ctx_for(h);
-                        let best = if plan.k == 0 {
-                            Vec::new()
-                        } else {
-                            oracle.choose(&ctx)?
-                        };
+                    let oracle_sets = retriever.select_oracle(layer, &queries)?;
+                    for (h, (set, oracle_set)) in sets.iter().zip(&oracle_sets).enumerate() {
                         if plan.k > 0 {
-                            let hit = chosen
+                            let retrieved = |s: &[u32]| -> Vec<u32> {
+                                s.iter()
+                                    .copied()
+                                    .filter(|&p| plan.candidates.contains(&(p as usize)))
+                                    .collect()
+                            };
+                            let best = retrieved(oracle_set);
+                            let hit = retrieved(set)
                                 .iter()
                                 .filter(|p| best.binary_search(p).is_ok())
                                 .count();
                             acc.recall += hit as f64 / plan.k as f64;
                             acc.groups += 1;
                         }
-                        let set = plan.positions(chosen);
-                        let oracle_set = plan.positions(&best);
-                        for q in &queries[h * g..(h + 1) * g] {
+                        for q in queries[h * g * d..(h + 1) * g * d].chunks_exact(d) {
                             let m = head_metrics(
                                 &kernels,
                                 q,
-                                keys[h],
-                                values[h],
+                                keys_of(h),
+                                values_of(h),
                                 d,
                                 dump.scale,
                                 len,
-                                &set,
-                                &oracle_set,
+                                set,
+                                oracle_set,
                             );
                             acc.mass += m.0;
                             acc.err += m.1;
@@ -217,6 +206,19 @@ pub fn evaluate(dump: &AttentionDump, cfg: &EvalConfig) -> Result<Vec<EvalRow>> 
         }
     }
     Ok(rows)
+}
+
+/// Rows `range` of every head of `of` (`heads` heads), in the retriever's `[head, token, dim]`
+/// layout.
+fn rows<'a>(
+    of: impl Fn(usize) -> &'a [half::f16],
+    heads: usize,
+    range: std::ops::Range<usize>,
+    d: usize,
+) -> Vec<half::f16> {
+    (0..heads)
+        .flat_map(|h| of(h)[range.start * d..range.end * d].iter().copied())
+        .collect()
 }
 
 /// (mass, err, oracle err) of one query head at one step.

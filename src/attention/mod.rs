@@ -35,6 +35,7 @@ pub mod selector;
 use crate::error::{Error, Result};
 use crate::io::buf::Buf;
 use crate::io::f16_to_f32;
+use crate::pq::transform::QueryEnergy;
 use half::f16;
 use pqcache_simd::distance::DistanceKernels;
 use rayon::prelude::*;
@@ -98,17 +99,38 @@ impl StepPlan {
     }
 }
 
-/// Settings of an [`AttentionRetriever`].
+/// The attention geometry of a model, as its config states it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Layers whose KV the retriever holds (a model's global-attention layers, say).
+    pub layers: usize,
+    /// Query heads per layer.
+    pub query_heads: usize,
+    /// Key/value heads per layer; divides `query_heads` (GQA; equal for multi-head attention).
+    pub kv_heads: usize,
+    /// Width of one head's query, key and value.
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    /// Query heads per kv_head (the GQA group size); 0 when `kv_heads` is 0.
+    pub fn group(&self) -> usize {
+        self.query_heads.checked_div(self.kv_heads).unwrap_or(0)
+    }
+}
+
+/// Largest `layers * kv_heads` a retriever takes (one state per head: a million is far past
+/// any model, and a typo's huge product must not become an allocation).
+pub const MAX_HEAD_STATES: usize = 1 << 20;
+/// Largest `head_dim`.
+pub const MAX_HEAD_DIM: usize = 1 << 16;
+
+/// Settings of an [`AttentionRetriever`]. Build with [`RetrieverConfig::new`] and change
+/// fields by name: `RetrieverConfig { budget: Budget::Ratio(0.05), ..RetrieverConfig::new(shape) }`.
 #[derive(Clone, Debug)]
 pub struct RetrieverConfig {
-    /// Layers.
-    pub layers: usize,
-    /// KV heads per layer.
-    pub kv_heads: usize,
-    /// Query heads per kv head (the GQA group size).
-    pub group: usize,
-    /// Head dimension.
-    pub head_dim: usize,
+    /// Layers, heads and head width.
+    pub shape: AttentionShape,
     /// Always-attended first positions (default 32).
     pub sink: usize,
     /// Always-attended last positions; `None`: half of what the budget leaves after the sink.
@@ -124,19 +146,17 @@ pub struct RetrieverConfig {
 }
 
 impl RetrieverConfig {
-    /// Defaults: sink 32, window from the budget, budget 10 %, sum-of-softmax aggregation,
-    /// 4-bit fast-scan with four dimensions per sub-quantizer (`m = head_dim / 4`, or the
-    /// largest divisor of `head_dim` below it: 1/16 of the f16 keys' bytes), keys through the
-    /// fitted transform, codebook refresh, no re-ranking. On the Gemma-3 dumps at a 10 %
-    /// budget that is 1.08-1.13x the oracle's attention error at 7-9x the speed of exact
-    /// scoring; `m = head_dim / 2` gives 1.02-1.05x at about 5x, and `rerank: 4` on top
-    /// 1.00-1.01x at about 2x (README, "Measured").
-    pub fn new(layers: usize, kv_heads: usize, group: usize, head_dim: usize) -> RetrieverConfig {
+    /// Defaults for a model of this shape: sink 32, window from the budget, budget 10 %,
+    /// sum-of-softmax aggregation, 4-bit fast-scan with four dimensions per sub-quantizer
+    /// (`m = head_dim / 4`, or the largest divisor of `head_dim` below it: 1/16 of the f16
+    /// keys' bytes), keys through the fitted transform, codebook refresh, no re-ranking. On
+    /// the Gemma-3 dumps at a 10 % budget that is 1.08-1.13x the oracle's attention error at
+    /// 7-9x the speed of exact scoring; `m = head_dim / 2` gives 1.02-1.05x at about 5x, and
+    /// `rerank: 4` on top 1.00-1.01x at about 2x (README, "Measured").
+    pub fn new(shape: AttentionShape) -> RetrieverConfig {
+        let head_dim = shape.head_dim;
         RetrieverConfig {
-            layers,
-            kv_heads,
-            group,
-            head_dim,
+            shape,
             sink: 32,
             window: None,
             budget: Budget::Ratio(0.1),
@@ -150,19 +170,97 @@ impl RetrieverConfig {
                 refresh: true,
             },
             aggregation: Aggregation::SumSoftmax,
-            scale: 1.0 / (head_dim as f32).sqrt(),
+            scale: 1.0 / (head_dim.max(1) as f32).sqrt(),
         }
     }
+
+    /// Query heads per kv_head.
+    pub fn group(&self) -> usize {
+        self.shape.group()
+    }
+
+    /// Checks every setting; what [`AttentionRetriever::new`] runs.
+    pub fn validate(&self) -> Result<()> {
+        let s = &self.shape;
+        if s.layers == 0 || s.kv_heads == 0 || s.query_heads == 0 || s.head_dim == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "layers, query_heads, kv_heads and head_dim must be positive, got {s:?}"
+            )));
+        }
+        if !s.query_heads.is_multiple_of(s.kv_heads) {
+            return Err(Error::InvalidArgument(format!(
+                "query_heads ({}) must be a multiple of kv_heads ({})",
+                s.query_heads, s.kv_heads
+            )));
+        }
+        match s.layers.checked_mul(s.kv_heads) {
+            Some(n) if n <= MAX_HEAD_STATES => {}
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "layers x kv_heads = {} x {} is over the limit of {MAX_HEAD_STATES} heads",
+                    s.layers, s.kv_heads
+                )))
+            }
+        }
+        if s.head_dim > MAX_HEAD_DIM || s.query_heads > MAX_HEAD_STATES {
+            return Err(Error::InvalidArgument(format!(
+                "head_dim {} or query_heads {} over the limits ({MAX_HEAD_DIM}, {MAX_HEAD_STATES})",
+                s.head_dim, s.query_heads
+            )));
+        }
+        if !self.scale.is_finite() || self.scale <= 0.0 {
+            return Err(Error::InvalidArgument(format!(
+                "scale must be positive and finite, got {}",
+                self.scale
+            )));
+        }
+        check_budget(self.budget)?;
+        self.selector.validate(s.head_dim)
+    }
+}
+
+fn check_budget(budget: Budget) -> Result<()> {
+    if let Budget::Ratio(r) = budget {
+        if !(r > 0.0 && r <= 1.0) {
+            return Err(Error::InvalidArgument(format!(
+                "budget ratio must be in (0, 1], got {r}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Keys, values and the selector's index of one (layer, kv_head).
 struct HeadState {
     keys: Buf<f16>,
     values: Buf<f16>,
+    /// `None` until trained ([`AttentionRetriever::train`], or an `append` that brings the
+    /// cache to the selector's minimum): selection is exact meanwhile.
     index: Option<Box<dyn HeadIndex>>,
+    /// The group's queries seen by `extend`, for the fast-scan transform.
+    queries: QueryEnergy,
 }
 
-/// Per-layer, per-kv-head retrieval over a KV cache (the PQCache scheme).
+impl HeadState {
+    fn empty(d: usize) -> HeadState {
+        HeadState {
+            keys: Buf::new(),
+            values: Buf::new(),
+            index: None,
+            queries: QueryEnergy::new(d),
+        }
+    }
+}
+
+/// Per-layer, per-kv-head retrieval over a KV cache (the PQCache scheme). The retriever owns
+/// the cache: a model appends each position's key and value here and reads them back with
+/// [`AttentionRetriever::kv`] (dense attention) or attends through
+/// [`AttentionRetriever::attend`] (sparse).
+///
+/// Layouts, the same for every entry point: keys and values are f16, queries f32, all
+/// head-major: `[kv_head, token, head_dim]` for keys and values, `[query_head, token,
+/// head_dim]` for queries (one token: `[head, head_dim]`). Query head `q` belongs to kv_head
+/// `q / group`.
 pub struct AttentionRetriever {
     cfg: RetrieverConfig,
     heads: Vec<HeadState>,
@@ -172,31 +270,10 @@ pub struct AttentionRetriever {
 impl AttentionRetriever {
     /// An empty cache.
     pub fn new(cfg: RetrieverConfig) -> Result<AttentionRetriever> {
-        if cfg.layers == 0 || cfg.kv_heads == 0 || cfg.group == 0 || cfg.head_dim == 0 {
-            return Err(Error::InvalidArgument(
-                "layers, kv_heads, group and head_dim must be positive".into(),
-            ));
-        }
-        if !cfg.scale.is_finite() || cfg.scale <= 0.0 {
-            return Err(Error::InvalidArgument(format!(
-                "scale must be positive, got {}",
-                cfg.scale
-            )));
-        }
-        if let Budget::Ratio(r) = cfg.budget {
-            if !(r > 0.0 && r <= 1.0) {
-                return Err(Error::InvalidArgument(format!(
-                    "budget ratio must be in (0, 1], got {r}"
-                )));
-            }
-        }
-        cfg.selector.validate(cfg.head_dim)?;
-        let heads = (0..cfg.layers * cfg.kv_heads)
-            .map(|_| HeadState {
-                keys: Buf::new(),
-                values: Buf::new(),
-                index: None,
-            })
+        cfg.validate()?;
+        let d = cfg.shape.head_dim;
+        let heads = (0..cfg.shape.layers * cfg.shape.kv_heads)
+            .map(|_| HeadState::empty(d))
             .collect();
         Ok(AttentionRetriever {
             cfg,
@@ -210,11 +287,19 @@ impl AttentionRetriever {
         &self.cfg
     }
 
-    /// Positions cached in `layer`.
+    /// Changes the budget of the steps to come (the cache and indexes stay as they are).
+    pub fn set_budget(&mut self, budget: Budget) -> Result<()> {
+        check_budget(budget)?;
+        self.cfg.budget = budget;
+        Ok(())
+    }
+
+    /// Positions cached in `layer` (0 for a layer out of range).
     pub fn len(&self, layer: usize) -> usize {
         self.heads
-            .get(layer * self.cfg.kv_heads)
-            .map_or(0, |h| h.keys.len() / self.cfg.head_dim)
+            .get(layer * self.cfg.shape.kv_heads)
+            .filter(|_| layer < self.cfg.shape.layers)
+            .map_or(0, |h| h.keys.len() / self.cfg.shape.head_dim)
     }
 
     /// Whether `layer` holds no position.
@@ -222,105 +307,175 @@ impl AttentionRetriever {
         self.len(layer) == 0
     }
 
+    /// Whether `layer`'s indexes are trained (until then selection is exact).
+    pub fn is_trained(&self, layer: usize) -> bool {
+        self.layer(layer)
+            .is_ok_and(|heads| heads.iter().all(|h| h.index.is_some()))
+    }
+
     fn check_layer(&self, layer: usize) -> Result<()> {
-        if layer >= self.cfg.layers {
+        if layer >= self.cfg.shape.layers {
             return Err(Error::InvalidArgument(format!(
                 "layer {layer} out of range ({} layers)",
-                self.cfg.layers
+                self.cfg.shape.layers
             )));
         }
         Ok(())
     }
 
-    /// Stores a whole prompt for `layer` and builds each kv_head's index (trained on these
-    /// keys; the kv_heads in parallel). `keys` and `values` are `[kv_head, token, dim]` f16.
-    /// Replaces anything cached for the layer. Without the prompt's queries the fast-scan
-    /// selector balances its sub-spaces on the keys alone: prefer
-    /// [`AttentionRetriever::prefill_with_queries`] when they are at hand.
-    pub fn prefill(&mut self, layer: usize, keys: &[f16], values: &[f16]) -> Result<()> {
-        self.prefill_with_queries(layer, keys, values, &[])
+    fn layer(&self, layer: usize) -> Result<&[HeadState]> {
+        self.check_layer(layer)?;
+        let h = self.cfg.shape.kv_heads;
+        Ok(&self.heads[layer * h..(layer + 1) * h])
     }
 
-    /// [`AttentionRetriever::prefill`], with the prompt's queries (`[query_head, token, dim]`
-    /// f16, any number of tokens, `kv_heads * group` query heads; may be empty): the fast-scan
-    /// selector weighs each key channel by the root mean square of its group's queries in
-    /// that channel before quantizing (see [`crate::pq::transform`]), which is what a
-    /// prefill has already computed and what decides which keys score high.
-    pub fn prefill_with_queries(
+    fn layer_mut(&mut self, layer: usize) -> Result<&mut [HeadState]> {
+        self.check_layer(layer)?;
+        let h = self.cfg.shape.kv_heads;
+        Ok(&mut self.heads[layer * h..(layer + 1) * h])
+    }
+
+    /// A whole prompt at once: clears `layer`, [`AttentionRetriever::extend`]s it with the
+    /// prompt and [`AttentionRetriever::train`]s its indexes (the kv_heads in parallel).
+    /// `queries` are the prompt's queries (may be empty, or any number of tokens): the
+    /// fast-scan selector weighs each key channel by the root mean square of its group's
+    /// queries in that channel before quantizing (see [`crate::pq::transform`]), which is
+    /// what a prefill has already computed and what decides which keys score high.
+    pub fn prefill(
         &mut self,
         layer: usize,
         keys: &[f16],
         values: &[f16],
-        queries: &[f16],
+        queries: &[f32],
     ) -> Result<()> {
         self.check_layer(layer)?;
-        let (h, d) = (self.cfg.kv_heads, self.cfg.head_dim);
-        if !keys.len().is_multiple_of(h * d) || keys.len() != values.len() {
+        let d = self.cfg.shape.head_dim;
+        self.layer_mut(layer)?
+            .iter_mut()
+            .for_each(|h| *h = HeadState::empty(d));
+        self.extend(layer, keys, values, queries)?;
+        self.train(layer)
+    }
+
+    /// Appends `t` positions to `layer` (a prefill chunk): `keys` and `values` are
+    /// `[kv_head, t, dim]`, `queries` `[query_head, t', dim]` with any `t'` (may be empty;
+    /// they only feed the transform's statistics). Trains nothing: call
+    /// [`AttentionRetriever::train`] once the prompt is in. A trained index takes the keys
+    /// (and re-trains if its refresh comes due).
+    pub fn extend(
+        &mut self,
+        layer: usize,
+        keys: &[f16],
+        values: &[f16],
+        queries: &[f32],
+    ) -> Result<()> {
+        self.check_layer(layer)?;
+        let s = self.cfg.shape;
+        let (h, d) = (s.kv_heads, s.head_dim);
+        if keys.len() != values.len() {
+            return Err(Error::DimensionMismatch {
+                expected: keys.len(),
+                got: values.len(),
+            });
+        }
+        if !keys.len().is_multiple_of(h * d) {
+            // Keys are [kv_head, token, dim]: whole rows of kv_heads * head_dim.
             return Err(Error::DimensionMismatch {
                 expected: h * d,
                 got: keys.len() % (h * d),
             });
         }
-        check_finite(keys, "keys")?;
-        check_finite(values, "values")?;
-        let qrow = h * self.cfg.group * d;
+        let qrow = s.query_heads * d;
         if !queries.len().is_multiple_of(qrow) {
+            // Queries are [query_head, token, dim].
             return Err(Error::DimensionMismatch {
                 expected: qrow,
                 got: queries.len() % qrow,
             });
         }
-        check_finite(queries, "queries")?;
-        let group_len = queries.len() / h;
+        check_finite(keys, "keys", d)?;
+        check_finite(values, "values", d)?;
+        crate::index::check_vectors(queries, d, "queries").or_else(|e| {
+            if queries.is_empty() {
+                Ok(0)
+            } else {
+                Err(e)
+            }
+        })?;
         let t = keys.len() / (h * d);
-        let spec = self.cfg.selector.clone();
-        let heads = &mut self.heads[layer * h..(layer + 1) * h];
+        let group_len = queries.len() / h;
+        let heads = self.layer_mut(layer)?;
         heads
             .par_iter_mut()
             .enumerate()
-            .map(|(kv, state)| {
+            .try_for_each(|(kv, state)| {
                 let k = &keys[kv * t * d..(kv + 1) * t * d];
-                let v = &values[kv * t * d..(kv + 1) * t * d];
-                let k32 = f16_to_f32(k);
-                let q32 = f16_to_f32(&queries[kv * group_len..(kv + 1) * group_len]);
-                state.index = Some(spec.build(&k32, &q32, d, (layer * h + kv) as u64)?);
-                state.keys = k.to_vec().into();
-                state.values = v.to_vec().into();
-                Ok(())
-            })
-            .collect::<Result<()>>()
+                state
+                    .queries
+                    .add(&queries[kv * group_len..(kv + 1) * group_len])?;
+                if let Some(index) = state.index.as_mut() {
+                    for key in k.chunks_exact(d) {
+                        index.append(&f16_to_f32(key))?;
+                    }
+                }
+                state.keys.to_mut().extend_from_slice(k);
+                state
+                    .values
+                    .to_mut()
+                    .extend_from_slice(&values[kv * t * d..(kv + 1) * t * d]);
+                Ok::<(), Error>(())
+            })?;
+        self.refresh_if_due(layer)
     }
 
-    /// Appends one decoded token to `layer`: `key` and `value` are `[kv_head, dim]`.
+    /// Trains `layer`'s indexes on every cached key (and the queries `extend` saw), the
+    /// kv_heads in parallel, replacing any index it had. Below the selector's
+    /// [`SelectorSpec::min_train_len`] the heads stay untrained and selection stays exact.
+    pub fn train(&mut self, layer: usize) -> Result<()> {
+        let len = self.len(layer);
+        let (kvh, d) = (self.cfg.shape.kv_heads, self.cfg.shape.head_dim);
+        if len < self.cfg.selector.min_train_len() {
+            return Ok(());
+        }
+        let spec = self.cfg.selector.clone();
+        self.layer_mut(layer)?
+            .par_iter_mut()
+            .enumerate()
+            .try_for_each(|(kv, state)| {
+                let k32 = f16_to_f32(&state.keys);
+                state.index =
+                    Some(spec.build(&k32, &state.queries, d, (layer * kvh + kv) as u64)?);
+                Ok(())
+            })
+    }
+
+    /// Appends one decoded token to `layer`: `key` and `value` are `[kv_head, dim]`. Trains
+    /// the layer's indexes once the cache reaches the selector's minimum (a short prompt).
     pub fn append(&mut self, layer: usize, key: &[f16], value: &[f16]) -> Result<()> {
         self.check_layer(layer)?;
-        let (h, d) = (self.cfg.kv_heads, self.cfg.head_dim);
-        if key.len() != h * d || value.len() != h * d {
-            return Err(Error::DimensionMismatch {
-                expected: h * d,
-                got: key.len().min(value.len()),
-            });
+        let (h, d) = (self.cfg.shape.kv_heads, self.cfg.shape.head_dim);
+        for x in [key, value] {
+            if x.len() != h * d {
+                // One token: [kv_head, dim].
+                return Err(Error::DimensionMismatch {
+                    expected: h * d,
+                    got: x.len(),
+                });
+            }
         }
-        check_finite(key, "key")?;
-        check_finite(value, "value")?;
-        for (kv, state) in self.heads[layer * h..(layer + 1) * h]
-            .iter_mut()
-            .enumerate()
-        {
-            let k = &key[kv * d..(kv + 1) * d];
-            let index = state.index.as_mut().ok_or(Error::NotTrained)?;
-            let k32 = f16_to_f32(k);
-            index.append(&k32)?;
-            state.keys.to_mut().extend_from_slice(k);
-            state
-                .values
-                .to_mut()
-                .extend_from_slice(&value[kv * d..(kv + 1) * d]);
+        self.extend(layer, key, value, &[])?;
+        if !self.is_trained(layer) && self.len(layer) >= self.cfg.selector.min_train_len() {
+            self.train(layer)?;
         }
-        // The heads of a layer grow together, so a refresh comes due on all of them at once:
-        // they re-train in parallel (and no thread is woken for the appends in between).
-        let heads = &mut self.heads[layer * h..(layer + 1) * h];
-        let len = heads[0].keys.len() / d;
+        Ok(())
+    }
+
+    /// The heads of a layer grow together, so a refresh comes due on all of them at once:
+    /// they re-train in parallel (and no thread is woken for the appends in between).
+    fn refresh_if_due(&mut self, layer: usize) -> Result<()> {
+        let len = self.len(layer);
+        let d = self.cfg.shape.head_dim;
+        let heads = self.layer_mut(layer)?;
         if heads
             .iter()
             .any(|s| s.index.as_ref().is_some_and(|i| i.refresh_due(len)))
@@ -345,50 +500,68 @@ impl AttentionRetriever {
         )
     }
 
-    /// One decode step's positions, per kv_head (sorted): sink, window and the retrieved
-    /// ones. `queries` is `[query_head, dim]` f32 (`kv_heads * group` heads).
-    pub fn select(&self, layer: usize, queries: &[f32]) -> Result<Vec<Vec<u32>>> {
+    fn check_step_queries(&self, layer: usize, queries: &[f32], heads: usize) -> Result<()> {
         self.check_layer(layer)?;
-        let (h, g, d) = (self.cfg.kv_heads, self.cfg.group, self.cfg.head_dim);
-        if queries.len() != h * g * d {
+        let d = self.cfg.shape.head_dim;
+        if queries.len() != heads * d {
+            // One step's queries: [query_head, dim].
             return Err(Error::DimensionMismatch {
-                expected: h * g * d,
+                expected: heads * d,
                 got: queries.len(),
             });
         }
         crate::index::check_vectors(queries, d, "queries")?;
         if self.is_empty(layer) {
+            // Nothing to attend to: prefill or append first.
             return Err(Error::EmptyIndex);
         }
+        Ok(())
+    }
+
+    /// One decode step's positions, per kv_head (sorted): sink, window and the retrieved
+    /// ones. `queries` is `[query_head, dim]`.
+    pub fn select(&self, layer: usize, queries: &[f32]) -> Result<Vec<Vec<u32>>> {
+        self.select_by(layer, queries, false)
+    }
+
+    /// What the `exact` selector (the oracle) would choose at this step, under the same
+    /// plan: the reference for a selector's recall.
+    pub fn select_oracle(&self, layer: usize, queries: &[f32]) -> Result<Vec<Vec<u32>>> {
+        self.select_by(layer, queries, true)
+    }
+
+    fn select_by(&self, layer: usize, queries: &[f32], oracle: bool) -> Result<Vec<Vec<u32>>> {
+        let s = self.cfg.shape;
+        self.check_step_queries(layer, queries, s.query_heads)?;
+        let (g, d) = (s.group(), s.head_dim);
         let plan = self.plan(layer);
-        (0..h)
+        (0..s.kv_heads)
             .into_par_iter()
-            .map(|kv| self.choose_head(layer, kv, &queries[kv * g * d..(kv + 1) * g * d], &plan))
+            .map(|kv| {
+                self.choose_head(
+                    layer,
+                    kv,
+                    &queries[kv * g * d..(kv + 1) * g * d],
+                    &plan,
+                    oracle,
+                )
+            })
             .collect()
     }
 
     /// [`AttentionRetriever::select`] for one kv_head: `queries` is that head's group,
-    /// `[group, dim]` f32. Lets a caller overlap one head's selection with another head's
+    /// `[group, dim]`. Lets a caller overlap one head's selection with another head's
     /// attention (the GPU adapter's pipeline).
     pub fn select_head(&self, layer: usize, kv_head: usize, queries: &[f32]) -> Result<Vec<u32>> {
-        self.check_layer(layer)?;
-        let (h, g, d) = (self.cfg.kv_heads, self.cfg.group, self.cfg.head_dim);
-        if kv_head >= h {
+        let s = self.cfg.shape;
+        if kv_head >= s.kv_heads {
             return Err(Error::InvalidArgument(format!(
-                "kv_head {kv_head} out of range ({h} kv heads)"
+                "select_head: kv_head {kv_head} out of range ({} kv heads)",
+                s.kv_heads
             )));
         }
-        if queries.len() != g * d {
-            return Err(Error::DimensionMismatch {
-                expected: g * d,
-                got: queries.len(),
-            });
-        }
-        crate::index::check_vectors(queries, d, "queries")?;
-        if self.is_empty(layer) {
-            return Err(Error::EmptyIndex);
-        }
-        self.choose_head(layer, kv_head, queries, &self.plan(layer))
+        self.check_step_queries(layer, queries, s.group())?;
+        self.choose_head(layer, kv_head, queries, &self.plan(layer), false)
     }
 
     fn choose_head(
@@ -397,16 +570,15 @@ impl AttentionRetriever {
         kv: usize,
         queries: &[f32],
         plan: &StepPlan,
+        oracle: bool,
     ) -> Result<Vec<u32>> {
-        let d = self.cfg.head_dim;
-        let state = &self.heads[layer * self.cfg.kv_heads + kv];
-        let index = state.index.as_ref().ok_or(Error::NotTrained)?;
+        let state = &self.heads[layer * self.cfg.shape.kv_heads + kv];
         let chosen = if plan.k == 0 {
             Vec::new()
         } else {
-            index.choose(&ChooseContext {
+            let ctx = ChooseContext {
                 queries,
-                d,
+                d: self.cfg.shape.head_dim,
                 scale: self.cfg.scale,
                 keys: &state.keys,
                 candidates: plan.candidates.clone(),
@@ -414,81 +586,192 @@ impl AttentionRetriever {
                 aggregation: self.cfg.aggregation,
                 kernels: &self.kernels,
                 step: plan.len as u64,
-            })?
+            };
+            match (&state.index, oracle) {
+                (Some(index), false) => index.choose(&ctx)?,
+                _ => selector::choose_exact(&ctx),
+            }
         };
         Ok(plan.positions(&chosen))
     }
 
     /// The cached keys and values of (`layer`, `kv_head`): `[position, dim]` f16 each.
     pub fn kv(&self, layer: usize, kv_head: usize) -> Option<(&[f16], &[f16])> {
-        let h = self.heads.get(layer * self.cfg.kv_heads + kv_head)?;
-        (layer < self.cfg.layers && kv_head < self.cfg.kv_heads)
+        let h = self.heads.get(layer * self.cfg.shape.kv_heads + kv_head)?;
+        (layer < self.cfg.shape.layers && kv_head < self.cfg.shape.kv_heads)
             .then(|| (h.keys.as_slice(), h.values.as_slice()))
     }
 
     /// The sparse attention output of one decode step: [`AttentionRetriever::select`], then
-    /// softmax attention over the chosen positions only. Returns `[query_head, dim]` f32.
+    /// softmax attention over the chosen positions only. Returns `[query_head, dim]`.
     pub fn attend(&self, layer: usize, queries: &[f32]) -> Result<Vec<f32>> {
         let positions = self.select(layer, queries)?;
         self.attend_positions(layer, queries, &positions)
     }
 
-    /// Attention of `queries` (`[query_head, dim]`) over the given positions of each kv_head.
+    /// Full (dense) attention of one step's `queries` (`[query_head, dim]`) over every cached
+    /// position of `layer`: the reference [`AttentionRetriever::attend`] approximates, with the
+    /// same kernels (a budget of 100 % gives the same bits).
+    pub fn attend_all(&self, layer: usize, queries: &[f32]) -> Result<Vec<f32>> {
+        let s = self.cfg.shape;
+        self.check_step_queries(layer, queries, s.query_heads)?;
+        let len = self.len(layer);
+        self.attend_each_head(layer, queries, |_| Positions::Range(0..len))
+    }
+
+    /// Attention of `queries` (`[query_head, dim]`) over the given positions of each kv_head
+    /// (`positions[kv_head]`, any order).
     pub fn attend_positions(
         &self,
         layer: usize,
         queries: &[f32],
         positions: &[Vec<u32>],
     ) -> Result<Vec<f32>> {
-        self.check_layer(layer)?;
-        let (h, g, d) = (self.cfg.kv_heads, self.cfg.group, self.cfg.head_dim);
-        if queries.len() != h * g * d || positions.len() != h {
-            return Err(Error::DimensionMismatch {
-                expected: h * g * d,
-                got: queries.len(),
-            });
+        let s = self.cfg.shape;
+        self.check_step_queries(layer, queries, s.query_heads)?;
+        if positions.len() != s.kv_heads {
+            return Err(Error::InvalidArgument(format!(
+                "attend_positions: one position list per kv_head ({}), got {}",
+                s.kv_heads,
+                positions.len()
+            )));
         }
         let len = self.len(layer);
-        let mut out = vec![0.0f32; h * g * d];
-        for kv in 0..h {
-            let state = &self.heads[layer * h + kv];
-            if let Some(&p) = positions[kv].iter().find(|&&p| p as usize >= len) {
-                return Err(Error::InvalidArgument(format!(
-                    "position {p} beyond the cache ({len})"
-                )));
-            }
-            for qi in 0..g {
-                let q = &queries[(kv * g + qi) * d..(kv * g + qi + 1) * d];
-                let o = &mut out[(kv * g + qi) * d..(kv * g + qi + 1) * d];
-                attention(
+        if let Some(&p) = positions.iter().flatten().find(|&&p| p as usize >= len) {
+            return Err(Error::InvalidArgument(format!(
+                "attend_positions: position {p} beyond the cache ({len} positions)"
+            )));
+        }
+        self.attend_each_head(layer, queries, |kv| Positions::At(&positions[kv]))
+    }
+
+    fn attend_each_head<'p>(
+        &self,
+        layer: usize,
+        queries: &[f32],
+        positions: impl Fn(usize) -> Positions<'p> + Sync,
+    ) -> Result<Vec<f32>> {
+        let s = self.cfg.shape;
+        let (g, d) = (s.group(), s.head_dim);
+        let mut out = vec![0.0f32; s.query_heads * d];
+        let heads = self.layer(layer)?;
+        out.par_chunks_mut(g * d)
+            .zip(heads)
+            .enumerate()
+            .for_each(|(kv, (o, state))| {
+                group_attention(
                     &self.kernels,
-                    q,
+                    &queries[kv * g * d..(kv + 1) * g * d],
                     &state.keys,
                     &state.values,
                     d,
                     self.cfg.scale,
-                    &positions[kv],
+                    positions(kv),
                     o,
-                );
-            }
-        }
+                )
+            });
         Ok(out)
     }
 }
 
-fn check_finite(x: &[f16], what: &'static str) -> Result<()> {
+fn check_finite(x: &[f16], what: &'static str, d: usize) -> Result<()> {
     match x.iter().position(|v| !v.is_finite()) {
         Some(i) => Err(Error::NonFinite {
             what,
-            row: i,
-            col: 0,
+            row: i / d.max(1),
+            col: i % d.max(1),
         }),
         None => Ok(()),
     }
 }
 
-/// Softmax attention of one query over `positions` of `keys` / `values` (f16, position-major,
-/// `d` wide) into `out` (`d`). Numerically stable (max subtracted); f32 accumulation.
+/// Which cached positions an attention step reads.
+#[derive(Clone, Debug)]
+pub enum Positions<'a> {
+    /// A contiguous run (dense attention).
+    Range(Range<usize>),
+    /// Listed positions (sparse attention), any order.
+    At(&'a [u32]),
+}
+
+impl Positions<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Positions::Range(r) => r.len(),
+            Positions::At(p) => p.len(),
+        }
+    }
+
+    fn get(&self, j: usize) -> usize {
+        match self {
+            Positions::Range(r) => r.start + j,
+            Positions::At(p) => p[j] as usize,
+        }
+    }
+}
+
+/// Softmax attention of a GQA group's queries (`queries`: `g * d`, one row per query head)
+/// over `positions` of `keys` / `values` (f16, position-major, `d` wide) into `out` (`g * d`).
+/// Each key and value row is read and widened once for the whole group; logits in one grouped
+/// dot pass, max subtracted, f32 accumulation. The same arithmetic for a range and for the
+/// same positions listed, so a budget of 100 % reproduces dense attention bit for bit.
+/// Panics if the shapes disagree or a position is out of range.
+#[allow(clippy::too_many_arguments)]
+pub fn group_attention(
+    kernels: &DistanceKernels,
+    queries: &[f32],
+    keys: &[f16],
+    values: &[f16],
+    d: usize,
+    scale: f32,
+    positions: Positions<'_>,
+    out: &mut [f32],
+) {
+    assert!(
+        d > 0 && queries.len().is_multiple_of(d),
+        "queries must hold whole rows of d"
+    );
+    assert_eq!(out.len(), queries.len(), "out must match queries");
+    assert_eq!(keys.len(), values.len(), "keys and values must match");
+    out.fill(0.0);
+    let (n, g) = (positions.len(), queries.len() / d);
+    if n == 0 || g == 0 {
+        return;
+    }
+    let mut logits = vec![0.0f32; g * n];
+    match &positions {
+        Positions::Range(r) => {
+            kernels.dot_group_rows_f16(queries, g, &keys[r.start * d..r.end * d], &mut logits)
+        }
+        Positions::At(p) => kernels.dot_group_at_f16(queries, g, keys, p, &mut logits),
+    }
+    let mut inv = vec![0.0f32; g];
+    for (row, inv) in logits.chunks_exact_mut(n).zip(&mut inv) {
+        row.iter_mut().for_each(|l| *l *= scale);
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut total = 0.0f32;
+        for l in row.iter_mut() {
+            *l = selector::exp_nonpositive(*l - max);
+            total += *l;
+        }
+        *inv = 1.0 / total;
+    }
+    let mut v32 = vec![0.0f32; d];
+    for j in 0..n {
+        let p = positions.get(j);
+        for (x, h) in v32.iter_mut().zip(&values[p * d..(p + 1) * d]) {
+            *x = h.to_f32();
+        }
+        for (qi, o) in out.chunks_exact_mut(d).enumerate() {
+            kernels.axpy(logits[qi * n + j], &v32, o);
+        }
+    }
+    for (o, &inv) in out.chunks_exact_mut(d).zip(&inv) {
+        o.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+/// [`group_attention`] of one query over listed `positions`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     kernels: &DistanceKernels,
@@ -500,28 +783,14 @@ pub fn attention(
     positions: &[u32],
     out: &mut [f32],
 ) {
-    out.fill(0.0);
-    if positions.is_empty() {
-        return;
-    }
-    let logits: Vec<f32> = positions
-        .iter()
-        .map(|&p| kernels.dot_f16(q, &keys[p as usize * d..(p as usize + 1) * d]) * scale)
-        .collect();
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut total = 0.0f32;
-    let mut v32 = vec![0.0f32; d];
-    for (&p, &l) in positions.iter().zip(&logits) {
-        let w = (l - max).exp();
-        total += w;
-        for (x, h) in v32
-            .iter_mut()
-            .zip(&values[p as usize * d..(p as usize + 1) * d])
-        {
-            *x = h.to_f32();
-        }
-        kernels.axpy(w, &v32, out);
-    }
-    let inv = 1.0 / total;
-    out.iter_mut().for_each(|x| *x *= inv);
+    group_attention(
+        kernels,
+        q,
+        keys,
+        values,
+        d,
+        scale,
+        Positions::At(positions),
+        out,
+    )
 }

@@ -6,7 +6,7 @@
 //!            budget kind (0 ratio, 1 tokens), budget (f64 bits or count), aggregation
 //!            (0 sum, 1 max), scale (f32 bits)
 //! selector   the selector spec as text ("fastscan:64x4:rerank4", ...)
-//! lists      per head (layer-major, then kv_head): positions, state (0 empty, 1 rebuilt
+//! lists      per head (layer-major, then kv_head): positions, state (0 untrained: exact selection, 1 rebuilt
 //!            from the keys, 2 pq, 3 fast-scan)
 //! keys       f16, head after head (positions * head_dim each); values: the same
 //! pq_centroids, codes   per head with a trained index, head after head
@@ -20,7 +20,7 @@
 //! from the keys.
 
 use super::selector::{Aggregation, RestoredHead, SelectorSpec, StoredHead};
-use super::{AttentionRetriever, Budget, RetrieverConfig};
+use super::{AttentionRetriever, AttentionShape, Budget, RetrieverConfig};
 use crate::error::{Error, Result};
 use crate::index::{IndexPQ, IndexPQFastScan};
 use crate::io::file::kinds::{small, Persist};
@@ -46,10 +46,10 @@ impl Persist for AttentionRetriever {
             Budget::Tokens(t) => (1, t as u64),
         };
         let meta = vec![
-            c.layers as u64,
-            c.kv_heads as u64,
-            c.group as u64,
-            c.head_dim as u64,
+            c.shape.layers as u64,
+            c.shape.kv_heads as u64,
+            c.group() as u64,
+            c.shape.head_dim as u64,
             c.sink as u64,
             c.window.map_or(NO_WINDOW, |w| w as u64),
             budget_kind,
@@ -79,7 +79,7 @@ impl Persist for AttentionRetriever {
                     3
                 }
             };
-            words.push((h.keys.len() / c.head_dim) as u64);
+            words.push((h.keys.len() / c.shape.head_dim) as u64);
             words.push(state);
         }
         let spec = c.selector.to_string().into_bytes();
@@ -147,12 +147,16 @@ pub(crate) fn read(r: &Reader<'_>) -> Result<AttentionRetriever> {
         .map_err(|_| corrupt("selector", "not UTF-8"))?
         .parse()
         .map_err(|e: Error| corrupt("selector", e.to_string()))?;
-    let mut cfg = RetrieverConfig::new(
+    let (layers, kv_heads) = (
         small(w[0], MAX_HEADS, "layers")?,
         small(w[1], MAX_HEADS, "kv_heads")?,
-        small(w[2], MAX_HEADS, "group")?,
-        small(w[3], MAX_DIM, "head_dim")?,
     );
+    let mut cfg = RetrieverConfig::new(AttentionShape {
+        layers,
+        query_heads: checked(small(w[2], MAX_HEADS, "group")?, kv_heads)?,
+        kv_heads,
+        head_dim: small(w[3], MAX_DIM, "head_dim")?,
+    });
     cfg.sink = small(w[4], u32::MAX as usize, "sink")?;
     cfg.window = match w[5] {
         NO_WINDOW => None,
@@ -170,7 +174,7 @@ pub(crate) fn read(r: &Reader<'_>) -> Result<AttentionRetriever> {
     };
     cfg.scale = f32::from_bits(small(w[9], u32::MAX as usize, "scale")? as u32);
     cfg.selector = spec.clone();
-    let (layers, h, d) = (cfg.layers, cfg.kv_heads, cfg.head_dim);
+    let (layers, h, d) = (cfg.shape.layers, cfg.shape.kv_heads, cfg.shape.head_dim);
     let mut ret = AttentionRetriever::new(cfg).map_err(|e| corrupt("meta", e.to_string()))?;
     let nheads = checked(layers, h)?;
     let words: Vec<u64> = r.vec(Tag::Lists)?;
@@ -245,9 +249,6 @@ pub(crate) fn read(r: &Reader<'_>) -> Result<AttentionRetriever> {
                 ))
             }
         };
-        if part.is_none() && t > 0 {
-            return Err(corrupt("lists", "a head with positions but no index"));
-        }
         let head = &mut ret.heads[i];
         head.index = match part {
             Some(p) => Some(

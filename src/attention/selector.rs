@@ -29,7 +29,7 @@
 use crate::error::{Error, Result};
 use crate::index::{Index, IndexPQ, IndexPQFastScan};
 use crate::metric::Metric;
-use crate::pq::transform::DimTransform;
+use crate::pq::transform::{DimTransform, QueryEnergy};
 use crate::pq::Nbits;
 use crate::select::select_topk_nonneg_f32;
 use half::f16;
@@ -253,20 +253,32 @@ impl SelectorSpec {
             }
             (SelectorSpec::Pq { .. } | SelectorSpec::FastScan { .. }, _) => return Err(mismatch()),
             (SelectorSpec::Quest { .. }, RestoredHead::Nothing) => {
-                self.build(&crate::io::f16_to_f32(keys), &[], d, seed)?
+                self.build(&crate::io::f16_to_f32(keys), &QueryEnergy::new(d), d, seed)?
             }
-            (_, RestoredHead::Nothing) => self.build(&[], &[], d, seed)?,
+            (_, RestoredHead::Nothing) => self.build(&[], &QueryEnergy::new(d), d, seed)?,
             _ => return Err(mismatch()),
         })
     }
 
-    /// Builds the per-head index on the prefill keys (`t * d` f32). `queries` (`nq * d` f32,
-    /// may be empty) are the prefill queries of the head's group: fast-scan fits its
+    /// Keys a head must cache before this selector's index can be trained: one per centroid
+    /// of a sub-quantizer (`2^nbits`: pq, fast-scan), what k-means needs; none for the others.
+    /// Below it the retriever selects exactly (the oracle, cheap at that size); codebooks
+    /// trained on few keys are re-trained by the refresh as the cache grows.
+    pub fn min_train_len(&self) -> usize {
+        match self {
+            SelectorSpec::Pq { nbits, .. } => 1usize << (*nbits).min(16),
+            SelectorSpec::FastScan { .. } => 1 << 4,
+            _ => 0,
+        }
+    }
+
+    /// Builds the per-head index on the prefill keys (`t * d` f32). `queries` sums up the
+    /// prefill queries of the head's group (may hold none): fast-scan fits its
     /// [`DimTransform`] scale to them. `seed` varies per head.
     pub fn build(
         &self,
         keys: &[f32],
-        queries: &[f32],
+        queries: &QueryEnergy,
         d: usize,
         seed: u64,
     ) -> Result<Box<dyn HeadIndex>> {
@@ -290,7 +302,7 @@ impl SelectorSpec {
                 let mut fs = IndexPQFastScan::new(d, *m, Metric::InnerProduct)?;
                 fs.train_config.seed = seed;
                 let transform = if *transform {
-                    DimTransform::fit(keys, queries, d, *m)?
+                    DimTransform::fit_with_energy(keys, queries, *m)?
                 } else {
                     DimTransform::identity(d)
                 };
@@ -405,7 +417,7 @@ pub fn aggregate(logits: &[f32], group: usize, agg: Aggregation) -> (Vec<f32>, V
 /// the exponent bits. Arguments below `-87` give `e^-87` (about `1.6e-38`, a weight no output
 /// can feel, and no denormals); NaN gives NaN.
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     // ln 2 = LN2_HI + LN2_LO; LN2_HI has 9 significant bits, so n * LN2_HI is exact.
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -464,6 +476,14 @@ pub enum RestoredHead {
     FastScan(IndexPQFastScan, DimTransform),
 }
 
+/// The oracle's choice: exact scores of every candidate, aggregated, top `k`. What the `exact`
+/// selector does, and what every selector does while its index is untrained.
+pub(crate) fn choose_exact(ctx: &ChooseContext<'_>) -> Vec<u32> {
+    let logits = ctx.exact_logits_range(ctx.candidates.clone());
+    let (scores, _) = aggregate(&logits, ctx.group(), ctx.aggregation);
+    ctx.top_k(&scores)
+}
+
 struct ExactIndex;
 
 impl HeadIndex for ExactIndex {
@@ -471,9 +491,7 @@ impl HeadIndex for ExactIndex {
         Ok(())
     }
     fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Vec<u32>> {
-        let logits = ctx.exact_logits_range(ctx.candidates.clone());
-        let (scores, _) = aggregate(&logits, ctx.group(), ctx.aggregation);
-        Ok(ctx.top_k(&scores))
+        Ok(choose_exact(ctx))
     }
 }
 

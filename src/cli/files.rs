@@ -141,14 +141,14 @@ pub fn info(a: &InfoArgs) -> Result<()> {
         let c = cache.config();
         let mut p: Vec<(String, String)> = vec![
             ("kind".into(), "attention".into()),
-            ("layers".into(), c.layers.to_string()),
-            ("kv_heads".into(), c.kv_heads.to_string()),
-            ("group".into(), c.group.to_string()),
-            ("head_dim".into(), c.head_dim.to_string()),
+            ("layers".into(), c.shape.layers.to_string()),
+            ("kv_heads".into(), c.shape.kv_heads.to_string()),
+            ("group".into(), c.group().to_string()),
+            ("head_dim".into(), c.shape.head_dim.to_string()),
             ("selector".into(), c.selector.to_string()),
             ("sink".into(), c.sink.to_string()),
         ];
-        for layer in 0..c.layers {
+        for layer in 0..c.shape.layers {
             p.push((format!("positions[{layer}]"), cache.len(layer).to_string()));
         }
         p

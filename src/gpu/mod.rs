@@ -326,7 +326,7 @@ impl GpuSparseAttention {
         queries: &[f32],
     ) -> Result<(Vec<f32>, PipelineReport)> {
         let c = retriever.config();
-        let (h, g, d) = (c.kv_heads, c.group, c.head_dim);
+        let (h, g, d) = (c.shape.kv_heads, c.group(), c.shape.head_dim);
         if h != cache.kv_heads || d != cache.head_dim {
             return Err(Error::InvalidArgument(
                 "the GPU cache and the retriever disagree on kv_heads or head_dim".into(),

@@ -34,6 +34,45 @@ use crate::index::check_vectors;
 /// not be scaled to nothing.
 const SCALE_FLOOR: f32 = 1e-3;
 
+/// Per-channel sums of squared queries: what [`DimTransform::fit_with_energy`] needs of the
+/// queries, accumulated chunk by chunk (`d` f64 and a count, whatever the prompt's length).
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueryEnergy {
+    sum_sq: Vec<f64>,
+    count: usize,
+}
+
+impl QueryEnergy {
+    /// No queries yet, `d` channels.
+    pub fn new(d: usize) -> QueryEnergy {
+        QueryEnergy {
+            sum_sq: vec![0.0; d],
+            count: 0,
+        }
+    }
+
+    /// Adds `queries` (`nq * d` f32, finite).
+    pub fn add(&mut self, queries: &[f32]) -> Result<()> {
+        let d = self.sum_sq.len();
+        if queries.is_empty() {
+            return Ok(());
+        }
+        let nq = check_vectors(queries, d, "sample queries")?;
+        for q in queries.chunks_exact(d) {
+            for (s, &v) in self.sum_sq.iter_mut().zip(q) {
+                *s += v as f64 * v as f64;
+            }
+        }
+        self.count += nq;
+        Ok(())
+    }
+
+    /// Queries added so far.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+}
+
 /// A per-dimension scale and permutation (see the module doc).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DimTransform {
@@ -60,20 +99,33 @@ impl DimTransform {
                 "m = {m} does not divide d = {d}"
             )));
         }
+        check_vectors(keys, d, "training keys")?;
+        let mut energy = QueryEnergy::new(d);
+        energy.add(queries)?;
+        DimTransform::fit_with_energy(keys, &energy, m)
+    }
+
+    /// [`DimTransform::fit`] with the queries summed up beforehand (a [`QueryEnergy`]
+    /// accumulated over the chunks of a prefill); no queries: scale 1.
+    pub fn fit_with_energy(keys: &[f32], energy: &QueryEnergy, m: usize) -> Result<DimTransform> {
+        let d = energy.sum_sq.len();
+        if m == 0 || d == 0 || !d.is_multiple_of(m) {
+            return Err(Error::InvalidArgument(format!(
+                "m = {m} does not divide d = {d}"
+            )));
+        }
         let n = check_vectors(keys, d, "training keys")?;
         if n == 0 {
             return Err(Error::TooFewTrainingPoints { got: 0, need: 1 });
         }
         let mut scale = vec![1.0f32; d];
-        if !queries.is_empty() {
-            let nq = check_vectors(queries, d, "sample queries")?;
-            let mut sq = vec![0.0f64; d];
-            for q in queries.chunks_exact(d) {
-                for (s, &v) in sq.iter_mut().zip(q) {
-                    *s += v as f64 * v as f64;
-                }
-            }
-            let rms: Vec<f64> = sq.iter().map(|s| (s / nq as f64).sqrt()).collect();
+        if energy.count > 0 {
+            let nq = energy.count;
+            let rms: Vec<f64> = energy
+                .sum_sq
+                .iter()
+                .map(|s| (s / nq as f64).sqrt())
+                .collect();
             let top = rms.iter().copied().fold(0.0f64, f64::max);
             if top > 0.0 {
                 let floored: Vec<f64> = rms
