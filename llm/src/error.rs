@@ -1,0 +1,42 @@
+//! The runtime's error type.
+
+use std::path::PathBuf;
+
+/// What can go wrong loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum LlmError {
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The GGUF file is malformed or not a model this runtime runs.
+    #[error("{}: {reason}", path.display())]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A hyper-parameter is missing or out of range.
+    #[error("model metadata: {0}")]
+    Metadata(String),
+    /// The tokenizer could not be built or could not encode.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// An argument is out of range (token id, context length, option).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The retrieval engine refused (shapes, settings).
+    #[error(transparent)]
+    Retrieval(#[from] pqcache::Error),
+    /// A tensor operation failed (candle).
+    #[error("tensor: {0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// `Result` with [`LlmError`].
+pub type Result<T> = std::result::Result<T, LlmError>;

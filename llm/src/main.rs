@@ -1,0 +1,386 @@
+//! `pqcache-llm`: run Gemma-3 from a GGUF on the CPU, its global layers through pqcache.
+//!
+//! ```text
+//! pqcache-llm generate --model GGUF --prompt TEXT [--max-new N] [--attention dense|SPEC] [--budget R] [--json]
+//! pqcache-llm dump --model GGUF --text F --tokens N --layers 5,11,17 --out DIR
+//! ```
+
+use clap::{Args, Parser, Subcommand};
+use half::f16;
+use pqcache::io::npy::{self, NpyData};
+use pqcache_llm::model::{argmax, nll};
+use pqcache_llm::{Backend, Gemma3, LlmError, Logits, Precision, PrefillOptions, Result, Session};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "pqcache-llm",
+    version,
+    about = "Gemma-3 on the CPU; global attention through pqcache retrieval"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Greedy generation: prefill the prompt, decode token by token through the backend.
+    Generate(GenerateArgs),
+    /// Post-RoPE Q, K, V of chosen layers, in the layout of pqcache's attention dumps.
+    Dump(DumpArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// The GGUF file (scripts/fetch-gemma.sh prints its path).
+    #[arg(long)]
+    model: PathBuf,
+    /// Weights: mixed (quantized for decode, f32 for prefill batches), quantized, f32.
+    #[arg(long, default_value = "mixed")]
+    precision: Precision,
+    /// Prefill chunk in tokens (bounds the prefill's memory).
+    #[arg(long, default_value_t = 512)]
+    chunk: usize,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt text (a BOS is prepended).
+    #[arg(long, conflicts_with_all = ["prompt_file", "ids"])]
+    prompt: Option<String>,
+    /// A file holding the prompt text.
+    #[arg(long, conflicts_with = "ids")]
+    prompt_file: Option<PathBuf>,
+    /// The prompt as token ids: a .npy (int) or .json list.
+    #[arg(long)]
+    ids: Option<PathBuf>,
+    /// Tokens to generate at most (stops early at end of sequence).
+    #[arg(long, default_value_t = 64)]
+    max_new: usize,
+    /// Global-layer attention during decode: dense, or a selector (fastscan:64x4, exact,
+    /// window, random, quest:16, pq:2x6, fastscan:128x4:rerank4, ...).
+    #[arg(long, default_value = "dense")]
+    attention: String,
+    /// Fraction of the context a retrieval step attends to.
+    #[arg(long, default_value_t = 0.1)]
+    budget: f64,
+    /// One JSON object instead of streamed text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DumpArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A UTF-8 text (its first `8 * tokens` characters are tokenized after a BOS).
+    #[arg(long, conflicts_with = "ids")]
+    text: Option<PathBuf>,
+    /// Token ids (.npy or .json).
+    #[arg(long)]
+    ids: Option<PathBuf>,
+    /// Tokens to run.
+    #[arg(long, default_value_t = 2048)]
+    tokens: usize,
+    /// Layers to keep, comma separated (default: the global ones).
+    #[arg(long, value_delimiter = ',')]
+    layers: Vec<usize>,
+    /// Output folder (q.npy, k.npy, v.npy, ids.npy, meta.json).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Writes to stdout; a closed pipe (`| head`) ends the program quietly, as Unix tools do.
+fn out(s: &str) {
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_all(s.as_bytes()).and_then(|_| o.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn read_ids(path: &Path) -> Result<Vec<u32>> {
+    let bad = |reason: String| LlmError::InvalidArgument(format!("{}: {reason}", path.display()));
+    let values: Vec<i64> = if path.extension().is_some_and(|e| e == "json") {
+        let text = std::fs::read_to_string(path).map_err(|source| LlmError::Io {
+            path: path.into(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|e| bad(format!("not a JSON list of integers: {e}")))?
+    } else {
+        match npy::read(path)?.data {
+            NpyData::I64(v) => v,
+            _ => return Err(bad("expected an integer .npy".into())),
+        }
+    };
+    values
+        .into_iter()
+        .map(|v| u32::try_from(v).map_err(|_| bad(format!("token id {v} out of range"))))
+        .collect()
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| LlmError::Io {
+        path: path.into(),
+        source,
+    })
+}
+
+fn load(m: &ModelArgs) -> Result<Gemma3> {
+    let t = Instant::now();
+    let model = Gemma3::load(&m.model, m.precision)?;
+    eprintln!(
+        "loaded {} ({} layers, {} global) in {:.1} s",
+        m.model.display(),
+        model.cfg.layers,
+        model.global_layers().len(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(model)
+}
+
+/// A progress bar on a terminal, for prompts long enough to wait on.
+fn progress_bar(total: usize) -> Option<indicatif::ProgressBar> {
+    (std::io::stderr().is_terminal() && total >= 2048).then(|| {
+        let pb = indicatif::ProgressBar::new(total as u64);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "prefill {bar:40} {pos}/{len} tokens ({per_sec}, eta {eta})",
+            )
+            .expect("static template"),
+        );
+        pb
+    })
+}
+
+fn generate(a: &GenerateArgs) -> Result<()> {
+    let backend = Backend::parse(&a.attention, a.budget)?;
+    let model = load(&a.model)?;
+    let prompt = match (&a.prompt, &a.prompt_file, &a.ids) {
+        (Some(p), _, _) => model.tokenizer.encode_prompt(p)?,
+        (_, Some(f), _) => model.tokenizer.encode_prompt(&read_text(f)?)?,
+        (_, _, Some(f)) => read_ids(f)?,
+        _ => {
+            return Err(LlmError::InvalidArgument(
+                "give --prompt, --prompt-file or --ids".into(),
+            ))
+        }
+    };
+    let mut session = Session::new(&model, backend.clone())?;
+    let pb = progress_bar(prompt.len());
+    let mut tick = |done: usize, _: usize| {
+        if let Some(pb) = &pb {
+            pb.set_position(done as u64);
+        }
+    };
+    let mut logits = session.prefill(
+        &prompt,
+        PrefillOptions {
+            chunk: a.model.chunk,
+            logits: Logits::Last,
+            progress: Some(&mut tick),
+        },
+    )?;
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    let mut new_ids = Vec::new();
+    let mut shown = 0;
+    for i in 0..a.max_new {
+        let next = argmax(&logits);
+        new_ids.push(next);
+        if !a.json {
+            // Stream whole characters: decode what is new, hold back an incomplete byte run.
+            let text = model.tokenizer.decode(&new_ids)?;
+            if !text.ends_with('\u{fffd}') && text.len() > shown {
+                out(&text[shown..]);
+                shown = text.len();
+            }
+        }
+        if next == model.tokenizer.eos || i + 1 == a.max_new {
+            break;
+        }
+        logits = session.decode(next)?;
+    }
+    let p = session.profile();
+    let per_s = |n: usize, d: std::time::Duration| n as f64 / d.as_secs_f64().max(1e-9);
+    let new_text = model.tokenizer.decode(&new_ids)?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    if a.json {
+        let v = serde_json::json!({
+            "new_ids": new_ids,
+            "new_text": new_text,
+            "prompt_tokens": prompt.len(),
+            "prefill_tokens_per_s": per_s(p.prefill_tokens, p.prefill),
+            "decode_tokens_per_s": per_s(p.decode_tokens, p.decode),
+            "attention": backend.name(),
+            "budget": match backend { Backend::Dense => 1.0, _ => a.budget },
+            "attended_fraction": p.attended_fraction(),
+            "profile_ms": {
+                "matmul": ms(p.matmul),
+                "sliding_attention": ms(p.sliding_attention),
+                "global_attention": ms(p.global_attention),
+                "select": ms(p.select),
+                "cache_update": ms(p.cache_update),
+                "other": ms(p.other),
+                "prefill": ms(p.prefill),
+                "decode": ms(p.decode),
+            },
+        });
+        out(&format!("{v}\n"));
+    } else {
+        out("\n");
+        eprintln!(
+            "prompt {} tokens: prefill {:.1} tokens/s; decode {} tokens: {:.2} tokens/s ({}, attended {:.1} % of the context)",
+            prompt.len(),
+            per_s(p.prefill_tokens, p.prefill),
+            p.decode_tokens,
+            per_s(p.decode_tokens, p.decode),
+            backend.name(),
+            100.0 * p.attended_fraction()
+        );
+    }
+    Ok(())
+}
+
+fn dump(a: &DumpArgs) -> Result<()> {
+    let model = load(&a.model)?;
+    let mut ids = match (&a.text, &a.ids) {
+        (Some(f), _) => {
+            let text: String = read_text(f)?
+                .chars()
+                .take(a.tokens.saturating_mul(8))
+                .collect();
+            model.tokenizer.encode_prompt(&text)?
+        }
+        (_, Some(f)) => read_ids(f)?,
+        _ => return Err(LlmError::InvalidArgument("give --text or --ids".into())),
+    };
+    ids.truncate(a.tokens);
+    if ids.len() < 2 {
+        return Err(LlmError::InvalidArgument("need at least 2 tokens".into()));
+    }
+    let layers = if a.layers.is_empty() {
+        model.global_layers().to_vec()
+    } else {
+        a.layers.clone()
+    };
+    let mut session = Session::new(&model, Backend::Dense)?;
+    session.capture(&layers)?;
+    let (mut loss, mut hits, mut n) = (0.0f64, 0usize, 0usize);
+    let mut score = |p: usize, row: &[f32]| {
+        if let Some(&t) = ids.get(p + 1) {
+            loss += nll(row, t);
+            hits += usize::from(argmax(row) == t);
+            n += 1;
+        }
+    };
+    let pb = progress_bar(ids.len());
+    let mut tick = |done: usize, _: usize| {
+        if let Some(pb) = &pb {
+            pb.set_position(done as u64);
+        }
+    };
+    session.prefill(
+        &ids,
+        PrefillOptions {
+            chunk: a.model.chunk,
+            logits: Logits::All(&mut score),
+            progress: Some(&mut tick),
+        },
+    )?;
+    let cap = session.take_capture().expect("capture was set");
+    let (t, c) = (ids.len(), &model.cfg);
+    std::fs::create_dir_all(&a.out).map_err(|source| LlmError::Io {
+        path: a.out.clone(),
+        source,
+    })?;
+    let stack = |per: &Vec<Vec<Vec<f16>>>| -> Vec<f16> {
+        per.iter().flatten().flatten().copied().collect()
+    };
+    let (l, hd) = (layers.len(), c.head_dim);
+    npy::write(
+        &a.out.join("q.npy"),
+        &[l, c.heads, t, hd],
+        &NpyData::F16(stack(&cap.q)),
+    )?;
+    npy::write(
+        &a.out.join("k.npy"),
+        &[l, c.kv_heads, t, hd],
+        &NpyData::F16(stack(&cap.k)),
+    )?;
+    npy::write(
+        &a.out.join("v.npy"),
+        &[l, c.kv_heads, t, hd],
+        &NpyData::F16(stack(&cap.v)),
+    )?;
+    npy::write(
+        &a.out.join("ids.npy"),
+        &[t],
+        &NpyData::I64(ids.iter().map(|&i| i as i64).collect()),
+    )?;
+    let loss = loss / n.max(1) as f64;
+    let kinds: Vec<&str> = layers
+        .iter()
+        .map(|&i| {
+            if c.kinds[i] == pqcache_llm::LayerKind::Global {
+                "global"
+            } else {
+                "sliding"
+            }
+        })
+        .collect();
+    let meta = serde_json::json!({
+        "model": a.model.model.file_name().map(|f| f.to_string_lossy().into_owned()),
+        "text": a.text.as_ref().map(|p| p.display().to_string()),
+        "layers": layers,
+        "layer_kind": kinds,
+        "q_shape": [l, c.heads, t, hd],
+        "k_shape": [l, c.kv_heads, t, hd],
+        "dtype": "float16",
+        "layout": "[layer, head, token, dim], C order",
+        "query_heads_per_kv_head": c.group(),
+        "vectors": "post q_norm/k_norm, post-RoPE (rotate-half), before the 1/sqrt(head_dim) score scale",
+        "attn_scale": c.attn_scale,
+        "hparams": {
+            "n_layer": c.layers, "d": c.d_model, "n_head": c.heads, "n_kv": c.kv_heads, "hd": hd,
+            "eps": c.eps, "base": c.rope_global_base, "swa": c.sliding_window, "bos": model.tokenizer.bos,
+        },
+        "nll": loss,
+        "top1": hits as f64 / n.max(1) as f64,
+        "precision": format!("{:?}", a.model.precision),
+    });
+    let path = a.out.join("meta.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&meta).expect("json") + "\n",
+    )
+    .map_err(|source| LlmError::Io { path, source })?;
+    eprintln!(
+        "{} tokens, nll {loss:.4} (ppl {:.2}), written to {}",
+        t,
+        loss.exp(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match &cli.cmd {
+        Cmd::Generate(a) => generate(a),
+        Cmd::Dump(a) => dump(a),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
