@@ -12,7 +12,7 @@ use pqcache::Error;
 use pqcache_simd::distance::DistanceKernels;
 
 fn persuasion() -> AttentionDump {
-    AttentionDump::load(&common::shared_data().join("gemma3-270m/persuasion-2048")).unwrap()
+    AttentionDump::load(&common::dumps().join("persuasion-2048")).unwrap()
 }
 
 #[test]

@@ -10,7 +10,7 @@ fn pqcache() -> Command {
 
 #[test]
 fn eval_json_has_exactly_the_peer_keys() {
-    let data = common::shared_data().join("ann");
+    let data = common::ann_data();
     let out = pqcache()
         .args([
             "eval", "--index", "pq", "--m", "16", "--nbits", "8", "--k", "10", "--metric", "l2",
@@ -91,7 +91,7 @@ fn bad_input_exits_non_zero_with_a_message() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("error:"));
-    let data = common::shared_data().join("ann");
+    let data = common::ann_data();
     let out = pqcache()
         .args(["eval", "--m", "7", "--json"])
         .arg("--base")
@@ -175,7 +175,7 @@ fn eval_attention_json_rows() {
 
 #[test]
 fn build_search_info_round_trip_and_damage_exits_2() {
-    let data = common::shared_data().join("ann");
+    let data = common::ann_data();
     let dir = std::env::temp_dir().join(format!("pqcache-cli-files-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("bigann.pqc");

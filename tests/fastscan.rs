@@ -6,7 +6,7 @@ use pqcache::io::load_vectors;
 use pqcache::{Error, Index, IndexFlat, IndexPQ, IndexPQFastScan, Level, Metric, RerankStorage};
 
 fn gemma() -> (Vec<f32>, Vec<f32>) {
-    let dir = common::shared_data().join("gemma3-270m/prideprejudice-8192");
+    let dir = common::dumps().join("prideprejudice-8192");
     let keys = load_vectors(&dir.join("k.npy"), 0, 0).unwrap();
     let queries = load_vectors(&dir.join("q.npy"), 0, 0).unwrap();
     // Every 16th query position keeps the tests quick (512 queries).
@@ -45,7 +45,7 @@ fn fast_scan_agrees_with_float_table_pq_on_gemma_keys() {
 
 #[test]
 fn l2_fast_scan_agrees_with_float_table_pq_on_bigann() {
-    let dir = common::shared_data().join("ann");
+    let dir = common::ann_data();
     let base = load_vectors(&dir.join("bigann-10k-128_base.fvecs"), 0, 0).unwrap();
     let queries = load_vectors(&dir.join("bigann-10k-128_query.fvecs"), 0, 0).unwrap();
     let mut fs = trained(&base.data, 128, 32, Metric::L2);

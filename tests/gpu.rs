@@ -62,7 +62,7 @@ fn gpu_attention_equals_the_cpu_reference_on_gemma_for_every_layer() {
         }
     };
     let dump =
-        AttentionDump::load(&common::shared_data().join("gemma3-270m/persuasion-2048")).unwrap();
+        AttentionDump::load(&common::dumps().join("persuasion-2048")).unwrap();
     let (h, g, d, t) = (dump.kv_heads, dump.group_size(), dump.head_dim, dump.tokens);
     let attn = GpuSparseAttention::new(&dev).unwrap();
     for layer in 0..dump.layers.len() {

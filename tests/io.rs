@@ -1,4 +1,4 @@
-//! Readers on the shared data and on files written here.
+//! Readers on the bundled data, the made dumps and files written here.
 mod common;
 
 use half::f16;
@@ -6,9 +6,10 @@ use pqcache::io::npy::{self, NpyData};
 use pqcache::io::{load_vectors, vecs};
 
 #[test]
-fn reads_shared_fvecs_ivecs_and_f16_npy() {
-    let data = common::shared_data();
-    let base = load_vectors(&data.join("ann/bigann-10k-128_base.fvecs"), 0, 0).unwrap();
+fn reads_bundled_fvecs_ivecs_and_f16_npy() {
+    let data = common::ann_data();
+    let dumps = common::dumps();
+    let base = load_vectors(&data.join("bigann-10k-128_base.fvecs"), 0, 0).unwrap();
     assert_eq!((base.rows, base.dim), (9900, 128));
     // SIFT descriptors are small non-negative integers.
     assert!(base
@@ -16,18 +17,18 @@ fn reads_shared_fvecs_ivecs_and_f16_npy() {
         .iter()
         .all(|&v| (0.0..=255.0).contains(&v) && v.fract() == 0.0));
     let (rows, k, gt) =
-        vecs::read_ivecs(&data.join("ann/bigann-10k-128_groundtruth.ivecs")).unwrap();
+        vecs::read_ivecs(&data.join("bigann-10k-128_groundtruth.ivecs")).unwrap();
     assert_eq!((rows, k), (100, 100));
     assert!(gt.iter().all(|&i| (0..9900).contains(&i)));
-    let k = npy::read(&data.join("gemma3-270m/persuasion-2048/k.npy")).unwrap();
+    let k = npy::read(&dumps.join("persuasion-2048/k.npy")).unwrap();
     assert_eq!(k.shape, vec![3, 1, 2048, 256]);
     assert!(matches!(k.data, NpyData::F16(_)));
     // The (layer 2, head 0) slice is the last third of the array.
-    let slice = load_vectors(&data.join("gemma3-270m/persuasion-2048/k.npy"), 2, 0).unwrap();
+    let slice = load_vectors(&dumps.join("persuasion-2048/k.npy"), 2, 0).unwrap();
     if let NpyData::F16(all) = &k.data {
         assert_eq!(slice.data[0], all[2 * 2048 * 256].to_f32());
     }
-    assert!(load_vectors(&data.join("gemma3-270m/persuasion-2048/k.npy"), 3, 0).is_err());
+    assert!(load_vectors(&dumps.join("persuasion-2048/k.npy"), 3, 0).is_err());
 }
 
 #[test]

@@ -51,7 +51,7 @@ fn full_probe_without_residuals_equals_the_flat_fast_scan() {
 
 #[test]
 fn recall_matches_faiss_on_bigann() {
-    let dir = common::shared_data().join("ann");
+    let dir = common::ann_data();
     let base = load_vectors(&dir.join("bigann-10k-128_base.fvecs"), 0, 0).unwrap();
     let queries = load_vectors(&dir.join("bigann-10k-128_query.fvecs"), 0, 0).unwrap();
     let d = base.dim;
@@ -87,7 +87,7 @@ fn recall_matches_faiss_on_bigann() {
 
 #[test]
 fn recall_matches_faiss_on_gemma_keys() {
-    let dir = common::shared_data().join("gemma3-270m/prideprejudice-8192");
+    let dir = common::dumps().join("prideprejudice-8192");
     let keys = load_vectors(&dir.join("k.npy"), 0, 0).unwrap();
     let q = load_vectors(&dir.join("q.npy"), 0, 0).unwrap();
     let d = keys.dim;
@@ -420,7 +420,7 @@ fn bad_input_is_a_typed_error() {
 /// refresh, for every layer of the file.
 #[test]
 fn drift_experiment_on_gemma_keys() {
-    let dir = common::shared_data().join("gemma3-270m/prideprejudice-8192");
+    let dir = common::dumps().join("prideprejudice-8192");
     for layer in 0..3 {
         let keys = load_vectors(&dir.join("k.npy"), layer, 0).unwrap();
         let q = load_vectors(&dir.join("q.npy"), layer, 0).unwrap();

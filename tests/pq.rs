@@ -29,7 +29,7 @@ fn recall(
 
 #[test]
 fn bigann_l2_recall_matches_faiss() {
-    let dir = common::shared_data().join("ann");
+    let dir = common::ann_data();
     let base = load_vectors(&dir.join("bigann-10k-128_base.fvecs"), 0, 0).unwrap();
     let queries = load_vectors(&dir.join("bigann-10k-128_query.fvecs"), 0, 0).unwrap();
     // FAISS: m=16 nbits=8 -> 0.740; ours 0.724 (seed 1234).
@@ -58,7 +58,7 @@ fn bigann_l2_recall_matches_faiss() {
 
 #[test]
 fn bigann_recall_against_shipped_groundtruth() {
-    let dir = common::shared_data().join("ann");
+    let dir = common::ann_data();
     let base = load_vectors(&dir.join("bigann-10k-128_base.fvecs"), 0, 0).unwrap();
     let queries = load_vectors(&dir.join("bigann-10k-128_query.fvecs"), 0, 0).unwrap();
     let (rows, gk, gt) =
@@ -77,7 +77,7 @@ fn bigann_recall_against_shipped_groundtruth() {
 
 #[test]
 fn gemma_keys_inner_product_recall_matches_faiss() {
-    let dir = common::shared_data().join("gemma3-270m/prideprejudice-8192");
+    let dir = common::dumps().join("prideprejudice-8192");
     let keys = load_vectors(&dir.join("k.npy"), 0, 0).unwrap();
     let queries = load_vectors(&dir.join("q.npy"), 0, 0).unwrap();
     assert_eq!((keys.rows, keys.dim), (8192, 256));

@@ -14,12 +14,15 @@
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use half::f16;
+use pqcache::attention::selector::exp_nonpositive;
+use pqcache_simd::distance::DistanceKernels;
 use rayon::prelude::*;
+use std::sync::OnceLock;
 
 /// Query rows per task.
-pub const ROWS: usize = 32;
+pub const ROWS: usize = 64;
 /// Keys per tile.
-pub const TILE: usize = 128;
+pub const TILE: usize = 256;
 
 /// One kv head's cached keys and values, position-major, `head_dim` wide.
 #[derive(Clone, Copy)]
@@ -50,12 +53,8 @@ impl KvRows<'_> {
                 v[..n].copy_from_slice(&values[span]);
             }
             KvRows::F16 { keys, values } => {
-                for (o, x) in k[..n].iter_mut().zip(&keys[span.clone()]) {
-                    *o = x.to_f32();
-                }
-                for (o, x) in v[..n].iter_mut().zip(&values[span]) {
-                    *o = x.to_f32();
-                }
+                pqcache::io::widen_f16(&keys[span.clone()], &mut k[..n]);
+                pqcache::io::widen_f16(&values[span], &mut v[..n]);
             }
         }
     }
@@ -90,20 +89,72 @@ pub fn causal_attention(
     let tasks: Vec<(usize, usize)> = (0..heads)
         .flat_map(|h| (0..rows).step_by(ROWS).map(move |r| (h, r)))
         .collect();
-    let blocks: Vec<Vec<f32>> = tasks
-        .par_iter()
-        .map(|&(h, r0)| {
-            let r1 = (r0 + ROWS).min(rows);
-            let qb = &q[(h * rows + r0) * d..(h * rows + r1) * d];
+    let task = |&(h, r0): &(usize, usize)| {
+        let r1 = (r0 + ROWS).min(rows);
+        let qb = &q[(h * rows + r0) * d..(h * rows + r1) * d];
+        if rows == 1 {
+            attend_row(qb, d, kv[h / group], at)
+        } else {
             attend_block(qb, d, kv[h / group], at, r0)
-        })
-        .collect();
+        }
+    };
+    // One row (a decode step) is too little work to hand to other threads.
+    let blocks: Vec<Vec<f32>> = if rows == 1 {
+        tasks.iter().map(task).collect()
+    } else {
+        tasks.par_iter().map(task).collect()
+    };
     for (&(h, r0), block) in tasks.iter().zip(&blocks) {
         for (i, row) in block.chunks_exact(d).enumerate() {
             let o = ((r0 + i) * heads + h) * d;
             out[o..o + d].copy_from_slice(row);
         }
     }
+}
+
+fn kernels() -> &'static DistanceKernels {
+    static K: OnceLock<DistanceKernels> = OnceLock::new();
+    K.get_or_init(DistanceKernels::best)
+}
+
+/// One query row (a decode step) of one head: SIMD dot products and axpys over the visible
+/// keys, no GEMM set-up.
+fn attend_row(q: &[f32], d: usize, kv: KvRows<'_>, at: Causal) -> Vec<f32> {
+    let k = kernels();
+    let t = at.start;
+    let lo = at.window.map_or(0, |w| (t + 1).saturating_sub(w)).max(at.base);
+    let rows = lo - at.base..t + 1 - at.base;
+    let mut logits: Vec<f32> = match kv {
+        KvRows::F32 { keys, .. } => rows
+            .clone()
+            .map(|j| k.dot_f32(q, &keys[j * d..(j + 1) * d]) * at.scale)
+            .collect(),
+        KvRows::F16 { keys, .. } => rows
+            .clone()
+            .map(|j| k.dot_f16(q, &keys[j * d..(j + 1) * d]) * at.scale)
+            .collect(),
+    };
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0.0f32;
+    for l in logits.iter_mut() {
+        *l = exp_nonpositive(*l - max);
+        total += *l;
+    }
+    let mut o = vec![0.0f32; d];
+    let mut v32 = vec![0.0f32; d];
+    for (j, &w) in rows.zip(&logits) {
+        let v = match kv {
+            KvRows::F32 { values, .. } => &values[j * d..(j + 1) * d],
+            KvRows::F16 { values, .. } => {
+                pqcache::io::widen_f16(&values[j * d..(j + 1) * d], &mut v32);
+                &v32
+            }
+        };
+        k.axpy(w, v, &mut o);
+    }
+    let inv = 1.0 / total;
+    o.iter_mut().for_each(|x| *x *= inv);
+    o
 }
 
 /// One task: rows `r0..r0 + qb.len() / d` of one head.
@@ -127,29 +178,35 @@ fn attend_block(qb: &[f32], d: usize, kv: KvRows<'_>, at: Causal, r0: usize) -> 
         let n = j1 - j0;
         kv.widen(j0 - at.base..j1 - at.base, d, &mut kt, &mut vt);
         pqcache::linalg::gemm_abt(qb, nr, &kt[..n * d], n, d, &mut s, TILE);
+        // Only tiles crossing the diagonal or the window's edge need a mask.
+        let masked = j1 - 1 > first || at.window.is_some_and(|w| last - j0 >= w);
         for i in 0..nr {
             let t = first + i;
             let row = &mut s[i * TILE..i * TILE + n];
             let mut row_max = f32::NEG_INFINITY;
-            for (jj, x) in row.iter_mut().enumerate() {
-                let j = j0 + jj;
-                let visible = j <= t && at.window.is_none_or(|w| t - j < w);
-                *x = if visible {
-                    *x * at.scale
-                } else {
-                    f32::NEG_INFINITY
-                };
-                row_max = row_max.max(*x);
+            if masked {
+                for (jj, x) in row.iter_mut().enumerate() {
+                    let j = j0 + jj;
+                    let visible = j <= t && at.window.is_none_or(|w| t - j < w);
+                    *x = if visible { *x * at.scale } else { f32::NEG_INFINITY };
+                    row_max = row_max.max(*x);
+                }
+            } else {
+                for x in row.iter_mut() {
+                    *x *= at.scale;
+                    row_max = row_max.max(*x);
+                }
             }
             if row_max == f32::NEG_INFINITY {
                 row.fill(0.0);
                 continue;
             }
             let new_max = m[i].max(row_max);
-            let alpha = (m[i] - new_max).exp();
+            let alpha = exp_nonpositive(m[i] - new_max);
             let mut sum = 0.0f32;
             for x in row.iter_mut() {
-                *x = (*x - new_max).exp();
+                // Masked logits are -inf: exp_nonpositive clamps them to e^-87, so zero them.
+                *x = if *x == f32::NEG_INFINITY { 0.0 } else { exp_nonpositive(*x - new_max) };
                 sum += *x;
             }
             l[i] = l[i] * alpha + sum;

@@ -31,6 +31,21 @@ enum Cmd {
     Generate(GenerateArgs),
     /// Post-RoPE Q, K, V of chosen layers, in the layout of pqcache's attention dumps.
     Dump(DumpArgs),
+    /// Token ids of a text (BOS first) as a JSON list: prompts for --ids, or for a peer.
+    Tokenize(TokenizeArgs),
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    /// The GGUF file whose vocabulary to use.
+    #[arg(long)]
+    model: PathBuf,
+    /// A UTF-8 text.
+    #[arg(long)]
+    text: PathBuf,
+    /// Keep the first N ids at most.
+    #[arg(long)]
+    tokens: Option<usize>,
 }
 
 #[derive(Args)]
@@ -93,6 +108,10 @@ struct DumpArgs {
     /// Output folder (q.npy, k.npy, v.npy, ids.npy, meta.json).
     #[arg(long)]
     out: PathBuf,
+    /// Skip the next-token NLL in meta.json (the output head over every position is most
+    /// of a dump's time).
+    #[arg(long)]
+    no_nll: bool,
 }
 
 /// Writes to stdout; a closed pipe (`| head`) ends the program quietly, as Unix tools do.
@@ -211,29 +230,19 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         logits = session.decode(next)?;
     }
     let p = session.profile();
-    let per_s = |n: usize, d: std::time::Duration| n as f64 / d.as_secs_f64().max(1e-9);
     let new_text = model.tokenizer.decode(&new_ids)?;
-    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     if a.json {
         let v = serde_json::json!({
             "new_ids": new_ids,
             "new_text": new_text,
             "prompt_tokens": prompt.len(),
-            "prefill_tokens_per_s": per_s(p.prefill_tokens, p.prefill),
-            "decode_tokens_per_s": per_s(p.decode_tokens, p.decode),
+            "prefill_tokens_per_s": p.prefill.tokens_per_s(),
+            "decode_tokens_per_s": p.decode.tokens_per_s(),
             "attention": backend.name(),
             "budget": match backend { Backend::Dense => 1.0, _ => a.budget },
             "attended_fraction": p.attended_fraction(),
-            "profile_ms": {
-                "matmul": ms(p.matmul),
-                "sliding_attention": ms(p.sliding_attention),
-                "global_attention": ms(p.global_attention),
-                "select": ms(p.select),
-                "cache_update": ms(p.cache_update),
-                "other": ms(p.other),
-                "prefill": ms(p.prefill),
-                "decode": ms(p.decode),
-            },
+            "prefill_ms_per_token": p.prefill.ms_per_token_json(),
+            "decode_ms_per_token": p.decode.ms_per_token_json(),
         });
         out(&format!("{v}\n"));
     } else {
@@ -241,9 +250,9 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         eprintln!(
             "prompt {} tokens: prefill {:.1} tokens/s; decode {} tokens: {:.2} tokens/s ({}, attended {:.1} % of the context)",
             prompt.len(),
-            per_s(p.prefill_tokens, p.prefill),
-            p.decode_tokens,
-            per_s(p.decode_tokens, p.decode),
+            p.prefill.tokens_per_s(),
+            p.decode.tokens,
+            p.decode.tokens_per_s(),
             backend.name(),
             100.0 * p.attended_fraction()
         );
@@ -293,7 +302,7 @@ fn dump(a: &DumpArgs) -> Result<()> {
         &ids,
         PrefillOptions {
             chunk: a.model.chunk,
-            logits: Logits::All(&mut score),
+            logits: if a.no_nll { Logits::Last } else { Logits::All(&mut score) },
             progress: Some(&mut tick),
         },
     )?;
@@ -354,8 +363,8 @@ fn dump(a: &DumpArgs) -> Result<()> {
             "n_layer": c.layers, "d": c.d_model, "n_head": c.heads, "n_kv": c.kv_heads, "hd": hd,
             "eps": c.eps, "base": c.rope_global_base, "swa": c.sliding_window, "bos": model.tokenizer.bos,
         },
-        "nll": loss,
-        "top1": hits as f64 / n.max(1) as f64,
+        "nll": (!a.no_nll).then_some(loss),
+        "top1": (!a.no_nll).then_some(hits as f64 / n.max(1) as f64),
         "precision": format!("{:?}", a.model.precision),
     });
     let path = a.out.join("meta.json");
@@ -364,12 +373,26 @@ fn dump(a: &DumpArgs) -> Result<()> {
         serde_json::to_string_pretty(&meta).expect("json") + "\n",
     )
     .map_err(|source| LlmError::Io { path, source })?;
-    eprintln!(
-        "{} tokens, nll {loss:.4} (ppl {:.2}), written to {}",
-        t,
-        loss.exp(),
-        a.out.display()
-    );
+    if a.no_nll {
+        eprintln!("{t} tokens written to {}", a.out.display());
+    } else {
+        eprintln!(
+            "{t} tokens, nll {loss:.4} (ppl {:.2}), written to {}",
+            loss.exp(),
+            a.out.display()
+        );
+    }
+    Ok(())
+}
+
+fn tokenize(a: &TokenizeArgs) -> Result<()> {
+    let f = pqcache_llm::weights::GgufFile::open(&a.model)?;
+    let tok = pqcache_llm::tokenizer::GemmaTokenizer::from_gguf(&f.content)?;
+    let mut ids = tok.encode_prompt(&read_text(&a.text)?)?;
+    if let Some(n) = a.tokens {
+        ids.truncate(n);
+    }
+    out(&(serde_json::to_string(&ids).expect("json") + "\n"));
     Ok(())
 }
 
@@ -378,6 +401,7 @@ fn main() {
     let r = match &cli.cmd {
         Cmd::Generate(a) => generate(a),
         Cmd::Dump(a) => dump(a),
+        Cmd::Tokenize(a) => tokenize(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e}");

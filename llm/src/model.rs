@@ -33,6 +33,7 @@ use crate::kernels::{causal_attention, Causal, KvRows};
 use crate::tokenizer::GemmaTokenizer;
 use crate::weights::{Embedding, GgufFile, Linear, Precision};
 use half::f16;
+use pqcache::attention::selector::exp_nonpositive;
 use pqcache::{AttentionRetriever, AttentionShape, Budget, RetrieverConfig, SelectorSpec};
 use std::path::Path;
 use std::str::FromStr;
@@ -168,9 +169,9 @@ impl Backend {
     }
 }
 
-/// Where the time of a session went (wall time, summed over calls).
+/// Where the time of one phase went (wall time, summed over calls).
 #[derive(Clone, Debug, Default)]
-pub struct Profile {
+pub struct Breakdown {
     /// Matrix products (projections, MLP, output head).
     pub matmul: Duration,
     /// Sliding-window attention.
@@ -179,18 +180,44 @@ pub struct Profile {
     pub global_attention: Duration,
     /// Retrieval: choosing the positions (`select`).
     pub select: Duration,
-    /// Retrieval: taking new keys into the cache and its indexes (append, train, refresh).
+    /// Taking new keys into the global cache and its indexes (append, train, refresh).
     pub cache_update: Duration,
-    /// Everything else (embedding, norms, RoPE, copies).
+    /// Everything else (embedding, norms, RoPE, activations, copies).
     pub other: Duration,
-    /// Prefill wall time and tokens.
-    pub prefill: Duration,
-    /// Tokens prefilled.
-    pub prefill_tokens: usize,
-    /// Decode wall time.
-    pub decode: Duration,
-    /// Tokens decoded.
-    pub decode_tokens: usize,
+    /// Wall time of the phase.
+    pub total: Duration,
+    /// Tokens processed.
+    pub tokens: usize,
+}
+
+impl Breakdown {
+    /// Tokens per second.
+    pub fn tokens_per_s(&self) -> f64 {
+        self.tokens as f64 / self.total.as_secs_f64().max(1e-9)
+    }
+
+    /// The buckets in milliseconds per token, as JSON.
+    pub fn ms_per_token_json(&self) -> serde_json::Value {
+        let per = |d: Duration| d.as_secs_f64() * 1e3 / self.tokens.max(1) as f64;
+        serde_json::json!({
+            "total": per(self.total),
+            "matmul": per(self.matmul),
+            "sliding_attention": per(self.sliding_attention),
+            "global_attention": per(self.global_attention),
+            "select": per(self.select),
+            "cache_update": per(self.cache_update),
+            "other": per(self.other),
+        })
+    }
+}
+
+/// Where the time of a session went: prefill and decode apart.
+#[derive(Clone, Debug, Default)]
+pub struct Profile {
+    /// Prefill chunks.
+    pub prefill: Breakdown,
+    /// Decode steps.
+    pub decode: Breakdown,
     /// Sum over decode steps and global layers of the attended fraction of the cache.
     attended_sum: f64,
     attended_count: usize,
@@ -284,8 +311,14 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     out
 }
 
+/// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, with `tanh(u) = sign(u) (1 - e) / (1 + e)`,
+/// `e = exp(-2 |u|)` by the straight-line exponential the compiler vectorises (within 3 ulps;
+/// libm's `tanh` per element was most of a prefill's non-matmul time).
 fn gelu_tanh(x: f32) -> f32 {
-    0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044_715 * x * x * x)).tanh())
+    let u = 0.797_884_6 * (x + 0.044_715 * x * x * x);
+    let e = exp_nonpositive(-2.0 * u.abs());
+    let t = ((1.0 - e) / (1.0 + e)).copysign(u);
+    0.5 * x * (1.0 + t)
 }
 
 /// cos and sin of `pos * base^(-2i/d)` for `i < d/2`, per position (`rows * d/2` each).
@@ -457,9 +490,9 @@ impl<'m> Session<'m> {
                 self.cache.train(gi)?;
             }
         }
-        self.profile.cache_update += t.elapsed();
-        self.profile.prefill += t0.elapsed();
-        self.profile.prefill_tokens += ids.len();
+        self.profile.prefill.cache_update += t.elapsed();
+        self.profile.prefill.total += t0.elapsed();
+        self.profile.prefill.tokens += ids.len();
         Ok(last)
     }
 
@@ -468,8 +501,8 @@ impl<'m> Session<'m> {
         self.check_ids(&[id])?;
         let t0 = Instant::now();
         let logits = self.forward(&[id], false, false)?;
-        self.profile.decode += t0.elapsed();
-        self.profile.decode_tokens += 1;
+        self.profile.decode.total += t0.elapsed();
+        self.profile.decode.tokens += 1;
         Ok(logits)
     }
 
@@ -482,6 +515,11 @@ impl<'m> Session<'m> {
         let (rows, d, hd, h, kvh) = (ids.len(), c.d_model, c.head_dim, c.heads, c.kv_heads);
         let start = self.pos;
         let mut t = Instant::now();
+        let mut bd = std::mem::take(if prefill {
+            &mut self.profile.prefill
+        } else {
+            &mut self.profile.decode
+        });
         let lap = |bucket: &mut Duration, t: &mut Instant| {
             let now = Instant::now();
             *bucket += now - *t;
@@ -492,16 +530,16 @@ impl<'m> Session<'m> {
         let local = rope_tables(start, rows, hd, c.rope_local_base, 1.0);
         let global = rope_tables(start, rows, hd, c.rope_global_base, c.rope_global_scale);
         let mut h_buf = vec![0.0f32; rows * d];
-        lap(&mut self.profile.other, &mut t);
+        lap(&mut bd.other, &mut t);
         let mut gi = 0;
         for (li, b) in m.blocks.iter().enumerate() {
             let kind = c.kinds[li];
             rms_norm_rows(&x, &b.attn_norm, c.eps, &mut h_buf);
-            lap(&mut self.profile.other, &mut t);
+            lap(&mut bd.other, &mut t);
             let q_tok = b.q.forward(&h_buf, rows)?;
             let k_tok = b.k.forward(&h_buf, rows)?;
             let v_tok = b.v.forward(&h_buf, rows)?;
-            lap(&mut self.profile.matmul, &mut t);
+            lap(&mut bd.matmul, &mut t);
             // Per-head norm and RoPE, into head-major [head, row, dim].
             let (cos, sin) = if kind == LayerKind::Global {
                 &global
@@ -549,7 +587,7 @@ impl<'m> Session<'m> {
                     }
                 }
             }
-            lap(&mut self.profile.other, &mut t);
+            lap(&mut bd.other, &mut t);
             let mut attn = vec![0.0f32; rows * h * hd];
             match kind {
                 LayerKind::Global => {
@@ -557,7 +595,7 @@ impl<'m> Session<'m> {
                     let v16: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
                     if prefill {
                         self.cache.extend(gi, &k16, &v16, &q)?;
-                        lap(&mut self.profile.cache_update, &mut t);
+                        lap(&mut bd.cache_update, &mut t);
                         let kv: Vec<KvRows> = (0..kvh)
                             .map(|hh| {
                                 let (keys, values) = self.cache.kv(gi, hh).expect("in range");
@@ -571,10 +609,10 @@ impl<'m> Session<'m> {
                             scale: c.attn_scale,
                         };
                         causal_attention(&q, h, hd, &kv, at, &mut attn);
-                        lap(&mut self.profile.global_attention, &mut t);
+                        lap(&mut bd.global_attention, &mut t);
                     } else {
                         self.cache.append(gi, &k16, &v16)?;
-                        lap(&mut self.profile.cache_update, &mut t);
+                        lap(&mut bd.cache_update, &mut t);
                         let len = self.cache.len(gi);
                         let out = match &self.backend {
                             Backend::Dense => {
@@ -583,7 +621,7 @@ impl<'m> Session<'m> {
                             }
                             Backend::Retrieval { .. } => {
                                 let positions = self.cache.select(gi, &q)?;
-                                lap(&mut self.profile.select, &mut t);
+                                lap(&mut bd.select, &mut t);
                                 let n: usize = positions.iter().map(|p| p.len()).sum();
                                 self.profile.attended_sum += n as f64 / (len * kvh) as f64;
                                 self.cache.attend_positions(gi, &q, &positions)?
@@ -592,7 +630,7 @@ impl<'m> Session<'m> {
                         self.profile.attended_count += 1;
                         // One row: [head, dim] is already [row, head * dim].
                         attn.copy_from_slice(&out);
-                        lap(&mut self.profile.global_attention, &mut t);
+                        lap(&mut bd.global_attention, &mut t);
                     }
                     gi += 1;
                 }
@@ -628,40 +666,45 @@ impl<'m> Session<'m> {
                         }
                         s.base = keep_from;
                     }
-                    lap(&mut self.profile.sliding_attention, &mut t);
+                    lap(&mut bd.sliding_attention, &mut t);
                 }
             }
             let o = b.o.forward(&attn, rows)?;
-            lap(&mut self.profile.matmul, &mut t);
+            lap(&mut bd.matmul, &mut t);
             let o = rms_norm(&o, &b.post_attn_norm, c.eps);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             rms_norm_rows(&x, &b.ffn_norm, c.eps, &mut h_buf);
-            lap(&mut self.profile.other, &mut t);
+            lap(&mut bd.other, &mut t);
             let gate = b.gate.forward(&h_buf, rows)?;
             let up = b.up.forward(&h_buf, rows)?;
-            lap(&mut self.profile.matmul, &mut t);
+            lap(&mut bd.matmul, &mut t);
             let act: Vec<f32> = gate
                 .iter()
                 .zip(&up)
                 .map(|(&g, &u)| gelu_tanh(g) * u)
                 .collect();
-            lap(&mut self.profile.other, &mut t);
+            lap(&mut bd.other, &mut t);
             let down = b.down.forward(&act, rows)?;
-            lap(&mut self.profile.matmul, &mut t);
+            lap(&mut bd.matmul, &mut t);
             let down = rms_norm(&down, &b.post_ffn_norm, c.eps);
             x.iter_mut().zip(&down).for_each(|(x, o)| *x += o);
-            lap(&mut self.profile.other, &mut t);
+            lap(&mut bd.other, &mut t);
         }
         self.pos += rows;
         // Logits of the rows asked for, in slices of 64 rows (64 x vocab floats at a time).
         let first = if all { 0 } else { rows - 1 };
         let hidden = rms_norm(&x[first * d..], &m.final_norm, c.eps);
-        lap(&mut self.profile.other, &mut t);
+        lap(&mut bd.other, &mut t);
         let mut logits = Vec::with_capacity((rows - first) * c.vocab);
         for part in hidden.chunks(64 * d) {
             logits.extend(m.embed.head.forward(part, part.len() / d)?);
         }
-        lap(&mut self.profile.matmul, &mut t);
+        lap(&mut bd.matmul, &mut t);
+        *(if prefill {
+            &mut self.profile.prefill
+        } else {
+            &mut self.profile.decode
+        }) = bd;
         Ok(logits)
     }
 }

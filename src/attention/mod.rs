@@ -759,9 +759,7 @@ pub fn group_attention(
     let mut v32 = vec![0.0f32; d];
     for j in 0..n {
         let p = positions.get(j);
-        for (x, h) in v32.iter_mut().zip(&values[p * d..(p + 1) * d]) {
-            *x = h.to_f32();
-        }
+        crate::io::widen_f16(&values[p * d..(p + 1) * d], &mut v32);
         for (qi, o) in out.chunks_exact_mut(d).enumerate() {
             kernels.axpy(logits[qi * n + j], &v32, o);
         }

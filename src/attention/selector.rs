@@ -417,7 +417,7 @@ pub fn aggregate(logits: &[f32], group: usize, agg: Aggregation) -> (Vec<f32>, V
 /// the exponent bits. Arguments below `-87` give `e^-87` (about `1.6e-38`, a weight no output
 /// can feel, and no denormals); NaN gives NaN.
 #[inline(always)]
-pub(crate) fn exp_nonpositive(x: f32) -> f32 {
+pub fn exp_nonpositive(x: f32) -> f32 {
     // ln 2 = LN2_HI + LN2_LO; LN2_HI has 9 significant bits, so n * LN2_HI is exact.
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;

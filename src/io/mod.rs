@@ -101,5 +101,14 @@ pub fn load_groundtruth(path: &Path) -> Result<(usize, usize, Vec<i64>)> {
 
 /// Converts f16 values to f32.
 pub fn f16_to_f32(x: &[f16]) -> Vec<f32> {
-    x.iter().map(|v| v.to_f32()).collect()
+    let mut out = vec![0.0f32; x.len()];
+    widen_f16(x, &mut out);
+    out
+}
+
+/// Widens `x` into `out` (same length): F16C instructions where the CPU has them (detected at
+/// run time by `half`), else exact software conversion; the same values either way.
+pub fn widen_f16(x: &[f16], out: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    x.convert_to_f32_slice(out);
 }
