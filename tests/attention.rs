@@ -130,7 +130,7 @@ fn attend_equals_dense_attention_when_the_budget_is_the_whole_context() {
     let (d, t) = (dump.head_dim, 600);
     let mut cfg = RetrieverConfig::new(AttentionShape {
         layers: 1,
-        query_heads: 1 * 4,
+        query_heads: 4,
         kv_heads: 1,
         head_dim: d,
     });
@@ -252,7 +252,7 @@ fn exact_selection_matches_a_brute_force_sum_of_softmaxes() {
     let values = keys.clone();
     let mut cfg = RetrieverConfig::new(AttentionShape {
         layers: 1,
-        query_heads: 1 * g,
+        query_heads: g,
         kv_heads: 1,
         head_dim: d,
     });
@@ -305,7 +305,7 @@ fn bad_input_is_a_typed_error() {
     assert!("nope".parse::<SelectorSpec>().is_err());
     let mut cfg = RetrieverConfig::new(AttentionShape {
         layers: 1,
-        query_heads: 1 * 2,
+        query_heads: 2,
         kv_heads: 1,
         head_dim: 8,
     });
@@ -375,7 +375,7 @@ fn fastscan_refresh_follows_drifting_keys() {
     let run = |spec: &str| {
         let mut cfg = RetrieverConfig::new(AttentionShape {
             layers: 1,
-            query_heads: 1 * g,
+            query_heads: g,
             kv_heads: 1,
             head_dim: d,
         });

@@ -245,7 +245,7 @@ fn golden_attention() -> pqcache::attention::AttentionRetriever {
     use pqcache::attention::{AttentionRetriever, Budget, RetrieverConfig};
     let mut cfg = RetrieverConfig::new(AttentionShape {
         layers: 1,
-        query_heads: 1 * 2,
+        query_heads: 2,
         kv_heads: 1,
         head_dim: 8,
     });
@@ -423,7 +423,7 @@ mod attention_cache {
     fn truncations_and_bit_flips_of_an_attention_file_are_errors() {
         let mut cfg = RetrieverConfig::new(AttentionShape {
             layers: 1,
-            query_heads: 1 * 2,
+            query_heads: 2,
             kv_heads: 1,
             head_dim: 8,
         });

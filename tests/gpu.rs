@@ -61,8 +61,7 @@ fn gpu_attention_equals_the_cpu_reference_on_gemma_for_every_layer() {
             return;
         }
     };
-    let dump =
-        AttentionDump::load(&common::dumps().join("persuasion-2048")).unwrap();
+    let dump = AttentionDump::load(&common::dumps().join("persuasion-2048")).unwrap();
     let (h, g, d, t) = (dump.kv_heads, dump.group_size(), dump.head_dim, dump.tokens);
     let attn = GpuSparseAttention::new(&dev).unwrap();
     for layer in 0..dump.layers.len() {

@@ -16,8 +16,7 @@ fn reads_bundled_fvecs_ivecs_and_f16_npy() {
         .data
         .iter()
         .all(|&v| (0.0..=255.0).contains(&v) && v.fract() == 0.0));
-    let (rows, k, gt) =
-        vecs::read_ivecs(&data.join("bigann-10k-128_groundtruth.ivecs")).unwrap();
+    let (rows, k, gt) = vecs::read_ivecs(&data.join("bigann-10k-128_groundtruth.ivecs")).unwrap();
     assert_eq!((rows, k), (100, 100));
     assert!(gt.iter().all(|&i| (0..9900).contains(&i)));
     let k = npy::read(&dumps.join("persuasion-2048/k.npy")).unwrap();

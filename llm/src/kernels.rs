@@ -122,7 +122,10 @@ fn kernels() -> &'static DistanceKernels {
 fn attend_row(q: &[f32], d: usize, kv: KvRows<'_>, at: Causal) -> Vec<f32> {
     let k = kernels();
     let t = at.start;
-    let lo = at.window.map_or(0, |w| (t + 1).saturating_sub(w)).max(at.base);
+    let lo = at
+        .window
+        .map_or(0, |w| (t + 1).saturating_sub(w))
+        .max(at.base);
     let rows = lo - at.base..t + 1 - at.base;
     let mut logits: Vec<f32> = match kv {
         KvRows::F32 { keys, .. } => rows
@@ -188,7 +191,11 @@ fn attend_block(qb: &[f32], d: usize, kv: KvRows<'_>, at: Causal, r0: usize) -> 
                 for (jj, x) in row.iter_mut().enumerate() {
                     let j = j0 + jj;
                     let visible = j <= t && at.window.is_none_or(|w| t - j < w);
-                    *x = if visible { *x * at.scale } else { f32::NEG_INFINITY };
+                    *x = if visible {
+                        *x * at.scale
+                    } else {
+                        f32::NEG_INFINITY
+                    };
                     row_max = row_max.max(*x);
                 }
             } else {
@@ -206,7 +213,11 @@ fn attend_block(qb: &[f32], d: usize, kv: KvRows<'_>, at: Causal, r0: usize) -> 
             let mut sum = 0.0f32;
             for x in row.iter_mut() {
                 // Masked logits are -inf: exp_nonpositive clamps them to e^-87, so zero them.
-                *x = if *x == f32::NEG_INFINITY { 0.0 } else { exp_nonpositive(*x - new_max) };
+                *x = if *x == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    exp_nonpositive(*x - new_max)
+                };
                 sum += *x;
             }
             l[i] = l[i] * alpha + sum;

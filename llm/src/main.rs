@@ -302,7 +302,11 @@ fn dump(a: &DumpArgs) -> Result<()> {
         &ids,
         PrefillOptions {
             chunk: a.model.chunk,
-            logits: if a.no_nll { Logits::Last } else { Logits::All(&mut score) },
+            logits: if a.no_nll {
+                Logits::Last
+            } else {
+                Logits::All(&mut score)
+            },
             progress: Some(&mut tick),
         },
     )?;

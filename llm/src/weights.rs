@@ -9,8 +9,9 @@
 
 use crate::error::{LlmError, Result};
 use candle_core::quantized::gguf_file::Content;
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Tensor};
+use std::borrow::Cow;
 use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
@@ -60,9 +61,58 @@ pub struct Linear {
     pub out_dim: usize,
 }
 
+/// Bytes of a Q5_0 block (f16 scale, 32 high bits, 16 bytes of low nibbles) and of a Q8_0
+/// block (f16 scale, 32 signed bytes), ggml's layouts.
+const Q5_0_BLOCK: usize = 22;
+const Q8_0_BLOCK: usize = 34;
+
+/// Rewrites Q5_0 blocks as Q8_0 blocks holding the same values: a Q5_0 weight is
+/// `d * (q - 16)` with `q` in `0..32`, which Q8_0 stores exactly as `d * qs` with the same
+/// `d`. Lossless (the dequantized weights are bit for bit the same) and the products run in
+/// candle's Q8_0 kernels: its Q5_0 matrix-vector product reads 1.3 GB/s here, its Q8_0 one
+/// 10-12 GB/s (two thirds of a decode step were Q5_0 products). Costs 34/22 of the bytes.
+pub fn q5_0_as_q8_0(q5: &[u8]) -> Option<Vec<u8>> {
+    if !q5.len().is_multiple_of(Q5_0_BLOCK) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(q5.len() / Q5_0_BLOCK * Q8_0_BLOCK);
+    for b in q5.chunks_exact(Q5_0_BLOCK) {
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let qs = &b[6..22];
+        out.extend_from_slice(&b[..2]);
+        let mut q8 = [0u8; 32];
+        for j in 0..16 {
+            let hi0 = (((qh >> j) << 4) & 0x10) as u8;
+            let hi1 = ((qh >> (j + 12)) & 0x10) as u8;
+            q8[j] = (((qs[j] & 0x0f) | hi0) as i8 - 16) as u8;
+            q8[j + 16] = (((qs[j] >> 4) | hi1) as i8 - 16) as u8;
+        }
+        out.extend_from_slice(&q8);
+    }
+    Some(out)
+}
+
+/// The tensor to multiply with: Q5_0 re-blocked as Q8_0 ([`q5_0_as_q8_0`]), others as stored.
+fn for_matvec(t: Arc<QTensor>) -> Result<Arc<QTensor>> {
+    if t.dtype() != GgmlDType::Q5_0 {
+        return Ok(t);
+    }
+    let bytes = t.data()?;
+    let q8 = q5_0_as_q8_0(&bytes).ok_or_else(|| {
+        LlmError::Metadata("a Q5_0 tensor's size is not a whole number of blocks".into())
+    })?;
+    let storage = QStorage::from_data(Cow::Owned(q8), &Device::Cpu, GgmlDType::Q8_0)?;
+    Ok(Arc::new(QTensor::new(storage, t.shape().clone())?))
+}
+
 impl Linear {
     fn new(t: Arc<QTensor>, precision: Precision) -> Result<Linear> {
         let (out_dim, in_dim) = t.shape().dims2()?;
+        let t = if precision == Precision::F32 {
+            t
+        } else {
+            for_matvec(t)?
+        };
         let dense = || -> Result<QMatMul> { Ok(QMatMul::Tensor(t.dequantize(&Device::Cpu)?)) };
         let (w, batch) = match precision {
             Precision::Quantized => (QMatMul::from_arc(t.clone())?, None),
@@ -202,5 +252,40 @@ impl Embedding {
             .embedding(&ids)?
             .flatten_all()?
             .to_vec1::<f32>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q5_0_rewritten_as_q8_0_dequantizes_to_the_same_bits() {
+        let vals: Vec<f32> = (0..64 * 96)
+            .map(|i| ((i * 7919 % 2003) as f32 / 1001.0 - 1.0) * (1 + i % 5) as f32)
+            .collect();
+        let x = Tensor::from_vec(vals, (64, 96), &Device::Cpu).unwrap();
+        let q5 = QTensor::quantize(&x, GgmlDType::Q5_0).unwrap();
+        let q8 = for_matvec(Arc::new(q5)).unwrap();
+        assert_eq!(q8.dtype(), GgmlDType::Q8_0);
+        let q5 = QTensor::quantize(&x, GgmlDType::Q5_0).unwrap();
+        let a = q5
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = q8
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        // Every level of the 5-bit range occurs, so the bit handling is exercised.
+        assert!(a.iter().any(|v| *v < 0.0) && a.iter().any(|v| *v > 0.0));
+        assert_eq!(q5_0_as_q8_0(&[0u8; 23]), None);
     }
 }
