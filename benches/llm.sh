@@ -3,7 +3,7 @@
 # the same GGUF, prompt ids and thread count, at several context lengths; one JSON line per
 # run, then a table. llama.cpp comes from PyPI (llama-cpp-python builds it from source, several
 # minutes the first time) into $PEER_VENV (default target/peers/llamacpp).
-# usage: benches/llm.sh [CONTEXTS] [SPECS] [NEW]
+# usage: [PEER=0] benches/llm.sh [CONTEXTS] [SPECS] [NEW]     (PEER=0: pqcache-llm alone)
 #   CONTEXTS  comma list of prompt lengths in tokens (default 2048,8192,32000)
 #   SPECS     comma list of attention backends (default dense,fastscan:64x4)
 #   NEW       tokens decoded per run (default 32)
@@ -15,7 +15,8 @@ gguf=$(bash "$root/scripts/fetch-gemma.sh" | tail -n 1)
 (cd "$root" && cargo build --release --quiet -p pqcache-llm)
 bin="$root/target/release/pqcache-llm"
 venv=${PEER_VENV:-$root/target/peers/llamacpp}
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import llama_cpp' 2>/dev/null; then
+peer=${PEER:-1}
+if [ "$peer" = 1 ] && { [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import llama_cpp' 2>/dev/null; }; then
   python3 -m venv "$venv"
   CMAKE_ARGS="-DGGML_NATIVE=ON" "$venv/bin/pip" install --quiet llama-cpp-python numpy >&2
 fi
@@ -32,6 +33,7 @@ for n in ${contexts//,/ }; do
     "$bin" generate --model "$gguf" --ids "$work/ids-$n.json" --max-new "$new" --attention "$spec" \
       --budget 0.1 --json | python3 -c "import json,sys; d=json.load(sys.stdin); d['context']=$n; print(json.dumps(d))" | tee -a "$results"
   done
+  [ "$peer" = 1 ] || continue
   "$venv/bin/python" "$root/benches/llamacpp_peer.py" "$gguf" "$work/ids-$n.json" "$new" "$threads" |
     python3 -c "import json,sys; d=json.load(sys.stdin); d['context']=$n; d['attention']='llama.cpp'; print(json.dumps(d))" | tee -a "$results"
 done
