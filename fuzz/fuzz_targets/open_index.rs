@@ -7,9 +7,9 @@ use pqcache::Index;
 fuzz_target!(|data: &[u8]| {
     let _ = pqcache::io::file::verify_bytes(data);
     if let Ok(mut cache) = pqcache::io::file::load_attention_bytes(data) {
-        let c = cache.config().clone();
-        if c.head_dim <= 1024 && c.kv_heads * c.group <= 64 {
-            let q = vec![0.25f32; c.kv_heads * c.group * c.head_dim];
+        let c = cache.config().shape;
+        if c.head_dim <= 1024 && c.query_heads <= 64 {
+            let q = vec![0.25f32; c.query_heads * c.head_dim];
             for layer in 0..c.layers.min(4) {
                 if !cache.is_empty(layer) {
                     let _ = cache.attend(layer, &q);

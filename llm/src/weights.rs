@@ -269,20 +269,11 @@ mod tests {
         let q8 = for_matvec(Arc::new(q5)).unwrap();
         assert_eq!(q8.dtype(), GgmlDType::Q8_0);
         let q5 = QTensor::quantize(&x, GgmlDType::Q5_0).unwrap();
-        let a = q5
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let b = q8
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let values = |t: &QTensor| -> Vec<f32> {
+            let x = t.dequantize(&Device::Cpu).unwrap();
+            x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let (a, b) = (values(&q5), values(&q8));
         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
         // Every level of the 5-bit range occurs, so the bit handling is exercised.
         assert!(a.iter().any(|v| *v < 0.0) && a.iter().any(|v| *v > 0.0));

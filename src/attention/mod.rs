@@ -395,13 +395,9 @@ impl AttentionRetriever {
         }
         check_finite(keys, "keys", d)?;
         check_finite(values, "values", d)?;
-        crate::index::check_vectors(queries, d, "queries").or_else(|e| {
-            if queries.is_empty() {
-                Ok(0)
-            } else {
-                Err(e)
-            }
-        })?;
+        if !queries.is_empty() {
+            crate::index::check_vectors(queries, d, "queries")?;
+        }
         let t = keys.len() / (h * d);
         let group_len = queries.len() / h;
         let heads = self.layer_mut(layer)?;
