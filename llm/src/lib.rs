@@ -7,6 +7,7 @@
 //! | [`tokenizer`] | the Gemma tokenizer rebuilt from the GGUF vocabulary |
 //! | [`kernels`] | dense causal attention (prefill, sliding layers) |
 //! | [`model`] | the forward pass and a decoding [`Session`] with a dense or retrieval backend |
+//! | [`eval`] | teacher-forced perplexity, KL to dense and top-1 agreement per backend |
 //!
 //! ```no_run
 //! use pqcache_llm::{Backend, Gemma3, Precision, PrefillOptions, Session};
@@ -25,6 +26,7 @@
 
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod kernels;
 pub mod model;
 pub mod tokenizer;

@@ -33,6 +33,36 @@ enum Cmd {
     Dump(DumpArgs),
     /// Token ids of a text (BOS first) as a JSON list: prompts for --ids, or for a peer.
     Tokenize(TokenizeArgs),
+    /// Teacher-forced perplexity, KL(dense || method) and top-1 agreement per method and
+    /// budget: a dense prefill of the first tokens, then every later token decoded.
+    Perplexity(PerplexityArgs),
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A UTF-8 text (its first `8 * tokens` characters are tokenized after a BOS).
+    #[arg(long, conflicts_with = "ids")]
+    text: Option<PathBuf>,
+    /// Token ids (.npy or .json).
+    #[arg(long)]
+    ids: Option<PathBuf>,
+    /// Tokens in all (prefill + decoded).
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
+    /// Tokens prefilled densely before decoding starts.
+    #[arg(long, default_value_t = 2048)]
+    prefill: usize,
+    /// Methods, comma separated (dense runs once, as the reference).
+    #[arg(long, value_delimiter = ',', default_value = "exact,fastscan:64x4")]
+    attention: Vec<String>,
+    /// Budget ratios, comma separated: every method runs at each.
+    #[arg(long, value_delimiter = ',', default_value = "0.1")]
+    budgets: Vec<f64>,
+    /// One JSON object (`rows`) instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -260,6 +290,62 @@ fn generate(a: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--text` (first `8 * tokens` characters after a BOS) or `--ids`, cut to `tokens`.
+fn text_or_ids(
+    model: &Gemma3,
+    text: &Option<PathBuf>,
+    ids: &Option<PathBuf>,
+    tokens: usize,
+) -> Result<Vec<u32>> {
+    let mut out = match (text, ids) {
+        (Some(f), _) => {
+            let text: String = read_text(f)?
+                .chars()
+                .take(tokens.saturating_mul(8))
+                .collect();
+            model.tokenizer.encode_prompt(&text)?
+        }
+        (_, Some(f)) => read_ids(f)?,
+        _ => return Err(LlmError::InvalidArgument("give --text or --ids".into())),
+    };
+    out.truncate(tokens);
+    Ok(out)
+}
+
+fn perplexity(a: &PerplexityArgs) -> Result<()> {
+    let mut methods = Vec::new();
+    for spec in &a.attention {
+        for &b in &a.budgets {
+            let m = Backend::parse(spec, b)?;
+            if !methods.contains(&m) {
+                methods.push(m);
+            }
+        }
+    }
+    let model = load(&a.model)?;
+    let ids = text_or_ids(&model, &a.text, &a.ids, a.tokens)?;
+    let rows = pqcache_llm::eval::perplexity(&model, &ids, a.prefill, &methods)?;
+    if a.json {
+        let v = serde_json::json!({ "tokens": ids.len(), "prefill": a.prefill, "rows": rows });
+        out(&format!("{v}\n"));
+    } else {
+        out(&format!(
+            "{} tokens, {} prefilled densely, {} decoded teacher-forced\n{:>24} {:>7} {:>8} {:>8} {:>9} {:>7} {:>9}\n",
+            ids.len(),
+            a.prefill,
+            ids.len() - a.prefill,
+            "attention", "budget", "nll", "ppl", "kl", "top1", "ms/token"
+        ));
+        for r in &rows {
+            out(&format!(
+                "{:>24} {:>7.3} {:>8.4} {:>8.3} {:>9.5} {:>7.4} {:>9.1}\n",
+                r.attention, r.budget, r.nll, r.ppl, r.kl, r.top1, r.ms_per_token
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn dump(a: &DumpArgs) -> Result<()> {
     let model = load(&a.model)?;
     let mut ids = match (&a.text, &a.ids) {
@@ -406,6 +492,7 @@ fn main() {
         Cmd::Generate(a) => generate(a),
         Cmd::Dump(a) => dump(a),
         Cmd::Tokenize(a) => tokenize(a),
+        Cmd::Perplexity(a) => perplexity(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e}");
