@@ -7,6 +7,11 @@
 //! next-token distributions compare position by position without storing them. Per backend:
 //! mean NLL of `tokens[prefill..]`, perplexity, mean `KL(dense || backend)`, the share of
 //! positions whose argmax equals dense's, and decode milliseconds per token.
+//!
+//! Passkey ([`passkey`]): a needle sentence with a five-digit key at a depth of a haystack;
+//! the haystack is prefilled densely, the *question goes through the method* token by token
+//! (prefilling it densely would hide retrieval errors), then the answer is generated greedily
+//! through the method; a trial passes when the answer's first number is the key.
 
 use crate::error::{LlmError, Result};
 use crate::model::{argmax, Backend, Gemma3, PrefillOptions, Session};
@@ -109,13 +114,7 @@ pub fn perplexity(
             let decode = &s.profile().decode;
             PerplexityRow {
                 attention: backend.name(),
-                budget: match backend {
-                    Backend::Dense => 1.0,
-                    Backend::Retrieval { budget, .. } => match budget {
-                        pqcache::Budget::Ratio(r) => *r,
-                        pqcache::Budget::Tokens(t) => *t as f64,
-                    },
-                },
+                budget: budget_of(backend),
                 nll: mean,
                 ppl: mean.exp(),
                 kl: kls[b] / steps as f64,
@@ -124,4 +123,142 @@ pub fn perplexity(
             }
         })
         .collect())
+}
+
+/// One passkey configuration's figures.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PasskeyRow {
+    /// `dense` or the selector spec.
+    pub attention: String,
+    /// Budget ratio (1 for dense).
+    pub budget: f64,
+    /// Prompt length in tokens.
+    pub length: usize,
+    /// Where the needle sits, as a fraction of the haystack.
+    pub depth: f64,
+    /// Trials run.
+    pub trials: usize,
+    /// Trials whose answer was the key.
+    pub passed: usize,
+}
+
+/// The needle and the question (RULER / needle-in-a-haystack passkey wording).
+pub fn needle(key: u32) -> String {
+    format!(" The pass key is {key}. Remember it. {key} is the pass key. ")
+}
+
+/// The question decoded after the haystack.
+pub const QUESTION: &str = " What is the pass key? The pass key is";
+
+/// Tokens of the greedy answer.
+pub const ANSWER_TOKENS: usize = 8;
+
+/// The budget of a backend, as a ratio (1 for dense).
+fn budget_of(b: &Backend) -> f64 {
+    match b {
+        Backend::Dense => 1.0,
+        Backend::Retrieval { budget, .. } => match budget {
+            pqcache::Budget::Ratio(r) => *r,
+            pqcache::Budget::Tokens(t) => *t as f64,
+        },
+    }
+}
+
+/// One trial: `length` tokens in all (BOS, haystack with the needle at `depth`, question); the
+/// prompt up to the question is prefilled densely, the question decoded token by token
+/// through `backend`, then [`ANSWER_TOKENS`] tokens generated greedily through it. Returns
+/// whether the answer's first number is `key`, and the answer's text.
+pub fn passkey_trial(
+    model: &Gemma3,
+    haystack: &[u32],
+    length: usize,
+    depth: f64,
+    key: u32,
+    backend: &Backend,
+) -> Result<(bool, String)> {
+    let tok = &model.tokenizer;
+    let needle = tok.encode(&needle(key))?;
+    let question = tok.encode(QUESTION)?;
+    let room = length
+        .checked_sub(1 + needle.len() + question.len())
+        .filter(|&r| r > 0 && r <= haystack.len())
+        .ok_or_else(|| {
+            LlmError::InvalidArgument(format!(
+                "length {length} leaves no room for a haystack of at most {} tokens",
+                haystack.len()
+            ))
+        })?;
+    if !(0.0..=1.0).contains(&depth) {
+        return Err(LlmError::InvalidArgument(format!(
+            "depth {depth} not in [0, 1]"
+        )));
+    }
+    let at = (depth * room as f64).round() as usize;
+    let mut ids = vec![tok.bos];
+    ids.extend_from_slice(&haystack[..at]);
+    ids.extend_from_slice(&needle);
+    ids.extend_from_slice(&haystack[at..room]);
+    let mut s = Session::new(model, backend.clone())?;
+    let mut logits = s.prefill(&ids, PrefillOptions::default())?;
+    for &t in &question {
+        logits = s.decode(t)?;
+    }
+    let mut answer = Vec::new();
+    for i in 0..ANSWER_TOKENS {
+        let t = argmax(&logits);
+        answer.push(t);
+        if t == tok.eos || i + 1 == ANSWER_TOKENS {
+            break;
+        }
+        logits = s.decode(t)?;
+    }
+    let text = tok.decode(&answer)?;
+    let digits: String = text
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    Ok((digits == key.to_string(), text))
+}
+
+/// Every (method, length, depth) over `trials` seeded five-digit keys.
+pub fn passkey(
+    model: &Gemma3,
+    haystack: &[u32],
+    lengths: &[usize],
+    depths: &[f64],
+    trials: usize,
+    methods: &[Backend],
+    seed: u64,
+) -> Result<Vec<PasskeyRow>> {
+    let mut rows = Vec::new();
+    for backend in methods {
+        for &length in lengths {
+            for &depth in depths {
+                let mut passed = 0;
+                for t in 0..trials {
+                    // A splitmix64 step per (seed, length, depth, trial): the same keys for
+                    // every method.
+                    let mut z = seed
+                        ^ (length as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                        ^ depth.to_bits().rotate_left(17)
+                        ^ (t as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                    let key = 10_000 + (z ^ (z >> 31)) as u32 % 90_000;
+                    passed +=
+                        usize::from(passkey_trial(model, haystack, length, depth, key, backend)?.0);
+                }
+                rows.push(PasskeyRow {
+                    attention: backend.name(),
+                    budget: budget_of(backend),
+                    length,
+                    depth,
+                    trials,
+                    passed,
+                });
+            }
+        }
+    }
+    Ok(rows)
 }

@@ -36,6 +36,39 @@ enum Cmd {
     /// Teacher-forced perplexity, KL(dense || method) and top-1 agreement per method and
     /// budget: a dense prefill of the first tokens, then every later token decoded.
     Perplexity(PerplexityArgs),
+    /// Passkey retrieval: a key hidden at a depth of a haystack, the question and the answer
+    /// decoded through each method; accuracy per method, budget, length and depth.
+    Passkey(PasskeyArgs),
+}
+
+#[derive(Args)]
+struct PasskeyArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The haystack text (repeated if shorter than the longest length).
+    #[arg(long)]
+    haystack: PathBuf,
+    /// Prompt lengths in tokens, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "4096")]
+    lengths: Vec<usize>,
+    /// Needle depths in [0, 1], comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.5,0.9")]
+    depths: Vec<f64>,
+    /// Trials (keys) per cell.
+    #[arg(long, default_value_t = 1)]
+    trials: usize,
+    /// Methods, comma separated (`dense` included if named).
+    #[arg(long, value_delimiter = ',', default_value = "dense,fastscan:64x4")]
+    attention: Vec<String>,
+    /// Budget ratios of the retrieval methods, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "0.1")]
+    budgets: Vec<f64>,
+    /// Seed of the keys.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// One JSON object (`rows`) instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -313,15 +346,7 @@ fn text_or_ids(
 }
 
 fn perplexity(a: &PerplexityArgs) -> Result<()> {
-    let mut methods = Vec::new();
-    for spec in &a.attention {
-        for &b in &a.budgets {
-            let m = Backend::parse(spec, b)?;
-            if !methods.contains(&m) {
-                methods.push(m);
-            }
-        }
-    }
+    let methods = backends(&a.attention, &a.budgets)?;
     let model = load(&a.model)?;
     let ids = text_or_ids(&model, &a.text, &a.ids, a.tokens)?;
     let rows = pqcache_llm::eval::perplexity(&model, &ids, a.prefill, &methods)?;
@@ -340,6 +365,52 @@ fn perplexity(a: &PerplexityArgs) -> Result<()> {
             out(&format!(
                 "{:>24} {:>7.3} {:>8.4} {:>8.3} {:>9.5} {:>7.4} {:>9.1}\n",
                 r.attention, r.budget, r.nll, r.ppl, r.kl, r.top1, r.ms_per_token
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Every (spec, budget) pair as a backend, `dense` once.
+fn backends(specs: &[String], budgets: &[f64]) -> Result<Vec<Backend>> {
+    let mut out = Vec::new();
+    for spec in specs {
+        for &b in budgets {
+            let m = Backend::parse(spec, b)?;
+            if !out.contains(&m) {
+                out.push(m);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn passkey(a: &PasskeyArgs) -> Result<()> {
+    let methods = backends(&a.attention, &a.budgets)?;
+    let model = load(&a.model)?;
+    let longest = a.lengths.iter().copied().max().unwrap_or(0);
+    let text = read_text(&a.haystack)?;
+    let mut haystack = model.tokenizer.encode(&text)?;
+    if haystack.is_empty() {
+        return Err(LlmError::InvalidArgument("an empty haystack".into()));
+    }
+    while haystack.len() < longest {
+        haystack.extend_from_within(..haystack.len().min(longest - haystack.len()));
+    }
+    let rows = pqcache_llm::eval::passkey(
+        &model, &haystack, &a.lengths, &a.depths, a.trials, &methods, a.seed,
+    )?;
+    if a.json {
+        out(&format!("{}\n", serde_json::json!({ "rows": rows })));
+    } else {
+        out(&format!(
+            "{:>24} {:>7} {:>7} {:>6} {:>7}\n",
+            "attention", "budget", "length", "depth", "passed"
+        ));
+        for r in &rows {
+            out(&format!(
+                "{:>24} {:>7.3} {:>7} {:>6.2} {:>4}/{}\n",
+                r.attention, r.budget, r.length, r.depth, r.passed, r.trials
             ));
         }
     }
@@ -493,6 +564,7 @@ fn main() {
         Cmd::Dump(a) => dump(a),
         Cmd::Tokenize(a) => tokenize(a),
         Cmd::Perplexity(a) => perplexity(a),
+        Cmd::Passkey(a) => passkey(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e}");

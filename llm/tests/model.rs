@@ -335,3 +335,24 @@ fn perplexity_protocol_dense_reference_and_exact_at_full_budget() {
         dense.nll
     );
 }
+
+#[test]
+fn passkey_dense_finds_the_key_and_a_small_window_does_not() {
+    let m = model();
+    let text = std::fs::read_to_string(data("prideprejudice-64k-chars.txt")).unwrap();
+    let haystack = m.tokenizer.encode(&text).unwrap();
+    let key = 48_213;
+    // The question and the answer go through the backend; the needle sits mid-haystack,
+    // about 1,000 tokens before the question.
+    let (dense, answer) =
+        pqcache_llm::eval::passkey_trial(m, &haystack, 2048, 0.5, key, &Backend::Dense).unwrap();
+    assert!(dense, "dense attention answered {answer:?}");
+    // 2 % of 2K is 41 positions: the sink and the last few tokens, never the needle.
+    let window = Backend::parse("window", 0.02).unwrap();
+    let (found, answer) =
+        pqcache_llm::eval::passkey_trial(m, &haystack, 2048, 0.5, key, &window).unwrap();
+    assert!(
+        !found,
+        "a 2 % window cannot see the needle, yet answered {answer:?}"
+    );
+}
