@@ -14,7 +14,7 @@
 //! through the method; a trial passes when the answer's first number is the key.
 
 use crate::error::{LlmError, Result};
-use crate::model::{argmax, Backend, Gemma3, PrefillOptions, Session};
+use crate::model::{argmax, log_sum_exp, Backend, Gemma3, PrefillOptions, Session};
 
 /// One backend's figures.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -37,13 +37,7 @@ pub struct PerplexityRow {
 
 /// `log softmax` of `logits`, in f64.
 fn log_softmax(logits: &[f32]) -> Vec<f64> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = max
-        + logits
-            .iter()
-            .map(|&l| (l as f64 - max).exp())
-            .sum::<f64>()
-            .ln();
+    let lse = log_sum_exp(logits);
     logits.iter().map(|&l| l as f64 - lse).collect()
 }
 

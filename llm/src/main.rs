@@ -71,16 +71,23 @@ struct PasskeyArgs {
     json: bool,
 }
 
+/// A token sequence given as text or as ids.
 #[derive(Args)]
-struct PerplexityArgs {
-    #[command(flatten)]
-    model: ModelArgs,
+struct TextInput {
     /// A UTF-8 text (its first `8 * tokens` characters are tokenized after a BOS).
     #[arg(long, conflicts_with = "ids")]
     text: Option<PathBuf>,
     /// Token ids (.npy or .json).
     #[arg(long)]
     ids: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    input: TextInput,
     /// Tokens in all (prefill + decoded).
     #[arg(long, default_value_t = 4096)]
     tokens: usize,
@@ -156,12 +163,8 @@ struct GenerateArgs {
 struct DumpArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// A UTF-8 text (its first `8 * tokens` characters are tokenized after a BOS).
-    #[arg(long, conflicts_with = "ids")]
-    text: Option<PathBuf>,
-    /// Token ids (.npy or .json).
-    #[arg(long)]
-    ids: Option<PathBuf>,
+    #[command(flatten)]
+    input: TextInput,
     /// Tokens to run.
     #[arg(long, default_value_t = 2048)]
     tokens: usize,
@@ -324,13 +327,8 @@ fn generate(a: &GenerateArgs) -> Result<()> {
 }
 
 /// `--text` (first `8 * tokens` characters after a BOS) or `--ids`, cut to `tokens`.
-fn text_or_ids(
-    model: &Gemma3,
-    text: &Option<PathBuf>,
-    ids: &Option<PathBuf>,
-    tokens: usize,
-) -> Result<Vec<u32>> {
-    let mut out = match (text, ids) {
+fn text_or_ids(model: &Gemma3, input: &TextInput, tokens: usize) -> Result<Vec<u32>> {
+    let mut out = match (&input.text, &input.ids) {
         (Some(f), _) => {
             let text: String = read_text(f)?
                 .chars()
@@ -348,7 +346,7 @@ fn text_or_ids(
 fn perplexity(a: &PerplexityArgs) -> Result<()> {
     let methods = backends(&a.attention, &a.budgets)?;
     let model = load(&a.model)?;
-    let ids = text_or_ids(&model, &a.text, &a.ids, a.tokens)?;
+    let ids = text_or_ids(&model, &a.input, a.tokens)?;
     let rows = pqcache_llm::eval::perplexity(&model, &ids, a.prefill, &methods)?;
     if a.json {
         let v = serde_json::json!({ "tokens": ids.len(), "prefill": a.prefill, "rows": rows });
@@ -419,18 +417,7 @@ fn passkey(a: &PasskeyArgs) -> Result<()> {
 
 fn dump(a: &DumpArgs) -> Result<()> {
     let model = load(&a.model)?;
-    let mut ids = match (&a.text, &a.ids) {
-        (Some(f), _) => {
-            let text: String = read_text(f)?
-                .chars()
-                .take(a.tokens.saturating_mul(8))
-                .collect();
-            model.tokenizer.encode_prompt(&text)?
-        }
-        (_, Some(f)) => read_ids(f)?,
-        _ => return Err(LlmError::InvalidArgument("give --text or --ids".into())),
-    };
-    ids.truncate(a.tokens);
+    let ids = text_or_ids(&model, &a.input, a.tokens)?;
     if ids.len() < 2 {
         return Err(LlmError::InvalidArgument("need at least 2 tokens".into()));
     }
@@ -510,7 +497,7 @@ fn dump(a: &DumpArgs) -> Result<()> {
         .collect();
     let meta = serde_json::json!({
         "model": a.model.model.file_name().map(|f| f.to_string_lossy().into_owned()),
-        "text": a.text.as_ref().map(|p| p.display().to_string()),
+        "text": a.input.text.as_ref().map(|p| p.display().to_string()),
         "layers": layers,
         "layer_kind": kinds,
         "q_shape": [l, c.heads, t, hd],

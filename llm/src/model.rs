@@ -709,16 +709,19 @@ impl<'m> Session<'m> {
     }
 }
 
+/// `ln sum_i exp(logits_i)`, max subtracted, in f64.
+pub fn log_sum_exp(logits: &[f32]) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    max + logits
+        .iter()
+        .map(|&l| (l as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+}
+
 /// `log softmax(logits)[target]`'s negation: the next-token loss.
 pub fn nll(logits: &[f32], target: u32) -> f64 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = max
-        + logits
-            .iter()
-            .map(|&l| (l as f64 - max).exp())
-            .sum::<f64>()
-            .ln();
-    lse - logits[target as usize] as f64
+    log_sum_exp(logits) - logits[target as usize] as f64
 }
 
 /// The index of the largest logit (the first of ties).
