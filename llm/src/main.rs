@@ -464,21 +464,17 @@ fn dump(a: &DumpArgs) -> Result<()> {
         per.iter().flatten().flatten().copied().collect()
     };
     let (l, hd) = (layers.len(), c.head_dim);
-    npy::write(
-        &a.out.join("q.npy"),
-        &[l, c.heads, t, hd],
-        &NpyData::F16(stack(&cap.q)),
-    )?;
-    npy::write(
-        &a.out.join("k.npy"),
-        &[l, c.kv_heads, t, hd],
-        &NpyData::F16(stack(&cap.k)),
-    )?;
-    npy::write(
-        &a.out.join("v.npy"),
-        &[l, c.kv_heads, t, hd],
-        &NpyData::F16(stack(&cap.v)),
-    )?;
+    for (name, heads, rows) in [
+        ("q.npy", c.heads, &cap.q),
+        ("k.npy", c.kv_heads, &cap.k),
+        ("v.npy", c.kv_heads, &cap.v),
+    ] {
+        npy::write(
+            &a.out.join(name),
+            &[l, heads, t, hd],
+            &NpyData::F16(stack(rows)),
+        )?;
+    }
     npy::write(
         &a.out.join("ids.npy"),
         &[t],

@@ -173,6 +173,20 @@ fn dense_forward_matches_the_reference_pass() {
     assert!((loss - want).abs() / want < 3e-3, "nll {loss} vs {want}");
 }
 
+/// Hands every position's logits of one dense batched prefill of `ids` to `f`.
+fn dense_logits(m: &Gemma3, ids: &[u32], f: &mut dyn FnMut(usize, &[f32])) {
+    Session::new(m, Backend::Dense)
+        .unwrap()
+        .prefill(
+            ids,
+            PrefillOptions {
+                logits: Logits::All(f),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+}
+
 /// Logits of positions `split..n` of `ids[..n]`, from one batched prefill and from a prefill
 /// of `..split` followed by token-by-token decoding.
 fn batched_and_decoded(
@@ -187,16 +201,7 @@ fn batched_and_decoded(
             batched.push(row.to_vec())
         }
     };
-    Session::new(m, Backend::Dense)
-        .unwrap()
-        .prefill(
-            ids,
-            PrefillOptions {
-                logits: Logits::All(&mut keep),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    dense_logits(m, ids, &mut keep);
     let mut s = Session::new(m, backend).unwrap();
     let mut decoded = vec![s.prefill(&ids[..split], PrefillOptions::default()).unwrap()];
     for &t in &ids[split..ids.len() - 1] {
@@ -318,16 +323,7 @@ fn perplexity_protocol_dense_reference_and_exact_at_full_budget() {
             loss += nll(row, ids[p + 1]);
         }
     };
-    Session::new(m, Backend::Dense)
-        .unwrap()
-        .prefill(
-            ids,
-            PrefillOptions {
-                logits: Logits::All(&mut score),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    dense_logits(m, ids, &mut score);
     let batch = loss / 100.0;
     assert!(
         (dense.nll - batch).abs() / batch < 1e-2,
