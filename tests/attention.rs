@@ -46,9 +46,9 @@ fn selectors_on_real_gemma_attention() {
         "oracle err {}",
         oracle.err
     );
-    // A reference implementation measured on this data: oracle 0.196, 128x4 0.214 (1.09x),
-    // with re-ranking 0.196 (1.00x). 1.05x leaves room for k-means seeds, not for a broken
-    // scorer (window and random are 2x worse).
+    // Measured on this data (window 16, tail term): oracle 0.085, 128x4 0.087 (1.02x), with
+    // re-ranking 0.085 (0.99x). 1.05x leaves room for k-means seeds, not for a broken scorer
+    // (window and random are 5-6x worse).
     let fs = row("fastscan:128x4:rerank4");
     assert!(
         fs.err <= 1.05 * oracle.err,
@@ -64,13 +64,13 @@ fn selectors_on_real_gemma_attention() {
         plain.err
     );
     // The key transform (query-weighted channels, balanced sub-spaces) at 4 dimensions per
-    // sub-quantizer: measured 1.09x the oracle's err, against 1.26x for the raw keys
-    // (`:plain`). 1.15x and a 5 % gap leave room for k-means seeds; a transform not applied
+    // sub-quantizer: measured 1.14x the oracle's err, against 1.68x for the raw keys
+    // (`:plain`). 1.25x and a 5 % gap leave room for k-means seeds; a transform not applied
     // (or applied to keys and not queries, which scrambles the scores) fails both.
     let fs64 = row("fastscan:64x4");
     let raw64 = row("fastscan:64x4:plain");
     assert!(
-        fs64.err <= 1.15 * oracle.err,
+        fs64.err <= 1.25 * oracle.err,
         "64x4 err {} vs oracle {}",
         fs64.err,
         oracle.err
@@ -205,6 +205,8 @@ fn gqa_selection_keeps_sink_window_and_budget_per_kv_head() {
         cfg.selector = spec.parse().unwrap();
         cfg.budget = Budget::Tokens(100);
         cfg.sink = 8;
+        // Half of what the budget leaves after the sink (the default is a fixed 16).
+        cfg.window = None;
         let mut r = AttentionRetriever::new(cfg).unwrap();
         r.prefill(1, &keys, &values, &[]).unwrap();
         let q = common::uniform(kvh * g, d, 3);
@@ -425,4 +427,209 @@ fn fastscan_refresh_follows_drifting_keys() {
     assert!("fastscan:8x4:static:static"
         .parse::<SelectorSpec>()
         .is_err());
+}
+
+/// The group's queries of `dump`'s layer 0 at position `p`, `[query_head, dim]`.
+fn step_queries(dump: &AttentionDump, p: usize) -> Vec<f32> {
+    let d = dump.head_dim;
+    (0..dump.q_heads)
+        .flat_map(|h| {
+            dump.queries(0, h)[p * d..(p + 1) * d]
+                .iter()
+                .map(|x| x.to_f32())
+        })
+        .collect()
+}
+
+#[test]
+fn the_tail_term_gives_full_attention_when_the_unattended_values_are_equal() {
+    // Real keys and queries; the values of every position the oracle leaves out are set to
+    // one vector, so that their mean is exact and the tail term with the oracle's exact tail
+    // mass reproduces full attention (measured: 6e-7 relative). Without the tail term the
+    // same step leaves that vector out and is far off (measured: 1.3).
+    let dump = persuasion();
+    let (d, t) = (dump.head_dim, 800);
+    let shape = AttentionShape {
+        layers: 1,
+        query_heads: 4,
+        kv_heads: 1,
+        head_dim: d,
+    };
+    let cfg = RetrieverConfig {
+        selector: SelectorSpec::Exact,
+        budget: Budget::Ratio(0.1),
+        scale: dump.scale,
+        ..RetrieverConfig::new(shape)
+    };
+    let keys = &dump.keys(0, 0)[..t * d];
+    let mut values = dump.values(0, 0)[..t * d].to_vec();
+    let q = step_queries(&dump, t - 1);
+    let mut r = AttentionRetriever::new(cfg.clone()).unwrap();
+    r.prefill(0, keys, &values, &[]).unwrap();
+    let step = r.select_step(0, &q).unwrap();
+    let attended = &step[0].positions;
+    assert_eq!(attended.len(), 80);
+    assert_eq!(step[0].tail.as_ref().map(|t| t.len()), Some(4));
+    let fill: Vec<f16> = (0..d)
+        .map(|c| f16::from_f32(c as f32 / d as f32 - 0.5))
+        .collect();
+    for p in 0..t {
+        if attended.binary_search(&(p as u32)).is_err() {
+            values[p * d..(p + 1) * d].copy_from_slice(&fill);
+        }
+    }
+    for tail_term in [true, false] {
+        let mut r = AttentionRetriever::new(RetrieverConfig {
+            tail_term,
+            ..cfg.clone()
+        })
+        .unwrap();
+        r.prefill(0, keys, &values, &[]).unwrap();
+        assert_eq!(
+            &r.select(0, &q).unwrap()[0],
+            attended,
+            "values do not move the choice"
+        );
+        let sparse = r.attend(0, &q).unwrap();
+        let worst = (0..4)
+            .map(|h| {
+                let want = dense(&q[h * d..(h + 1) * d], keys, &values, d, dump.scale);
+                let norm = want.iter().map(|x| x * x).sum::<f64>().sqrt();
+                let err = (0..d)
+                    .map(|c| (sparse[h * d + c] as f64 - want[c]).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                err / norm
+            })
+            .fold(0.0, f64::max);
+        if tail_term {
+            // f32 logits and sums over 800 positions: 1e-4 relative is far above rounding
+            // and far below the 1e-2 a wrong mass or mean gives.
+            assert!(worst < 1e-4, "with the tail term: relative error {worst}");
+        } else {
+            assert!(
+                worst > 1e-2,
+                "without the tail term: relative error {worst}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_tail_term_lowers_the_error_of_every_scoring_selector_on_real_attention() {
+    // Prefill 1,000 positions of layer 0, decode the next 200 one by one; at every 20th
+    // step, each selector's sparse output with and without the tail term against full
+    // attention. Measured here: the tail term halves the error of exact, PQ and fast-scan
+    // selection at a 10 % budget (0.49x, 0.52x, 0.48x). 0.8x is a loose bound that a tail
+    // of the wrong size or sign fails.
+    let dump = persuasion();
+    let (d, prefill, t) = (dump.head_dim, 1000, 1200);
+    let keys = dump.keys(0, 0);
+    let values = dump.values(0, 0);
+    let prompt: Vec<f32> = (0..4)
+        .flat_map(|h| dump.queries(0, h)[..prefill * d].iter().map(|x| x.to_f32()))
+        .collect();
+    for spec in ["exact", "pq:32x8", "fastscan:64x4"] {
+        let mut errs = [0.0f64; 2];
+        for (i, tail_term) in [true, false].into_iter().enumerate() {
+            let mut r = AttentionRetriever::new(RetrieverConfig {
+                selector: spec.parse().unwrap(),
+                budget: Budget::Ratio(0.1),
+                scale: dump.scale,
+                tail_term,
+                ..RetrieverConfig::new(AttentionShape {
+                    layers: 1,
+                    query_heads: 4,
+                    kv_heads: 1,
+                    head_dim: d,
+                })
+            })
+            .unwrap();
+            r.prefill(0, &keys[..prefill * d], &values[..prefill * d], &prompt)
+                .unwrap();
+            for p in prefill..t {
+                r.append(0, &keys[p * d..(p + 1) * d], &values[p * d..(p + 1) * d])
+                    .unwrap();
+                if (p + 1) % 20 != 0 {
+                    continue;
+                }
+                let q = step_queries(&dump, p);
+                let (sparse, full) = (r.attend(0, &q).unwrap(), r.attend_all(0, &q).unwrap());
+                for h in 0..4 {
+                    let row = h * d..(h + 1) * d;
+                    let e: f64 = sparse[row.clone()]
+                        .iter()
+                        .zip(&full[row.clone()])
+                        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                        .sum();
+                    let n: f64 = full[row].iter().map(|b| (*b as f64).powi(2)).sum();
+                    errs[i] += (e / n).sqrt();
+                }
+            }
+        }
+        assert!(
+            errs[0] <= 0.8 * errs[1],
+            "{spec}: error with the tail term {} vs without {}",
+            errs[0],
+            errs[1]
+        );
+    }
+}
+
+#[test]
+fn a_fork_selects_and_attends_as_a_fresh_prefill_of_the_same_cache() {
+    let dump = persuasion();
+    let (d, t) = (dump.head_dim, 1500);
+    let shape = AttentionShape {
+        layers: 1,
+        query_heads: 4,
+        kv_heads: 1,
+        head_dim: d,
+    };
+    let keys = &dump.keys(0, 0)[..t * d];
+    let values = &dump.values(0, 0)[..t * d];
+    let prompt: Vec<f32> = (0..4)
+        .flat_map(|h| dump.queries(0, h)[..t * d].iter().map(|x| x.to_f32()))
+        .collect();
+    let base = RetrieverConfig {
+        selector: SelectorSpec::Exact,
+        scale: dump.scale,
+        ..RetrieverConfig::new(shape)
+    };
+    let mut dense = AttentionRetriever::new(base.clone()).unwrap();
+    // In two chunks, as a model's prefill extends the cache.
+    for (a, b) in [(0, 700), (700, t)] {
+        let q: Vec<f32> = (0..4)
+            .flat_map(|h| prompt[h * t * d + a * d..h * t * d + b * d].to_vec())
+            .collect();
+        dense
+            .extend(0, &keys[a * d..b * d], &values[a * d..b * d], &q)
+            .unwrap();
+    }
+    let fast = RetrieverConfig {
+        selector: "fastscan:64x4".parse().unwrap(),
+        budget: Budget::Ratio(0.05),
+        ..base.clone()
+    };
+    let fork = dense.fork(fast.clone()).unwrap();
+    let mut fresh = AttentionRetriever::new(fast).unwrap();
+    fresh.prefill(0, keys, values, &prompt).unwrap();
+    assert!(fork.is_trained(0) && fork.len(0) == t);
+    for p in [200, 900, t - 1] {
+        let q = step_queries(&dump, p);
+        assert_eq!(
+            fork.select(0, &q).unwrap(),
+            fresh.select(0, &q).unwrap(),
+            "at {p}"
+        );
+        assert_eq!(
+            fork.attend(0, &q).unwrap(),
+            fresh.attend(0, &q).unwrap(),
+            "at {p}"
+        );
+    }
+    // The source is untouched: still exact and whole.
+    assert_eq!(dense.config().selector, SelectorSpec::Exact);
+    let wider = RetrieverConfig::new(AttentionShape { layers: 2, ..shape });
+    assert!(matches!(dense.fork(wider), Err(Error::InvalidArgument(_))));
 }

@@ -50,13 +50,17 @@ fn kl(logp: &[f64], logq: &[f64]) -> f64 {
         .max(0.0)
 }
 
+/// A progress callback: `(done, total)` steps.
+pub type Progress<'a> = Option<&'a mut dyn FnMut(usize, usize)>;
+
 /// Runs the protocol over `ids` (BOS first) for dense and every backend in `methods`. The
-/// first row is dense.
+/// first row is dense. `progress` hears of every decoded position.
 pub fn perplexity(
     model: &Gemma3,
     ids: &[u32],
     prefill: usize,
     methods: &[Backend],
+    mut progress: Progress<'_>,
 ) -> Result<Vec<PerplexityRow>> {
     if prefill == 0 || prefill + 1 >= ids.len() {
         return Err(LlmError::InvalidArgument(format!(
@@ -66,14 +70,15 @@ pub fn perplexity(
     }
     let mut backends = vec![Backend::Dense];
     backends.extend(methods.iter().filter(|b| **b != Backend::Dense).cloned());
-    let mut sessions = backends
+    // One dense prefill; every method continues a fork of it.
+    let mut dense = Session::new(model, Backend::Dense)?;
+    let first = dense.prefill(&ids[..prefill], PrefillOptions::default())?;
+    let mut sessions = backends[1..]
         .iter()
-        .map(|b| Session::new(model, b.clone()))
+        .map(|b| dense.fork(b.clone()))
         .collect::<Result<Vec<_>>>()?;
-    let mut logits = sessions
-        .iter_mut()
-        .map(|s| s.prefill(&ids[..prefill], PrefillOptions::default()))
-        .collect::<Result<Vec<_>>>()?;
+    sessions.insert(0, dense);
+    let mut logits = vec![first; backends.len()];
     let n = backends.len();
     let (mut nll, mut kls, mut agree) = (vec![0.0; n], vec![0.0; n], vec![0usize; n]);
     let steps = ids.len() - prefill;
@@ -97,6 +102,9 @@ pub fn perplexity(
             for (s, l) in sessions.iter_mut().zip(&mut logits) {
                 *l = s.decode(next)?;
             }
+        }
+        if let Some(p) = progress.as_mut() {
+            p(i + 1, steps);
         }
     }
     Ok(backends
@@ -158,18 +166,15 @@ fn budget_of(b: &Backend) -> f64 {
     }
 }
 
-/// One trial: `length` tokens in all (BOS, haystack with the needle at `depth`, question); the
-/// prompt up to the question is prefilled densely, the question decoded token by token
-/// through `backend`, then [`ANSWER_TOKENS`] tokens generated greedily through it. Returns
-/// whether the answer's first number is `key`, and the answer's text.
-pub fn passkey_trial(
+/// The prompt of one trial: BOS, `haystack` cut to fit `length` tokens with the needle of
+/// `key` at `depth`; the question's tokens come apart (they are decoded, not prefilled).
+fn passkey_prompt(
     model: &Gemma3,
     haystack: &[u32],
     length: usize,
     depth: f64,
     key: u32,
-    backend: &Backend,
-) -> Result<(bool, String)> {
+) -> Result<(Vec<u32>, Vec<u32>)> {
     let tok = &model.tokenizer;
     let needle = tok.encode(&needle(key))?;
     let question = tok.encode(QUESTION)?;
@@ -192,9 +197,20 @@ pub fn passkey_trial(
     ids.extend_from_slice(&haystack[..at]);
     ids.extend_from_slice(&needle);
     ids.extend_from_slice(&haystack[at..room]);
-    let mut s = Session::new(model, backend.clone())?;
-    let mut logits = s.prefill(&ids, PrefillOptions::default())?;
-    for &t in &question {
+    Ok((ids, question))
+}
+
+/// Decodes the question through `s` (a prefilled prompt), then answers greedily; whether the
+/// answer's first number is `key`, and the answer's text.
+fn passkey_answer(
+    s: &mut Session<'_>,
+    last: Vec<f32>,
+    question: &[u32],
+    key: u32,
+) -> Result<(bool, String)> {
+    let tok = &s.model().tokenizer;
+    let mut logits = last;
+    for &t in question {
         logits = s.decode(t)?;
     }
     let mut answer = Vec::new();
@@ -215,7 +231,39 @@ pub fn passkey_trial(
     Ok((digits == key.to_string(), text))
 }
 
-/// Every (method, length, depth) over `trials` seeded five-digit keys.
+/// One trial: `length` tokens in all (BOS, haystack with the needle at `depth`, question); the
+/// prompt up to the question is prefilled densely, the question decoded token by token
+/// through `backend`, then [`ANSWER_TOKENS`] tokens generated greedily through it. Returns
+/// whether the answer's first number is `key`, and the answer's text.
+pub fn passkey_trial(
+    model: &Gemma3,
+    haystack: &[u32],
+    length: usize,
+    depth: f64,
+    key: u32,
+    backend: &Backend,
+) -> Result<(bool, String)> {
+    let (ids, question) = passkey_prompt(model, haystack, length, depth, key)?;
+    let mut s = Session::new(model, backend.clone())?;
+    let last = s.prefill(&ids, PrefillOptions::default())?;
+    passkey_answer(&mut s, last, &question, key)
+}
+
+/// The seeded five-digit key of one trial: a splitmix64 step per (seed, length, depth,
+/// trial), the same for every method.
+fn passkey_key(seed: u64, length: usize, depth: f64, trial: usize) -> u32 {
+    let mut z = seed
+        ^ (length as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ depth.to_bits().rotate_left(17)
+        ^ (trial as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    10_000 + (z ^ (z >> 31)) as u32 % 90_000
+}
+
+/// Every (method, length, depth) over `trials` seeded five-digit keys. `progress` hears of
+/// every trial (one dense prefill, every method answering from a fork of it).
+#[allow(clippy::too_many_arguments)]
 pub fn passkey(
     model: &Gemma3,
     haystack: &[u32],
@@ -224,32 +272,42 @@ pub fn passkey(
     trials: usize,
     methods: &[Backend],
     seed: u64,
+    mut progress: Progress<'_>,
 ) -> Result<Vec<PasskeyRow>> {
-    let mut rows = Vec::new();
-    for backend in methods {
-        for &length in lengths {
-            for &depth in depths {
-                let mut passed = 0;
-                for t in 0..trials {
-                    // A splitmix64 step per (seed, length, depth, trial): the same keys for
-                    // every method.
-                    let mut z = seed
-                        ^ (length as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-                        ^ depth.to_bits().rotate_left(17)
-                        ^ (t as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                    let key = 10_000 + (z ^ (z >> 31)) as u32 % 90_000;
-                    passed +=
-                        usize::from(passkey_trial(model, haystack, length, depth, key, backend)?.0);
+    // rows[method][length][depth], filled trial by trial: one dense prefill per trial, every
+    // method answers from a fork of it.
+    let mut passed = vec![vec![vec![0usize; depths.len()]; lengths.len()]; methods.len()];
+    let (mut done, total) = (0, lengths.len() * depths.len() * trials);
+    for (li, &length) in lengths.iter().enumerate() {
+        for (di, &depth) in depths.iter().enumerate() {
+            for t in 0..trials {
+                let key = passkey_key(seed, length, depth, t);
+                let (ids, question) = passkey_prompt(model, haystack, length, depth, key)?;
+                let mut prompt = Session::new(model, Backend::Dense)?;
+                let last = prompt.prefill(&ids, PrefillOptions::default())?;
+                for (mi, backend) in methods.iter().enumerate() {
+                    let mut s = prompt.fork(backend.clone())?;
+                    let ok = passkey_answer(&mut s, last.clone(), &question, key)?.0;
+                    passed[mi][li][di] += usize::from(ok);
                 }
+                done += 1;
+                if let Some(p) = progress.as_mut() {
+                    p(done, total);
+                }
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for (mi, backend) in methods.iter().enumerate() {
+        for (li, &length) in lengths.iter().enumerate() {
+            for (di, &depth) in depths.iter().enumerate() {
                 rows.push(PasskeyRow {
                     attention: backend.name(),
                     budget: budget_of(backend),
                     length,
                     depth,
                     trials,
-                    passed,
+                    passed: passed[mi][li][di],
                 });
             }
         }

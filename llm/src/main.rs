@@ -347,7 +347,15 @@ fn perplexity(a: &PerplexityArgs) -> Result<()> {
     let methods = backends(&a.attention, &a.budgets)?;
     let model = load(&a.model)?;
     let ids = text_or_ids(&model, &a.input, a.tokens)?;
-    let rows = pqcache_llm::eval::perplexity(&model, &ids, a.prefill, &methods)?;
+    let mut report = |done: usize, total: usize| {
+        if done.is_multiple_of(64) || done == total {
+            eprintln!(
+                "decoded {done} / {total} positions through {} methods",
+                methods.len() + 1
+            );
+        }
+    };
+    let rows = pqcache_llm::eval::perplexity(&model, &ids, a.prefill, &methods, Some(&mut report))?;
     if a.json {
         let v = serde_json::json!({ "tokens": ids.len(), "prefill": a.prefill, "rows": rows });
         out(&format!("{v}\n"));
@@ -395,8 +403,16 @@ fn passkey(a: &PasskeyArgs) -> Result<()> {
     while haystack.len() < longest {
         haystack.extend_from_within(..haystack.len().min(longest - haystack.len()));
     }
+    let mut report = |done: usize, total: usize| eprintln!("passkey trial {done} / {total}");
     let rows = pqcache_llm::eval::passkey(
-        &model, &haystack, &a.lengths, &a.depths, a.trials, &methods, a.seed,
+        &model,
+        &haystack,
+        &a.lengths,
+        &a.depths,
+        a.trials,
+        &methods,
+        a.seed,
+        Some(&mut report),
     )?;
     if a.json {
         out(&format!("{}\n", serde_json::json!({ "rows": rows })));

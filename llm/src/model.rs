@@ -25,7 +25,7 @@
 //! bounded by the chunk, whatever the prompt's length); at its end the retrieval backend
 //! trains its indexes on the prompt's keys and queries. Decode runs one token at a time; a
 //! global layer then `append`s its key and value to the retriever and attends densely
-//! (`attend_all`) or through retrieval (`select` + `attend_positions`).
+//! (`attend_all`) or through retrieval (`select_step` + `attend_selection`, with the tail term).
 
 use crate::config::{Gemma3Config, LayerKind};
 use crate::error::{LlmError, Result};
@@ -140,13 +140,22 @@ pub enum Backend {
         selector: SelectorSpec,
         /// Positions attended per step.
         budget: Budget,
+        /// The recent window in positions (`None`: the retriever's default, half of what the
+        /// budget leaves after the sink).
+        window: Option<usize>,
+        /// The tail term of sparse attention ([`pqcache::attention::TailTerm`]).
+        tail_term: bool,
     },
 }
 
 impl Backend {
-    /// `dense`, or a selector spec with a budget ratio.
+    /// `dense`, or a selector spec with a budget ratio, optionally followed by attention
+    /// options after `+`: `+notail` (no tail term), `+window=N` (a fixed recent window of `N`
+    /// positions). `fastscan:64x4+notail+window=0`.
     pub fn parse(spec: &str, budget: f64) -> Result<Backend> {
-        if spec.trim() == "dense" {
+        let mut parts = spec.trim().split('+');
+        let selector = parts.next().unwrap_or_default();
+        if selector == "dense" && spec.trim() == "dense" {
             return Ok(Backend::Dense);
         }
         if !(budget > 0.0 && budget <= 1.0) {
@@ -154,17 +163,49 @@ impl Backend {
                 "budget {budget} must be in (0, 1]"
             )));
         }
+        let (mut window, mut tail_term) = (None, true);
+        for opt in parts {
+            match opt.split_once('=') {
+                None if opt == "notail" => tail_term = false,
+                Some(("window", n)) => {
+                    window = Some(n.parse().map_err(|_| {
+                        LlmError::InvalidArgument(format!("window {n:?} is not a count"))
+                    })?)
+                }
+                _ => {
+                    return Err(LlmError::InvalidArgument(format!(
+                        "unknown attention option {opt:?} in {spec:?} (notail, window=N)"
+                    )))
+                }
+            }
+        }
         Ok(Backend::Retrieval {
-            selector: SelectorSpec::from_str(spec)?,
+            selector: SelectorSpec::from_str(selector)?,
             budget: Budget::Ratio(budget),
+            window,
+            tail_term,
         })
     }
 
-    /// `dense` or the selector spec.
+    /// `dense`, or the selector spec with its options (the form [`Backend::parse`] reads).
     pub fn name(&self) -> String {
         match self {
             Backend::Dense => "dense".into(),
-            Backend::Retrieval { selector, .. } => selector.to_string(),
+            Backend::Retrieval {
+                selector,
+                window,
+                tail_term,
+                ..
+            } => {
+                let mut name = selector.to_string();
+                if !tail_term {
+                    name.push_str("+notail");
+                }
+                if let Some(w) = window {
+                    name.push_str(&format!("+window={w}"));
+                }
+                name
+            }
         }
     }
 }
@@ -277,6 +318,7 @@ pub struct Capture {
 }
 
 /// The last positions of a sliding layer, per kv head: rows `base..base + len`.
+#[derive(Clone)]
 struct SlidingKv {
     base: usize,
     keys: Vec<Vec<f32>>,
@@ -352,26 +394,37 @@ fn rope_row(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
+/// The global layers' cache settings for `backend`: dense reads the cache back (the exact
+/// selector keeps no index); retrieval uses the backend's selector and budget.
+fn retriever_config(model: &Gemma3, backend: &Backend) -> RetrieverConfig {
+    let defaults = RetrieverConfig::new(model.global_shape());
+    match backend {
+        Backend::Dense => RetrieverConfig {
+            selector: SelectorSpec::Exact,
+            budget: Budget::Ratio(1.0),
+            scale: model.cfg.attn_scale,
+            ..defaults
+        },
+        Backend::Retrieval {
+            selector,
+            budget,
+            window,
+            tail_term,
+        } => RetrieverConfig {
+            selector: selector.clone(),
+            budget: *budget,
+            window: window.or(defaults.window),
+            tail_term: *tail_term,
+            scale: model.cfg.attn_scale,
+            ..defaults
+        },
+    }
+}
+
 impl<'m> Session<'m> {
     /// A new, empty sequence.
     pub fn new(model: &'m Gemma3, backend: Backend) -> Result<Session<'m>> {
-        let shape = model.global_shape();
-        let defaults = RetrieverConfig::new(shape);
-        let cfg = match &backend {
-            // Dense attention reads the cache back; the exact selector keeps no index.
-            Backend::Dense => RetrieverConfig {
-                selector: SelectorSpec::Exact,
-                budget: Budget::Ratio(1.0),
-                scale: model.cfg.attn_scale,
-                ..defaults
-            },
-            Backend::Retrieval { selector, budget } => RetrieverConfig {
-                selector: selector.clone(),
-                budget: *budget,
-                scale: model.cfg.attn_scale,
-                ..defaults
-            },
-        };
+        let cfg = retriever_config(model, &backend);
         let kvh = model.cfg.kv_heads;
         let sliding = (0..model.cfg.layers)
             .map(|_| SlidingKv {
@@ -387,6 +440,29 @@ impl<'m> Session<'m> {
             sliding,
             pos: 0,
             profile: Profile::default(),
+            capture: None,
+        })
+    }
+
+    /// This sequence, as it stands, continued through `backend`: the caches are copied and the
+    /// global layers' indexes trained for it, as if it had prefilled the same prompt (a
+    /// prefill is dense whatever the backend). Methods compared on one prompt share its
+    /// prefill this way. The fork's profile starts from this one's prefill figures.
+    pub fn fork(&self, backend: Backend) -> Result<Session<'m>> {
+        let t = Instant::now();
+        let cache = self.cache.fork(retriever_config(self.model, &backend))?;
+        let mut profile = Profile {
+            prefill: self.profile.prefill.clone(),
+            ..Profile::default()
+        };
+        profile.prefill.cache_update += t.elapsed();
+        Ok(Session {
+            model: self.model,
+            backend,
+            cache,
+            sliding: self.sliding.clone(),
+            pos: self.pos,
+            profile,
             capture: None,
         })
     }
@@ -423,6 +499,11 @@ impl<'m> Session<'m> {
     /// Where the time went.
     pub fn profile(&self) -> &Profile {
         &self.profile
+    }
+
+    /// The model this sequence runs on.
+    pub fn model(&self) -> &'m Gemma3 {
+        self.model
     }
 
     /// The backend.
@@ -620,11 +701,11 @@ impl<'m> Session<'m> {
                                 self.cache.attend_all(gi, &q)?
                             }
                             Backend::Retrieval { .. } => {
-                                let positions = self.cache.select(gi, &q)?;
+                                let step = self.cache.select_step(gi, &q)?;
                                 lap(&mut bd.select, &mut t);
-                                let n: usize = positions.iter().map(|p| p.len()).sum();
+                                let n: usize = step.iter().map(|h| h.positions.len()).sum();
                                 self.profile.attended_sum += n as f64 / (len * kvh) as f64;
-                                self.cache.attend_positions(gi, &q, &positions)?
+                                self.cache.attend_selection(gi, &q, &step)?
                             }
                         };
                         self.profile.attended_count += 1;

@@ -303,7 +303,7 @@ fn perplexity_protocol_dense_reference_and_exact_at_full_budget() {
         Backend::parse("exact", 1.0).unwrap(),
         Backend::parse("window", 0.05).unwrap(),
     ];
-    let rows = pqcache_llm::eval::perplexity(m, ids, 600, &methods).unwrap();
+    let rows = pqcache_llm::eval::perplexity(m, ids, 600, &methods, None).unwrap();
     assert_eq!(rows.len(), 3);
     let (dense, exact, window) = (&rows[0], &rows[1], &rows[2]);
     assert_eq!(

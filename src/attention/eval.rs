@@ -5,15 +5,18 @@
 //! of `[0, T/2)` (the prefill; fast-scan also fits its channel scale to the prefill's
 //! queries: [`super::AttentionRetriever::prefill`]) and the keys of
 //! `[T/2, t]` are appended one by one (decoded tokens; fast-scan re-trains on all the cached
-//! keys as the cache grows, see [`super::selector`], unless `:static`). At `t`, the budget is `B = max(ratio * (t + 1), sink + 2)`, the window
-//! `W = (B - sink) / 2`, `k = B - sink - W` positions are retrieved among `[sink, t + 1 - W)`.
-//! Per query head: `mass` = full-attention probability of the attended set; `err` =
-//! `||o_S - o|| / ||o||` with `o_S` the softmax renormalised over the set. Per kv_head:
+//! keys as the cache grows, see [`super::selector`], unless `:static`). At `t`, the budget is
+//! `B = max(ratio * (t + 1), sink + 2)`, the window `W` the retriever's default
+//! ([`super::DEFAULT_WINDOW`]), `k = B - sink - W` positions are retrieved among
+//! `[sink, t + 1 - W)`. Per query head: `mass` = full-attention probability of the attended
+//! set; `err` = `||o_S - o|| / ||o||` with `o_S` the retriever's sparse output
+//! ([`super::AttentionRetriever::attend_selection`]: the softmax over the set, with the tail
+//! term where the selector estimates it), the same for the oracle's set. Per kv_head:
 //! `recall` = overlap of the retrieved positions with the exact top-k under the same
 //! aggregation (the `exact` selector's choice), over `k`.
 
 use super::selector::{Aggregation, SelectorSpec};
-use super::{attention, check_budget, AttentionRetriever, AttentionShape, Budget, RetrieverConfig};
+use super::{check_budget, AttentionRetriever, AttentionShape, Budget, RetrieverConfig};
 use crate::error::{Error, Result};
 use crate::io::dump::AttentionDump;
 use crate::io::f16_to_f32;
@@ -143,11 +146,15 @@ pub fn evaluate(dump: &AttentionDump, cfg: &EvalConfig) -> Result<Vec<EvalRow>> 
                     let plan = retriever.plan(layer);
                     let acc = &mut accs[ri][si];
                     let start = Instant::now();
-                    let sets = retriever.select(layer, &queries)?;
+                    let step = retriever.select_step(layer, &queries)?;
                     acc.select_s += start.elapsed().as_secs_f64();
                     acc.steps += 1;
-                    let oracle_sets = retriever.select_oracle(layer, &queries)?;
-                    for (h, (set, oracle_set)) in sets.iter().zip(&oracle_sets).enumerate() {
+                    let oracle_step = retriever.select_step_oracle(layer, &queries)?;
+                    let full = retriever.attend_all(layer, &queries)?;
+                    let sparse = retriever.attend_selection(layer, &queries, &step)?;
+                    let oracle_out = retriever.attend_selection(layer, &queries, &oracle_step)?;
+                    for (h, (sel, oracle_sel)) in step.iter().zip(&oracle_step).enumerate() {
+                        let (set, oracle_set) = (&sel.positions, &oracle_sel.positions);
                         if plan.k > 0 {
                             let retrieved = |s: &[u32]| -> Vec<u32> {
                                 s.iter()
@@ -163,21 +170,19 @@ pub fn evaluate(dump: &AttentionDump, cfg: &EvalConfig) -> Result<Vec<EvalRow>> 
                             acc.recall += hit as f64 / plan.k as f64;
                             acc.groups += 1;
                         }
-                        for q in queries[h * g * d..(h + 1) * g * d].chunks_exact(d) {
-                            let m = head_metrics(
+                        for qh in h * g..(h + 1) * g {
+                            let row = qh * d..(qh + 1) * d;
+                            acc.mass += attended_mass(
                                 &kernels,
-                                q,
+                                &queries[row.clone()],
                                 keys_of(h),
-                                values_of(h),
                                 d,
                                 dump.scale,
                                 len,
                                 set,
-                                oracle_set,
                             );
-                            acc.mass += m.0;
-                            acc.err += m.1;
-                            acc.oracle_err += m.2;
+                            acc.err += rel_err(&sparse[row.clone()], &full[row.clone()]);
+                            acc.oracle_err += rel_err(&oracle_out[row.clone()], &full[row]);
                             acc.heads += 1;
                         }
                     }
@@ -221,43 +226,34 @@ fn rows<'a>(
         .collect()
 }
 
-/// (mass, err, oracle err) of one query head at one step.
-#[allow(clippy::too_many_arguments)]
-fn head_metrics(
+/// The full-attention probability of `set` for one query head over `len` positions.
+fn attended_mass(
     kernels: &DistanceKernels,
     q: &[f32],
     keys: &[half::f16],
-    values: &[half::f16],
     d: usize,
     scale: f32,
     len: usize,
     set: &[u32],
-    oracle_set: &[u32],
-) -> (f64, f64, f64) {
-    let all: Vec<u32> = (0..len as u32).collect();
-    let mut full = vec![0.0f32; d];
-    attention(kernels, q, keys, values, d, scale, &all, &mut full);
-    // Full-attention probabilities, for the mass.
+) -> f64 {
     let logits: Vec<f32> = (0..len)
         .map(|p| kernels.dot_f16(q, &keys[p * d..(p + 1) * d]) * scale)
         .collect();
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let total: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    let mass: f64 = set
-        .iter()
+    set.iter()
         .map(|&p| ((logits[p as usize] - max) as f64).exp())
         .sum::<f64>()
-        / total;
-    let rel_err = |s: &[u32]| {
-        let mut o = vec![0.0f32; d];
-        attention(kernels, q, keys, values, d, scale, s, &mut o);
-        let diff: f64 = o
-            .iter()
-            .zip(&full)
-            .map(|(a, b)| ((a - b) as f64).powi(2))
-            .sum();
-        let norm: f64 = full.iter().map(|&b| (b as f64).powi(2)).sum();
-        (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
-    };
-    (mass, rel_err(set), rel_err(oracle_set))
+        / total
+}
+
+/// `||o - full|| / ||full||`.
+fn rel_err(o: &[f32], full: &[f32]) -> f64 {
+    let diff: f64 = o
+        .iter()
+        .zip(full)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let norm: f64 = full.iter().map(|&b| (b as f64).powi(2)).sum();
+    (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
 }

@@ -258,6 +258,7 @@ pub(crate) fn read(r: &Reader<'_>) -> Result<AttentionRetriever> {
             None => None,
         };
         head.keys = keys;
+        super::add_rows(&mut head.value_sum, &values);
         head.values = values;
     }
     for (tag, used) in [

@@ -377,15 +377,6 @@ impl ChooseContext<'_> {
         out.iter_mut().for_each(|l| *l *= self.scale);
         out
     }
-
-    /// The best `k` candidates by aggregated score (`scores` over the candidates, in order),
-    /// as sorted positions.
-    fn top_k(&self, scores: &[f32]) -> Vec<u32> {
-        select_topk_nonneg_f32(scores, self.k)
-            .into_iter()
-            .map(|i| (self.candidates.start + i as usize) as u32)
-            .collect()
-    }
 }
 
 /// Per-query softmax (max subtracted) over `logits` (`group` rows of `n`), combined per
@@ -433,6 +424,75 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// A selector's choice for one kv_head at one step.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Chosen {
+    /// The chosen candidate positions, ascending.
+    pub positions: Vec<u32>,
+    /// Per query head of the group: `ln sum_j exp(logit_j)` over the candidates *not* chosen,
+    /// as the selector's scores estimate it (exact for the oracle; `-inf` when none is left),
+    /// or `None` when the selector has no scores to estimate it from (window, random, Quest).
+    /// The attention step uses it for the tail term (see [`crate::attention::TailTerm`]).
+    pub tail: Option<Vec<f32>>,
+}
+
+impl Chosen {
+    /// A choice without a tail estimate.
+    pub fn positions(positions: Vec<u32>) -> Chosen {
+        Chosen {
+            positions,
+            tail: None,
+        }
+    }
+}
+
+/// `ln sum exp` of each query row of `logits` (`group` rows over the candidates) over the
+/// candidates whose offsets are not in `chosen` (ascending offsets into the rows).
+fn tail_log_mass(logits: &[f32], group: usize, chosen: &[u32]) -> Vec<f32> {
+    let n = logits.len() / group.max(1);
+    let mut taken = vec![false; n];
+    for &c in chosen {
+        taken[c as usize] = true;
+    }
+    logits
+        .chunks_exact(n.max(1))
+        .take(group)
+        .map(|row| {
+            let max = row
+                .iter()
+                .zip(&taken)
+                .filter(|(_, &t)| !t)
+                .map(|(&l, _)| l)
+                .fold(f32::NEG_INFINITY, f32::max);
+            if max == f32::NEG_INFINITY {
+                return f32::NEG_INFINITY;
+            }
+            let sum: f32 = row
+                .iter()
+                .zip(&taken)
+                .filter(|(_, &t)| !t)
+                .map(|(&l, _)| exp_nonpositive(l - max))
+                .sum();
+            max + sum.ln()
+        })
+        .collect()
+}
+
+/// The choice from per-query logits over the candidates (exact or a selector's estimate):
+/// aggregated, top `k`, with the tail estimated from the same logits.
+fn choose_from_logits(ctx: &ChooseContext<'_>, logits: &[f32]) -> Chosen {
+    let (scores, _) = aggregate(logits, ctx.group(), ctx.aggregation);
+    let rel = select_topk_nonneg_f32(&scores, ctx.k);
+    let tail = tail_log_mass(logits, ctx.group(), &rel);
+    Chosen {
+        positions: rel
+            .into_iter()
+            .map(|i| (ctx.candidates.start + i as usize) as u32)
+            .collect(),
+        tail: Some(tail),
+    }
+}
+
 /// A per-(layer, kv_head) selector state.
 pub trait HeadIndex: Send + Sync {
     /// Takes the key of the next position (`d` f32).
@@ -447,8 +507,9 @@ pub trait HeadIndex: Send + Sync {
     fn refresh_if_due(&mut self, _keys: &[f16], _d: usize) -> Result<bool> {
         Ok(false)
     }
-    /// Chooses `ctx.k` positions among `ctx.candidates`, sorted ascending.
-    fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Vec<u32>>;
+    /// Chooses `ctx.k` positions among `ctx.candidates`, sorted ascending, with the tail
+    /// estimate when the index has scores for it.
+    fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Chosen>;
     /// What this index keeps that the keys cannot give back (trained codebooks and codes),
     /// for index files.
     fn stored(&self) -> StoredHead<'_> {
@@ -478,10 +539,9 @@ pub enum RestoredHead {
 
 /// The oracle's choice: exact scores of every candidate, aggregated, top `k`. What the `exact`
 /// selector does, and what every selector does while its index is untrained.
-pub(crate) fn choose_exact(ctx: &ChooseContext<'_>) -> Vec<u32> {
+pub(crate) fn choose_exact(ctx: &ChooseContext<'_>) -> Chosen {
     let logits = ctx.exact_logits_range(ctx.candidates.clone());
-    let (scores, _) = aggregate(&logits, ctx.group(), ctx.aggregation);
-    ctx.top_k(&scores)
+    choose_from_logits(ctx, &logits)
 }
 
 struct ExactIndex;
@@ -490,7 +550,7 @@ impl HeadIndex for ExactIndex {
     fn append(&mut self, _key: &[f32]) -> Result<()> {
         Ok(())
     }
-    fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Vec<u32>> {
+    fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Chosen> {
         Ok(choose_exact(ctx))
     }
 }
@@ -501,10 +561,12 @@ impl HeadIndex for WindowIndex {
     fn append(&mut self, _key: &[f32]) -> Result<()> {
         Ok(())
     }
-    fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Vec<u32>> {
-        Ok((ctx.candidates.end - ctx.k..ctx.candidates.end)
-            .map(|p| p as u32)
-            .collect())
+    fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Chosen> {
+        Ok(Chosen::positions(
+            (ctx.candidates.end - ctx.k..ctx.candidates.end)
+                .map(|p| p as u32)
+                .collect(),
+        ))
     }
 }
 
@@ -516,7 +578,7 @@ impl HeadIndex for RandomIndex {
     fn append(&mut self, _key: &[f32]) -> Result<()> {
         Ok(())
     }
-    fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Vec<u32>> {
+    fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Chosen> {
         let mut rng =
             StdRng::seed_from_u64(self.seed.wrapping_mul(0x9e37_79b9).wrapping_add(ctx.step));
         let mut chosen: Vec<u32> = sample(&mut rng, ctx.candidates.len(), ctx.k)
@@ -524,7 +586,7 @@ impl HeadIndex for RandomIndex {
             .map(|i| (ctx.candidates.start + i) as u32)
             .collect();
         chosen.sort_unstable();
-        Ok(chosen)
+        Ok(Chosen::positions(chosen))
     }
 }
 
@@ -539,7 +601,7 @@ impl HeadIndex for PqIndex {
     fn stored(&self) -> StoredHead<'_> {
         StoredHead::Pq(&self.pq)
     }
-    fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Vec<u32>> {
+    fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Chosen> {
         let n = self.pq.ntotal();
         let mut all = vec![0.0f32; n];
         let mut logits = Vec::with_capacity(ctx.group() * ctx.candidates.len());
@@ -547,8 +609,7 @@ impl HeadIndex for PqIndex {
             self.pq.adc_scores(q, &mut all)?;
             logits.extend(all[ctx.candidates.clone()].iter().map(|&s| s * ctx.scale));
         }
-        let (scores, _) = aggregate(&logits, ctx.group(), ctx.aggregation);
-        Ok(ctx.top_k(&scores))
+        Ok(choose_from_logits(ctx, &logits))
     }
 }
 
@@ -644,7 +705,7 @@ impl HeadIndex for FastScanIndex {
     /// normalisers) found by a sampled threshold and an exact selection of the survivors. If
     /// fewer than `k` candidates carry any weight, the most recent others fill the budget
     /// (their weight is negligible either way).
-    fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Vec<u32>> {
+    fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Chosen> {
         let (n, g) = (self.fs.ntotal(), ctx.group());
         let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let (sums, dense) = &mut *guard;
@@ -697,32 +758,62 @@ impl HeadIndex for FastScanIndex {
                     .take(need),
             );
         }
-        if self.rerank <= 1 {
-            let mut chosen: Vec<u32> = best.into_iter().map(|i| cand.start as u32 + i).collect();
-            // Ascending already, unless weightless candidates were appended.
-            if !chosen.is_sorted() {
-                chosen.sort_unstable();
+        let rel: Vec<u32> = if self.rerank <= 1 {
+            best
+        } else {
+            let positions: Vec<u32> = best.iter().map(|&i| cand.start as u32 + i).collect();
+            let exact = ctx.exact_logits_at(&positions);
+            let mut rescored = vec![0.0f32; positions.len()];
+            for (q, &(top, z)) in norms.iter().enumerate() {
+                let logits = &exact[q * positions.len()..(q + 1) * positions.len()];
+                // p = exp(l - top) / z, as exp(l - hi) * (exp(hi - top) / z) with hi the
+                // larger of `top` and the exact logits: every exponent is then <= 0 (the
+                // straight-line exponential, vectorised), and one libm call per head.
+                let hi = logits.iter().copied().fold(top, f32::max);
+                let factor = (((hi - top) as f64).exp() / z as f64) as f32;
+                for (r, &l) in rescored.iter_mut().zip(logits) {
+                    ctx.aggregation.combine(r, exp_nonpositive(l - hi) * factor);
+                }
             }
-            return Ok(chosen);
+            select_topk_nonneg_f32(&rescored, ctx.k)
+                .into_iter()
+                .map(|j| best[j as usize])
+                .collect()
+        };
+        // The tail per head: the approximate weights of every candidate (`z`) less those of
+        // the chosen, in units of the head's largest approximate logit `top`.
+        let tail = heads
+            .iter()
+            .zip(&norms)
+            .map(|(h, &(top, z))| {
+                let taken: f32 = rel
+                    .iter()
+                    .map(|&i| {
+                        let gap = h.hi.saturating_sub(h.row[i as usize]);
+                        if gap > h.span {
+                            0.0
+                        } else {
+                            h.exp.weight(gap)
+                        }
+                    })
+                    .sum();
+                let rest = z - taken;
+                if rel.len() >= nc || rest <= 0.0 {
+                    f32::NEG_INFINITY
+                } else {
+                    top + rest.ln()
+                }
+            })
+            .collect();
+        let mut positions: Vec<u32> = rel.into_iter().map(|i| cand.start as u32 + i).collect();
+        // Ascending already without re-ranking, unless weightless candidates were appended.
+        if !positions.is_sorted() {
+            positions.sort_unstable();
         }
-        let positions: Vec<u32> = best.iter().map(|&i| cand.start as u32 + i).collect();
-        let exact = ctx.exact_logits_at(&positions);
-        let mut rescored = vec![0.0f32; positions.len()];
-        for (q, &(top, z)) in norms.iter().enumerate() {
-            let logits = &exact[q * positions.len()..(q + 1) * positions.len()];
-            // p = exp(l - top) / z, as exp(l - hi) * (exp(hi - top) / z) with hi the larger of
-            // `top` and the exact logits: every exponent is then <= 0 (the straight-line
-            // exponential, vectorised), and one libm call per head.
-            let hi = logits.iter().copied().fold(top, f32::max);
-            let factor = (((hi - top) as f64).exp() / z as f64) as f32;
-            for (r, &l) in rescored.iter_mut().zip(logits) {
-                ctx.aggregation.combine(r, exp_nonpositive(l - hi) * factor);
-            }
-        }
-        Ok(select_topk_nonneg_f32(&rescored, ctx.k)
-            .into_iter()
-            .map(|j| positions[j as usize])
-            .collect())
+        Ok(Chosen {
+            positions,
+            tail: Some(tail),
+        })
     }
 }
 
@@ -772,7 +863,7 @@ impl HeadIndex for QuestIndex {
         self.len += 1;
         Ok(())
     }
-    fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Vec<u32>> {
+    fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Chosen> {
         let (d, page) = (self.d, self.page);
         let (first, last) = (ctx.candidates.start / page, (ctx.candidates.end - 1) / page);
         let pages: Vec<usize> = (first..=last).collect();
@@ -805,7 +896,7 @@ impl HeadIndex for QuestIndex {
         chosen.sort_unstable();
         // With k < page a single page would overshoot the budget: keep its first k positions.
         chosen.truncate(ctx.k);
-        Ok(chosen)
+        Ok(Chosen::positions(chosen))
     }
 }
 
