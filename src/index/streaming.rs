@@ -44,7 +44,14 @@ impl Default for RefreshPolicy {
 
 /// An operation made while a refresh was running, replayed onto the refreshed index.
 enum LogOp {
-    Add { x: Vec<f32>, ids: Vec<i64> },
+    /// `add_auto` / `add_with_ids`: the vectors and the ids they were given.
+    Add {
+        x: Vec<f32>,
+        ids: Vec<i64>,
+    },
+    /// [`Index::add`]: the index chose the ids; a replay in log order chooses the same ones
+    /// (ids continue from the largest so far, which a refresh keeps).
+    AddOwn(Vec<f32>),
     Remove(Vec<i64>),
 }
 
@@ -119,9 +126,15 @@ impl<I: Index + Clone + 'static> StreamingIndex<I> {
         self.read().clone()
     }
 
-    /// Adds `x` with the index's own ids (see [`Index::add`]).
+    /// Adds `x` with the index's own ids (see [`Index::add`]). Logged like every other add:
+    /// a refresh running meanwhile replays it onto the index it swaps in.
     pub fn add(&self, x: &[f32]) -> Result<()> {
-        self.write().add(x)
+        let mut g = self.write();
+        g.add(x)?;
+        if let Some(log) = lock(&self.shared.log).as_mut() {
+            log.push(LogOp::AddOwn(x.to_vec()));
+        }
+        Ok(())
     }
 }
 
@@ -230,6 +243,7 @@ impl StreamingIndex<IndexIVFPQFastScan> {
         for op in log {
             match op {
                 LogOp::Add { x, ids } => fresh.add_with_ids(&x, &ids)?,
+                LogOp::AddOwn(x) => fresh.add(&x)?,
                 LogOp::Remove(ids) => {
                     fresh.remove_ids(&ids);
                 }
