@@ -50,6 +50,7 @@ pub mod index;
 pub mod io;
 pub mod ivf;
 pub mod kmeans;
+pub mod limits;
 pub mod linalg;
 pub mod metric;
 pub mod pq;

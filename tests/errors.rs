@@ -140,3 +140,96 @@ fn unreadable_and_malformed_files() {
     assert!(e.to_string().contains("unknown extension"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn huge_factors_pages_and_thread_counts_are_capped_or_refused() {
+    use pqcache::index::ivf::IndexIVFPQFastScan;
+    use pqcache::{IndexPQFastScan, RerankStorage};
+    let d = 16;
+    let x = common::uniform(600, d, 5);
+    // A re-ranking factor of 2^62 asks for k * 2^62 candidates: the pool saturates and is
+    // capped at ntotal, the search answers k real ids (it panicked on capacity overflow, or
+    // aborted on a 240 TB allocation, or returned -1 everywhere).
+    let mut fs = IndexPQFastScan::new(d, 8, Metric::L2).unwrap();
+    fs.keep_originals(RerankStorage::F32).unwrap();
+    fs.train(&x).unwrap();
+    fs.add(&x).unwrap();
+    let mut ivf = IndexIVFPQFastScan::new(d, 8, 8, Metric::L2).unwrap();
+    ivf.keep_originals(RerankStorage::F32).unwrap();
+    ivf.train(&x).unwrap();
+    ivf.add(&x).unwrap();
+    ivf.nprobe = 8;
+    for factor in [1usize << 62, usize::MAX] {
+        fs.rerank_factor = factor;
+        ivf.rerank_factor = factor;
+        for res in [
+            fs.search(&x[..d], 5).unwrap(),
+            ivf.search(&x[..d], 5).unwrap(),
+        ] {
+            assert_eq!(res.ids.len(), 5);
+            assert!(
+                res.ids.iter().all(|&id| (0..600).contains(&id)),
+                "{:?}",
+                res.ids
+            );
+            // Exact re-ranking over every vector: the query's own row is first.
+            assert_eq!(res.ids[0], 0);
+        }
+    }
+    // What the reader refuses, the writer refuses first (`build` wrote files `open` called
+    // corrupt): the error names the setting, and no file is left behind.
+    let dir = std::env::temp_dir().join(format!("pqcache-limits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("fs.pqx");
+    let err = pqcache::io::file::save(&fs, &path).unwrap_err();
+    assert!(err.to_string().contains("rerank_factor"), "{err}");
+    assert!(!path.exists());
+    ivf.rerank_factor = 4;
+    ivf.nprobe = pqcache::limits::MAX_NLIST + 1;
+    let err = pqcache::io::file::save(&ivf, &path).unwrap_err();
+    assert!(err.to_string().contains("nprobe"), "{err}");
+    ivf.nprobe = 8;
+    pqcache::io::file::save(&ivf, &path).unwrap();
+    assert!(pqcache::io::file::open(&path).is_ok());
+    std::fs::remove_dir_all(&dir).unwrap();
+    // The attention selectors: a re-rank factor or a Quest page past the limits is refused
+    // (quest:10^12 never returned: its page loop walked every position of a page).
+    use pqcache::{AttentionRetriever, AttentionShape, RetrieverConfig};
+    let shape = AttentionShape {
+        layers: 1,
+        query_heads: 2,
+        kv_heads: 1,
+        head_dim: d,
+    };
+    assert!("quest:1000000000000"
+        .parse::<pqcache::SelectorSpec>()
+        .is_err());
+    let huge_rerank = RetrieverConfig {
+        selector: "fastscan:4x4:rerank1000000000000".parse().unwrap(),
+        ..RetrieverConfig::new(shape)
+    };
+    assert!(matches!(
+        AttentionRetriever::new(huge_rerank),
+        Err(Error::InvalidArgument(_))
+    ));
+    // The largest page allowed, over a small cache, answers at once with its budget.
+    let mut r = AttentionRetriever::new(RetrieverConfig {
+        selector: format!("quest:{}", pqcache::limits::MAX_QUEST_PAGE)
+            .parse()
+            .unwrap(),
+        budget: pqcache::Budget::Tokens(100),
+        ..RetrieverConfig::new(shape)
+    })
+    .unwrap();
+    let kv: Vec<pqcache::f16> = x[..600 * d]
+        .iter()
+        .map(|&v| pqcache::f16::from_f32(v))
+        .collect();
+    r.prefill(0, &kv, &kv, &[]).unwrap();
+    let sel = r.select(0, &x[..2 * d]).unwrap();
+    assert_eq!(sel[0].len(), 100);
+    // A million threads: refused with the limit, not minutes of thread creation.
+    let err = pqcache::cli::with_threads(1_000_000, || ()).unwrap_err();
+    assert!(err.to_string().contains("1024"), "{err}");
+    assert!(ivf.set_threads(1_000_000).is_err());
+}

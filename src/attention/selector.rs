@@ -194,8 +194,13 @@ impl FromStr for SelectorSpec {
                 page: p
                     .parse()
                     .ok()
-                    .filter(|&p| p > 0)
-                    .ok_or_else(|| Error::InvalidArgument(format!("bad quest page size {p:?}")))?,
+                    .filter(|&p| p > 0 && p <= crate::limits::MAX_QUEST_PAGE)
+                    .ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "bad quest page size {p:?} (1 to {})",
+                            crate::limits::MAX_QUEST_PAGE
+                        ))
+                    })?,
             },
             _ => {
                 return Err(Error::InvalidArgument(format!(
@@ -215,8 +220,17 @@ impl SelectorSpec {
                 Nbits::from_bits(*nbits)?;
                 crate::pq::ProductQuantizer::new(d, *m, Nbits::Four).map(|_| ())
             }
-            SelectorSpec::FastScan { m, .. } => {
+            SelectorSpec::FastScan { m, rerank, .. } => {
+                crate::limits::at_most(
+                    *rerank,
+                    crate::limits::MAX_RERANK_FACTOR,
+                    "re-rank factor",
+                )?;
                 IndexPQFastScan::new(d, *m, Metric::InnerProduct).map(|_| ())
+            }
+            SelectorSpec::Quest { page } => {
+                crate::limits::at_most(*page, crate::limits::MAX_QUEST_PAGE, "quest page")
+                    .map(|_| ())
             }
             _ => Ok(()),
         }
@@ -738,7 +752,7 @@ impl HeadIndex for FastScanIndex {
         let max = ctx.aggregation == Aggregation::MaxSoftmax;
         self.softmax.combine(&heads, dense, max);
         let want = if self.rerank > 1 {
-            self.rerank * ctx.k
+            self.rerank.saturating_mul(ctx.k)
         } else {
             ctx.k
         }
@@ -888,9 +902,13 @@ impl HeadIndex for QuestIndex {
             .into_iter()
             .flat_map(|i| {
                 let p = pages[i as usize];
-                (p * page..(p + 1) * page)
-                    .filter(|pos| ctx.candidates.contains(pos))
-                    .map(|pos| pos as u32)
+                // The page's positions inside the candidate range (a range, not a walk).
+                let lo = p.saturating_mul(page).max(ctx.candidates.start);
+                let hi = p
+                    .saturating_add(1)
+                    .saturating_mul(page)
+                    .min(ctx.candidates.end);
+                (lo..hi.max(lo)).map(|pos| pos as u32)
             })
             .collect();
         chosen.sort_unstable();

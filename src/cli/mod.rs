@@ -67,6 +67,7 @@ pub fn run(cli: Cli) -> i32 {
 
 /// Runs `f` on a rayon pool of `threads` threads (0: all cores).
 pub fn with_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> crate::Result<T> {
+    crate::limits::at_most(threads, crate::limits::MAX_THREADS, "--threads")?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()

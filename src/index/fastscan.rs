@@ -526,7 +526,7 @@ impl IndexPQFastScan {
         let luts: Vec<QuantizedLut> = group.chunks(d).map(|q| self.quantized_lut(q)).collect();
         let rerank = self.rerank_factor > 1 && self.originals.is_some();
         let c = if rerank {
-            (k * self.rerank_factor).min(self.ntotal())
+            crate::limits::rerank_pool(k, self.rerank_factor, self.ntotal())
         } else {
             k
         };

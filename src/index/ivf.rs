@@ -515,6 +515,7 @@ impl IndexIVFPQFastScan {
 
     /// Runs searches on a pool of `threads` workers (0: the caller's rayon pool).
     pub fn set_threads(&mut self, threads: usize) -> Result<()> {
+        crate::limits::at_most(threads, crate::limits::MAX_THREADS, "threads")?;
         self.pool = if threads == 0 {
             None
         } else {
@@ -935,7 +936,7 @@ impl IndexIVFPQFastScan {
     /// Candidates kept per query before re-ranking.
     fn pool_size(&self, k: usize) -> usize {
         if self.rerank_factor > 1 && self.keep.is_some() {
-            k * self.rerank_factor
+            crate::limits::rerank_pool(k, self.rerank_factor, self.ntotal())
         } else {
             k
         }

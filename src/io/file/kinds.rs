@@ -31,15 +31,17 @@ use half::f16;
 use pqcache_simd::fastscan::{block_bytes, BBS};
 use std::borrow::Cow;
 
-/// Largest dimension a file may declare (bounds every product below).
-const MAX_DIM: usize = 1 << 20;
-/// Most inverted lists a file may declare.
-const MAX_NLIST: usize = 1 << 24;
+use crate::limits::{MAX_DIM, MAX_NLIST, MAX_RERANK_FACTOR};
 
 /// An index that can be written by [`super::save`].
 pub trait Persist {
     /// Kind and sections, `meta` first (borrowing the index's arrays).
     fn sections(&self) -> (IndexKind, Vec<SectionOut<'_>>);
+    /// Checks the settings against the limits the reader applies ([`crate::limits`]), so that
+    /// nothing is written that cannot be opened.
+    fn check_limits(&self) -> crate::Result<()> {
+        Ok(())
+    }
 }
 
 fn metric_word(m: Metric) -> u64 {
@@ -102,6 +104,11 @@ impl Persist for IndexPQ {
 }
 
 impl Persist for IndexPQFastScan {
+    fn check_limits(&self) -> crate::Result<()> {
+        crate::limits::at_most(self.rerank_factor, MAX_RERANK_FACTOR, "rerank_factor")?;
+        crate::limits::at_most(self.qbs, pqcache_simd::fastscan::MAX_QBS, "qbs")?;
+        Ok(())
+    }
     fn sections(&self) -> (IndexKind, Vec<SectionOut<'_>>) {
         let pq = self.pq();
         let meta = vec![
@@ -134,6 +141,11 @@ fn list_words(idx: &IndexIVFPQFastScan) -> Vec<u64> {
 }
 
 impl Persist for IndexIVFPQFastScan {
+    fn check_limits(&self) -> crate::Result<()> {
+        crate::limits::at_most(self.rerank_factor, MAX_RERANK_FACTOR, "rerank_factor")?;
+        crate::limits::at_most(self.nprobe, MAX_NLIST, "nprobe")?;
+        Ok(())
+    }
     fn sections(&self) -> (IndexKind, Vec<SectionOut<'_>>) {
         let pq = self.pq();
         let drift = self.drift();
@@ -454,7 +466,7 @@ pub(crate) fn read(r: &Reader<'_>) -> Result<AnyIndex> {
                 "codes",
                 IndexPQFastScan::from_parts(pq, metric, codes, originals),
             )?;
-            idx.rerank_factor = small(w[5], 1 << 20, "rerank_factor")?;
+            idx.rerank_factor = small(w[5], MAX_RERANK_FACTOR, "rerank_factor")?;
             idx.qbs = small(w[6], pqcache_simd::fastscan::MAX_QBS, "qbs")?.max(1);
             Ok(AnyIndex::PqFastScan(idx))
         }
@@ -553,7 +565,7 @@ fn read_ivf(r: &Reader<'_>) -> Result<AnyIndex> {
         ),
     )?;
     idx.nprobe = small(w[7], MAX_NLIST, "nprobe")?.max(1);
-    idx.rerank_factor = small(w[8], 1 << 20, "rerank_factor")?;
+    idx.rerank_factor = small(w[8], MAX_RERANK_FACTOR, "rerank_factor")?;
     idx.refresh_sample = small(w[9], usize::MAX, "refresh_sample")?;
     Ok(AnyIndex::IvfPqFastScan(idx))
 }

@@ -670,6 +670,7 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
 
 /// Saves any index atomically (see the module doc).
 pub fn save(index: &impl kinds::Persist, path: impl AsRef<Path>) -> Result<()> {
+    index.check_limits()?;
     let (kind, sections) = index.sections();
     write_sections(path.as_ref(), kind, &sections)
 }

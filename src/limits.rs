@@ -1,0 +1,41 @@
+//! The limits on every size a user or a file gives, in one table: the constructors and setters,
+//! the CLI, the index-file writer and the reader all check against these, so that nothing
+//! builds what cannot be opened, and no product of two user sizes is computed unchecked.
+//!
+//! | limit | value | bounds |
+//! |---|---|---|
+//! | [`MAX_DIM`] | 2^20 | vector dimension |
+//! | [`MAX_NLIST`] | 2^24 | inverted lists, and so `nprobe` |
+//! | [`MAX_RERANK_FACTOR`] | 2^20 | `k * factor` candidates re-ranked (then capped at `ntotal`) |
+//! | [`MAX_THREADS`] | 1024 | worker threads of one pool |
+//! | [`MAX_QUEST_PAGE`] | 2^20 | positions per Quest page |
+
+use crate::error::{Error, Result};
+
+/// Largest vector dimension.
+pub const MAX_DIM: usize = 1 << 20;
+/// Most inverted lists (and so the largest useful `nprobe`).
+pub const MAX_NLIST: usize = 1 << 24;
+/// Largest re-ranking factor.
+pub const MAX_RERANK_FACTOR: usize = 1 << 20;
+/// Most worker threads in one pool.
+pub const MAX_THREADS: usize = 1024;
+/// Largest Quest page, in positions.
+pub const MAX_QUEST_PAGE: usize = 1 << 20;
+
+/// `value` if it is at most `max`, else an error naming `what` and the limit.
+pub fn at_most(value: usize, max: usize, what: &str) -> Result<usize> {
+    if value <= max {
+        Ok(value)
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "{what} {value} is over the limit of {max}"
+        )))
+    }
+}
+
+/// Candidates kept for `k` results with a re-ranking `factor` over `ntotal` vectors:
+/// `k * factor` (saturating) capped at `ntotal`, and never fewer than `k`.
+pub fn rerank_pool(k: usize, factor: usize, ntotal: usize) -> usize {
+    k.saturating_mul(factor.max(1)).min(ntotal).max(k)
+}
