@@ -326,3 +326,30 @@ fn a_writer_killed_mid_save_leaves_the_old_or_the_new_file() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_closed_stdout_pipe_ends_the_command_quietly() {
+    // `pqcache ... | head -1`: the reader is gone before the table is printed. Unix tools end
+    // with status 0 there; `println!` panicked (status 101).
+    let data = common::dumps().join("persuasion-2048");
+    let mut child = pqcache()
+        .args(["eval-attention", "--data"])
+        .arg(&data)
+        .args([
+            "--ratios",
+            "0.1",
+            "--positions",
+            "2",
+            "--selectors",
+            "exact,window",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

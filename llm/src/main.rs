@@ -10,7 +10,7 @@ use half::f16;
 use pqcache::io::npy::{self, NpyData};
 use pqcache_llm::model::{argmax, nll};
 use pqcache_llm::{Backend, Gemma3, LlmError, Logits, Precision, PrefillOptions, Result, Session};
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -180,17 +180,7 @@ struct DumpArgs {
     no_nll: bool,
 }
 
-/// Writes to stdout; a closed pipe (`| head`) ends the program quietly, as Unix tools do.
-fn out(s: &str) {
-    let mut o = std::io::stdout().lock();
-    if let Err(e) = o.write_all(s.as_bytes()).and_then(|_| o.flush()) {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
-        }
-        eprintln!("error: stdout: {e}");
-        std::process::exit(1);
-    }
-}
+use pqcache::cli::out;
 
 fn read_ids(path: &Path) -> Result<Vec<u32>> {
     let bad = |reason: String| LlmError::InvalidArgument(format!("{}: {reason}", path.display()));

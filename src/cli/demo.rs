@@ -9,6 +9,7 @@
 //! selector's attention-output error beside the oracle's (exact top-k), and its selection time
 //! beside exact scoring's.
 
+use super::outln;
 use super::progress::Progress;
 use super::with_threads;
 use crate::attention::eval::{evaluate, EvalConfig};
@@ -89,7 +90,7 @@ fn demo(a: &DemoArgs) -> Result<()> {
     let dir = find_data(&a.data)?;
     let dump = AttentionDump::load(&dir)?;
     let (t, d) = (dump.tokens, dump.head_dim);
-    println!(
+    outln!(
         "pqcache demo: {} tokens, {} layer(s) {:?}, {} query heads per kv head, head_dim {}\n  data: {}",
         t,
         dump.layers.len(),
@@ -98,16 +99,23 @@ fn demo(a: &DemoArgs) -> Result<()> {
         d,
         dir.display()
     );
-    println!(
+    outln!(
         "  index: PQ m={} nbits={} ({} bytes per key instead of {} as f16), inner product\n",
         a.m,
         a.nbits,
         a.m * a.nbits / 8,
         2 * d
     );
-    println!(
+    outln!(
         "{:>6} {:>5} {:>6} {:>22} {:>10} {:>12} {:>12} {:>9}",
-        "layer", "head", "k", "index", "recall", "exact us/q", "index us/q", "speed-up"
+        "layer",
+        "head",
+        "k",
+        "index",
+        "recall",
+        "exact us/q",
+        "index us/q",
+        "speed-up"
     );
     for (li, &layer) in dump.layers.iter().enumerate() {
         let keys = dump.keys(li, 0);
@@ -141,7 +149,7 @@ fn demo(a: &DemoArgs) -> Result<()> {
                 for (name, index) in indexes {
                     let recall = index.search(&q32, k)?.recall_against(&truth.ids, k);
                     let us = time_search(index, &q32, d, k)?;
-                    println!(
+                    outln!(
                         "{:>6} {:>5} {:>6} {:>22} {:>10.4} {:>12.1} {:>12.1} {:>8.2}x",
                         layer,
                         head,
@@ -156,7 +164,7 @@ fn demo(a: &DemoArgs) -> Result<()> {
             }
         }
     }
-    println!(
+    outln!(
         "\nrecall: overlap with the exact top-k by inner product. At {t} tokens exact scoring of f16 \
          keys is only {} multiply-adds per query, so compressed search cannot win on time here; \
          it pays from tens of thousands of tokens (cargo bench --bench fastscan; \
@@ -179,7 +187,7 @@ fn attention_table(dump: &AttentionDump, positions: usize) -> Result<()> {
         sink: 32,
         aggregation: Aggregation::SumSoftmax,
     };
-    println!(
+    outln!(
         "\nsparse attention, budget 10 % of the context (sink 32 + recent window + retrieved), \
          {positions} decode positions in [T/2, T), indexes trained on [0, T/2) and fed each \
          decoded key:\n"
@@ -189,12 +197,18 @@ fn attention_table(dump: &AttentionDump, positions: usize) -> Result<()> {
         .iter()
         .find(|r| r.selector == "exact")
         .map_or(1.0, |r| r.select_us_per_step);
-    println!(
+    outln!(
         "{:>24} {:>8} {:>8} {:>8} {:>11} {:>11} {:>12}",
-        "selector", "mass", "recall", "err", "err/oracle", "select us", "vs exact"
+        "selector",
+        "mass",
+        "recall",
+        "err",
+        "err/oracle",
+        "select us",
+        "vs exact"
     );
     for r in &rows {
-        println!(
+        outln!(
             "{:>24} {:>8.4} {:>8.4} {:>8.4} {:>11.3} {:>11.1} {:>11.2}x",
             r.selector,
             r.mass,
@@ -205,7 +219,7 @@ fn attention_table(dump: &AttentionDump, positions: usize) -> Result<()> {
             exact_us / r.select_us_per_step.max(1e-9)
         );
     }
-    println!(
+    outln!(
         "\nmass: full-attention probability of the attended set; err: ||o_S - o|| / ||o||; \
          recall: overlap with the exact top-k; vs exact: exact scoring time over selection time."
     );

@@ -3,6 +3,7 @@
 //! Prints one JSON object with exactly the keys of `../shared/peers/faiss_bench.py`, so that
 //! the two can be compared field by field (`benches/vs_faiss.sh`).
 
+use super::outln;
 use super::progress::Progress;
 use super::with_threads;
 use crate::error::{Error, Result};
@@ -227,12 +228,12 @@ pub struct EvalReport {
 pub fn run(a: &EvalArgs) -> Result<()> {
     let report = with_threads(a.threads, || evaluate(a))??;
     if a.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string(&report).expect("report serialises")
         );
     } else {
-        println!(
+        outln!(
             "{} n={} d={} m={} nbits={} k={} qbs={} metric={} threads={}\n  train {:.3} s, add {:.3} s, search {:.1} us/query ({:.3} ns/code/query), recall@{} = {:.4}",
             report.index, report.n, report.d, report.m, report.nbits, report.k, report.qbs, report.metric,
             report.threads, report.train_s, report.add_s, report.search_us_per_query,

@@ -1,6 +1,7 @@
 //! `pqcache eval-attention`: sparse attention fidelity on an attention dump, per budget ratio
 //! and selector (the protocol of [`crate::attention::eval`]).
 
+use super::outln;
 use super::with_threads;
 use crate::attention::eval::{evaluate, EvalConfig, EvalRow};
 use crate::attention::selector::{Aggregation, SelectorSpec};
@@ -74,9 +75,9 @@ pub fn run(a: &EvalAttentionArgs) -> Result<()> {
     let dump = AttentionDump::load(&a.data)?;
     let rows = with_threads(a.threads, || evaluate(&dump, &cfg))??;
     if a.json {
-        println!("{}", serde_json::json!({ "rows": rows }));
+        outln!("{}", serde_json::json!({ "rows": rows }));
     } else {
-        println!(
+        outln!(
             "{}: {} tokens, layers {:?}, {} query heads / {} kv heads, head_dim {}, {} positions per layer",
             a.data.display(),
             dump.tokens,
@@ -93,12 +94,19 @@ pub fn run(a: &EvalAttentionArgs) -> Result<()> {
 
 /// Prints rows as a table.
 pub fn print_table(rows: &[EvalRow]) {
-    println!(
+    outln!(
         "{:>6} {:>24} {:>8} {:>8} {:>8} {:>10} {:>10} {:>12}",
-        "ratio", "selector", "mass", "recall", "err", "oracle_err", "err/oracle", "select us"
+        "ratio",
+        "selector",
+        "mass",
+        "recall",
+        "err",
+        "oracle_err",
+        "err/oracle",
+        "select us"
     );
     for r in rows {
-        println!(
+        outln!(
             "{:>6} {:>24} {:>8.4} {:>8.4} {:>8.4} {:>10.4} {:>10.3} {:>12.1}",
             r.ratio,
             r.selector,

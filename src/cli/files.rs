@@ -1,6 +1,7 @@
 //! `pqcache build`, `search` and `info`: index files from the command line.
 
 use super::eval::IndexOptions;
+use super::outln;
 use super::progress::Progress;
 use super::with_threads;
 use crate::error::{Error, Result};
@@ -114,7 +115,7 @@ pub fn search(a: &SearchArgs) -> Result<()> {
         let rows = |v: &[f32]| -> Vec<Vec<f32>> { v.chunks(a.k).map(<[f32]>::to_vec).collect() };
         let ids: Vec<Vec<i64>> = res.ids.chunks(a.k).map(<[i64]>::to_vec).collect();
         let out = serde_json::json!({"ids": ids, "distances": rows(&res.distances)});
-        println!("{out}");
+        outln!("{out}");
     } else {
         for qi in 0..res.nq {
             let line: Vec<String> = res
@@ -123,7 +124,7 @@ pub fn search(a: &SearchArgs) -> Result<()> {
                 .zip(res.distances_of(qi))
                 .map(|(id, d)| format!("{id}:{d}"))
                 .collect();
-            println!("{qi}\t{}", line.join(" "));
+            outln!("{qi}\t{}", line.join(" "));
         }
     }
     Ok(())
@@ -169,19 +170,19 @@ pub fn info(a: &InfoArgs) -> Result<()> {
             .collect();
         obj.insert("sections".into(), secs.into());
         obj.insert("verified".into(), a.verify.into());
-        println!("{}", serde_json::Value::Object(obj));
+        outln!("{}", serde_json::Value::Object(obj));
     } else {
-        println!(
+        outln!(
             "{}: pqcache index, format version {}",
             a.file.display(),
             layout.version
         );
         for (k, v) in &params {
-            println!("  {k:14} {v}");
+            outln!("  {k:14} {v}");
         }
-        println!("  {:14} {} bytes", "file", layout.file_len);
+        outln!("  {:14} {} bytes", "file", layout.file_len);
         for s in &layout.sections {
-            println!(
+            outln!(
                 "  section {:16} {:>12} bytes at {}",
                 s.tag.name(),
                 s.len,
@@ -189,7 +190,7 @@ pub fn info(a: &InfoArgs) -> Result<()> {
             );
         }
         if a.verify {
-            println!("  verified: every checksum and invariant holds");
+            outln!("  verified: every checksum and invariant holds");
         }
     }
     Ok(())

@@ -65,6 +65,28 @@ pub fn run(cli: Cli) -> i32 {
     }
 }
 
+/// Writes to stdout; a closed pipe (`| head`) ends the program quietly with status 0, as
+/// Unix tools do (`println!` panics there). Any other write error exits with status 1.
+pub fn out(s: &str) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_all(s.as_bytes()).and_then(|_| o.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` through [`out`].
+macro_rules! outln {
+    ($($t:tt)*) => {
+        $crate::cli::out(&format!("{}\n", format_args!($($t)*)))
+    };
+}
+pub(crate) use outln;
+
 /// Runs `f` on a rayon pool of `threads` threads (0: all cores).
 pub fn with_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> crate::Result<T> {
     crate::limits::at_most(threads, crate::limits::MAX_THREADS, "--threads")?;
