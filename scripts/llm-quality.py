@@ -8,7 +8,7 @@ same budget and options), top-1 agreement and decode ms/token; per passkey cell 
 passed. With `--plot OUT.png` (needs matplotlib) it draws KL against the budget per method,
 one panel per text, log scales.
 
-usage: llm-quality.py [--plot OUT.png] [--passkey PASSKEY.json] NAME=PPL.json ...
+usage: llm-quality.py [--plot OUT.png] [--passkey PASSKEY.json] NAME=PPL.json[,MORE.json] ...
 (scripts/llm-quality.sh runs the commands and this script.)
 """
 import argparse
@@ -17,9 +17,18 @@ import math
 
 
 def load(spec):
-    name, path = spec.split("=", 1)
-    with open(path) as f:
-        return name, json.load(f)
+    """`NAME=A.json[,B.json...]`: runs of the same text and protocol, rows merged (dense
+    from the first)."""
+    name, paths = spec.split("=", 1)
+    merged = None
+    for path in paths.split(","):
+        with open(path) as f:
+            d = json.load(f)
+        if merged is None:
+            merged = d
+        else:
+            merged["rows"] += [r for r in d["rows"] if r["attention"] != "dense"]
+    return name, merged
 
 
 def oracle_of(attention):
@@ -98,6 +107,10 @@ def plot(texts, path):
             ax.plot([100 * b for b, _ in pts], [k for _, k in pts], style, marker="o", label=m)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        budgets = sorted({100 * r["budget"] for r in d["rows"] if r["attention"] != "dense"})
+        ax.set_xticks(budgets)
+        ax.set_xticks([], minor=True)
+        ax.set_xticklabels([f"{b:g}" for b in budgets])
         ax.set_xlabel("budget (% of the context)")
         ax.set_ylabel("KL(dense || method), nats/token")
         ax.set_title(f"{name}, {d['tokens']} tokens")

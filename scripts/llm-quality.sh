@@ -7,7 +7,7 @@
 # TEXTS_DIR holds the texts `../shared/tools/qkdump/setup.sh` extracts (emma.txt,
 # northangerabbey.txt, python_reference.txt, sensesensibility.txt, ...). TOKENS (16384) and
 # DECODED (512) set each perplexity run: the first TOKENS - DECODED tokens are one dense
-# prefill, shared by every method (Session::fork). About 10 minutes per text on 2 cores.
+# prefill, shared by every method (Session::fork). About 12 minutes per text on 2 cores.
 # The plot needs matplotlib (a venv with `pip install matplotlib`; PYTHON names it).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -20,7 +20,7 @@ mkdir -p "$out" "$here/docs"
 model="$("$here/scripts/fetch-gemma.sh" | tail -n 1)"
 cargo build --release -p pqcache-llm --manifest-path "$here/Cargo.toml"
 bin="$here/target/release/pqcache-llm"
-methods="exact,exact+notail,fastscan:64x4,fastscan:64x4+notail,pq:2x6,quest:16,window"
+methods="exact,exact+notail,fastscan:64x4,fastscan:64x4+notail,pq:2x6,pq:2x6+notail,quest:16,window"
 args=()
 for t in emma northangerabbey python_reference; do
   "$bin" perplexity --model "$model" --text "$texts/$t.txt" --tokens "$tokens" \
@@ -33,4 +33,5 @@ done
   --attention dense,exact,fastscan:64x4,pq:2x6,quest:16,window --budgets 0.1,0.05,0.02 \
   --json > "$out/passkey.json"
 "$python" "$here/scripts/llm-quality.py" --passkey "$out/passkey.json" \
-  --plot "$here/docs/llm-kl.png" "${args[@]}"
+  --plot "$here/docs/llm-kl.png" "${args[@]}" > "$here/docs/llm-quality.md"
+echo "tables: docs/llm-quality.md, plot: docs/llm-kl.png"

@@ -233,3 +233,42 @@ fn huge_factors_pages_and_thread_counts_are_capped_or_refused() {
     assert!(err.to_string().contains("1024"), "{err}");
     assert!(ivf.set_threads(1_000_000).is_err());
 }
+
+#[test]
+fn finite_values_that_overflow_a_distance_or_f16_storage_are_refused() {
+    // A row of 1e38 is finite, but its squared distance to anything is infinite (or NaN), and
+    // it ranked first for every L2 query with distance 0; in f16 storage anything above 65504
+    // became infinity. Both are refused at add (and as queries), with the row named.
+    let d = 8;
+    let mut x = common::uniform(100, d, 3);
+    let mut flat = IndexFlat::new(d, Metric::L2).unwrap();
+    flat.add(&x).unwrap();
+    let huge = vec![1e38f32; d];
+    let err = flat.add(&huge).unwrap_err();
+    assert!(err.to_string().contains("squared norm"), "{err}");
+    assert!(matches!(
+        flat.search(&huge, 1),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert_eq!(flat.ntotal(), 100, "nothing added by the failed call");
+    // 1e5 fits f32 distances but not f16 storage.
+    x[3 * d + 2] = 1e5;
+    let mut f16_flat = IndexFlat::new_f16(d, Metric::L2).unwrap();
+    let err = f16_flat.add(&x).unwrap_err();
+    assert!(err.to_string().contains("row 3 column 2"), "{err}");
+    assert_eq!(f16_flat.ntotal(), 0);
+    let mut ivf = pqcache::index::ivf::IndexIVFPQFastScan::new(d, 4, 4, Metric::L2).unwrap();
+    ivf.keep_originals(pqcache::RerankStorage::F16).unwrap();
+    ivf.train(&common::uniform(400, d, 4)).unwrap();
+    assert!(ivf.add(&x).is_err());
+    assert_eq!(ivf.ntotal(), 0);
+    let mut fs = pqcache::IndexPQFastScan::new(d, 4, Metric::L2).unwrap();
+    fs.keep_originals(pqcache::RerankStorage::F16).unwrap();
+    fs.train(&common::uniform(400, d, 4)).unwrap();
+    assert!(fs.add(&x).is_err());
+    assert_eq!(fs.ntotal(), 0);
+    // The same rows are fine where they fit: f32 storage takes 1e5.
+    flat.add(&x).unwrap();
+    let res = flat.search(&x[..d], 1).unwrap();
+    assert_eq!(res.ids[0], 0);
+}

@@ -625,6 +625,10 @@ impl Index for IndexPQFastScan {
         self.pq.train(x, &self.train_config)
     }
     fn add(&mut self, x: &[f32]) -> Result<()> {
+        if let Some(orig) = &self.originals {
+            check_vectors(x, self.pq.dim(), "vectors")?;
+            orig.check(x, self.pq.dim())?;
+        }
         // compute_codes answers NotTrained for an untrained quantizer.
         let codes = self.pq.compute_codes(x)?;
         for code in codes.chunks_exact(self.pq.m()) {

@@ -50,7 +50,15 @@ impl FlatStorage {
         self.len() == 0
     }
 
-    /// Appends validated f32 rows (rounded to f16 in f16 storage).
+    /// Checks that `x` (rows of `d`) can be stored: f16 storage holds `|v| <= 65504` only.
+    pub fn check(&self, x: &[f32], d: usize) -> Result<()> {
+        match self {
+            FlatStorage::F32(_) => Ok(()),
+            FlatStorage::F16(_) => super::check_f16_range(x, d, "vectors"),
+        }
+    }
+
+    /// Appends validated f32 rows (rounded to f16 in f16 storage; see [`FlatStorage::check`]).
     pub fn extend(&mut self, x: &[f32]) {
         match self {
             FlatStorage::F32(v) => v.to_mut().extend_from_slice(x),
@@ -304,6 +312,7 @@ impl Index for IndexFlat {
     }
     fn add(&mut self, x: &[f32]) -> Result<()> {
         let n = check_vectors(x, self.d, "vectors")?;
+        self.storage.check(x, self.d)?;
         self.storage.extend(x);
         self.update_norms(n);
         Ok(())

@@ -604,6 +604,9 @@ impl IndexIVFPQFastScan {
             return Err(Error::NotTrained);
         }
         let n = check_vectors(x, self.pq.dim(), "vectors")?;
+        if self.originals_storage() == Some(RerankStorage::F16) {
+            super::check_f16_range(x, self.pq.dim(), "vectors")?;
+        }
         if ids.len() != n {
             return Err(Error::DimensionMismatch {
                 expected: n,

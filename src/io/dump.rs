@@ -75,11 +75,11 @@ impl AttentionDump {
                 format!("q shape {qs:?} does not match k shape {ks:?}"),
             ));
         }
-        if ks[1] == 0 || qs[1] % ks[1] != 0 {
+        if ks[1] == 0 || qs[1] == 0 || qs[1] % ks[1] != 0 {
             return Err(Error::format(
                 dir,
                 format!(
-                    "{} query heads cannot be grouped over {} kv heads",
+                    "{} query heads cannot be grouped over {} kv heads (both must be positive)",
                     qs[1], ks[1]
                 ),
             ));
