@@ -455,3 +455,159 @@ mod attention_cache {
         }
     }
 }
+
+/// Adds up the bytes allocated by threads that opted in (this file's tests run in parallel:
+/// only the crafted-file test's own thread is tracked).
+struct Tracking;
+
+thread_local! {
+    static TRACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+static LARGEST: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+// SAFETY: every call forwards to the system allocator with the caller's layout; the only
+// addition is a relaxed atomic add and a thread-local read, which neither allocate nor unwind.
+unsafe impl std::alloc::GlobalAlloc for Tracking {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if TRACK.with(|t| t.get()) {
+            LARGEST.fetch_add(layout.size(), std::sync::atomic::Ordering::Relaxed);
+        }
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: `ptr` came from `alloc` above, with this layout.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Tracking = Tracking;
+
+/// `bytes` with word `i` of the meta section set to `value` and every CRC recomputed (the
+/// meta section's, the table's in the header and footer, the header's): a crafted file.
+fn with_meta_word(bytes: &[u8], i: usize, value: u64) -> Option<Vec<u8>> {
+    let mut b = bytes.to_vec();
+    let n = u32::from_le_bytes(b[20..24].try_into().unwrap()) as usize;
+    let entry = (0..n).map(|s| 64 + 32 * s).find(|&e| {
+        u32::from_le_bytes(b[e..e + 4].try_into().unwrap()) == 1 // Tag::Meta
+    })?;
+    let off = u64::from_le_bytes(b[entry + 8..entry + 16].try_into().unwrap()) as usize;
+    let len = u64::from_le_bytes(b[entry + 16..entry + 24].try_into().unwrap()) as usize;
+    if 8 * i + 8 > len {
+        return None;
+    }
+    b[off + 8 * i..off + 8 * i + 8].copy_from_slice(&value.to_le_bytes());
+    let crc = crc32fast::hash(&b[off..off + len]);
+    b[entry + 24..entry + 28].copy_from_slice(&crc.to_le_bytes());
+    let table_crc = crc32fast::hash(&b[64..64 + 32 * n]);
+    b[32..36].copy_from_slice(&table_crc.to_le_bytes());
+    let header_crc = crc32fast::hash(&b[..60]);
+    b[60..64].copy_from_slice(&header_crc.to_le_bytes());
+    let l = b.len();
+    b[l - 8..l - 4].copy_from_slice(&header_crc.to_le_bytes());
+    b[l - 4..].copy_from_slice(&table_crc.to_le_bytes());
+    Some(b)
+}
+
+#[test]
+fn crafted_meta_counts_give_typed_errors_without_allocating_from_them() {
+    // Every word of every kind's meta section (the attention cache's included) set to sizes
+    // a crafted file could claim, CRCs recomputed so that only the reader's own checks stand
+    // between the claim and an allocation: each load gives a typed error (or a valid index,
+    // where the word is not a size), and no load allocates more than 64 MB in all for files
+    // of a few KB (a claimed 65536 x 65536 heads allocated 343 GB before).
+    let mut files: Vec<(String, Vec<u8>)> = every_kind(8, 40)
+        .into_iter()
+        .map(|(name, idx)| (name.to_string(), file::to_bytes(&idx).unwrap()))
+        .collect();
+    let path = tmp("crafted-attention.pqc");
+    file::save(&golden_attention(), &path).unwrap();
+    files.push(("attention".into(), std::fs::read(&path).unwrap()));
+    let values = [
+        0u64,
+        1 << 16,
+        1 << 20,
+        1 << 24,
+        u32::MAX as u64,
+        1 << 32,
+        1 << 40,
+        i64::MAX as u64,
+        u64::MAX,
+    ];
+    let mut crafted = 0;
+    for (name, bytes) in &files {
+        for i in 0.. {
+            let Some(probe) = with_meta_word(bytes, i, 0) else {
+                break;
+            };
+            // The crafting itself is sound: writing a word's own value back loads.
+            let own = with_meta_word(bytes, i, 0).map(|_| {
+                let info = file::parse_layout(bytes).unwrap();
+                let s = info.section(file::Tag::Meta).unwrap();
+                u64::from_le_bytes(
+                    bytes[s.offset + 8 * i..s.offset + 8 * i + 8]
+                        .try_into()
+                        .unwrap(),
+                )
+            });
+            drop(probe);
+            let same = with_meta_word(bytes, i, own.unwrap()).unwrap();
+            let ok = if name == "attention" {
+                file::load_attention_bytes(&same).map(|_| ())
+            } else {
+                file::load_bytes(&same).map(|_| ())
+            };
+            assert!(
+                ok.is_ok(),
+                "{name}: word {i} rewritten with its own value: {ok:?}"
+            );
+            for &v in &values {
+                let b = with_meta_word(bytes, i, v).unwrap();
+                LARGEST.store(0, std::sync::atomic::Ordering::Relaxed);
+                TRACK.with(|t| t.set(true));
+                let r = if name == "attention" {
+                    file::load_attention_bytes(&b).map(|_| ())
+                } else {
+                    file::load_bytes(&b).map(|_| ())
+                };
+                TRACK.with(|t| t.set(false));
+                let largest = LARGEST.load(std::sync::atomic::Ordering::Relaxed);
+                assert!(
+                    largest <= 64 << 20,
+                    "{name}: meta word {i} = {v}: {largest} bytes allocated ({r:?})"
+                );
+                crafted += 1;
+            }
+        }
+    }
+    // Pairs of words at once (the attention cache's layers x kv_heads x head_dim are only
+    // dangerous together).
+    for (name, bytes) in &files {
+        let words = (0..)
+            .take_while(|&i| with_meta_word(bytes, i, 0).is_some())
+            .count();
+        for i in 0..words {
+            for j in i + 1..words {
+                for v in [1u64 << 8, 1 << 10, 1 << 16, 1 << 20] {
+                    let b = with_meta_word(&with_meta_word(bytes, i, v).unwrap(), j, v).unwrap();
+                    LARGEST.store(0, std::sync::atomic::Ordering::Relaxed);
+                    TRACK.with(|t| t.set(true));
+                    let r = if name == "attention" {
+                        file::load_attention_bytes(&b).map(|_| ())
+                    } else {
+                        file::load_bytes(&b).map(|_| ())
+                    };
+                    TRACK.with(|t| t.set(false));
+                    let largest = LARGEST.load(std::sync::atomic::Ordering::Relaxed);
+                    assert!(
+                        largest <= 64 << 20,
+                        "{name}: meta words {i}, {j} = {v}: {largest} bytes allocated ({r:?})"
+                    );
+                    crafted += 1;
+                }
+            }
+        }
+    }
+    assert!(crafted > 500, "{crafted} crafted files");
+}

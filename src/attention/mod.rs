@@ -135,6 +135,9 @@ impl AttentionShape {
 pub const MAX_HEAD_STATES: usize = 1 << 20;
 /// Largest `head_dim`.
 pub const MAX_HEAD_DIM: usize = 1 << 16;
+/// Most `layers * kv_heads * head_dim`: each head keeps `2 * head_dim` f64 of statistics
+/// from the start (1 GB at this limit; a 405B-parameter model needs 2^17).
+pub const MAX_HEAD_ELEMS: usize = 1 << 26;
 
 /// Settings of an [`AttentionRetriever`]. Build with [`RetrieverConfig::new`] and change
 /// fields by name: `RetrieverConfig { budget: Budget::Ratio(0.05), ..RetrieverConfig::new(shape) }`.
@@ -210,11 +213,12 @@ impl RetrieverConfig {
             )));
         }
         match s.layers.checked_mul(s.kv_heads) {
-            Some(n) if n <= MAX_HEAD_STATES => {}
+            Some(n) if n <= MAX_HEAD_STATES && n.saturating_mul(s.head_dim) <= MAX_HEAD_ELEMS => {}
             _ => {
                 return Err(Error::InvalidArgument(format!(
-                    "layers x kv_heads = {} x {} is over the limit of {MAX_HEAD_STATES} heads",
-                    s.layers, s.kv_heads
+                    "layers x kv_heads x head_dim = {} x {} x {} is over the limits of \
+                     {MAX_HEAD_STATES} heads and {MAX_HEAD_ELEMS} head elements",
+                    s.layers, s.kv_heads, s.head_dim
                 )))
             }
         }

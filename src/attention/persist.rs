@@ -37,6 +37,9 @@ const NO_WINDOW: u64 = u64::MAX;
 /// Bounds on what a file may declare.
 const MAX_HEADS: usize = 1 << 16;
 const MAX_DIM: usize = 1 << 16;
+/// `heads * head_dim` a file may declare whatever its keys (an empty cache of this size is
+/// 16 MB of head states).
+const MIN_HEAD_STATE_ELEMS: usize = 1 << 20;
 
 impl Persist for AttentionRetriever {
     fn sections(&self) -> (IndexKind, Vec<SectionOut<'_>>) {
@@ -175,8 +178,31 @@ pub(crate) fn read(r: &Reader<'_>) -> Result<AttentionRetriever> {
     cfg.scale = f32::from_bits(small(w[9], u32::MAX as usize, "scale")? as u32);
     cfg.selector = spec.clone();
     let (layers, h, d) = (cfg.shape.layers, cfg.shape.kv_heads, cfg.shape.head_dim);
-    let mut ret = AttentionRetriever::new(cfg).map_err(|e| corrupt("meta", e.to_string()))?;
     let nheads = checked(layers, h)?;
+    // Counts from the meta must be backed by bytes before anything is allocated from them:
+    // the lists section holds two words per head, and each head's state takes `2 d` f64
+    // (query energy, value sums) however few positions it holds, so `heads * d` is bounded
+    // by the file's keys and values (4 bytes per element and position) or a small floor.
+    if r.count(Tag::Lists) != Some(checked(nheads, 2)?) {
+        return Err(corrupt(
+            "lists",
+            format!("the section does not hold two words for each of {nheads} heads"),
+        ));
+    }
+    let backed = r
+        .count(Tag::Keys)
+        .unwrap_or(0)
+        .saturating_add(r.count(Tag::Values).unwrap_or(0))
+        .max(MIN_HEAD_STATE_ELEMS);
+    if checked(nheads, d)? > backed {
+        return Err(corrupt(
+            "meta",
+            format!(
+                "{nheads} heads of dimension {d} are more than the file's keys and values back"
+            ),
+        ));
+    }
+    let mut ret = AttentionRetriever::new(cfg).map_err(|e| corrupt("meta", e.to_string()))?;
     let words: Vec<u64> = r.vec(Tag::Lists)?;
     if words.len() != checked(nheads, 2)? {
         return Err(corrupt(
