@@ -115,9 +115,10 @@ def plot(texts, path):
         ax.set_ylabel("KL(dense || method), nats/token")
         ax.set_title(f"{name}, {d['tokens']} tokens")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("Gemma-3-270M: next-token KL to full attention")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.suptitle("Gemma-3-270M: next-token KL to full attention (dashed: no tail term)")
+    fig.tight_layout(rect=(0, 0, 0.87, 1))
     fig.savefig(path, dpi=110)
 
 

@@ -461,43 +461,52 @@ impl Chosen {
 }
 
 /// `ln sum exp` of each query row of `logits` (`group` rows over the candidates) over the
-/// candidates whose offsets are not in `chosen` (ascending offsets into the rows).
-fn tail_log_mass(logits: &[f32], group: usize, chosen: &[u32]) -> Vec<f32> {
-    let n = logits.len() / group.max(1);
-    let mut taken = vec![false; n];
-    for &c in chosen {
-        taken[c as usize] = true;
-    }
-    logits
-        .chunks_exact(n.max(1))
-        .take(group)
-        .map(|row| {
-            let max = row
-                .iter()
-                .zip(&taken)
-                .filter(|(_, &t)| !t)
-                .map(|(&l, _)| l)
-                .fold(f32::NEG_INFINITY, f32::max);
-            if max == f32::NEG_INFINITY {
+/// candidates whose offsets are not in `chosen`: the row's whole sum (`norms`: per row, the
+/// max and the sum of `exp(l - max)`, as [`aggregate`] returns them) less the chosen terms,
+/// so that only the `k` chosen are exponentiated again. `-inf` when every candidate is chosen.
+fn tail_log_mass(logits: &[f32], norms: &[(f32, f32)], chosen: &[u32]) -> Vec<f32> {
+    let n = logits.len() / norms.len().max(1);
+    norms
+        .iter()
+        .zip(logits.chunks_exact(n.max(1)))
+        .map(|(&(max, total), row)| {
+            if chosen.len() >= n {
                 return f32::NEG_INFINITY;
             }
-            let sum: f32 = row
+            let chosen_terms: Vec<f32> = chosen
                 .iter()
-                .zip(&taken)
-                .filter(|(_, &t)| !t)
-                .map(|(&l, _)| exp_nonpositive(l - max))
-                .sum();
-            max + sum.ln()
+                .map(|&c| exp_nonpositive(row[c as usize] - max))
+                .collect();
+            let taken = lane_sum(&chosen_terms);
+            let rest = total - taken;
+            if rest > 0.0 {
+                max + rest.ln()
+            } else {
+                f32::NEG_INFINITY
+            }
         })
         .collect()
+}
+
+/// `sum(x)` over 16 lanes (vectorises; a plain f32 `sum` is one sequential chain).
+fn lane_sum(x: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += v;
+        }
+    }
+    lanes.iter().sum::<f32>() + rest
 }
 
 /// The choice from per-query logits over the candidates (exact or a selector's estimate):
 /// aggregated, top `k`, with the tail estimated from the same logits.
 fn choose_from_logits(ctx: &ChooseContext<'_>, logits: &[f32]) -> Chosen {
-    let (scores, _) = aggregate(logits, ctx.group(), ctx.aggregation);
+    let (scores, norms) = aggregate(logits, ctx.group(), ctx.aggregation);
     let rel = select_topk_nonneg_f32(&scores, ctx.k);
-    let tail = tail_log_mass(logits, ctx.group(), &rel);
+    let tail = tail_log_mass(logits, &norms, &rel);
     Chosen {
         positions: rel
             .into_iter()
@@ -796,21 +805,26 @@ impl HeadIndex for FastScanIndex {
         };
         // The tail per head: the approximate weights of every candidate (`z`) less those of
         // the chosen, in units of the head's largest approximate logit `top`.
+        let mut gaps = vec![0.0f32; rel.len()];
         let tail = heads
             .iter()
             .zip(&norms)
-            .map(|(h, &(top, z))| {
-                let taken: f32 = rel
-                    .iter()
-                    .map(|&i| {
-                        let gap = h.hi.saturating_sub(h.row[i as usize]);
-                        if gap > h.span {
-                            0.0
-                        } else {
-                            h.exp.weight(gap)
-                        }
-                    })
-                    .sum();
+            .zip(&tables)
+            .map(|((h, &(top, z)), table)| {
+                // The chosen weights `exp(-step * gap)`, gathered then exponentiated in one
+                // vectorised pass (beyond the span a weight is 0, as in the scan's sums).
+                let step = ctx.scale * table.delta;
+                for (g, &i) in gaps.iter_mut().zip(&rel) {
+                    let gap = h.hi.saturating_sub(h.row[i as usize]);
+                    *g = if gap > h.span {
+                        f32::INFINITY
+                    } else {
+                        gap as f32
+                    };
+                }
+                gaps.iter_mut()
+                    .for_each(|g| *g = exp_nonpositive(-step * *g));
+                let taken = lane_sum(&gaps);
                 let rest = z - taken;
                 if rel.len() >= nc || rest <= 0.0 {
                     f32::NEG_INFINITY
