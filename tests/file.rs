@@ -463,14 +463,14 @@ struct Tracking;
 thread_local! {
     static TRACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
-static LARGEST: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static ALLOCATED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 // SAFETY: every call forwards to the system allocator with the caller's layout; the only
 // addition is a relaxed atomic add and a thread-local read, which neither allocate nor unwind.
 unsafe impl std::alloc::GlobalAlloc for Tracking {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
         if TRACK.with(|t| t.get()) {
-            LARGEST.fetch_add(layout.size(), std::sync::atomic::Ordering::Relaxed);
+            ALLOCATED.fetch_add(layout.size(), std::sync::atomic::Ordering::Relaxed);
         }
         // SAFETY: the caller's contract is the system allocator's.
         unsafe { std::alloc::System.alloc(layout) }
@@ -508,6 +508,20 @@ fn with_meta_word(bytes: &[u8], i: usize, value: u64) -> Option<Vec<u8>> {
     b[l - 8..l - 4].copy_from_slice(&header_crc.to_le_bytes());
     b[l - 4..].copy_from_slice(&table_crc.to_le_bytes());
     Some(b)
+}
+
+/// Loads `bytes` as an attention cache (`name == "attention"`) or an index; the result and
+/// the bytes allocated on this thread meanwhile.
+fn tracked_load(name: &str, bytes: &[u8]) -> (pqcache::Result<()>, usize) {
+    ALLOCATED.store(0, std::sync::atomic::Ordering::Relaxed);
+    TRACK.with(|t| t.set(true));
+    let r = if name == "attention" {
+        file::load_attention_bytes(bytes).map(|_| ())
+    } else {
+        file::load_bytes(bytes).map(|_| ())
+    };
+    TRACK.with(|t| t.set(false));
+    (r, ALLOCATED.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 #[test]
@@ -552,30 +566,16 @@ fn crafted_meta_counts_give_typed_errors_without_allocating_from_them() {
                 )
             });
             drop(probe);
-            let same = with_meta_word(bytes, i, own.unwrap()).unwrap();
-            let ok = if name == "attention" {
-                file::load_attention_bytes(&same).map(|_| ())
-            } else {
-                file::load_bytes(&same).map(|_| ())
-            };
+            let (ok, _) = tracked_load(name, &with_meta_word(bytes, i, own.unwrap()).unwrap());
             assert!(
                 ok.is_ok(),
                 "{name}: word {i} rewritten with its own value: {ok:?}"
             );
             for &v in &values {
-                let b = with_meta_word(bytes, i, v).unwrap();
-                LARGEST.store(0, std::sync::atomic::Ordering::Relaxed);
-                TRACK.with(|t| t.set(true));
-                let r = if name == "attention" {
-                    file::load_attention_bytes(&b).map(|_| ())
-                } else {
-                    file::load_bytes(&b).map(|_| ())
-                };
-                TRACK.with(|t| t.set(false));
-                let largest = LARGEST.load(std::sync::atomic::Ordering::Relaxed);
+                let (r, allocated) = tracked_load(name, &with_meta_word(bytes, i, v).unwrap());
                 assert!(
-                    largest <= 64 << 20,
-                    "{name}: meta word {i} = {v}: {largest} bytes allocated ({r:?})"
+                    allocated <= 64 << 20,
+                    "{name}: meta word {i} = {v}: {allocated} bytes allocated ({r:?})"
                 );
                 crafted += 1;
             }
@@ -591,18 +591,10 @@ fn crafted_meta_counts_give_typed_errors_without_allocating_from_them() {
             for j in i + 1..words {
                 for v in [1u64 << 8, 1 << 10, 1 << 16, 1 << 20] {
                     let b = with_meta_word(&with_meta_word(bytes, i, v).unwrap(), j, v).unwrap();
-                    LARGEST.store(0, std::sync::atomic::Ordering::Relaxed);
-                    TRACK.with(|t| t.set(true));
-                    let r = if name == "attention" {
-                        file::load_attention_bytes(&b).map(|_| ())
-                    } else {
-                        file::load_bytes(&b).map(|_| ())
-                    };
-                    TRACK.with(|t| t.set(false));
-                    let largest = LARGEST.load(std::sync::atomic::Ordering::Relaxed);
+                    let (r, allocated) = tracked_load(name, &b);
                     assert!(
-                        largest <= 64 << 20,
-                        "{name}: meta words {i}, {j} = {v}: {largest} bytes allocated ({r:?})"
+                        allocated <= 64 << 20,
+                        "{name}: meta words {i}, {j} = {v}: {allocated} bytes allocated ({r:?})"
                     );
                     crafted += 1;
                 }
