@@ -128,12 +128,7 @@ fn dense(q: &[f32], keys: &[f16], values: &[f16], d: usize, scale: f32) -> Vec<f
 fn attend_equals_dense_attention_when_the_budget_is_the_whole_context() {
     let dump = persuasion();
     let (d, t) = (dump.head_dim, 600);
-    let mut cfg = RetrieverConfig::new(AttentionShape {
-        layers: 1,
-        query_heads: 4,
-        kv_heads: 1,
-        head_dim: d,
-    });
+    let mut cfg = RetrieverConfig::new(one_gemma_layer(d));
     cfg.budget = Budget::Ratio(1.0);
     cfg.scale = dump.scale;
     cfg.selector = "fastscan:64x4".parse().unwrap();
@@ -429,6 +424,16 @@ fn fastscan_refresh_follows_drifting_keys() {
         .is_err());
 }
 
+/// One layer of the Gemma-3-270M dumps' shape: 4 query heads over 1 kv head.
+fn one_gemma_layer(head_dim: usize) -> AttentionShape {
+    AttentionShape {
+        layers: 1,
+        query_heads: 4,
+        kv_heads: 1,
+        head_dim,
+    }
+}
+
 /// The group's queries of `dump`'s layer 0 at position `p`, `[query_head, dim]`.
 fn step_queries(dump: &AttentionDump, p: usize) -> Vec<f32> {
     let d = dump.head_dim;
@@ -449,12 +454,7 @@ fn the_tail_term_gives_full_attention_when_the_unattended_values_are_equal() {
     // same step leaves that vector out and is far off (measured: 1.3).
     let dump = persuasion();
     let (d, t) = (dump.head_dim, 800);
-    let shape = AttentionShape {
-        layers: 1,
-        query_heads: 4,
-        kv_heads: 1,
-        head_dim: d,
-    };
+    let shape = one_gemma_layer(d);
     let cfg = RetrieverConfig {
         selector: SelectorSpec::Exact,
         budget: Budget::Ratio(0.1),
@@ -537,12 +537,7 @@ fn the_tail_term_lowers_the_error_of_every_scoring_selector_on_real_attention() 
                 budget: Budget::Ratio(0.1),
                 scale: dump.scale,
                 tail_term,
-                ..RetrieverConfig::new(AttentionShape {
-                    layers: 1,
-                    query_heads: 4,
-                    kv_heads: 1,
-                    head_dim: d,
-                })
+                ..RetrieverConfig::new(one_gemma_layer(d))
             })
             .unwrap();
             r.prefill(0, &keys[..prefill * d], &values[..prefill * d], &prompt)
@@ -580,12 +575,7 @@ fn the_tail_term_lowers_the_error_of_every_scoring_selector_on_real_attention() 
 fn a_fork_selects_and_attends_as_a_fresh_prefill_of_the_same_cache() {
     let dump = persuasion();
     let (d, t) = (dump.head_dim, 1500);
-    let shape = AttentionShape {
-        layers: 1,
-        query_heads: 4,
-        kv_heads: 1,
-        head_dim: d,
-    };
+    let shape = one_gemma_layer(d);
     let keys = &dump.keys(0, 0)[..t * d];
     let values = &dump.values(0, 0)[..t * d];
     let prompt: Vec<f32> = (0..4)

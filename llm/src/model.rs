@@ -455,7 +455,9 @@ impl<'m> Session<'m> {
             prefill: self.profile.prefill.clone(),
             ..Profile::default()
         };
+        // Training the fork's indexes is prefill work: part of the total as well.
         profile.prefill.cache_update += t.elapsed();
+        profile.prefill.total += t.elapsed();
         Ok(Session {
             model: self.model,
             backend,
