@@ -55,7 +55,8 @@ pub enum Error {
     /// The index must be trained before this operation.
     #[error("the index is not trained: call train() first")]
     NotTrained,
-    /// A vector or buffer has the wrong dimension or length.
+    /// A vector or buffer has the wrong dimension or length (both are lengths; a buffer of
+    /// many rows whose length is no multiple of a row is an [`Error::PartialRow`]).
     #[error("dimension mismatch: expected {expected}, got {got}")]
     DimensionMismatch {
         /// The expected dimension (or length).
@@ -63,11 +64,27 @@ pub enum Error {
         /// The dimension (or length) received.
         got: usize,
     },
-    /// An input holds NaN or infinity.
-    #[error("non-finite value (NaN or infinity) in {what} at row {row}, column {col}")]
-    NonFinite {
-        /// Which input (`vectors`, `queries`, `training set`).
+    /// A flat buffer of rows whose length is not a whole number of rows.
+    #[error("{what}: {len} values are not a whole number of rows of {row_len}")]
+    PartialRow {
+        /// Which input (`vectors`, `keys`, `codes`).
         what: &'static str,
+        /// The length of the row (a dimension, or heads x dimension).
+        row_len: usize,
+        /// The length received.
+        len: usize,
+    },
+    /// An input holds NaN or infinity.
+    #[error(
+        "non-finite value (NaN or infinity) in {what}{} at row {row}, column {col}",
+        head.map(|h| format!(" of head {h}")).unwrap_or_default()
+    )]
+    NonFinite {
+        /// Which input (`vectors`, `queries`, `training set`, `keys`).
+        what: &'static str,
+        /// For per-head inputs (`[head, token, dim]`), the head holding the bad value; `row`
+        /// is then the token within that head.
+        head: Option<usize>,
         /// Row of the first bad value.
         row: usize,
         /// Column of the first bad value.
@@ -100,6 +117,20 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// The error for a buffer of `len` values that is no whole number of rows of `row_len`:
+    /// shorter than one row, it is one vector of the wrong length
+    /// ([`Error::DimensionMismatch`]); longer, a [`Error::PartialRow`].
+    pub fn rows(what: &'static str, len: usize, row_len: usize) -> Error {
+        if len < row_len {
+            Error::DimensionMismatch {
+                expected: row_len,
+                got: len,
+            }
+        } else {
+            Error::PartialRow { what, row_len, len }
         }
     }
 

@@ -90,10 +90,7 @@ pub fn kmeans(data: &[f32], d: usize, k: usize, cfg: &KMeansConfig) -> Result<KM
         ));
     }
     if !data.len().is_multiple_of(d) {
-        return Err(Error::DimensionMismatch {
-            expected: d,
-            got: data.len() % d,
-        });
+        return Err(Error::rows("training set", data.len(), d));
     }
     let n = data.len() / d;
     if n < k {

@@ -295,6 +295,54 @@ fn exact_selection_matches_a_brute_force_sum_of_softmaxes() {
 }
 
 #[test]
+fn a_bad_value_in_a_per_head_input_is_named_by_head_and_token() {
+    let cfg = RetrieverConfig::new(AttentionShape {
+        layers: 1,
+        query_heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+    });
+    let mut r = AttentionRetriever::new(cfg).unwrap();
+    // [kv_head, token, dim] with 5 tokens: kv head 1, token 3, column 2.
+    let kv = vec![f16::from_f32(0.25); 2 * 5 * 8];
+    let mut bad = kv.clone();
+    bad[(5 + 3) * 8 + 2] = f16::INFINITY;
+    let e = r.prefill(0, &kv, &bad, &[]).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::NonFinite {
+                what: "values",
+                head: Some(1),
+                row: 3,
+                col: 2
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(
+        e.to_string(),
+        "non-finite value (NaN or infinity) in values of head 1 at row 3, column 2"
+    );
+    // Queries [query_head, token, dim] with 2 tokens: query head 2, token 1, column 7.
+    let mut q = vec![0.5f32; 4 * 2 * 8];
+    q[(2 * 2 + 1) * 8 + 7] = f32::NAN;
+    let e = r.prefill(0, &kv, &kv, &q).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::NonFinite {
+                what: "queries",
+                head: Some(2),
+                row: 1,
+                col: 7
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
 fn bad_input_is_a_typed_error() {
     assert!("fastscan:64x8".parse::<SelectorSpec>().is_err());
     assert!("pq:2".parse::<SelectorSpec>().is_err());

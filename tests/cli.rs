@@ -102,6 +102,25 @@ fn bad_input_exits_non_zero_with_a_message() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not divide"));
+    // A NaN in query row 5, searched in batches of 2: the error names row 5 of the file.
+    let dir = std::env::temp_dir().join(format!("pqcache-cli-nan-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = common::uniform(300, 8, 1);
+    let mut queries = common::uniform(8, 8, 2);
+    queries[5 * 8 + 3] = f32::NAN;
+    pqcache::io::vecs::write_fvecs(&dir.join("b.fvecs"), 8, &base).unwrap();
+    pqcache::io::vecs::write_fvecs(&dir.join("q.fvecs"), 8, &queries).unwrap();
+    let out = pqcache()
+        .args(["eval", "--index", "flat", "--qbs", "2", "--k", "3"])
+        .arg("--base")
+        .arg(dir.join("b.fvecs"))
+        .arg("--queries")
+        .arg(dir.join("q.fvecs"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("in queries at row 5, column 3"), "{stderr}");
     for sub in ["eval", "demo"] {
         let out = pqcache().args([sub, "--help"]).output().unwrap();
         assert!(out.status.success());

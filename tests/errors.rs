@@ -8,11 +8,16 @@ fn dimension_mismatch() {
     let mut idx = IndexFlat::new(4, Metric::L2).unwrap();
     assert!(matches!(
         idx.add(&[1.0; 6]),
-        Err(Error::DimensionMismatch {
-            expected: 4,
-            got: 2
+        Err(Error::PartialRow {
+            what: "vectors",
+            row_len: 4,
+            len: 6
         })
     ));
+    assert_eq!(
+        idx.add(&[1.0; 6]).unwrap_err().to_string(),
+        "vectors: 6 values are not a whole number of rows of 4"
+    );
     idx.add(&[1.0; 8]).unwrap();
     assert!(matches!(
         idx.search(&[1.0; 3], 1),
@@ -24,7 +29,7 @@ fn dimension_mismatch() {
     let mut pq = IndexPQ::new(8, 2, Nbits::Four, Metric::L2).unwrap();
     assert!(matches!(
         pq.train(&[0.5; 12]),
-        Err(Error::DimensionMismatch { .. })
+        Err(Error::PartialRow { len: 12, .. })
     ));
 }
 

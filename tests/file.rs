@@ -101,6 +101,58 @@ fn save_open_load_round_trip_for_every_kind() {
 }
 
 #[test]
+fn the_longest_legal_names_save_and_a_failed_save_names_its_files_and_leaves_nothing() {
+    let d = 8;
+    let (_, idx) = every_kind(d, 50).swap_remove(0);
+    let queries = common::uniform(3, d, 5);
+    // 255 bytes, the most ext4/XFS take: the temporary name must fit as well. Multi-byte
+    // characters too, so that the cut lands inside one of them.
+    for name in ["n".repeat(251) + ".pqc", "é".repeat(125) + ".pqc"] {
+        let dir = tmp(&format!("long-{}", name.chars().next().unwrap() as u32));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(&name);
+        file::save(&idx, &path).unwrap();
+        same_results(&idx, &file::open(&path).unwrap(), &queries, "long name");
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(left.len(), 1, "only the destination is left");
+    }
+    // The destination is a folder: the rename fails, the error names the destination and the
+    // temporary file, and the temporary file is gone.
+    let dir = tmp("rename-fails");
+    let dest = dir.join("index.pqc");
+    std::fs::create_dir_all(dest.join("inside")).unwrap();
+    let e = file::save(&idx, &dest).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(e, Error::Io { ref path, .. } if path == &dest),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("renaming") && msg.contains(".index.pqc.tmp."),
+        "{msg}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left,
+        vec![std::ffi::OsString::from("index.pqc")],
+        "no temporary file left"
+    );
+    // The temporary file cannot be created (its folder does not exist): the error names it.
+    let missing = dir.join("no-such-folder").join("index.pqc");
+    let e = file::save(&idx, &missing).unwrap_err();
+    match &e {
+        Error::Io { path, .. } => {
+            assert_eq!(path.parent(), missing.parent(), "{e}");
+            assert!(path.to_string_lossy().contains(".index.pqc.tmp."), "{e}");
+        }
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
 fn an_opened_index_grows_copy_on_write_and_saves_over_itself() {
     let d = 8;
     let base = common::uniform(300, d, 2);
@@ -188,6 +240,22 @@ fn bad_files_give_typed_errors() {
     let not_index = tmp("not-an-index.pqc");
     std::fs::write(&not_index, vec![7u8; 4096]).unwrap();
     assert!(matches!(file::open(&not_index), Err(Error::Corrupt { .. })));
+    // A folder or a device is named for what it is (mapping a folder says "No such device";
+    // reading /dev/zero would never end).
+    let folder = tmp("a-folder.pqc");
+    std::fs::create_dir_all(&folder).unwrap();
+    let mut not_files = vec![folder];
+    if cfg!(unix) {
+        not_files.push("/dev/zero".into());
+    }
+    for p in &not_files {
+        for r in [file::open(p), file::load(p)] {
+            let e = r.unwrap_err();
+            assert!(matches!(e, Error::Io { .. }), "{e}");
+            assert!(e.to_string().contains("not a regular file"), "{e}");
+        }
+        assert!(pqcache::io::npy::read(p).is_err());
+    }
     // A future version is Incompatible, not Corrupt: rewrite the version and fix the CRCs.
     let (_, idx) = every_kind(8, 40).remove(0);
     let path = tmp("future.pqc");

@@ -43,3 +43,58 @@ fn written_files_read_back() {
     assert_eq!(back.data, h.iter().map(|v| v.to_f32()).collect::<Vec<_>>());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Writes a dump folder of `layers` layers, `qh` query heads and `kvh` kv heads (4 tokens of
+/// width 8) with `meta` as its `meta.json`.
+fn write_dump(name: &str, layers: usize, qh: usize, kvh: usize, meta: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("pqcache-dump-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (t, d) = (4, 8);
+    let fill = |heads: usize| NpyData::F16(vec![f16::from_f32(0.5); layers * heads * t * d]);
+    npy::write(&dir.join("q.npy"), &[layers, qh, t, d], &fill(qh)).unwrap();
+    npy::write(&dir.join("k.npy"), &[layers, kvh, t, d], &fill(kvh)).unwrap();
+    npy::write(&dir.join("v.npy"), &[layers, kvh, t, d], &fill(kvh)).unwrap();
+    std::fs::write(dir.join("meta.json"), meta).unwrap();
+    dir
+}
+
+#[test]
+fn a_dump_meta_that_lies_is_refused_not_replaced() {
+    use pqcache::io::dump::AttentionDump;
+    let good = write_dump(
+        "good",
+        2,
+        2,
+        1,
+        r#"{"layers": [5, 11], "attn_scale": 0.25}"#,
+    );
+    let dump = AttentionDump::load(&good).unwrap();
+    assert_eq!((dump.layers.clone(), dump.scale), (vec![5, 11], 0.25));
+    // Absent fields take their defaults: layers 0.., scale 1/sqrt(head_dim).
+    let bare = write_dump("bare", 2, 2, 1, "{}");
+    let dump = AttentionDump::load(&bare).unwrap();
+    assert_eq!(dump.layers, vec![0, 1]);
+    assert_eq!(dump.scale, 1.0 / 8f32.sqrt());
+    for (name, meta, says) in [
+        ("short", r#"{"layers": [5]}"#, "\"layers\" must list 2"),
+        ("dup", r#"{"layers": [5, 5]}"#, "distinct"),
+        ("neg", r#"{"layers": [5, -1]}"#, "\"layers\""),
+        ("str", r#"{"layers": "5,11"}"#, "\"layers\""),
+        (
+            "scale",
+            r#"{"attn_scale": "0.1"}"#,
+            "\"attn_scale\" must be a number",
+        ),
+        ("json", "{not json", "meta.json"),
+    ] {
+        let dir = write_dump(name, 2, 2, 1, meta);
+        let e = AttentionDump::load(&dir).unwrap_err();
+        assert!(matches!(e, pqcache::Error::Format { .. }), "{name}: {e}");
+        assert!(e.to_string().contains(says), "{name}: {e}");
+    }
+    // Zero query heads or heads that do not group.
+    for (name, qh, kvh) in [("q0", 0, 1), ("group", 3, 2)] {
+        let dir = write_dump(name, 1, qh, kvh, "{}");
+        assert!(AttentionDump::load(&dir).is_err(), "{name}");
+    }
+}

@@ -185,10 +185,7 @@ use pqcache::cli::out;
 fn read_ids(path: &Path) -> Result<Vec<u32>> {
     let bad = |reason: String| LlmError::InvalidArgument(format!("{}: {reason}", path.display()));
     let values: Vec<i64> = if path.extension().is_some_and(|e| e == "json") {
-        let text = std::fs::read_to_string(path).map_err(|source| LlmError::Io {
-            path: path.into(),
-            source,
-        })?;
+        let text = read_text(path)?;
         serde_json::from_str(&text).map_err(|e| bad(format!("not a JSON list of integers: {e}")))?
     } else {
         match npy::read(path)?.data {
@@ -203,9 +200,16 @@ fn read_ids(path: &Path) -> Result<Vec<u32>> {
 }
 
 fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| LlmError::Io {
+    let io = |source| LlmError::Io {
         path: path.into(),
         source,
+    };
+    let bytes = pqcache::io::read_regular(path).map_err(io)?;
+    String::from_utf8(bytes).map_err(|e| {
+        io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not UTF-8 text: {e}"),
+        ))
     })
 }
 

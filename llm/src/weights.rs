@@ -154,7 +154,7 @@ impl GgufFile {
             path: path.to_path_buf(),
             source,
         };
-        let mut file = File::open(path).map_err(io)?;
+        let mut file = pqcache::io::open_regular(path).map_err(io)?;
         let content = Content::read(&mut file).map_err(|e| LlmError::Gguf {
             path: path.to_path_buf(),
             reason: e.to_string(),

@@ -436,23 +436,20 @@ impl AttentionRetriever {
         }
         if !keys.len().is_multiple_of(h * d) {
             // Keys are [kv_head, token, dim]: whole rows of kv_heads * head_dim.
-            return Err(Error::DimensionMismatch {
-                expected: h * d,
-                got: keys.len() % (h * d),
-            });
+            return Err(Error::rows("keys", keys.len(), h * d));
         }
         let qrow = s.query_heads * d;
         if !queries.len().is_multiple_of(qrow) {
             // Queries are [query_head, token, dim].
-            return Err(Error::DimensionMismatch {
-                expected: qrow,
-                got: queries.len() % qrow,
-            });
+            return Err(Error::rows("queries", queries.len(), qrow));
         }
-        check_finite(keys, "keys", d)?;
-        check_finite(values, "values", d)?;
+        check_finite(keys, "keys", h, d)?;
+        check_finite(values, "values", h, d)?;
         if !queries.is_empty() {
-            crate::index::check_vectors(queries, d, "queries")?;
+            let per_head = queries.len() / s.query_heads;
+            for (head, q) in queries.chunks_exact(per_head).enumerate() {
+                crate::index::check_vectors(q, d, "queries").map_err(|e| of_head(e, head))?;
+            }
         }
         let t = keys.len() / (h * d);
         let group_len = queries.len() / h;
@@ -803,14 +800,32 @@ fn add_rows(sum: &mut [f64], rows: &[f16]) {
     }
 }
 
-fn check_finite(x: &[f16], what: &'static str, d: usize) -> Result<()> {
+/// Checks that `x` (`[head, token, d]` over `heads` heads) is finite; an error names the head
+/// and the token within it.
+fn check_finite(x: &[f16], what: &'static str, heads: usize, d: usize) -> Result<()> {
+    let per_head = (x.len() / heads.max(1)).max(1);
     match x.iter().position(|v| !v.is_finite()) {
         Some(i) => Err(Error::NonFinite {
             what,
-            row: i / d.max(1),
+            head: Some(i / per_head),
+            row: i % per_head / d.max(1),
             col: i % d.max(1),
         }),
         None => Ok(()),
+    }
+}
+
+/// `e` about one head's part of a `[head, token, dim]` input, said of that head.
+fn of_head(e: Error, head: usize) -> Error {
+    match e {
+        Error::NonFinite { what, row, col, .. } => Error::NonFinite {
+            what,
+            head: Some(head),
+            row,
+            col,
+        },
+        Error::InvalidArgument(m) => Error::InvalidArgument(format!("head {head}: {m}")),
+        e => e,
     }
 }
 

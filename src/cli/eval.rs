@@ -7,7 +7,9 @@ use super::outln;
 use super::progress::Progress;
 use super::with_threads;
 use crate::error::{Error, Result};
-use crate::index::{Index, IndexFlat, IndexIVFPQFastScan, IndexPQ, IndexPQFastScan, RerankStorage};
+use crate::index::{
+    check_vectors, Index, IndexFlat, IndexIVFPQFastScan, IndexPQ, IndexPQFastScan, RerankStorage,
+};
 use crate::io::file::AnyIndex;
 use crate::io::{load_groundtruth, load_vectors};
 use crate::kmeans::{KMeansConfig, KMeansInit};
@@ -261,6 +263,10 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
         });
     }
     let (n, d) = (base.rows, base.dim);
+    // Whole files up front: searched in batches, a bad query would be named by its row in
+    // its batch.
+    check_vectors(&base.data, d, "base")?;
+    check_vectors(&queries.data, d, "queries")?;
     let mut index = a.opts.empty_index(d, a.qbs)?;
     let spin = Progress::spinner("training", show);
     let t = Instant::now();

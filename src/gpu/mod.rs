@@ -168,11 +168,14 @@ impl GpuKvCache {
     pub fn prefill(&mut self, layer: usize, keys: &[f16], values: &[f16]) -> Result<()> {
         self.check_layer(layer)?;
         let (h, d) = (self.kv_heads, self.head_dim);
-        if keys.len() != values.len() || !keys.len().is_multiple_of(h * d) {
+        if keys.len() != values.len() {
             return Err(Error::DimensionMismatch {
-                expected: h * d,
-                got: keys.len() % (h * d),
+                expected: keys.len(),
+                got: values.len(),
             });
+        }
+        if !keys.len().is_multiple_of(h * d) {
+            return Err(Error::rows("keys", keys.len(), h * d));
         }
         let t = keys.len() / (h * d);
         if t > self.capacity {

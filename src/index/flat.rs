@@ -205,14 +205,12 @@ impl IndexFlat {
     /// Adds f16 vectors (`n * d`); into an f32 index they are widened.
     pub fn add_f16(&mut self, x: &[f16]) -> Result<()> {
         if !x.len().is_multiple_of(self.d) {
-            return Err(Error::DimensionMismatch {
-                expected: self.d,
-                got: x.len() % self.d,
-            });
+            return Err(Error::rows("vectors", x.len(), self.d));
         }
         if let Some(i) = x.iter().position(|v| !v.is_finite()) {
             return Err(Error::NonFinite {
                 what: "vectors",
+                head: None,
                 row: i / self.d,
                 col: i % self.d,
             });

@@ -47,14 +47,12 @@ pub fn check_vectors(x: &[f32], d: usize, what: &'static str) -> Result<usize> {
         return Err(Error::InvalidArgument("dimension must be positive".into()));
     }
     if !x.len().is_multiple_of(d) {
-        return Err(Error::DimensionMismatch {
-            expected: d,
-            got: if x.len() < d { x.len() } else { x.len() % d },
-        });
+        return Err(Error::rows(what, x.len(), d));
     }
     if let Some(i) = x.iter().position(|v| !v.is_finite()) {
         return Err(Error::NonFinite {
             what,
+            head: None,
             row: i / d,
             col: i % d,
         });

@@ -50,9 +50,8 @@ impl AttentionDump {
     /// Loads a dump folder. `v.npy` may be absent (then `v` is empty).
     pub fn load(dir: &Path) -> Result<AttentionDump> {
         let meta_path = dir.join("meta.json");
-        let meta_text =
-            std::fs::read_to_string(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
-        let meta: serde_json::Value = serde_json::from_str(&meta_text)
+        let meta_text = super::read_regular(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
+        let meta: serde_json::Value = serde_json::from_slice(&meta_text)
             .map_err(|e| Error::format(&meta_path, e.to_string()))?;
         let (qs, q) = load_f16(&dir.join("q.npy"))?;
         let (ks, k) = load_f16(&dir.join("k.npy"))?;
@@ -84,22 +83,54 @@ impl AttentionDump {
                 ),
             ));
         }
-        let layers = meta
-            .get("layers")
-            .and_then(|l| l.as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_u64().map(|v| v as usize))
-                    .collect::<Vec<_>>()
-            })
-            .filter(|l| l.len() == qs[0])
-            .unwrap_or_else(|| (0..qs[0]).collect());
+        // Optional, but never silently replaced: a `layers` list must name one distinct model
+        // layer per dumped layer, and `attn_scale` must be a number (its range is the
+        // retriever's to check).
+        let layers = match meta.get("layers") {
+            None => (0..qs[0]).collect(),
+            Some(l) => {
+                let list: Option<Vec<usize>> = l.as_array().and_then(|a| {
+                    a.iter()
+                        .map(|x| x.as_u64().and_then(|v| usize::try_from(v).ok()))
+                        .collect()
+                });
+                let distinct = |l: &[usize]| {
+                    let mut s = l.to_vec();
+                    s.sort_unstable();
+                    s.windows(2).all(|w| w[0] < w[1])
+                };
+                match list {
+                    Some(list) if list.len() == qs[0] && distinct(&list) => list,
+                    _ => {
+                        return Err(Error::format(
+                            &meta_path,
+                            format!(
+                                "\"layers\" must list {} distinct layer numbers (one per layer \
+                                 of q.npy), found {}",
+                                qs[0],
+                                shorten(&l.to_string())
+                            ),
+                        ))
+                    }
+                }
+            }
+        };
         let head_dim = ks[3];
-        let scale = meta
-            .get("attn_scale")
-            .and_then(|s| s.as_f64())
-            .map(|s| s as f32)
-            .unwrap_or(1.0 / (head_dim as f32).sqrt());
+        let scale = match meta.get("attn_scale") {
+            None => 1.0 / (head_dim as f32).sqrt(),
+            Some(s) => match s.as_f64() {
+                Some(v) => v as f32,
+                None => {
+                    return Err(Error::format(
+                        &meta_path,
+                        format!(
+                            "\"attn_scale\" must be a number, found {}",
+                            shorten(&s.to_string())
+                        ),
+                    ))
+                }
+            },
+        };
         Ok(AttentionDump {
             dir: dir.to_path_buf(),
             layers,
@@ -141,5 +172,13 @@ impl AttentionDump {
         let len = self.tokens * self.head_dim;
         let at = (layer * self.kv_heads + kv_head) * len;
         &self.v[at..at + len]
+    }
+}
+
+/// `text`, cut to its first 60 characters for an error message.
+fn shorten(text: &str) -> String {
+    match text.char_indices().nth(60) {
+        Some((i, _)) => format!("{}...", &text[..i]),
+        None => text.to_string(),
     }
 }

@@ -1,5 +1,6 @@
 //! Readers for vector data files: NumPy `.npy` (f32, f16, f64, i64; C order) and the
-//! `.fvecs` / `.ivecs` formats of the TEXMEX ANN benchmarks. Index files are in `crate::store`.
+//! `.fvecs` / `.ivecs` formats of the TEXMEX ANN benchmarks. Index files are in [`file`]; every
+//! file is opened through [`open_regular`].
 
 pub mod buf;
 pub mod dump;
@@ -9,7 +10,36 @@ pub mod vecs;
 
 use crate::error::{Error, Result};
 use half::f16;
+use std::fs::File;
+use std::io::Read;
 use std::path::Path;
+
+/// Opens `path` for reading, refusing what is not a regular file: a folder (mapping one
+/// fails with "No such device"), a device or a pipe (reading `/dev/zero` never ends).
+pub fn open_regular(path: &Path) -> std::io::Result<File> {
+    let file = File::open(path)?;
+    let kind = file.metadata()?.file_type();
+    if kind.is_file() {
+        return Ok(file);
+    }
+    let (io_kind, what) = if kind.is_dir() {
+        (std::io::ErrorKind::IsADirectory, "a folder")
+    } else {
+        (std::io::ErrorKind::InvalidInput, "a device, pipe or socket")
+    };
+    Err(std::io::Error::new(
+        io_kind,
+        format!("is {what}, not a regular file"),
+    ))
+}
+
+/// The bytes of the regular file `path` (see [`open_regular`]).
+pub fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut file = open_regular(path)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
 
 /// A dense row-major matrix of f32 (`rows * dim`).
 #[derive(Clone, Debug, PartialEq)]

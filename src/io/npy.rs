@@ -59,7 +59,7 @@ pub struct NpyArray {
 
 /// Reads an `.npy` file.
 pub fn read(path: &Path) -> Result<NpyArray> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = super::read_regular(path).map_err(|e| Error::io(path, e))?;
     parse(&bytes).map_err(|reason| Error::format(path, reason))
 }
 

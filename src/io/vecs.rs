@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use std::path::Path;
 
 fn read_records(path: &Path) -> Result<(usize, usize, Vec<[u8; 4]>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = super::read_regular(path).map_err(|e| Error::io(path, e))?;
     if bytes.is_empty() {
         return Ok((0, 0, Vec::new()));
     }

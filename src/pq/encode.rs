@@ -99,10 +99,7 @@ impl ProductQuantizer {
             return Err(Error::NotTrained);
         }
         if !codes.len().is_multiple_of(self.m) {
-            return Err(Error::DimensionMismatch {
-                expected: self.m,
-                got: codes.len() % self.m,
-            });
+            return Err(Error::rows("codes", codes.len(), self.m));
         }
         let ksub = self.ksub();
         let mut out = Vec::with_capacity(codes.len() / self.m * self.d);

@@ -124,6 +124,7 @@ impl ProductQuantizer {
         if let Some(i) = centroids.iter().position(|v| !v.is_finite()) {
             return Err(Error::NonFinite {
                 what: "centroids",
+                head: None,
                 row: i / (d / m),
                 col: i % (d / m),
             });

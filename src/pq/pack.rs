@@ -152,10 +152,7 @@ impl PackedCodes {
 pub fn pack_codes(codes: &[u8], m: usize) -> Result<PackedCodes> {
     let mut p = PackedCodes::new(m)?;
     if !codes.len().is_multiple_of(m) {
-        return Err(Error::DimensionMismatch {
-            expected: m,
-            got: codes.len() % m,
-        });
+        return Err(Error::rows("codes", codes.len(), m));
     }
     let want = codes.len() / m / BBS * p.block_bytes() + p.block_bytes();
     p.data.to_mut().reserve(want);

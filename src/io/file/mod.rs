@@ -49,7 +49,7 @@ use crate::io::buf::{Buf, Mapping};
 use bytemuck::Pod;
 use std::borrow::Cow;
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -503,26 +503,29 @@ pub fn write_sections(path: &Path, kind: IndexKind, sections: &[SectionOut<'_>])
             sections.len()
         )));
     }
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
     let layout = plan(kind, sections)?;
     let tmp = temp_path(path);
-    let write = || -> std::io::Result<()> {
+    // Errors name the file they happened on: the temporary file while it is written, the
+    // destination for the rename (with the temporary name in the message).
+    let written = (|| -> std::io::Result<()> {
         let file = File::create(&tmp)?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
         layout.write(&mut w, sections)?;
         let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&tmp, path)?;
-        sync_dir(path)
-    };
-    write().map_err(|e| {
+        file.sync_all()
+    })()
+    .map_err(|e| Error::io(&tmp, e));
+    let renamed = written.and_then(|()| {
+        std::fs::rename(&tmp, path).map_err(|e| {
+            let context = format!("renaming {} to it: {e}", tmp.display());
+            Error::io(path, std::io::Error::new(e.kind(), context))
+        })
+    });
+    if let Err(e) = renamed {
         let _ = std::fs::remove_file(&tmp);
-        io(e)
-    })
+        return Err(e);
+    }
+    sync_dir(path).map_err(|e| Error::io(path, e))
 }
 
 /// Header, table and section offsets of a file about to be written.
@@ -609,19 +612,29 @@ fn plan(kind: IndexKind, sections: &[SectionOut<'_>]) -> Result<Layout> {
     })
 }
 
-/// A fresh temporary name beside `path`.
+/// The longest file name most file systems take (ext4, XFS, APFS, NTFS: 255 bytes).
+const MAX_NAME_BYTES: usize = 255;
+
+/// A fresh temporary name beside `path`: `.{name}.tmp.{pid}.{n}`, with `name` cut short (at a
+/// character boundary) where the whole would pass [`MAX_NAME_BYTES`], so that every legal
+/// destination name has a legal temporary name.
 fn temp_path(path: &Path) -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "index".into());
-    let unique = format!(
-        ".{name}.tmp.{}.{}",
+    let suffix = format!(
+        ".tmp.{}.{}",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     );
-    path.with_file_name(unique)
+    let room = MAX_NAME_BYTES - 1 - suffix.len();
+    let mut cut = name.len().min(room);
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    path.with_file_name(format!(".{}{suffix}", &name[..cut]))
 }
 
 /// Fsyncs the folder holding `path`, so that the rename itself is durable.
@@ -642,10 +655,7 @@ fn sync_dir(path: &Path) -> std::io::Result<()> {
 /// Maps `path` read-only. The only `unsafe` of the root crate.
 #[allow(unsafe_code)]
 fn map_file(path: &Path) -> Result<Mapping> {
-    let file = File::open(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let file = super::open_regular(path).map_err(|source| Error::io(path, source))?;
     // SAFETY: the mapping is read-only and every access goes through bounds-checked slices of
     // it. The remaining hazard of any file mapping, another process truncating or rewriting
     // the file in place while it is mapped, is outside what this crate does: `save` never
@@ -658,14 +668,7 @@ fn map_file(path: &Path) -> Result<Mapping> {
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    Ok(bytes)
+    super::read_regular(path).map_err(|source| Error::io(path, source))
 }
 
 /// Saves any index atomically (see the module doc).
