@@ -7,7 +7,7 @@
 //! | `random` | none | uniformly random candidates (seeded per step) |
 //! | `pq:MxB` | [`IndexPQ`] (`B` = 4, 6 or 8 bits) | float-table ADC (PQCache's own scheme: `pq:2x6`) |
 //! | `fastscan:Mx4[:rerankF][:plain][:static]` | [`IndexPQFastScan`] after a [`DimTransform`] | u8-table fast-scan of the whole group at once; optionally the best `F * k` re-scored exactly |
-//! | `quest:P` | page min/max | Quest's upper bound `sum_c max(q_c min_c, q_c max_c)` per page of `P` tokens; whole pages |
+//! | `quest:P` | page min/max | Quest's upper bound `sum_c max(q_c min_c, q_c max_c)` per page of `P` tokens; pages in bound order until the budget is spent |
 //!
 //! Fast-scan keys pass through a [`DimTransform`] fitted at prefill: channels scaled by the
 //! prefill queries' root mean square (when the caller gives them) and dealt to sub-spaces so
@@ -909,25 +909,34 @@ impl HeadIndex for QuestIndex {
             }
         }
         let (scores, _) = aggregate(&logits, ctx.group(), ctx.aggregation);
-        // The budget is spent on whole pages: floor(k / page) of them (at least one), each
-        // contributing its positions inside the candidate range.
-        let npages = (ctx.k / page).max(1).min(pages.len());
-        let mut chosen: Vec<u32> = select_topk_nonneg_f32(&scores, npages)
-            .into_iter()
-            .flat_map(|i| {
-                let p = pages[i as usize];
-                // The page's positions inside the candidate range (a range, not a walk).
-                let lo = p.saturating_mul(page).max(ctx.candidates.start);
-                let hi = p
-                    .saturating_add(1)
-                    .saturating_mul(page)
-                    .min(ctx.candidates.end);
-                (lo..hi.max(lo)).map(|pos| pos as u32)
-            })
-            .collect();
+        // The budget is spent on pages in the order of their bounds, each contributing its
+        // positions inside the candidate range, the last one cut where the budget ends: exactly
+        // k positions. Only the first and last pages can be partial, so the best
+        // ceil(k / page) + 2 pages always hold k of them.
+        let need = ctx.k.div_ceil(page).saturating_add(2).min(pages.len());
+        let mut best = select_topk_nonneg_f32(&scores, need);
+        best.sort_by(|&a, &b| {
+            scores[b as usize]
+                .total_cmp(&scores[a as usize])
+                .then(a.cmp(&b))
+        });
+        let mut chosen: Vec<u32> = Vec::with_capacity(ctx.k);
+        for i in best {
+            let left = ctx.k - chosen.len();
+            if left == 0 {
+                break;
+            }
+            let p = pages[i as usize];
+            // The page's positions inside the candidate range (a range, not a walk).
+            let lo = p.saturating_mul(page).max(ctx.candidates.start);
+            let hi = p
+                .saturating_add(1)
+                .saturating_mul(page)
+                .min(ctx.candidates.end)
+                .max(lo);
+            chosen.extend((lo..hi.min(lo + left)).map(|pos| pos as u32));
+        }
         chosen.sort_unstable();
-        // With k < page a single page would overshoot the budget: keep its first k positions.
-        chosen.truncate(ctx.k);
         Ok(Chosen::positions(chosen))
     }
 }
