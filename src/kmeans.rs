@@ -354,7 +354,11 @@ mod tests {
         ));
         assert!(matches!(
             kmeans(&[1.0; 5], 2, 1, &KMeansConfig::default()),
-            Err(Error::DimensionMismatch { .. })
+            Err(Error::PartialRow {
+                row_len: 2,
+                len: 5,
+                ..
+            })
         ));
         assert!(kmeans(&[1.0; 4], 2, 0, &KMeansConfig::default()).is_err());
     }
