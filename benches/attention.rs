@@ -82,10 +82,17 @@ fn bench_step(c: &mut Criterion) {
                     .all(|p| p.len() == (context as f64 * 0.1).round() as usize),
                 "{spec}"
             );
+            // `select_step` is what a decode step runs: the selection with its tail estimates
+            // (`attend`'s path); `select` alone, positions only, skips the estimates.
             let name =
                 format!("select/{spec}/kv_heads=8/group=4/d=128/context={context}/ratio=0.1");
             g.bench_function(BenchmarkId::from_parameter(name), |b| {
                 b.iter(|| pool.install(|| r.select(0, &queries)).unwrap())
+            });
+            let name =
+                format!("select_step/{spec}/kv_heads=8/group=4/d=128/context={context}/ratio=0.1");
+            g.bench_function(BenchmarkId::from_parameter(name), |b| {
+                b.iter(|| pool.install(|| r.select_step(0, &queries)).unwrap())
             });
         }
     }

@@ -320,6 +320,8 @@ fn golden_attention() -> pqcache::attention::AttentionRetriever {
     cfg.selector = "fastscan:2x4".parse().unwrap();
     cfg.budget = Budget::Tokens(20);
     cfg.sink = 2;
+    // Written since format 3 (v1 and v2 files read it as on).
+    cfg.tail_term = false;
     let mut r = AttentionRetriever::new(cfg).unwrap();
     let kv: Vec<half::f16> = (0..40 * 8)
         .map(|i| half::f16::from_f32(((i * 7) % 13) as f32 / 13.0 - 0.5))
@@ -343,7 +345,7 @@ fn golden_attention_queries() -> Vec<f32> {
 fn golden_files_of_every_version_open_and_answer_as_recorded() {
     // The current format's folder (v1 files predate the attention `transform` section and
     // must still open: their fast-scan heads read the identity transform).
-    let current = golden_dir().join("v2");
+    let current = golden_dir().join("v3");
     if std::env::var_os("PQCACHE_WRITE_GOLDEN").is_some() {
         write_golden(&current);
     }
@@ -364,6 +366,10 @@ fn golden_files_of_every_version_open_and_answer_as_recorded() {
             file::verify(&path).unwrap();
             if file::info(&path).unwrap().kind == file::IndexKind::Attention {
                 let cache = file::open_attention(&path).unwrap();
+                // Format 3 keeps the tail-term switch (the golden cache has it off); older
+                // files read the default, on.
+                let v3 = dir.ends_with("v3");
+                assert_eq!(cache.config().tail_term, !v3, "{}", path.display());
                 let sel = cache.select(0, &golden_attention_queries()).unwrap();
                 let want = std::fs::read_to_string(path.with_extension("expect")).unwrap();
                 assert_eq!(format!("{sel:?}\n"), want, "{}", path.display());
@@ -397,7 +403,7 @@ fn golden_files_of_every_version_open_and_answer_as_recorded() {
             checked += 1;
         }
     }
-    assert!(checked >= 22, "only {checked} golden files (v1 and v2)");
+    assert!(checked >= 33, "only {checked} golden files (v1, v2 and v3)");
 }
 
 mod attention_cache {

@@ -569,27 +569,34 @@ impl AttentionRetriever {
     /// One decode step's positions, per kv_head (sorted): sink, window and the retrieved
     /// ones. `queries` is `[query_head, dim]`.
     pub fn select(&self, layer: usize, queries: &[f32]) -> Result<Vec<Vec<u32>>> {
-        Ok(strip(self.select_by(layer, queries, false)?))
+        Ok(strip(self.select_by(layer, queries, false, false)?))
     }
 
     /// What the `exact` selector (the oracle) would choose at this step, under the same
     /// plan: the reference for a selector's recall.
     pub fn select_oracle(&self, layer: usize, queries: &[f32]) -> Result<Vec<Vec<u32>>> {
-        Ok(strip(self.select_by(layer, queries, true)?))
+        Ok(strip(self.select_by(layer, queries, true, false)?))
     }
 
     /// [`AttentionRetriever::select`] with each kv_head's tail estimate, for
     /// [`AttentionRetriever::attend_selection`].
     pub fn select_step(&self, layer: usize, queries: &[f32]) -> Result<Vec<HeadSelection>> {
-        self.select_by(layer, queries, false)
+        self.select_by(layer, queries, false, self.cfg.tail_term)
     }
 
     /// [`AttentionRetriever::select_oracle`] with each kv_head's (exact) tail.
     pub fn select_step_oracle(&self, layer: usize, queries: &[f32]) -> Result<Vec<HeadSelection>> {
-        self.select_by(layer, queries, true)
+        self.select_by(layer, queries, true, self.cfg.tail_term)
     }
 
-    fn select_by(&self, layer: usize, queries: &[f32], oracle: bool) -> Result<Vec<HeadSelection>> {
+    /// Every kv_head's choice; `tail`: with the tail estimates.
+    fn select_by(
+        &self,
+        layer: usize,
+        queries: &[f32],
+        oracle: bool,
+        tail: bool,
+    ) -> Result<Vec<HeadSelection>> {
         let s = self.cfg.shape;
         self.check_step_queries(layer, queries, s.query_heads)?;
         let (g, d) = (s.group(), s.head_dim);
@@ -603,6 +610,7 @@ impl AttentionRetriever {
                     &queries[kv * g * d..(kv + 1) * g * d],
                     &plan,
                     oracle,
+                    tail,
                 )
             })
             .collect()
@@ -621,7 +629,7 @@ impl AttentionRetriever {
         }
         self.check_step_queries(layer, queries, s.group())?;
         Ok(self
-            .choose_head(layer, kv_head, queries, &self.plan(layer), false)?
+            .choose_head(layer, kv_head, queries, &self.plan(layer), false, false)?
             .positions)
     }
 
@@ -632,6 +640,7 @@ impl AttentionRetriever {
         queries: &[f32],
         plan: &StepPlan,
         oracle: bool,
+        tail: bool,
     ) -> Result<HeadSelection> {
         let state = &self.heads[layer * self.cfg.shape.kv_heads + kv];
         let chosen = if plan.k == 0 {
@@ -647,6 +656,7 @@ impl AttentionRetriever {
                 aggregation: self.cfg.aggregation,
                 kernels: &self.kernels,
                 step: plan.len as u64,
+                tail,
             };
             match (&state.index, oracle) {
                 (Some(index), false) => index.choose(&ctx)?,
@@ -655,7 +665,7 @@ impl AttentionRetriever {
         };
         Ok(HeadSelection {
             positions: plan.positions(&chosen.positions),
-            tail: chosen.tail.filter(|_| self.cfg.tail_term),
+            tail: chosen.tail,
         })
     }
 

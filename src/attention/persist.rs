@@ -4,7 +4,8 @@
 //! ```text
 //! meta       layers, kv_heads, group, head_dim, sink, window (u64::MAX: from the budget),
 //!            budget kind (0 ratio, 1 tokens), budget (f64 bits or count), aggregation
-//!            (0 sum, 1 max), scale (f32 bits)
+//!            (0 sum, 1 max), scale (f32 bits), tail term (0 off, 1 on; from format 3: older
+//!            files read on, the default)
 //! selector   the selector spec as text ("fastscan:64x4:rerank4", ...)
 //! lists      per head (layer-major, then kv_head): positions, state (0 untrained: exact selection, 1 rebuilt
 //!            from the keys, 2 pq, 3 fast-scan)
@@ -24,7 +25,7 @@ use super::{AttentionRetriever, AttentionShape, Budget, RetrieverConfig};
 use crate::error::{Error, Result};
 use crate::index::{IndexPQ, IndexPQFastScan};
 use crate::io::file::kinds::{small, Persist};
-use crate::io::file::{corrupt, IndexKind, Reader, SectionOut, Tag};
+use crate::io::file::{corrupt, FormatVersion, IndexKind, Reader, SectionOut, Tag};
 use crate::metric::Metric;
 use crate::pq::pack::PackedCodes;
 use crate::pq::transform::DimTransform;
@@ -62,6 +63,7 @@ impl Persist for AttentionRetriever {
                 Aggregation::MaxSoftmax => 1,
             },
             c.scale.to_bits() as u64,
+            c.tail_term as u64,
         ];
         let mut words = Vec::with_capacity(2 * self.heads.len());
         let (mut cents, mut codes, mut transforms) = (Vec::new(), Vec::new(), Vec::new());
@@ -142,8 +144,21 @@ fn checked(a: usize, b: usize) -> Result<usize> {
 /// Reads an attention cache from a validated file.
 pub(crate) fn read(r: &Reader<'_>) -> Result<AttentionRetriever> {
     let w: Vec<u64> = r.vec(Tag::Meta)?;
-    if w.len() != 10 {
-        return Err(corrupt("meta", format!("{} words, expected 10", w.len())));
+    // Format 3 added the tail-term word.
+    let words = if r.info.version >= FormatVersion::V3 as u32 {
+        11
+    } else {
+        10
+    };
+    if w.len() != words {
+        return Err(corrupt(
+            "meta",
+            format!(
+                "{} words, expected {words} in format {}",
+                w.len(),
+                r.info.version
+            ),
+        ));
     }
     let text: Vec<u8> = r.vec(Tag::Selector)?;
     let spec: SelectorSpec = std::str::from_utf8(&text)
@@ -176,6 +191,11 @@ pub(crate) fn read(r: &Reader<'_>) -> Result<AttentionRetriever> {
         other => return Err(corrupt("meta", format!("aggregation {other}"))),
     };
     cfg.scale = f32::from_bits(small(w[9], u32::MAX as usize, "scale")? as u32);
+    cfg.tail_term = match w.get(10) {
+        None | Some(1) => true,
+        Some(0) => false,
+        Some(other) => return Err(corrupt("meta", format!("tail term {other}"))),
+    };
     cfg.selector = spec.clone();
     let (layers, h, d) = (cfg.shape.layers, cfg.shape.kv_heads, cfg.shape.head_dim);
     let nheads = checked(layers, h)?;

@@ -29,6 +29,7 @@
 use crate::error::{Error, Result};
 use crate::index::{Index, IndexPQ, IndexPQFastScan};
 use crate::metric::Metric;
+use crate::pq::lut::QuantizedLut;
 use crate::pq::transform::{DimTransform, QueryEnergy};
 use crate::pq::Nbits;
 use crate::select::select_topk_nonneg_f32;
@@ -362,6 +363,9 @@ pub struct ChooseContext<'a> {
     pub kernels: &'a DistanceKernels,
     /// A per-step value (the cache length) for seeded selectors.
     pub step: u64,
+    /// Whether the caller uses the tail estimate ([`Chosen::tail`]); selectors skip it
+    /// otherwise.
+    pub tail: bool,
 }
 
 impl ChooseContext<'_> {
@@ -506,13 +510,13 @@ fn lane_sum(x: &[f32]) -> f32 {
 fn choose_from_logits(ctx: &ChooseContext<'_>, logits: &[f32]) -> Chosen {
     let (scores, norms) = aggregate(logits, ctx.group(), ctx.aggregation);
     let rel = select_topk_nonneg_f32(&scores, ctx.k);
-    let tail = tail_log_mass(logits, &norms, &rel);
+    let tail = ctx.tail.then(|| tail_log_mass(logits, &norms, &rel));
     Chosen {
         positions: rel
             .into_iter()
             .map(|i| (ctx.candidates.start + i as usize) as u32)
             .collect(),
-        tail: Some(tail),
+        tail,
     }
 }
 
@@ -805,16 +809,41 @@ impl HeadIndex for FastScanIndex {
         };
         // The tail per head: the approximate weights of every candidate (`z`) less those of
         // the chosen, in units of the head's largest approximate logit `top`.
+        let tail = ctx
+            .tail
+            .then(|| self.tail(ctx, &heads, &norms, &tables, &rel, nc));
+        let mut positions: Vec<u32> = rel.into_iter().map(|i| cand.start as u32 + i).collect();
+        // Ascending already without re-ranking, unless weightless candidates were appended.
+        if !positions.is_sorted() {
+            positions.sort_unstable();
+        }
+        Ok(Chosen { positions, tail })
+    }
+}
+
+impl FastScanIndex {
+    /// Per head, `ln` of the approximate weights of every candidate (`z`) less those of the
+    /// chosen (`rel`, offsets into the candidates), in units of the head's largest
+    /// approximate logit `top`.
+    fn tail(
+        &self,
+        ctx: &ChooseContext<'_>,
+        heads: &[HeadRow<'_>],
+        norms: &[(f32, f32)],
+        tables: &[QuantizedLut],
+        rel: &[u32],
+        nc: usize,
+    ) -> Vec<f32> {
         let mut gaps = vec![0.0f32; rel.len()];
-        let tail = heads
+        heads
             .iter()
-            .zip(&norms)
-            .zip(&tables)
+            .zip(norms)
+            .zip(tables)
             .map(|((h, &(top, z)), table)| {
                 // The chosen weights `exp(-step * gap)`, gathered then exponentiated in one
                 // vectorised pass (beyond the span a weight is 0, as in the scan's sums).
                 let step = ctx.scale * table.delta;
-                for (g, &i) in gaps.iter_mut().zip(&rel) {
+                for (g, &i) in gaps.iter_mut().zip(rel) {
                     let gap = h.hi.saturating_sub(h.row[i as usize]);
                     *g = if gap > h.span {
                         f32::INFINITY
@@ -832,16 +861,7 @@ impl HeadIndex for FastScanIndex {
                     top + rest.ln()
                 }
             })
-            .collect();
-        let mut positions: Vec<u32> = rel.into_iter().map(|i| cand.start as u32 + i).collect();
-        // Ascending already without re-ranking, unless weightless candidates were appended.
-        if !positions.is_sorted() {
-            positions.sort_unstable();
-        }
-        Ok(Chosen {
-            positions,
-            tail: Some(tail),
-        })
+            .collect()
     }
 }
 

@@ -79,11 +79,13 @@ pub enum FormatVersion {
     V1 = 1,
     /// Adds the attention file's `transform` section.
     V2 = 2,
+    /// Adds the attention file's `tail_term` meta word.
+    V3 = 3,
 }
 
 impl FormatVersion {
     /// The version written.
-    pub const CURRENT: FormatVersion = FormatVersion::V2;
+    pub const CURRENT: FormatVersion = FormatVersion::V3;
     /// The oldest version read.
     pub const OLDEST_SUPPORTED: FormatVersion = FormatVersion::V1;
 
@@ -91,6 +93,7 @@ impl FormatVersion {
         match v {
             1 => Ok(FormatVersion::V1),
             2 => Ok(FormatVersion::V2),
+            3 => Ok(FormatVersion::V3),
             found => Err(Error::Incompatible {
                 found,
                 supported: format!(
