@@ -26,6 +26,9 @@
 //!   do not wait on each other), folded to 8 lanes as `m[j] = l[j] + l[8 + j] + ... + l[56 + j]`
 //!   left to right, then combined as `((m0 + m1) + (m2 + m3)) + ((m4 + m5) + (m6 + m7))` on
 //!   every level.
+//! * [`SoftmaxKernel::weight_sum_at`]: `sum_j w(row[at[j]])`, the weight of a chosen subset
+//!   (the attention client's tail term: the normaliser less this is the unchosen mass). The
+//!   same 64 lanes over `j` (`lane = j % 64`) and the same folding; the SIMD levels gather.
 //! * [`SoftmaxKernel::combine`]: per element, the group's weights `w_h(row_h[i]) * factor_h`
 //!   folded over the heads in order from `0.0`, by addition (the sum of the group's softmax)
 //!   or maximum: one pass that writes each output once, identical on every level.
@@ -73,6 +76,7 @@ impl ExpTables {
 }
 
 type SumFn = fn(&[u16], u16, u16, &ExpTables) -> f32;
+type SumAtFn = fn(&[u16], &[u32], u16, u16, &ExpTables) -> f32;
 type CombineFn = fn(&[HeadRow<'_>], &mut [f32], bool);
 
 /// One query head's input to [`SoftmaxKernel::combine`].
@@ -95,6 +99,7 @@ pub struct HeadRow<'a> {
 pub struct SoftmaxKernel {
     level: Level,
     sum: SumFn,
+    sum_at: SumAtFn,
     combine: CombineFn,
 }
 
@@ -114,17 +119,20 @@ impl SoftmaxKernel {
             Level::V4 | Level::V4Icl => SoftmaxKernel {
                 level: Level::V4,
                 sum: x86::weight_sum_v4,
+                sum_at: x86::weight_sum_at_v4,
                 combine: x86::combine_v4,
             },
             #[cfg(target_arch = "x86_64")]
             Level::V3 => SoftmaxKernel {
                 level: Level::V3,
                 sum: x86::weight_sum_v3,
+                sum_at: x86::weight_sum_at_v3,
                 combine: x86::combine_v3,
             },
             _ => SoftmaxKernel {
                 level: Level::Scalar,
                 sum: weight_sum_scalar,
+                sum_at: weight_sum_at_scalar,
                 combine: combine_scalar,
             },
         }
@@ -143,6 +151,28 @@ impl SoftmaxKernel {
     /// `sum_i w(row[i])` (see the module doc).
     pub fn weight_sum(&self, row: &[u16], hi: u16, span: u16, exp: &ExpTables) -> f32 {
         (self.sum)(row, hi, span, exp)
+    }
+
+    /// `sum_j w(row[at[j]])`, summed as [`SoftmaxKernel::weight_sum`] sums (lane `j % 64`).
+    /// Panics if an index is out of `row`.
+    pub fn weight_sum_at(
+        &self,
+        row: &[u16],
+        at: &[u32],
+        hi: u16,
+        span: u16,
+        exp: &ExpTables,
+    ) -> f32 {
+        let top = at.iter().copied().max();
+        assert!(
+            top.is_none_or(|t| (t as usize) < row.len()),
+            "weight_sum_at: index out of the row"
+        );
+        // The SIMD levels gather with signed 32-bit indices.
+        if row.len() > i32::MAX as usize {
+            return weight_sum_at_scalar(row, at, hi, span, exp);
+        }
+        (self.sum_at)(row, at, hi, span, exp)
     }
 
     /// `out[i] = fold(0.0, heads, |a, h| a + w_h(h.row[i]) * h.factor)`, or with the maximum
@@ -210,6 +240,28 @@ fn weight_sum_from(
 /// Scalar reference of [`SoftmaxKernel::weight_sum`].
 pub fn weight_sum_scalar(row: &[u16], hi: u16, span: u16, exp: &ExpTables) -> f32 {
     weight_sum_from(row, hi, span, exp, [0.0; LANES], 0)
+}
+
+/// Scalar reference of [`SoftmaxKernel::weight_sum_at`], continuing `lanes` from index
+/// `from` of `at`.
+fn weight_sum_at_from(
+    row: &[u16],
+    at: &[u32],
+    hi: u16,
+    span: u16,
+    exp: &ExpTables,
+    mut lanes: [f32; LANES],
+    from: usize,
+) -> f32 {
+    for (j, &i) in at.iter().enumerate().skip(from) {
+        lanes[j % LANES] += weight(row[i as usize], hi, span, exp);
+    }
+    combine_lanes(&lanes)
+}
+
+/// Scalar reference of [`SoftmaxKernel::weight_sum_at`] (indices inside `row`).
+pub fn weight_sum_at_scalar(row: &[u16], at: &[u32], hi: u16, span: u16, exp: &ExpTables) -> f32 {
+    weight_sum_at_from(row, at, hi, span, exp, [0.0; LANES], 0)
 }
 
 /// `a` folded with `w`: the sum, or the maximum (`a` kept when equal).
@@ -281,6 +333,23 @@ mod x86 {
             // SAFETY: as stated.
             unsafe {
                 let v = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+                self.weights_of::<DIGITS>(v, hi, span)
+            }
+        }
+
+        /// Weights of the 8 sums in the 32-bit lanes of `v` (each below 2^16).
+        ///
+        /// # Safety
+        /// AVX2 available.
+        #[inline(always)]
+        unsafe fn weights_of<const DIGITS: usize>(
+            &self,
+            v: __m256i,
+            hi: __m256i,
+            span: __m256i,
+        ) -> __m256 {
+            // SAFETY: register operations only.
+            unsafe {
                 let d = _mm256_max_epi32(_mm256_sub_epi32(hi, v), _mm256_setzero_si256());
                 // Table l: entry (d >> 4l) & 15; vpermps reads the low 3 bits, bit 3 (moved
                 // to the sign bit) picks the half.
@@ -339,6 +408,23 @@ mod x86 {
             // SAFETY: as stated.
             unsafe {
                 let v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+                self.weights_of::<DIGITS>(v, hi, span)
+            }
+        }
+
+        /// Weights of the 16 sums in the 32-bit lanes of `v` (each below 2^16).
+        ///
+        /// # Safety
+        /// AVX-512F available.
+        #[inline(always)]
+        unsafe fn weights_of<const DIGITS: usize>(
+            &self,
+            v: __m512i,
+            hi: __m512i,
+            span: __m512i,
+        ) -> __m512 {
+            // SAFETY: register operations only.
+            unsafe {
                 let d = _mm512_max_epi32(_mm512_sub_epi32(hi, v), _mm512_setzero_si512());
                 // vpermps reads the low 4 bits of each index: (d >> 4l) & 15 for free.
                 let [t0, t1, t2, t3] = self.0;
@@ -414,6 +500,114 @@ mod x86 {
                 _mm512_storeu_ps(lanes.as_mut_ptr().add(16 * j), *a);
             }
             super::weight_sum_from(row, hi, span, exp, lanes, full)
+        }
+    }
+
+    /// `row[at[j]]` for 8 indices at `idx`, in 32-bit lanes. A 32-bit gather at `2 * i` reads
+    /// `row[i]` and `row[i + 1]`: lanes at the last element (`i = len - 1`) are not gathered
+    /// but take `last`, so nothing past the row is read.
+    ///
+    /// # Safety
+    /// AVX2 available; `idx` readable for 8 u32, each `< len <= i32::MAX`; `len >= 1`.
+    #[inline(always)]
+    unsafe fn gather8(row: *const u16, idx: *const u32, len_m1: __m256i, last: __m256i) -> __m256i {
+        // SAFETY: as stated: gathered lanes have i < len - 1, so 4 bytes at 2 i are in the row.
+        unsafe {
+            let i = _mm256_loadu_si256(idx as *const __m256i);
+            let inside = _mm256_cmpgt_epi32(len_m1, i);
+            let g = _mm256_mask_i32gather_epi32::<2>(last, row as *const i32, i, inside);
+            _mm256_and_si256(g, _mm256_set1_epi32(0xFFFF))
+        }
+    }
+
+    /// As [`gather8`], 16 lanes.
+    ///
+    /// # Safety
+    /// AVX-512F available; `idx` readable for 16 u32, each `< len <= i32::MAX`; `len >= 1`.
+    #[inline(always)]
+    unsafe fn gather16(
+        row: *const u16,
+        idx: *const u32,
+        len_m1: __m512i,
+        last: __m512i,
+    ) -> __m512i {
+        // SAFETY: as in gather8.
+        unsafe {
+            let i = _mm512_loadu_si512(idx as *const __m512i);
+            let inside = _mm512_cmplt_epi32_mask(i, len_m1);
+            let g = _mm512_mask_i32gather_epi32::<2>(last, inside, i, row as *const i32);
+            _mm512_and_si512(g, _mm512_set1_epi32(0xFFFF))
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn weight_sum_at_v3_imp<const DIGITS: usize>(
+        row: &[u16],
+        at: &[u32],
+        hi: u16,
+        span: u16,
+        exp: &ExpTables,
+    ) -> f32 {
+        let full = at.len() / super::LANES * super::LANES;
+        if full == 0 {
+            return super::weight_sum_at_scalar(row, at, hi, span, exp);
+        }
+        // SAFETY: the caller checked every index < row.len() <= i32::MAX (so row is not
+        // empty); index loads read at[j .. j + 64] with j + 64 <= at.len().
+        unsafe {
+            let t = Tables8::new(exp);
+            let (h, s) = (_mm256_set1_epi32(hi as i32), _mm256_set1_epi32(span as i32));
+            let len_m1 = _mm256_set1_epi32((row.len() - 1) as i32);
+            let last = _mm256_set1_epi32(row[row.len() - 1] as i32);
+            let mut acc = [_mm256_setzero_ps(); 8];
+            let mut j = 0;
+            while j < full {
+                for (l, a) in acc.iter_mut().enumerate() {
+                    let v = gather8(row.as_ptr(), at.as_ptr().add(j + 8 * l), len_m1, last);
+                    *a = _mm256_add_ps(*a, t.weights_of::<DIGITS>(v, h, s));
+                }
+                j += super::LANES;
+            }
+            let mut lanes = [0.0f32; super::LANES];
+            for (l, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * l), *a);
+            }
+            super::weight_sum_at_from(row, at, hi, span, exp, lanes, full)
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    unsafe fn weight_sum_at_v4_imp<const DIGITS: usize>(
+        row: &[u16],
+        at: &[u32],
+        hi: u16,
+        span: u16,
+        exp: &ExpTables,
+    ) -> f32 {
+        let full = at.len() / super::LANES * super::LANES;
+        if full == 0 {
+            return super::weight_sum_at_scalar(row, at, hi, span, exp);
+        }
+        // SAFETY: as in weight_sum_at_v3_imp, blocks of 16.
+        unsafe {
+            let t = Tables16::new(exp);
+            let (h, s) = (_mm512_set1_epi32(hi as i32), _mm512_set1_epi32(span as i32));
+            let len_m1 = _mm512_set1_epi32((row.len() - 1) as i32);
+            let last = _mm512_set1_epi32(row[row.len() - 1] as i32);
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut j = 0;
+            while j < full {
+                for (l, a) in acc.iter_mut().enumerate() {
+                    let v = gather16(row.as_ptr(), at.as_ptr().add(j + 16 * l), len_m1, last);
+                    *a = _mm512_add_ps(*a, t.weights_of::<DIGITS>(v, h, s));
+                }
+                j += super::LANES;
+            }
+            let mut lanes = [0.0f32; super::LANES];
+            for (l, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(lanes.as_mut_ptr().add(16 * l), *a);
+            }
+            super::weight_sum_at_from(row, at, hi, span, exp, lanes, full)
         }
     }
 
@@ -518,6 +712,38 @@ mod x86 {
         unsafe { by_digits!(super::digits(span), weight_sum_v4_imp(row, hi, span, exp)) }
     }
 
+    pub(super) fn weight_sum_at_v3(
+        row: &[u16],
+        at: &[u32],
+        hi: u16,
+        span: u16,
+        exp: &ExpTables,
+    ) -> f32 {
+        // SAFETY: as weight_sum_v3; indices checked by SoftmaxKernel::weight_sum_at.
+        unsafe {
+            by_digits!(
+                super::digits(span),
+                weight_sum_at_v3_imp(row, at, hi, span, exp)
+            )
+        }
+    }
+
+    pub(super) fn weight_sum_at_v4(
+        row: &[u16],
+        at: &[u32],
+        hi: u16,
+        span: u16,
+        exp: &ExpTables,
+    ) -> f32 {
+        // SAFETY: as weight_sum_v4; indices checked by SoftmaxKernel::weight_sum_at.
+        unsafe {
+            by_digits!(
+                super::digits(span),
+                weight_sum_at_v4_imp(row, at, hi, span, exp)
+            )
+        }
+    }
+
     pub(super) fn combine_v3(heads: &[super::HeadRow<'_>], out: &mut [f32], max: bool) {
         // SAFETY: as weight_sum_v3; lengths checked by SoftmaxKernel::combine.
         unsafe { by_digits!(widest(heads), combine_v3_imp(heads, out, max)) }
@@ -575,6 +801,35 @@ mod tests {
                         k.weight_sum(&row, hi, span, &exp).to_bits(),
                         want.to_bits(),
                         "{level} n {n} hi {hi} span {span}"
+                    );
+                }
+                // Gathered: every index, a random subset in random order (repeats too), and
+                // the last element (the gather must not read past it).
+                if n > 0 {
+                    let mut sets: Vec<Vec<u32>> = vec![(0..n as u32).collect()];
+                    sets.push(
+                        (0..rng.random_range(0..300))
+                            .map(|_| rng.random_range(0..n as u32))
+                            .collect(),
+                    );
+                    sets.push(vec![n as u32 - 1; 70]);
+                    for at in &sets {
+                        let want = weight_sum_at_scalar(&row, at, hi, span, &exp);
+                        for level in Level::all_supported() {
+                            let k = SoftmaxKernel::for_level(level);
+                            assert_eq!(
+                                k.weight_sum_at(&row, at, hi, span, &exp).to_bits(),
+                                want.to_bits(),
+                                "{level} n {n} |at| {} hi {hi} span {span}",
+                                at.len()
+                            );
+                        }
+                    }
+                    // Every index once, in order: the plain sum, bit for bit.
+                    let all: Vec<u32> = (0..n as u32).collect();
+                    assert_eq!(
+                        weight_sum_at_scalar(&row, &all, hi, span, &exp).to_bits(),
+                        weight_sum_scalar(&row, hi, span, &exp).to_bits()
                     );
                 }
                 // Groups of 1..=5 heads: this row, then others with their own bounds.

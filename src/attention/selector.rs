@@ -29,7 +29,6 @@
 use crate::error::{Error, Result};
 use crate::index::{Index, IndexPQ, IndexPQFastScan};
 use crate::metric::Metric;
-use crate::pq::lut::QuantizedLut;
 use crate::pq::transform::{DimTransform, QueryEnergy};
 use crate::pq::Nbits;
 use crate::select::select_topk_nonneg_f32;
@@ -809,9 +808,7 @@ impl HeadIndex for FastScanIndex {
         };
         // The tail per head: the approximate weights of every candidate (`z`) less those of
         // the chosen, in units of the head's largest approximate logit `top`.
-        let tail = ctx
-            .tail
-            .then(|| self.tail(ctx, &heads, &norms, &tables, &rel, nc));
+        let tail = ctx.tail.then(|| self.tail(&heads, &norms, &rel, nc));
         let mut positions: Vec<u32> = rel.into_iter().map(|i| cand.start as u32 + i).collect();
         // Ascending already without re-ranking, unless weightless candidates were appended.
         if !positions.is_sorted() {
@@ -822,38 +819,22 @@ impl HeadIndex for FastScanIndex {
 }
 
 impl FastScanIndex {
-    /// Per head, `ln` of the approximate weights of every candidate (`z`) less those of the
-    /// chosen (`rel`, offsets into the candidates), in units of the head's largest
-    /// approximate logit `top`.
+    /// Per head, `ln` of the approximate weights of every candidate (`z`, the scan's
+    /// normaliser) less those of the chosen (`rel`, offsets into the candidates, gathered and
+    /// weighed by the same tables in one SIMD pass), in units of the head's largest
+    /// approximate logit `top`; `-inf` when nothing is left.
     fn tail(
         &self,
-        ctx: &ChooseContext<'_>,
         heads: &[HeadRow<'_>],
         norms: &[(f32, f32)],
-        tables: &[QuantizedLut],
         rel: &[u32],
         nc: usize,
     ) -> Vec<f32> {
-        let mut gaps = vec![0.0f32; rel.len()];
         heads
             .iter()
             .zip(norms)
-            .zip(tables)
-            .map(|((h, &(top, z)), table)| {
-                // The chosen weights `exp(-step * gap)`, gathered then exponentiated in one
-                // vectorised pass (beyond the span a weight is 0, as in the scan's sums).
-                let step = ctx.scale * table.delta;
-                for (g, &i) in gaps.iter_mut().zip(rel) {
-                    let gap = h.hi.saturating_sub(h.row[i as usize]);
-                    *g = if gap > h.span {
-                        f32::INFINITY
-                    } else {
-                        gap as f32
-                    };
-                }
-                gaps.iter_mut()
-                    .for_each(|g| *g = exp_nonpositive(-step * *g));
-                let taken = lane_sum(&gaps);
+            .map(|(h, &(top, z))| {
+                let taken = self.softmax.weight_sum_at(h.row, rel, h.hi, h.span, &h.exp);
                 let rest = z - taken;
                 if rel.len() >= nc || rest <= 0.0 {
                     f32::NEG_INFINITY
