@@ -6,7 +6,8 @@
 //!            budget kind (0 ratio, 1 tokens), budget (f64 bits or count), aggregation
 //!            (0 sum, 1 max), scale (f32 bits), tail term (0 off, 1 on; from format 3: older
 //!            files read on, the default)
-//! selector   the selector spec as text ("fastscan:64x4:rerank4", ...)
+//! selector   the selector spec: from format 3, five words `[kind, a, b, c, d]`
+//!            (`SelectorSpec::to_words`); before, its command-line text ("fastscan:64x4:rerank4")
 //! lists      per head (layer-major, then kv_head): positions, state (0 untrained: exact selection, 1 rebuilt
 //!            from the keys, 2 pq, 3 fast-scan)
 //! keys       f16, head after head (positions * head_dim each); values: the same
@@ -87,14 +88,10 @@ impl Persist for AttentionRetriever {
             words.push((h.keys.len() / c.shape.head_dim) as u64);
             words.push(state);
         }
-        let spec = c.selector.to_string().into_bytes();
+        let spec = c.selector.to_words().to_vec();
         let mut secs = vec![
             SectionOut::words(Tag::Meta, &meta),
-            SectionOut {
-                tag: Tag::Selector,
-                elem: 1,
-                pieces: vec![Cow::Owned(spec)],
-            },
+            SectionOut::words(Tag::Selector, &spec),
             SectionOut::words(Tag::Lists, &words),
             SectionOut {
                 tag: Tag::Keys,
@@ -160,11 +157,17 @@ pub(crate) fn read(r: &Reader<'_>) -> Result<AttentionRetriever> {
             ),
         ));
     }
-    let text: Vec<u8> = r.vec(Tag::Selector)?;
-    let spec: SelectorSpec = std::str::from_utf8(&text)
-        .map_err(|_| corrupt("selector", "not UTF-8"))?
-        .parse()
-        .map_err(|e: Error| corrupt("selector", e.to_string()))?;
+    // Format 3 stores the spec as typed words; older files as its command-line text.
+    let spec: SelectorSpec = if r.info.version >= FormatVersion::V3 as u32 {
+        let w: Vec<u64> = r.vec(Tag::Selector)?;
+        SelectorSpec::from_words(&w).map_err(|e| corrupt("selector", e))?
+    } else {
+        let text: Vec<u8> = r.vec(Tag::Selector)?;
+        std::str::from_utf8(&text)
+            .map_err(|_| corrupt("selector", "not UTF-8"))?
+            .parse()
+            .map_err(|e: Error| corrupt("selector", e.to_string()))?
+    };
     let (layers, kv_heads) = (
         small(w[0], MAX_HEADS, "layers")?,
         small(w[1], MAX_HEADS, "kv_heads")?,

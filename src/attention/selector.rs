@@ -212,7 +212,79 @@ impl FromStr for SelectorSpec {
     }
 }
 
+/// Words of a spec in an attention file (format 3 on): `[kind, a, b, c, d]`.
+pub(crate) const SPEC_WORDS: usize = 5;
+
 impl SelectorSpec {
+    /// The spec as typed words (kind 0 exact, 1 window, 2 random, 3 pq `[m, nbits]`,
+    /// 4 fastscan `[m, rerank, transform, refresh]`, 5 quest `[page]`; unused words 0).
+    pub(crate) fn to_words(&self) -> [u64; SPEC_WORDS] {
+        match *self {
+            SelectorSpec::Exact => [0, 0, 0, 0, 0],
+            SelectorSpec::Window => [1, 0, 0, 0, 0],
+            SelectorSpec::Random => [2, 0, 0, 0, 0],
+            SelectorSpec::Pq { m, nbits } => [3, m as u64, nbits as u64, 0, 0],
+            SelectorSpec::FastScan {
+                m,
+                rerank,
+                transform,
+                refresh,
+            } => [4, m as u64, rerank as u64, transform as u64, refresh as u64],
+            SelectorSpec::Quest { page } => [5, page as u64, 0, 0, 0],
+        }
+    }
+
+    /// The spec from [`SelectorSpec::to_words`]' words: the shape of the words is checked
+    /// here, the values by [`SelectorSpec::validate`] (as for a parsed spec).
+    pub(crate) fn from_words(w: &[u64]) -> std::result::Result<SelectorSpec, String> {
+        let &[kind, a, b, c, d] = w else {
+            return Err(format!("{} words, expected {SPEC_WORDS}", w.len()));
+        };
+        let size = |v: u64, what: &str| {
+            usize::try_from(v)
+                .ok()
+                .filter(|&x| x <= u32::MAX as usize)
+                .ok_or_else(|| format!("{what} = {v} out of range"))
+        };
+        let flag = |v: u64, what: &str| match v {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(format!("{what} = {v} is not 0 or 1")),
+        };
+        let unused = |words: &[u64]| {
+            if words.iter().all(|&v| v == 0) {
+                Ok(())
+            } else {
+                Err(format!("kind {kind} with unused words {words:?} set"))
+            }
+        };
+        Ok(match kind {
+            0 => unused(&[a, b, c, d]).map(|_| SelectorSpec::Exact)?,
+            1 => unused(&[a, b, c, d]).map(|_| SelectorSpec::Window)?,
+            2 => unused(&[a, b, c, d]).map(|_| SelectorSpec::Random)?,
+            3 => {
+                unused(&[c, d])?;
+                SelectorSpec::Pq {
+                    m: size(a, "m")?,
+                    nbits: size(b, "nbits")?,
+                }
+            }
+            4 => SelectorSpec::FastScan {
+                m: size(a, "m")?,
+                rerank: size(b, "rerank")?,
+                transform: flag(c, "transform")?,
+                refresh: flag(d, "refresh")?,
+            },
+            5 => {
+                unused(&[b, c, d])?;
+                SelectorSpec::Quest {
+                    page: size(a, "page")?,
+                }
+            }
+            other => return Err(format!("unknown selector kind {other}")),
+        })
+    }
+
     /// Checks the settings against the head dimension.
     pub fn validate(&self, d: usize) -> Result<()> {
         match self {
@@ -228,6 +300,9 @@ impl SelectorSpec {
                 )?;
                 IndexPQFastScan::new(d, *m, Metric::InnerProduct).map(|_| ())
             }
+            SelectorSpec::Quest { page: 0 } => Err(Error::InvalidArgument(
+                "the quest page size must be at least 1".into(),
+            )),
             SelectorSpec::Quest { page } => {
                 crate::limits::at_most(*page, crate::limits::MAX_QUEST_PAGE, "quest page")
                     .map(|_| ())
@@ -944,7 +1019,38 @@ impl HeadIndex for QuestIndex {
 
 #[cfg(test)]
 mod tests {
-    use super::exp_nonpositive;
+    use super::{exp_nonpositive, SelectorSpec};
+
+    #[test]
+    fn specs_round_trip_through_their_file_words_and_bad_words_are_refused() {
+        for text in [
+            "exact",
+            "window",
+            "random",
+            "pq:2x6",
+            "fastscan:64x4",
+            "fastscan:32x4:rerank4:plain:static",
+            "quest:16",
+        ] {
+            let spec: SelectorSpec = text.parse().unwrap();
+            let back = SelectorSpec::from_words(&spec.to_words()).unwrap();
+            assert_eq!(back, spec, "{text}");
+            assert_eq!(back.to_string().parse::<SelectorSpec>().unwrap(), spec);
+        }
+        for bad in [
+            vec![0, 0, 0, 0],
+            vec![6, 0, 0, 0, 0],
+            vec![0, 1, 0, 0, 0],
+            vec![4, 64, 0, 2, 1],
+            vec![3, 1 << 40, 4, 0, 0],
+            vec![5, 16, 0, 0, 9],
+        ] {
+            assert!(SelectorSpec::from_words(&bad).is_err(), "{bad:?}");
+        }
+        // Values are the validation's: a page of 0 passes the words and fails there.
+        let zero = SelectorSpec::from_words(&[5, 0, 0, 0, 0]).unwrap();
+        assert!(zero.validate(8).is_err());
+    }
 
     #[test]
     fn exp_is_within_three_ulps_on_softmax_arguments() {
