@@ -11,10 +11,10 @@
 //! | [`ivf`] | coarse quantizer of the inverted-file index |
 //! | [`pq`] | product quantizer: `train`, `encode`, per-query `lut` |
 //! | [`index`] | indexes: [`IndexFlat`] (exact, f32/f16), [`IndexPQ`] (ADC), [`IndexPQFastScan`] (4-bit fast-scan), [`IndexIVFPQFastScan`] (IVF), [`StreamingIndex`] (concurrent add/search/refresh) |
-//! | [`select`] | top-k selection, small k (heap) and large k (quickselect, u16 radix select) |
+//! | `select` | (internal) top-k selection, small k (heap) and large k (quickselect, u16 radix select) |
 //! | [`attention`] | the attention client: per layer and kv_head KV cache, selectors, sparse attention ([`AttentionRetriever`]) |
 //! | [`io`] | `.npy`, `.fvecs`, `.ivecs` readers, index files |
-//! | [`cli`] | the `pqcache` command line |
+//! | `cli` | (feature `cli`, default) the `pqcache` command line |
 //! | `gpu` | (feature `cuda`) KV cache on the GPU and sparse attention over selected positions |
 //! | `pqcache_simd` | the kernels (separate crate), runtime-dispatched scalar / AVX2 / AVX-512 / NEON |
 //!
@@ -42,6 +42,7 @@
 #![warn(missing_docs)]
 
 pub mod attention;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod error;
 #[cfg(feature = "cuda")]
@@ -55,7 +56,7 @@ pub mod linalg;
 pub mod metric;
 pub mod pq;
 pub mod result;
-pub mod select;
+mod select;
 
 pub use attention::selector::{Aggregation, SelectorSpec};
 pub use attention::{AttentionRetriever, AttentionShape, Budget, RetrieverConfig, StepPlan};

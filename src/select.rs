@@ -115,28 +115,6 @@ impl TopKHeap {
         }
     }
 
-    /// Number of kept elements.
-    pub fn len(&self) -> usize {
-        self.heap.len()
-    }
-
-    /// Whether `k` elements are kept (the threshold is then finite).
-    pub fn is_full(&self) -> bool {
-        self.heap.len() >= self.k
-    }
-
-    /// Whether nothing is kept.
-    pub fn is_empty(&self) -> bool {
-        self.heap.is_empty()
-    }
-
-    /// Offers every element of `other`.
-    pub fn merge(&mut self, other: TopKHeap) {
-        for (s, p) in other.heap {
-            self.push(s, p);
-        }
-    }
-
     /// The kept elements, best first.
     pub fn into_sorted(mut self) -> Vec<(f32, u32)> {
         self.heap.sort_unstable_by(rank);
