@@ -6,6 +6,10 @@
 //!    `delta = span / 255` (1 if the span is 0), `inv = 1 / delta`.
 //! 2. `table[j][c] = clamp(trunc((s[j][c] - min_j) * inv + 0.5), 0, 255)` (round half up).
 //!
+//! [`LutKernel::quantize_residual`] quantizes the rows `2 * dots - pre` without writing them
+//! out (the IVF tables of L2 search with residuals, one per probed list): `2 * d` is exact, so
+//! the fused form rounds once per element, as `2.0 * d - p` does.
+//!
 //! Every level does the same operations in the same order per element (a subtraction, a
 //! multiplication and an addition, each rounded; no fused multiply-add), and min / max are
 //! exact, so every level matches the scalar reference bit for bit. Rows must be finite (the
@@ -18,6 +22,7 @@ use crate::level::Level;
 pub struct LutKernel {
     level: Level,
     quantize: fn(&[f32], &mut [f32], &mut [u8]) -> f32,
+    residual: fn(&[f32], &[f32], &mut [f32], &mut [u8]) -> f32,
 }
 
 impl std::fmt::Debug for LutKernel {
@@ -34,13 +39,21 @@ impl LutKernel {
         let level = level.capped();
         match level {
             #[cfg(target_arch = "x86_64")]
-            Level::V3 | Level::V4 | Level::V4Icl => LutKernel {
+            Level::V4 | Level::V4Icl => LutKernel {
+                level: Level::V4,
+                quantize: x86::quantize_v4,
+                residual: x86::quantize_residual_v4,
+            },
+            #[cfg(target_arch = "x86_64")]
+            Level::V3 => LutKernel {
                 level: Level::V3,
                 quantize: x86::quantize_v3,
+                residual: x86::quantize_residual_v3,
             },
             _ => LutKernel {
                 level: Level::Scalar,
                 quantize: quantize_scalar,
+                residual: quantize_residual_scalar,
             },
         }
     }
@@ -66,6 +79,38 @@ impl LutKernel {
         );
         (self.quantize)(scores, mins, table)
     }
+}
+
+impl LutKernel {
+    /// [`LutKernel::quantize`] of the rows `2 * dots - pre` (both `m * 16`), computed on the
+    /// fly. Panics if the lengths disagree.
+    pub fn quantize_residual(
+        &self,
+        dots: &[f32],
+        pre: &[f32],
+        mins: &mut [f32],
+        table: &mut [u8],
+    ) -> f32 {
+        assert!(
+            dots.len() == pre.len()
+                && dots.len().is_multiple_of(16)
+                && mins.len() == dots.len() / 16
+                && table.len() >= dots.len(),
+            "quantize_residual: shapes disagree"
+        );
+        (self.residual)(dots, pre, mins, table)
+    }
+}
+
+/// Scalar reference of [`LutKernel::quantize_residual`]: the rows, then [`quantize_scalar`].
+pub fn quantize_residual_scalar(
+    dots: &[f32],
+    pre: &[f32],
+    mins: &mut [f32],
+    table: &mut [u8],
+) -> f32 {
+    let scores: Vec<f32> = dots.iter().zip(pre).map(|(&d, &p)| 2.0 * d - p).collect();
+    quantize_scalar(&scores, mins, table)
 }
 
 #[inline(always)]
@@ -138,17 +183,68 @@ mod x86 {
         }
     }
 
+    /// Where the rows come from: a float table, or `2 * dots - pre` computed in registers.
+    #[derive(Clone, Copy)]
+    enum Rows {
+        Plain(*const f32),
+        Residual(*const f32, *const f32),
+    }
+
+    impl Rows {
+        /// Row `j` as two halves of 8.
+        ///
+        /// # Safety
+        /// AVX2 available; the pointers readable for row `j`.
+        #[inline(always)]
+        unsafe fn row8(self, j: usize) -> (__m256, __m256) {
+            // SAFETY: as stated.
+            unsafe {
+                match self {
+                    Rows::Plain(p) => (
+                        _mm256_loadu_ps(p.add(16 * j)),
+                        _mm256_loadu_ps(p.add(16 * j + 8)),
+                    ),
+                    Rows::Residual(d, p) => {
+                        let two = _mm256_set1_ps(2.0);
+                        let f = |o: usize| {
+                            _mm256_sub_ps(
+                                _mm256_mul_ps(two, _mm256_loadu_ps(d.add(o))),
+                                _mm256_loadu_ps(p.add(o)),
+                            )
+                        };
+                        (f(16 * j), f(16 * j + 8))
+                    }
+                }
+            }
+        }
+
+        /// Row `j` as one register.
+        ///
+        /// # Safety
+        /// AVX-512F available; the pointers readable for row `j`.
+        #[inline(always)]
+        unsafe fn row16(self, j: usize) -> __m512 {
+            // SAFETY: as stated.
+            unsafe {
+                match self {
+                    Rows::Plain(p) => _mm512_loadu_ps(p.add(16 * j)),
+                    Rows::Residual(d, p) => _mm512_sub_ps(
+                        _mm512_mul_ps(_mm512_set1_ps(2.0), _mm512_loadu_ps(d.add(16 * j))),
+                        _mm512_loadu_ps(p.add(16 * j)),
+                    ),
+                }
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn quantize_v3_imp(scores: &[f32], mins: &mut [f32], table: &mut [u8]) -> f32 {
-        let m = scores.len() / 16;
-        let p = scores.as_ptr();
-        // SAFETY: row j reads p[16 j .. 16 j + 16] with j < m = len / 16; the stores write
-        // table[16 j .. 16 j + 16], and table.len() >= 16 m (checked by the caller).
+    unsafe fn quantize_v3_imp(rows: Rows, mins: &mut [f32], table: &mut [u8]) -> f32 {
+        // SAFETY: the callers checked that rows 0..m = mins.len() are readable and that
+        // table holds 16 m bytes; row j's stores write table[16 j .. 16 j + 16].
         unsafe {
             let mut span = 0.0f32;
-            for (j, lo_out) in mins.iter_mut().enumerate().take(m) {
-                let a = _mm256_loadu_ps(p.add(16 * j));
-                let b = _mm256_loadu_ps(p.add(16 * j + 8));
+            for (j, lo_out) in mins.iter_mut().enumerate() {
+                let (a, b) = rows.row8(j);
                 let (lo, hi) = min_max(a, b);
                 *lo_out = lo;
                 let s = hi - lo;
@@ -159,10 +255,11 @@ mod x86 {
             let half = _mm256_set1_ps(0.5);
             let top = _mm256_set1_ps(255.0);
             let out = table.as_mut_ptr();
-            for (j, &lo) in mins.iter().enumerate().take(m) {
+            for (j, &lo) in mins.iter().enumerate() {
                 let lo = _mm256_set1_ps(lo);
-                let q0 = quant8(_mm256_loadu_ps(p.add(16 * j)), lo, inv, half, top);
-                let q1 = quant8(_mm256_loadu_ps(p.add(16 * j + 8)), lo, inv, half, top);
+                let (a, b) = rows.row8(j);
+                let q0 = quant8(a, lo, inv, half, top);
+                let q1 = quant8(b, lo, inv, half, top);
                 // i32 -> u16 -> u8 with unsigned saturation (values are already 0..=255);
                 // packs interleave 128-bit lanes, the permute restores the order.
                 let w = _mm256_packus_epi32(q0, q1);
@@ -175,9 +272,68 @@ mod x86 {
         }
     }
 
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    unsafe fn quantize_v4_imp(rows: Rows, mins: &mut [f32], table: &mut [u8]) -> f32 {
+        // SAFETY: as in quantize_v3_imp.
+        unsafe {
+            let mut span = 0.0f32;
+            for (j, lo_out) in mins.iter_mut().enumerate() {
+                let r = rows.row16(j);
+                // The reductions are exact (min / max): any order gives the scalar's value.
+                let (lo, hi) = (_mm512_reduce_min_ps(r), _mm512_reduce_max_ps(r));
+                *lo_out = lo;
+                let s = hi - lo;
+                span = if s > span { s } else { span };
+            }
+            let delta = super::delta_of(span);
+            let inv = _mm512_set1_ps(1.0 / delta);
+            let half = _mm512_set1_ps(0.5);
+            let top = _mm512_set1_ps(255.0);
+            let out = table.as_mut_ptr();
+            for (j, &lo) in mins.iter().enumerate() {
+                let x = _mm512_add_ps(
+                    _mm512_mul_ps(_mm512_sub_ps(rows.row16(j), _mm512_set1_ps(lo)), inv),
+                    half,
+                );
+                // As quant8: max(x, 0) gives 0 for NaN, then the clamp at 255 and truncation.
+                let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_setzero_ps()), top);
+                let bytes = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(x));
+                _mm_storeu_si128(out.add(16 * j) as *mut __m128i, bytes);
+            }
+            delta
+        }
+    }
+
     pub(super) fn quantize_v3(scores: &[f32], mins: &mut [f32], table: &mut [u8]) -> f32 {
-        // SAFETY: only reachable through a kernel built for V3 or V4, which the CPU supports.
-        unsafe { quantize_v3_imp(scores, mins, table) }
+        // SAFETY: only reachable through a kernel built for V3, which the CPU supports;
+        // shapes checked by LutKernel::quantize.
+        unsafe { quantize_v3_imp(Rows::Plain(scores.as_ptr()), mins, table) }
+    }
+
+    pub(super) fn quantize_v4(scores: &[f32], mins: &mut [f32], table: &mut [u8]) -> f32 {
+        // SAFETY: only reachable through a kernel built for V4, which the CPU supports;
+        // shapes checked by LutKernel::quantize.
+        unsafe { quantize_v4_imp(Rows::Plain(scores.as_ptr()), mins, table) }
+    }
+
+    pub(super) fn quantize_residual_v3(
+        dots: &[f32],
+        pre: &[f32],
+        mins: &mut [f32],
+        table: &mut [u8],
+    ) -> f32 {
+        // SAFETY: as quantize_v3; shapes checked by LutKernel::quantize_residual.
+        unsafe { quantize_v3_imp(Rows::Residual(dots.as_ptr(), pre.as_ptr()), mins, table) }
+    }
+
+    pub(super) fn quantize_residual_v4(
+        dots: &[f32],
+        pre: &[f32],
+        mins: &mut [f32],
+        table: &mut [u8],
+    ) -> f32 {
+        // SAFETY: as quantize_v4; shapes checked by LutKernel::quantize_residual.
+        unsafe { quantize_v4_imp(Rows::Residual(dots.as_ptr(), pre.as_ptr()), mins, table) }
     }
 }
 
@@ -213,6 +369,23 @@ mod tests {
                     );
                     assert_eq!(gm, wm, "level {level} m {m} trial {trial}");
                     assert_eq!(gt, wt, "level {level} m {m} trial {trial}");
+                }
+                // The fused residual rows 2 d - p, against the reference.
+                let pre: Vec<f32> = scores.iter().map(|v| v * 0.37 - 1.5).collect();
+                let dots: Vec<f32> = scores.iter().rev().copied().collect();
+                let (mut wm, mut wt) = (vec![0.0; m], vec![0u8; m * 16 + 16]);
+                let wd = quantize_residual_scalar(&dots, &pre, &mut wm, &mut wt);
+                for level in Level::all_supported() {
+                    let (mut gm, mut gt) = (vec![0.0; m], vec![0u8; m * 16 + 16]);
+                    let k = LutKernel::for_level(level);
+                    let gd = k.quantize_residual(&dots, &pre, &mut gm, &mut gt);
+                    assert_eq!(
+                        gd.to_bits(),
+                        wd.to_bits(),
+                        "residual {level} m {m} trial {trial}"
+                    );
+                    assert_eq!(gm, wm, "residual {level} m {m} trial {trial}");
+                    assert_eq!(gt, wt, "residual {level} m {m} trial {trial}");
                 }
             }
         }

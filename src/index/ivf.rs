@@ -202,7 +202,6 @@ struct ScanScratch {
 /// A per-list table under construction (L2 with residuals), reused across lists.
 #[derive(Default)]
 struct LutSlot {
-    floats: Vec<f32>,
     mins: Vec<f32>,
     lut: QuantizedLut,
 }
@@ -855,11 +854,8 @@ impl IndexIVFPQFastScan {
                 // -||q - c_l||² = coarse - ||q||².
                 let m = self.pq.m();
                 let pre = &self.precomputed[l * m * 16..(l + 1) * m * 16];
-                slot.floats.clear();
-                slot.floats
-                    .extend(dots.iter().zip(pre).map(|(a, b)| 2.0 * a - b));
                 slot.lut
-                    .requantize(&slot.floats, m, m + m % 2, &mut slot.mins);
+                    .requantize_residual(dots, pre, m, m + m % 2, &mut slot.mins);
                 (&slot.lut, coarse - norm)
             }
         }

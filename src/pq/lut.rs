@@ -95,10 +95,8 @@ impl QuantizedLut {
     /// [`QuantizedLut::new`] into this table's buffer (no allocation once it is large
     /// enough); `mins` is scratch space.
     pub fn requantize(&mut self, scores: &[f32], m: usize, m2: usize, mins: &mut Vec<f32>) {
-        static KERNEL: OnceLock<LutKernel> = OnceLock::new();
         debug_assert_eq!(scores.len(), m * 16);
-        // Every level gives the same bytes: the kernel is resolved once per process.
-        let kernel = KERNEL.get_or_init(LutKernel::best);
+        let kernel = lut_kernel();
         mins.clear();
         mins.resize(m, 0.0);
         self.table.clear();
@@ -107,9 +105,36 @@ impl QuantizedLut {
         self.bias = mins.iter().map(|&v| v as f64).sum::<f64>() as f32;
     }
 
+    /// [`QuantizedLut::requantize`] of the rows `2 * dots - pre` (the IVF tables of L2
+    /// search with residuals), quantized without writing the float rows.
+    pub fn requantize_residual(
+        &mut self,
+        dots: &[f32],
+        pre: &[f32],
+        m: usize,
+        m2: usize,
+        mins: &mut Vec<f32>,
+    ) {
+        let kernel = lut_kernel();
+        debug_assert_eq!(dots.len(), m * 16);
+        mins.clear();
+        mins.resize(m, 0.0);
+        self.table.clear();
+        self.table.resize(m2 * 16, 0);
+        self.delta = kernel.quantize_residual(dots, pre, mins, &mut self.table);
+        self.bias = mins.iter().map(|&v| v as f64).sum::<f64>() as f32;
+    }
+
     /// The float score of a u16 sum.
     #[inline(always)]
     pub fn score(&self, sum: u16) -> f32 {
         self.bias + self.delta * sum as f32
     }
+}
+
+/// The table-quantization kernel, resolved once per process (every level gives the same
+/// bytes).
+fn lut_kernel() -> &'static LutKernel {
+    static KERNEL: OnceLock<LutKernel> = OnceLock::new();
+    KERNEL.get_or_init(LutKernel::best)
 }
