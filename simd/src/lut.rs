@@ -17,12 +17,15 @@
 
 use crate::level::Level;
 
+type QuantizeFn = fn(&[f32], &mut [f32], &mut [u8]) -> f32;
+type ResidualFn = fn(&[f32], &[f32], &mut [f32], &mut [u8]) -> f32;
+
 /// A resolved table-quantization kernel.
 #[derive(Clone, Copy)]
 pub struct LutKernel {
     level: Level,
-    quantize: fn(&[f32], &mut [f32], &mut [u8]) -> f32,
-    residual: fn(&[f32], &[f32], &mut [f32], &mut [u8]) -> f32,
+    quantize: QuantizeFn,
+    residual: ResidualFn,
 }
 
 impl std::fmt::Debug for LutKernel {
