@@ -25,8 +25,11 @@ pub struct DistanceKernels {
     dot_f16: fn(&[f32], &[f16]) -> f32,
     l2sq_f16: fn(&[f32], &[f16]) -> f32,
     axpy: fn(f32, &[f32], &mut [f32]),
+    axpy_cols16: Cols16Fn,
     dot_group_f16: GroupDotFn,
 }
+
+type Cols16Fn = fn(f32, &[f32], &[f32], &mut [f32; 16]);
 
 impl std::fmt::Debug for DistanceKernels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -49,6 +52,7 @@ impl DistanceKernels {
                 dot_f16: x86::dot_f16_v4,
                 l2sq_f16: x86::l2sq_f16_v4,
                 axpy: x86::axpy_v4,
+                axpy_cols16: x86::axpy_cols16_v4,
                 dot_group_f16: x86::dot_group_f16_v4,
             },
             #[cfg(target_arch = "x86_64")]
@@ -59,6 +63,7 @@ impl DistanceKernels {
                 dot_f16: x86::dot_f16_v3,
                 l2sq_f16: x86::l2sq_f16_v3,
                 axpy: x86::axpy_v3,
+                axpy_cols16: x86::axpy_cols16_v3,
                 dot_group_f16: x86::dot_group_f16_v3,
             },
             #[cfg(target_arch = "aarch64")]
@@ -69,6 +74,7 @@ impl DistanceKernels {
                 dot_f16: scalar::dot_f16,
                 l2sq_f16: scalar::l2sq_f16,
                 axpy: scalar::axpy,
+                axpy_cols16: scalar::axpy_cols16,
                 dot_group_f16: scalar::dot_group_f16,
             },
             _ => DistanceKernels {
@@ -78,6 +84,7 @@ impl DistanceKernels {
                 dot_f16: scalar::dot_f16,
                 l2sq_f16: scalar::l2sq_f16,
                 axpy: scalar::axpy,
+                axpy_cols16: scalar::axpy_cols16,
                 dot_group_f16: scalar::dot_group_f16,
             },
         }
@@ -127,6 +134,15 @@ impl DistanceKernels {
     pub fn axpy(&self, alpha: f32, x: &[f32], y: &mut [f32]) {
         assert_eq!(x.len(), y.len(), "axpy: length mismatch");
         (self.axpy)(alpha, x, y)
+    }
+
+    /// `row[c] += (alpha * q[t]) * cols[16 t + c]` for `t` in order, each a multiplication
+    /// then an addition (no fused multiply-add): the same bits on every level. A 4-bit
+    /// product quantizer's table row (`cols`: the sub-codebook transposed, `q.len()` columns of
+    /// 16). Panics unless `cols.len() == 16 * q.len()`.
+    pub fn axpy_cols16(&self, alpha: f32, q: &[f32], cols: &[f32], row: &mut [f32; 16]) {
+        assert_eq!(cols.len(), 16 * q.len(), "axpy_cols16: length mismatch");
+        (self.axpy_cols16)(alpha, q, cols, row)
     }
 
     /// Scores of one query against `out.len()` rows of `rows` (row-major, `q.len()` wide):
@@ -254,6 +270,16 @@ pub mod scalar {
     pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
         for (o, &v) in y.iter_mut().zip(x) {
             *o += alpha * v;
+        }
+    }
+
+    /// Reference of `DistanceKernels::axpy_cols16`.
+    pub fn axpy_cols16(alpha: f32, q: &[f32], cols: &[f32], row: &mut [f32; 16]) {
+        for (&qt, col) in q.iter().zip(cols.chunks_exact(16)) {
+            let a = alpha * qt;
+            for (r, &c) in row.iter_mut().zip(col) {
+                *r += a * c;
+            }
         }
     }
 
@@ -542,6 +568,47 @@ mod x86 {
                 _mm512_mask_storeu_ps(py.add(i), mask, v);
             }
         }
+    }
+
+    pub(super) fn axpy_cols16_v3(alpha: f32, q: &[f32], cols: &[f32], row: &mut [f32; 16]) {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn imp(alpha: f32, q: &[f32], cols: &[f32], row: &mut [f32; 16]) {
+            // SAFETY: cols holds 16 floats per element of q (checked by the caller); row 16.
+            unsafe {
+                let p = cols.as_ptr();
+                let (mut lo, mut hi) = (
+                    _mm256_loadu_ps(row.as_ptr()),
+                    _mm256_loadu_ps(row.as_ptr().add(8)),
+                );
+                for (t, &qt) in q.iter().enumerate() {
+                    let a = _mm256_set1_ps(alpha * qt);
+                    lo = _mm256_add_ps(lo, _mm256_mul_ps(a, _mm256_loadu_ps(p.add(16 * t))));
+                    hi = _mm256_add_ps(hi, _mm256_mul_ps(a, _mm256_loadu_ps(p.add(16 * t + 8))));
+                }
+                _mm256_storeu_ps(row.as_mut_ptr(), lo);
+                _mm256_storeu_ps(row.as_mut_ptr().add(8), hi);
+            }
+        }
+        // SAFETY: only reachable through a table built for a level >= V3 the CPU supports.
+        unsafe { imp(alpha, q, cols, row) }
+    }
+
+    pub(super) fn axpy_cols16_v4(alpha: f32, q: &[f32], cols: &[f32], row: &mut [f32; 16]) {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+        unsafe fn imp(alpha: f32, q: &[f32], cols: &[f32], row: &mut [f32; 16]) {
+            // SAFETY: as in axpy_cols16_v3, one register per row.
+            unsafe {
+                let p = cols.as_ptr();
+                let mut r = _mm512_loadu_ps(row.as_ptr());
+                for (t, &qt) in q.iter().enumerate() {
+                    let a = _mm512_set1_ps(alpha * qt);
+                    r = _mm512_add_ps(r, _mm512_mul_ps(a, _mm512_loadu_ps(p.add(16 * t))));
+                }
+                _mm512_storeu_ps(row.as_mut_ptr(), r);
+            }
+        }
+        // SAFETY: only reachable through a table built for V4 or above, which the CPU supports.
+        unsafe { imp(alpha, q, cols, row) }
     }
 
     pub(super) fn axpy_v3(alpha: f32, x: &[f32], y: &mut [f32]) {
@@ -900,6 +967,29 @@ mod tests {
     fn every_level_matches_f64_reference() {
         for level in Level::all_supported() {
             check(level);
+        }
+    }
+
+    #[test]
+    fn axpy_cols16_is_bit_exact_on_every_level() {
+        let mut rng = StdRng::seed_from_u64(21);
+        for dsub in [0usize, 1, 2, 3, 8, 33] {
+            let q: Vec<f32> = (0..dsub).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let cols: Vec<f32> = (0..16 * dsub)
+                .map(|_| rng.random_range(-1e3..1e3))
+                .collect();
+            let start: [f32; 16] = std::array::from_fn(|_| rng.random_range(-5.0..5.0));
+            let mut want = start;
+            scalar::axpy_cols16(-2.0, &q, &cols, &mut want);
+            for level in Level::all_supported() {
+                let mut got = start;
+                DistanceKernels::for_level(level).axpy_cols16(-2.0, &q, &cols, &mut got);
+                assert_eq!(
+                    got.map(f32::to_bits),
+                    want.map(f32::to_bits),
+                    "{level} dsub {dsub}"
+                );
+            }
         }
     }
 

@@ -42,18 +42,11 @@ impl ProductQuantizer {
                 }
             };
             if ksub == 16 {
-                // 4-bit tables: one 16-float row fits a register or two; an inline loop beats
-                // a kernel call per (j, t).
+                // 4-bit tables: the row stays in one register (two on AVX2) for the whole
+                // sub-vector: one kernel call per row, not per (row, dimension).
                 let row16: &mut [f32; 16] = row.try_into().expect("ksub == 16");
-                for (t, &qt) in qj.iter().enumerate() {
-                    let col: &[f32; 16] = self.centroids_t[(j * dsub + t) * 16..][..16]
-                        .try_into()
-                        .expect("16 wide");
-                    let a = alpha * qt;
-                    for c in 0..16 {
-                        row16[c] += a * col[c];
-                    }
-                }
+                let cols = &self.centroids_t[j * dsub * 16..(j + 1) * dsub * 16];
+                kernels.axpy_cols16(alpha, qj, cols, row16);
             } else {
                 for (t, &qt) in qj.iter().enumerate() {
                     let col = &self.centroids_t[(j * dsub + t) * ksub..(j * dsub + t + 1) * ksub];
