@@ -408,14 +408,30 @@ mod x86 {
             let half = _mm512_set1_ps(0.5);
             let top = _mm512_set1_ps(255.0);
             let out = table.as_mut_ptr();
-            for (j, &lo) in mins.iter().enumerate() {
+            // Row j as 16 i32 lanes in 0..=255.
+            let quant = |j: usize| {
                 let x = _mm512_add_ps(
-                    _mm512_mul_ps(_mm512_sub_ps(rows.row16(j), _mm512_set1_ps(lo)), inv),
+                    _mm512_mul_ps(_mm512_sub_ps(rows.row16(j), _mm512_set1_ps(mins[j])), inv),
                     half,
                 );
                 // As quant8: max(x, 0) gives 0 for NaN, then the clamp at 255 and truncation.
                 let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_setzero_ps()), top);
-                let bytes = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(x));
+                _mm512_cvttps_epi32(x)
+            };
+            // Four rows per 64-byte store: the packs leave, in each 128-bit lane l, 4 bytes
+            // of each row (elements 4l .. 4l + 4); the permute puts row r's 16 together.
+            let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+            let four = m / 4 * 4;
+            let mut j = 0;
+            while j < four {
+                let w01 = _mm512_packus_epi32(quant(j), quant(j + 1));
+                let w23 = _mm512_packus_epi32(quant(j + 2), quant(j + 3));
+                let bytes = _mm512_permutexvar_epi32(order, _mm512_packus_epi16(w01, w23));
+                _mm512_storeu_si512(out.add(16 * j) as *mut __m512i, bytes);
+                j += 4;
+            }
+            for j in four..m {
+                let bytes = _mm512_cvtepi32_epi8(quant(j));
                 _mm_storeu_si128(out.add(16 * j) as *mut __m128i, bytes);
             }
             delta

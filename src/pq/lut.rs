@@ -95,7 +95,7 @@ impl QuantizedLut {
         self.table.clear();
         self.table.resize(m2 * 16, 0);
         self.delta = kernel.quantize(scores, mins, &mut self.table);
-        self.bias = mins.iter().map(|&v| v as f64).sum::<f64>() as f32;
+        self.bias = sum_f64(mins);
     }
 
     /// [`QuantizedLut::requantize`] of the rows `2 * dots - pre` (the IVF tables of L2
@@ -110,12 +110,13 @@ impl QuantizedLut {
     ) {
         let kernel = lut_kernel();
         debug_assert_eq!(dots.len(), m * 16);
-        mins.clear();
         mins.resize(m, 0.0);
-        self.table.clear();
+        // The kernel writes every byte of the first m rows: only the padding rows need zeros
+        // (this runs once per probed list and query).
         self.table.resize(m2 * 16, 0);
+        self.table[m * 16..].fill(0);
         self.delta = kernel.quantize_residual(dots, pre, mins, &mut self.table);
-        self.bias = mins.iter().map(|&v| v as f64).sum::<f64>() as f32;
+        self.bias = sum_f64(mins);
     }
 
     /// The float score of a u16 sum.
@@ -130,4 +131,21 @@ impl QuantizedLut {
 fn lut_kernel() -> &'static LutKernel {
     static KERNEL: OnceLock<LutKernel> = OnceLock::new();
     KERNEL.get_or_init(LutKernel::best)
+}
+
+/// `sum(x)` in f64, rounded once to f32: four independent lanes (`lane = i % 4`, folded
+/// `(l0 + l1) + (l2 + l3)`), so that the additions do not wait on each other.
+fn sum_f64(x: &[f32]) -> f32 {
+    let mut lanes = [0.0f64; 4];
+    let chunks = x.chunks_exact(4);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += v as f64;
+        }
+    }
+    for (l, &v) in lanes.iter_mut().zip(rest) {
+        *l += v as f64;
+    }
+    ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) as f32
 }
