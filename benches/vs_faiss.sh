@@ -60,14 +60,27 @@ np.save(f"{work}/gemma128_q1k.npy", np.ascontiguousarray(q[-1000:]))
 PY
 }
 
+# Fashion-MNIST (ann-benchmarks' fashion-mnist-784-euclidean: 60,000 x 784, 1,000 queries),
+# from Debian's dataset-fashion-mnist, extracted by ../shared/tools/qkdump/ann_extract.py.
+fmnist() {
+  [ -f "$work/fashion-mnist-784_base.fvecs" ] && return 0
+  (cd "$work" && apt-get download dataset-fashion-mnist >/dev/null 2>&1 && dpkg -x dataset-fashion-mnist_*.deb fmnist-deb)
+  "$py" "$shared/tools/qkdump/ann_extract.py" fmnist "$work/fmnist-deb" "$work" 1000 >/dev/null
+}
+
 if [ "${1:-}" = ivf ]; then
   gemma128
+  fmnist
   ann=$shared/data/ann
   # Batch search (1,000 queries per call) at 1 and 2 threads; add_s is the add throughput.
   for threads in 1 2; do
     for nprobe in 4 16 64; do
       compare --base "$work/gemma128_65k.npy" --queries "$work/gemma128_q1k.npy" --index ivfpqfs \
         --nlist 256 --nprobe $nprobe --m 32 --k 10 --metric l2 --qbs 1000 --threads $threads --reps 3
+    done
+    for nprobe in 8 32; do
+      compare --base "$work/fashion-mnist-784_base.fvecs" --queries "$work/fashion-mnist-784_query.fvecs" \
+        --index ivfpqfs --nlist 256 --nprobe $nprobe --m 98 --k 10 --metric l2 --qbs 1000 --threads $threads --reps 3
     done
     for nprobe in 4 16; do
       compare --base $ann/bigann-10k-128_base.fvecs --queries $ann/bigann-10k-128_query.fvecs --index ivfpqfs \
