@@ -579,6 +579,12 @@ fn every_add_api_is_kept_across_back_to_back_refreshes() {
     for h in searchers {
         h.join().unwrap();
     }
+    eprintln!(
+        "stress: {} vectors added through add / add_auto / add_with_ids, {} removed, {refreshes} \
+         refreshes during the adds",
+        3 * per_writer,
+        removed.len()
+    );
     assert!(refreshes >= 2, "{refreshes} refreshes ran during the adds");
     let mut live: Vec<i64> = shared.with(|g| {
         g.lists()
