@@ -197,6 +197,8 @@ struct ScanScratch {
     bytes: Vec<u8>,
     sums: Vec<u16>,
     masks: Vec<u32>,
+    /// A chunk's live sums, for [`chunk_floor`].
+    live: Vec<u16>,
 }
 
 /// A per-list table under construction (L2 with residuals), reused across lists.
@@ -912,6 +914,27 @@ impl IndexIVFPQFastScan {
             for (j, ((lut, bias), &h)) in tables.iter().zip(members).enumerate() {
                 let heap = &mut heaps[h];
                 let sums = &scratch.sums[j * nb * BBS..(j + 1) * nb * BBS];
+                if floors[j].is_none() && !heap.is_reservoir() {
+                    // The heap is not full (the first lists of a query): the chunk's own
+                    // cap-th best live sum bounds what can enter.
+                    floors[j] =
+                        chunk_floor(&mut scratch.live, sums, &ids[base..base + valid], heap.cap);
+                    if let Some(f) = floors[j] {
+                        let mut offer = |i: usize| {
+                            let id = ids[base + i];
+                            if id >= 0 && sums[i] > f {
+                                heap.push(Cand {
+                                    score: bias + lut.score(sums[i]),
+                                    id,
+                                    list: l as u32,
+                                    offset: (base + i) as u32,
+                                });
+                            }
+                        };
+                        (0..valid).for_each(&mut offer);
+                        continue;
+                    }
+                }
                 let mut offer = |i: usize| {
                     let id = ids[base + i];
                     if id >= 0 {
@@ -1066,6 +1089,26 @@ impl IndexIVFPQFastScan {
             None => f(),
         }
     }
+}
+
+/// For a heap of `cap` that is not full: a u16 floor such that no sum of this chunk at or
+/// below it can be among the best `cap` (at least `cap` live sums of the chunk are higher by
+/// more than one step, the margin for the float conversion's rounding); `None` when the
+/// chunk holds `cap` live sums or fewer.
+fn chunk_floor(live: &mut Vec<u16>, sums: &[u16], ids: &[i64], cap: usize) -> Option<u16> {
+    live.clear();
+    live.extend(
+        sums.iter()
+            .zip(ids)
+            .filter(|(_, &id)| id >= 0)
+            .map(|(&s, _)| s),
+    );
+    if live.len() <= cap || cap == 0 {
+        return None;
+    }
+    let (_, &mut kth, _) = live.select_nth_unstable_by(cap - 1, |a, b| b.cmp(a));
+    // Offer sums > kth - 2, i.e. >= kth - 1.
+    kth.checked_sub(2)
 }
 
 impl Index for IndexIVFPQFastScan {
