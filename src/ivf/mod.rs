@@ -146,8 +146,12 @@ impl CoarseQuantizer {
     pub fn probe_batch(&self, queries: &[f32], nprobe: usize) -> Vec<Vec<(f32, u32)>> {
         let (d, nlist) = (self.d, self.nlist);
         let np = nprobe.clamp(1, nlist);
+        // One chunk per thread at least (a batch of 1,000 queries was one sequential GEMM).
+        let rows = (queries.len() / d.max(1))
+            .div_ceil(rayon::current_num_threads())
+            .clamp(16, ASSIGN_CHUNK);
         queries
-            .par_chunks(ASSIGN_CHUNK * d)
+            .par_chunks(rows * d)
             .flat_map_iter(|rows| {
                 let r = rows.len() / d;
                 let mut scores = vec![0.0f32; r * nlist];
