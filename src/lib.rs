@@ -18,6 +18,22 @@
 //! | `gpu` | (feature `cuda`) KV cache on the GPU and sparse attention over selected positions |
 //! | `pqcache_simd` | the kernels (separate crate), runtime-dispatched scalar / AVX2 / AVX-512 / NEON |
 //!
+//! The layers, each importing only from those below it (`pqcache_simd` under all of them):
+//!
+//! ```text
+//! cli (feature), gpu (feature)
+//! attention            retriever, selectors, evaluation protocol
+//! index                flat, pq, fastscan, ivf, streaming
+//! pq, ivf              quantizers (train, encode, tables), coarse quantizer
+//! kmeans, select, linalg
+//! error, limits, check, buf, metric, result   errors, size limits, input validation, arrays
+//! ```
+//!
+//! `io` is read by every layer (`.npy`, dumps, f16 helpers, the file container) and, today,
+//! also holds the index kinds' file codecs and the attention entry points: the one edge that
+//! points up (`io::file` <-> `attention::persist`), to go when the container is split from
+//! the codecs.
+//!
 //! ```
 //! use pqcache::{Index, IndexFlat, IndexPQ, Metric, Nbits};
 //!
@@ -42,6 +58,8 @@
 #![warn(missing_docs)]
 
 pub mod attention;
+pub mod buf;
+pub mod check;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod error;

@@ -33,8 +33,8 @@ pub mod eval;
 pub mod persist;
 pub mod selector;
 
+use crate::buf::Buf;
 use crate::error::{Error, Result};
-use crate::io::buf::Buf;
 use crate::io::f16_to_f32;
 use crate::pq::transform::QueryEnergy;
 use half::f16;
@@ -448,7 +448,7 @@ impl AttentionRetriever {
         if !queries.is_empty() {
             let per_head = queries.len() / s.query_heads;
             for (head, q) in queries.chunks_exact(per_head).enumerate() {
-                crate::index::check_vectors(q, d, "queries").map_err(|e| of_head(e, head))?;
+                crate::check::check_vectors(q, d, "queries").map_err(|e| of_head(e, head))?;
             }
         }
         let t = keys.len() / (h * d);
@@ -558,7 +558,7 @@ impl AttentionRetriever {
                 got: queries.len(),
             });
         }
-        crate::index::check_vectors(queries, d, "queries")?;
+        crate::check::check_vectors(queries, d, "queries")?;
         if self.is_empty(layer) {
             // Nothing to attend to: prefill or append first.
             return Err(Error::EmptyIndex);

@@ -408,7 +408,7 @@ impl GpuSparseAttention {
                 got: queries.len(),
             });
         }
-        crate::index::check_vectors(queries, d, "queries")?;
+        crate::check::check_vectors(queries, d, "queries")?;
         if !scale.is_finite() {
             return Err(Error::InvalidArgument(format!(
                 "scale {scale} is not finite"

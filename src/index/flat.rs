@@ -11,8 +11,8 @@
 //! (4 or 2 bytes each) and, for L2, `n` f32 squared norms.
 
 use super::{check_k, check_vectors, write_row, Index};
+use crate::buf::Buf;
 use crate::error::{Error, Result};
-use crate::io::buf::Buf;
 use crate::linalg::gemm_abt;
 use crate::metric::Metric;
 use crate::result::SearchResult;

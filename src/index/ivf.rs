@@ -30,8 +30,8 @@
 use super::fastscan::RerankStorage;
 use super::flat::FlatStorage;
 use super::{check_k, check_vectors, for_each_marked, Index};
+use crate::buf::Buf;
 use crate::error::{Error, Result};
-use crate::io::buf::Buf;
 use crate::ivf::CoarseQuantizer;
 use crate::kmeans::KMeansConfig;
 use crate::metric::Metric;

@@ -8,8 +8,8 @@
 //! plus the codebooks (`d * ksub` f32).
 
 use super::{check_k, check_vectors, write_row, Index};
+use crate::buf::Buf;
 use crate::error::{Error, Result};
-use crate::io::buf::Buf;
 use crate::kmeans::KMeansConfig;
 use crate::metric::Metric;
 use crate::pq::{Nbits, ProductQuantizer};

@@ -2,7 +2,8 @@
 //! `.fvecs` / `.ivecs` formats of the TEXMEX ANN benchmarks. Index files are in [`file`]; every
 //! file is opened through [`open_regular`].
 
-pub mod buf;
+/// Owned or mapped arrays (on the bottom floor; re-exported here where they were).
+pub use crate::buf;
 pub mod dump;
 pub mod file;
 pub mod npy;

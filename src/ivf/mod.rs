@@ -11,8 +11,8 @@
 //! rows; single queries through the SIMD dot kernel. Memory: `nlist * d` f32 centroids and
 //! their `nlist` squared norms.
 
+use crate::check::check_vectors;
 use crate::error::{Error, Result};
-use crate::index::check_vectors;
 use crate::kmeans::{kmeans, KMeansConfig};
 use crate::linalg::{gemm_abt, row_norms_sq};
 use crate::metric::Metric;

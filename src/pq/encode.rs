@@ -2,8 +2,8 @@
 //! decoding (concatenation of the chosen sub-centroids).
 
 use super::ProductQuantizer;
+use crate::check::check_vectors;
 use crate::error::{Error, Result};
-use crate::index::check_vectors;
 use crate::kmeans::assign;
 use crate::linalg::row_norms_sq;
 use pqcache_simd::argmin::NearestKernel;

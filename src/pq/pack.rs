@@ -17,8 +17,8 @@
 //! Appending a vector writes its `m` nibbles into the last block (opening a zeroed block every
 //! 32 vectors): `O(m)`, nothing is repacked.
 
+use crate::buf::Buf;
 use crate::error::{Error, Result};
-use crate::io::buf::Buf;
 use pqcache_simd::fastscan::{block_bytes, code_at, set_code_at, BBS, MAX_M};
 
 /// 4-bit codes of `ntotal` vectors in fast-scan blocks.

@@ -1,8 +1,8 @@
 //! Codebook training: one k-means per sub-space, the sub-spaces in parallel (rayon).
 
 use super::ProductQuantizer;
+use crate::check::check_vectors;
 use crate::error::{Error, Result};
-use crate::index::check_vectors;
 use crate::kmeans::{kmeans, KMeansConfig};
 use rayon::prelude::*;
 

@@ -26,8 +26,8 @@
 //! sparse attention output over the oracle's): see the `fastscan:MxB` vs
 //! `fastscan:MxB:plain` rows in the README.
 
+use crate::check::check_vectors;
 use crate::error::{Error, Result};
-use crate::index::check_vectors;
 
 /// Query channels whose root-mean-square is below this fraction of the largest are floored to
 /// it: a channel no sample query used may still appear in a later query, and its keys must

@@ -44,8 +44,8 @@
 
 pub mod kinds;
 
+use crate::buf::{Buf, Mapping};
 use crate::error::{Error, Result};
-use crate::io::buf::{Buf, Mapping};
 use bytemuck::Pod;
 use std::borrow::Cow;
 use std::fs::File;
