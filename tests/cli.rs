@@ -372,3 +372,76 @@ fn a_closed_stdout_pipe_ends_the_command_quietly() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn eval_attention_refuses_bad_scales_and_values_instead_of_printing_nan() {
+    use pqcache::f16;
+    use pqcache::io::npy::{self, NpyData};
+    let (t, d) = (300, 16);
+    let base = std::env::temp_dir().join(format!("pqcache-cli-bad-dumps-{}", std::process::id()));
+    let cases: [(&str, &str, Option<(char, usize)>, &str); 5] = [
+        (
+            "s1e39",
+            r#"{"attn_scale": 1e39}"#,
+            None,
+            "scale must be positive and finite",
+        ),
+        (
+            "s0",
+            r#"{"attn_scale": 0}"#,
+            None,
+            "scale must be positive and finite",
+        ),
+        (
+            "sneg",
+            r#"{"attn_scale": -1}"#,
+            None,
+            "scale must be positive and finite",
+        ),
+        // [layer, head, token, dim]: value row 5 col 3; query head 1 row 7 col 2.
+        (
+            "vinf",
+            "{}",
+            Some(('v', 5 * d + 3)),
+            "in values of head 0 at row 5, column 3",
+        ),
+        (
+            "qnan",
+            "{}",
+            Some(('q', (t + 7) * d + 2)),
+            "in queries of head 1 at row 7, column 2",
+        ),
+    ];
+    for (name, meta, bad, says) in cases {
+        let dir = base.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fill = |n: usize, seed: u64| -> Vec<f16> {
+            common::uniform(n, 1, seed)
+                .into_iter()
+                .map(f16::from_f32)
+                .collect()
+        };
+        let (mut q, k, mut v) = (fill(2 * t * d, 1), fill(t * d, 2), fill(t * d, 3));
+        match bad {
+            Some(('v', i)) => v[i] = f16::INFINITY,
+            Some((_, i)) => q[i] = f16::NAN,
+            None => {}
+        }
+        npy::write(&dir.join("q.npy"), &[1, 2, t, d], &NpyData::F16(q)).unwrap();
+        npy::write(&dir.join("k.npy"), &[1, 1, t, d], &NpyData::F16(k)).unwrap();
+        npy::write(&dir.join("v.npy"), &[1, 1, t, d], &NpyData::F16(v)).unwrap();
+        std::fs::write(dir.join("meta.json"), meta).unwrap();
+        let out = pqcache()
+            .args(["eval-attention", "--data"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: exit 0");
+        assert!(stderr.contains(says), "{name}: {stderr}");
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("NaN"),
+            "{name}"
+        );
+    }
+}
