@@ -379,7 +379,14 @@ fn eval_attention_refuses_bad_scales_and_values_instead_of_printing_nan() {
     use pqcache::io::npy::{self, NpyData};
     let (t, d) = (300, 16);
     let base = std::env::temp_dir().join(format!("pqcache-cli-bad-dumps-{}", std::process::id()));
-    let cases: [(&str, &str, Option<(char, usize)>, &str); 5] = [
+    // (name, meta.json, a bad value: which array and where, what the error says)
+    type Case = (
+        &'static str,
+        &'static str,
+        Option<(char, usize)>,
+        &'static str,
+    );
+    let cases: [Case; 5] = [
         (
             "s1e39",
             r#"{"attn_scale": 1e39}"#,
