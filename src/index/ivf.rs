@@ -914,30 +914,17 @@ impl IndexIVFPQFastScan {
             for (j, ((lut, bias), &h)) in tables.iter().zip(members).enumerate() {
                 let heap = &mut heaps[h];
                 let sums = &scratch.sums[j * nb * BBS..(j + 1) * nb * BBS];
-                if floors[j].is_none() && !heap.is_reservoir() {
-                    // The heap is not full (the first lists of a query): the chunk's own
-                    // cap-th best live sum bounds what can enter.
-                    floors[j] =
-                        chunk_floor(&mut scratch.live, sums, &ids[base..base + valid], heap.cap);
-                    if let Some(f) = floors[j] {
-                        let mut offer = |i: usize| {
-                            let id = ids[base + i];
-                            if id >= 0 && sums[i] > f {
-                                heap.push(Cand {
-                                    score: bias + lut.score(sums[i]),
-                                    id,
-                                    list: l as u32,
-                                    offset: (base + i) as u32,
-                                });
-                            }
-                        };
-                        (0..valid).for_each(&mut offer);
-                        continue;
+                // A heap that is not full (the first lists of a query) took every score from
+                // the kernel: the chunk's own cap-th best live sum bounds what can enter.
+                let cut = match floors[j] {
+                    None if !heap.is_reservoir() => {
+                        chunk_floor(&mut scratch.live, sums, &ids[base..base + valid], heap.cap)
                     }
-                }
+                    _ => None,
+                };
                 let mut offer = |i: usize| {
                     let id = ids[base + i];
-                    if id >= 0 {
+                    if id >= 0 && cut.is_none_or(|f| sums[i] > f) {
                         heap.push(Cand {
                             score: bias + lut.score(sums[i]),
                             id,
