@@ -345,7 +345,7 @@ fn golden_attention_queries() -> Vec<f32> {
 fn golden_files_of_every_version_open_and_answer_as_recorded() {
     // The current format's folder (v1 files predate the attention `transform` section and
     // must still open: their fast-scan heads read the identity transform).
-    let current = golden_dir().join("v3");
+    let current = golden_dir().join("v4");
     if std::env::var_os("PQCACHE_WRITE_GOLDEN").is_some() {
         write_golden(&current);
     }
@@ -366,10 +366,10 @@ fn golden_files_of_every_version_open_and_answer_as_recorded() {
             file::verify(&path).unwrap();
             if file::info(&path).unwrap().kind == file::IndexKind::Attention {
                 let cache = file::open_attention(&path).unwrap();
-                // Format 3 keeps the tail-term switch (the golden cache has it off); older
-                // files read the default, on.
-                let v3 = dir.ends_with("v3");
-                assert_eq!(cache.config().tail_term, !v3, "{}", path.display());
+                // From format 3 the tail-term switch is kept (the golden cache has it off);
+                // older files read the default, on.
+                let kept = !(dir.ends_with("v1") || dir.ends_with("v2"));
+                assert_eq!(cache.config().tail_term, !kept, "{}", path.display());
                 let sel = cache.select(0, &golden_attention_queries()).unwrap();
                 let want = std::fs::read_to_string(path.with_extension("expect")).unwrap();
                 assert_eq!(format!("{sel:?}\n"), want, "{}", path.display());
@@ -403,7 +403,7 @@ fn golden_files_of_every_version_open_and_answer_as_recorded() {
             checked += 1;
         }
     }
-    assert!(checked >= 33, "only {checked} golden files (v1, v2 and v3)");
+    assert!(checked >= 44, "only {checked} golden files (v1 to v4)");
 }
 
 mod attention_cache {
@@ -418,8 +418,8 @@ mod attention_cache {
             .collect()
     }
 
-    /// A 2-layer, 2-kv-head cache (group 2, d 16): layer 1 prefilled with 300 positions and
-    /// 20 appended; layer 0 left empty.
+    /// A 2-layer, 2-kv-head cache (group 2, d 16): layer 1 prefilled with 300 positions (and
+    /// 50 queries per query head) and 20 appended; layer 0 left empty.
     fn cache(spec: &str) -> AttentionRetriever {
         let (kvh, d) = (2, 16);
         let mut cfg = RetrieverConfig::new(AttentionShape {
@@ -432,8 +432,14 @@ mod attention_cache {
         cfg.budget = Budget::Tokens(80);
         cfg.sink = 4;
         let mut r = AttentionRetriever::new(cfg).unwrap();
-        r.prefill(1, &halves(kvh * 300 * d, 1), &halves(kvh * 300 * d, 2), &[])
-            .unwrap();
+        let queries = common::uniform(2 * kvh * 50, d, 3);
+        r.prefill(
+            1,
+            &halves(kvh * 300 * d, 1),
+            &halves(kvh * 300 * d, 2),
+            &queries,
+        )
+        .unwrap();
         for i in 0..20 {
             r.append(1, &halves(kvh * d, 10 + i), &halves(kvh * d, 50 + i))
                 .unwrap();
@@ -477,10 +483,21 @@ mod attention_cache {
                 opened.append(1, &k, &v).unwrap();
             }
             same_steps(&r, &opened, spec);
+            // The file kept everything: the value sums (tail term), the queries' energy and
+            // the refresh's clock (the bytes), and a fork trains the same indexes from it.
             assert_eq!(
                 file::to_bytes(&opened).unwrap(),
                 file::to_bytes(&r).unwrap(),
                 "{spec}"
+            );
+            let other = RetrieverConfig {
+                selector: "fastscan:4x4".parse().unwrap(),
+                ..r.config().clone()
+            };
+            assert_eq!(
+                file::to_bytes(&opened.fork(other.clone()).unwrap()).unwrap(),
+                file::to_bytes(&r.fork(other).unwrap()).unwrap(),
+                "{spec}: fork"
             );
             // The index readers refuse it with a clear error, and vice versa.
             assert!(matches!(file::open(&path), Err(Error::InvalidArgument(_))));
@@ -491,6 +508,63 @@ mod attention_cache {
             file::open_attention(&flat),
             Err(Error::InvalidArgument(_))
         ));
+    }
+
+    #[test]
+    fn a_context_keeps_its_client_state_and_every_damage_is_an_error() {
+        let r = cache("fastscan:8x4");
+        let client = file::ClientState {
+            words: vec![7, u64::MAX, 0],
+            data: (0..100).map(|i| i as f32 * 0.25 - 3.0).collect(),
+        };
+        let path = tmp("context.pqc");
+        file::save_context(&path, &r, &client).unwrap();
+        assert_eq!(file::verify(&path).unwrap().kind, file::IndexKind::Context);
+        let (opened, got) = file::open_context(&path).unwrap();
+        assert_eq!(got, client);
+        same_steps(&r, &opened, "context");
+        // The cache part reads as an attention cache; the index readers refuse it.
+        same_steps(
+            &r,
+            &file::open_attention(&path).unwrap(),
+            "context as attention",
+        );
+        assert!(matches!(file::open(&path), Err(Error::InvalidArgument(_))));
+        // An attention file is not a context.
+        let plain = tmp("context-not.pqc");
+        file::save(&r, &plain).unwrap();
+        assert!(matches!(
+            file::open_context(&plain),
+            Err(Error::InvalidArgument(_))
+        ));
+        // Every prefix is an error; a flipped bit in the client's sections is caught on open
+        // (their checksums are checked there), anywhere else by verify.
+        let bytes = std::fs::read(&path).unwrap();
+        for len in 0..bytes.len() {
+            assert!(
+                file::load_context_bytes(&bytes[..len]).is_err(),
+                "prefix {len}"
+            );
+        }
+        let info = file::verify(&path).unwrap();
+        let mut b = bytes.clone();
+        let mut on_open = 0;
+        for sec in &info.sections {
+            for byte in [
+                sec.offset,
+                sec.offset + sec.len / 2,
+                sec.offset + sec.len - 1,
+            ] {
+                b[byte] ^= 0x10;
+                assert!(file::verify_bytes(&b).is_err(), "{:?} at {byte}", sec.tag);
+                if matches!(sec.tag, file::Tag::ClientWords | file::Tag::ClientData) {
+                    assert!(file::load_context_bytes(&b).is_err(), "{:?}", sec.tag);
+                    on_open += 1;
+                }
+                b[byte] ^= 0x10;
+            }
+        }
+        assert_eq!(on_open, 6);
     }
 
     #[test]

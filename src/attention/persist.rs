@@ -8,8 +8,12 @@
 //!            files read on, the default)
 //! selector   the selector spec: from format 3, five words `[kind, a, b, c, d]`
 //!            (`SelectorSpec::to_words`); before, its command-line text ("fastscan:64x4:rerank4")
-//! lists      per head (layer-major, then kv_head): positions, state (0 untrained: exact selection, 1 rebuilt
-//!            from the keys, 2 pq, 3 fast-scan)
+//! lists      per head (layer-major, then kv_head): positions, state (0 untrained: exact
+//!            selection, 1 rebuilt from the keys, 2 pq, 3 fast-scan); from format 4 also the
+//!            queries seen and the positions its index was trained on (0: none)
+//! head_stats from format 4, f64 per head: its value sums (head_dim), then its query energy
+//!            (head_dim sums of squares); before, the value sums were summed again from the
+//!            values on open (a read of every value) and the energy started empty
 //! keys       f16, head after head (positions * head_dim each); values: the same
 //! pq_centroids, codes   per head with a trained index, head after head
 //! transform  per fast-scan head, head after head: the key transform's permutation (head_dim
@@ -19,7 +23,8 @@
 //!
 //! Opening maps the file: keys, values and fast-scan / PQ codes stay in the mapping (a head
 //! copies its arrays on its first `append`); codebooks are copied; quest pages are rebuilt
-//! from the keys.
+//! from the keys. Every section but the bulk ones (keys, values, codes) has its checksum
+//! checked on open; [`crate::io::file::verify`] checks those too.
 
 use super::selector::{Aggregation, RestoredHead, SelectorSpec, StoredHead};
 use super::{AttentionRetriever, AttentionShape, Budget, RetrieverConfig};
@@ -29,13 +34,15 @@ use crate::io::file::kinds::{small, Persist};
 use crate::io::file::{corrupt, FormatVersion, IndexKind, Reader, SectionOut, Tag};
 use crate::metric::Metric;
 use crate::pq::pack::PackedCodes;
-use crate::pq::transform::DimTransform;
+use crate::pq::transform::{DimTransform, QueryEnergy};
 use crate::pq::{Nbits, ProductQuantizer};
 use half::f16;
 use pqcache_simd::fastscan::{block_bytes, BBS};
 use std::borrow::Cow;
 
 const NO_WINDOW: u64 = u64::MAX;
+/// Words per head in `lists` (format 4; 2 before).
+const LIST_WORDS: usize = 4;
 /// Bounds on what a file may declare.
 const MAX_HEADS: usize = 1 << 16;
 const MAX_DIM: usize = 1 << 16;
@@ -66,27 +73,32 @@ impl Persist for AttentionRetriever {
             c.scale.to_bits() as u64,
             c.tail_term as u64,
         ];
-        let mut words = Vec::with_capacity(2 * self.heads.len());
+        let mut words = Vec::with_capacity(LIST_WORDS * self.heads.len());
         let (mut cents, mut codes, mut transforms) = (Vec::new(), Vec::new(), Vec::new());
+        let mut stats = Vec::with_capacity(2 * self.heads.len());
         for h in &self.heads {
-            let state = match h.index.as_ref().map(|i| i.stored()) {
-                None => 0,
-                Some(StoredHead::Nothing) => 1,
+            let (state, trained_len) = match h.index.as_ref().map(|i| i.stored()) {
+                None => (0, 0),
+                Some(StoredHead::Nothing) => (1, 0),
                 Some(StoredHead::Pq(pq)) => {
                     cents.push(Cow::Borrowed(bytemuck::cast_slice(pq.pq().centroids())));
                     codes.push(Cow::Borrowed(pq.codes()));
-                    2
+                    (2, 0)
                 }
-                Some(StoredHead::FastScan(fs, transform)) => {
+                Some(StoredHead::FastScan(fs, transform, trained_len)) => {
                     cents.push(Cow::Borrowed(bytemuck::cast_slice(fs.pq().centroids())));
                     codes.push(Cow::Borrowed(fs.packed_codes().data()));
                     transforms.push(Cow::Borrowed(bytemuck::cast_slice(transform.perm())));
                     transforms.push(Cow::Borrowed(bytemuck::cast_slice(transform.scale())));
-                    3
+                    (3, trained_len as u64)
                 }
             };
             words.push((h.keys.len() / c.shape.head_dim) as u64);
             words.push(state);
+            words.push(h.queries.count() as u64);
+            words.push(trained_len);
+            stats.push(Cow::Borrowed(bytemuck::cast_slice(h.value_sum.as_slice())));
+            stats.push(Cow::Borrowed(bytemuck::cast_slice(h.queries.sum_sq())));
         }
         let spec = c.selector.to_words().to_vec();
         let mut secs = vec![
@@ -110,6 +122,11 @@ impl Persist for AttentionRetriever {
                     .iter()
                     .map(|h| Cow::Borrowed(bytemuck::cast_slice(h.values.as_slice())))
                     .collect(),
+            },
+            SectionOut {
+                tag: Tag::HeadStats,
+                elem: 8,
+                pieces: stats,
             },
             SectionOut {
                 tag: Tag::PqCentroids,
@@ -140,6 +157,19 @@ fn checked(a: usize, b: usize) -> Result<usize> {
 
 /// Reads an attention cache from a validated file.
 pub(crate) fn read(r: &Reader<'_>) -> Result<AttentionRetriever> {
+    // Everything but the keys and values is checked: small, or read by every step anyway.
+    for tag in [
+        Tag::Selector,
+        Tag::Lists,
+        Tag::HeadStats,
+        Tag::PqCentroids,
+        Tag::Codes,
+        Tag::Transform,
+    ] {
+        r.check(tag)?;
+    }
+    let v4 = r.info.version >= FormatVersion::V4 as u32;
+    let list_words = if v4 { LIST_WORDS } else { 2 };
     let w: Vec<u64> = r.vec(Tag::Meta)?;
     // Format 3 added the tail-term word.
     let words = if r.info.version >= FormatVersion::V3 as u32 {
@@ -203,41 +233,55 @@ pub(crate) fn read(r: &Reader<'_>) -> Result<AttentionRetriever> {
     let (layers, h, d) = (cfg.shape.layers, cfg.shape.kv_heads, cfg.shape.head_dim);
     let nheads = checked(layers, h)?;
     // Counts from the meta must be backed by bytes before anything is allocated from them:
-    // the lists section holds two words per head, and each head's state takes `2 d` f64
-    // (query energy, value sums) however few positions it holds, so `heads * d` is bounded
-    // by the file's keys and values (4 bytes per element and position) or a small floor.
-    if r.count(Tag::Lists) != Some(checked(nheads, 2)?) {
+    // the lists section holds `list_words` words per head, and each head's state takes `2 d`
+    // f64 (query energy, value sums) however few positions it holds: from format 4 the
+    // head_stats section holds exactly those; before, `heads * d` is bounded by the file's
+    // keys and values (4 bytes per element and position) or a small floor.
+    if r.count(Tag::Lists) != Some(checked(nheads, list_words)?) {
         return Err(corrupt(
             "lists",
-            format!("the section does not hold two words for each of {nheads} heads"),
+            format!("the section does not hold {list_words} words for each of {nheads} heads"),
         ));
     }
-    let backed = r
-        .count(Tag::Keys)
-        .unwrap_or(0)
-        .saturating_add(r.count(Tag::Values).unwrap_or(0))
-        .max(MIN_HEAD_STATE_ELEMS);
-    if checked(nheads, d)? > backed {
-        return Err(corrupt(
-            "meta",
-            format!(
-                "{nheads} heads of dimension {d} are more than the file's keys and values back"
-            ),
-        ));
-    }
+    let stats: Option<Vec<f64>> = if v4 {
+        if r.count(Tag::HeadStats) != Some(checked(checked(nheads, d)?, 2)?) {
+            return Err(corrupt(
+                "head_stats",
+                format!("the section does not hold 2 x {d} values for each of {nheads} heads"),
+            ));
+        }
+        Some(r.vec(Tag::HeadStats)?)
+    } else {
+        let backed = r
+            .count(Tag::Keys)
+            .unwrap_or(0)
+            .saturating_add(r.count(Tag::Values).unwrap_or(0))
+            .max(MIN_HEAD_STATE_ELEMS);
+        if checked(nheads, d)? > backed {
+            return Err(corrupt(
+                "meta",
+                format!(
+                    "{nheads} heads of dimension {d} are more than the file's keys and values back"
+                ),
+            ));
+        }
+        None
+    };
     let mut ret = AttentionRetriever::new(cfg).map_err(|e| corrupt("meta", e.to_string()))?;
     let words: Vec<u64> = r.vec(Tag::Lists)?;
-    if words.len() != checked(nheads, 2)? {
-        return Err(corrupt(
-            "lists",
-            format!("{} words for {nheads} heads", words.len()),
-        ));
-    }
     let (mut kv_at, mut cent_at, mut code_at, mut transform_at) = (0usize, 0usize, 0usize, 0usize);
     let has_transforms = r.count(Tag::Transform).is_some();
     let mut layer_len: Vec<Option<usize>> = vec![None; layers];
-    for (i, pair) in words.chunks_exact(2).enumerate() {
+    for (i, pair) in words.chunks_exact(list_words).enumerate() {
         let t = small(pair[0], u32::MAX as usize, "positions")?;
+        // From format 4: the queries seen and the positions the index was trained on.
+        let (query_count, trained_len) = match pair {
+            [_, _, q, tl] => (
+                small(*q, usize::MAX, "queries")?,
+                Some(small(*tl, u32::MAX as usize, "trained positions")?),
+            ),
+            _ => (0, None),
+        };
         let n = checked(t, d)?;
         // Every kv_head of a layer holds the same positions.
         let layer = i / h;
@@ -289,7 +333,7 @@ pub(crate) fn read(r: &Reader<'_>) -> Result<AttentionRetriever> {
                 } else {
                     DimTransform::identity(d)
                 };
-                Some(RestoredHead::FastScan(idx, transform))
+                Some(RestoredHead::FastScan(idx, transform, trained_len))
             }
             (state, _) => {
                 return Err(corrupt(
@@ -307,7 +351,21 @@ pub(crate) fn read(r: &Reader<'_>) -> Result<AttentionRetriever> {
             None => None,
         };
         head.keys = keys;
-        super::add_rows(&mut head.value_sum, &values);
+        match &stats {
+            Some(stats) => {
+                let own = &stats[i * 2 * d..(i + 1) * 2 * d];
+                if let Some(bad) = own[..d].iter().find(|v| !v.is_finite()) {
+                    return Err(corrupt(
+                        "head_stats",
+                        format!("head {i}: a value sum of {bad}"),
+                    ));
+                }
+                head.value_sum.copy_from_slice(&own[..d]);
+                head.queries = QueryEnergy::from_parts(own[d..].to_vec(), query_count)
+                    .map_err(|e| corrupt("head_stats", format!("head {i}: {e}")))?;
+            }
+            None => super::add_rows(&mut head.value_sum, &values),
+        }
         head.values = values;
     }
     for (tag, used) in [

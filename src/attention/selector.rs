@@ -333,12 +333,22 @@ impl SelectorSpec {
                 SelectorSpec::FastScan {
                     m, rerank, refresh, ..
                 },
-                RestoredHead::FastScan(fs, transform),
+                RestoredHead::FastScan(fs, transform, trained_len),
             ) => {
                 if fs.pq().m() != *m || fs.dim() != d || transform.dim() != d {
                     return Err(mismatch());
                 }
-                Box::new(FastScanIndex::new(fs, transform, *rerank, *refresh))
+                let mut index = FastScanIndex::new(fs, transform, *rerank, *refresh);
+                if let Some(t) = trained_len {
+                    if t == 0 || t > index.fs.ntotal() {
+                        return Err(Error::InvalidArgument(format!(
+                            "trained on {t} of {} positions",
+                            index.fs.ntotal()
+                        )));
+                    }
+                    index.trained_len = t;
+                }
+                Box::new(index)
             }
             (SelectorSpec::Pq { .. } | SelectorSpec::FastScan { .. }, _) => return Err(mismatch()),
             (SelectorSpec::Quest { .. }, RestoredHead::Nothing) => {
@@ -624,8 +634,9 @@ pub enum StoredHead<'a> {
     Nothing,
     /// A PQ index.
     Pq(&'a IndexPQ),
-    /// A fast-scan index and the transform its keys went through.
-    FastScan(&'a IndexPQFastScan, &'a DimTransform),
+    /// A fast-scan index, the transform its keys went through and the positions it was
+    /// trained on.
+    FastScan(&'a IndexPQFastScan, &'a DimTransform, usize),
 }
 
 /// The trained part of a head's index, read back from a file.
@@ -634,8 +645,9 @@ pub enum RestoredHead {
     Nothing,
     /// A PQ index.
     Pq(IndexPQ),
-    /// A fast-scan index and the transform its keys went through.
-    FastScan(IndexPQFastScan, DimTransform),
+    /// A fast-scan index, the transform its keys went through and the positions it was
+    /// trained on (the refresh's clock; `None` in files before format 4: the index's size).
+    FastScan(IndexPQFastScan, DimTransform, Option<usize>),
 }
 
 /// The oracle's choice: exact scores of every candidate, aggregated, top `k`. What the `exact`
@@ -762,7 +774,7 @@ impl HeadIndex for FastScanIndex {
         self.fs.add(&self.transform.keys(key))
     }
     fn stored(&self) -> StoredHead<'_> {
-        StoredHead::FastScan(&self.fs, &self.transform)
+        StoredHead::FastScan(&self.fs, &self.transform, self.trained_len)
     }
 
     /// Due once the cache holds a quarter more positions than at the last training (and at

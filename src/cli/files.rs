@@ -137,11 +137,14 @@ pub fn info(a: &InfoArgs) -> Result<()> {
     } else {
         file::info(&a.file)?
     };
-    let params = if layout.kind == file::IndexKind::Attention {
+    let params = if matches!(
+        layout.kind,
+        file::IndexKind::Attention | file::IndexKind::Context
+    ) {
         let cache = file::open_attention(&a.file)?;
         let c = cache.config();
         let mut p: Vec<(String, String)> = vec![
-            ("kind".into(), "attention".into()),
+            ("kind".into(), layout.kind.name().into()),
             ("layers".into(), c.shape.layers.to_string()),
             ("kv_heads".into(), c.shape.kv_heads.to_string()),
             ("group".into(), c.group().to_string()),

@@ -71,6 +71,28 @@ impl QueryEnergy {
     pub fn count(&self) -> usize {
         self.count
     }
+
+    /// Per channel, the sum of the squares of the queries added.
+    pub fn sum_sq(&self) -> &[f64] {
+        &self.sum_sq
+    }
+
+    /// The statistics of `count` queries whose squares sum to `sum_sq` per channel (as
+    /// [`QueryEnergy::sum_sq`] gave them): every sum finite and non-negative, all zero when
+    /// `count` is 0.
+    pub fn from_parts(sum_sq: Vec<f64>, count: usize) -> Result<QueryEnergy> {
+        if let Some(bad) = sum_sq.iter().find(|s| !(s.is_finite() && **s >= 0.0)) {
+            return Err(Error::InvalidArgument(format!(
+                "a query energy of {bad}: sums of squares are finite and non-negative"
+            )));
+        }
+        if count == 0 && sum_sq.iter().any(|&s| s != 0.0) {
+            return Err(Error::InvalidArgument(
+                "query energy without queries".into(),
+            ));
+        }
+        Ok(QueryEnergy { sum_sq, count })
+    }
 }
 
 /// A per-dimension scale and permutation (see the module doc).

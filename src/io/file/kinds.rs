@@ -471,9 +471,14 @@ pub(crate) fn read(r: &Reader<'_>) -> Result<AnyIndex> {
             Ok(AnyIndex::PqFastScan(idx))
         }
         IndexKind::IvfPqFastScan => read_ivf(r),
-        IndexKind::Attention => Err(Error::InvalidArgument(
-            "the file holds an attention cache: use open_attention / load_attention".into(),
-        )),
+        IndexKind::Attention | IndexKind::Context => Err(Error::InvalidArgument(format!(
+            "the file holds an {}: use open_attention / load_attention",
+            if r.info.kind == IndexKind::Context {
+                "attention cache and a model's state (a context)"
+            } else {
+                "attention cache"
+            }
+        ))),
     }
 }
 

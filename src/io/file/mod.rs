@@ -81,11 +81,15 @@ pub enum FormatVersion {
     V2 = 2,
     /// Adds the attention file's `tail_term` meta word.
     V3 = 3,
+    /// Adds the attention file's `head_stats` section (value sums, query energy) and two
+    /// words per head in `lists` (queries seen, positions trained on): an opened cache reads
+    /// no key or value it does not attend to. Adds the `context` kind.
+    V4 = 4,
 }
 
 impl FormatVersion {
     /// The version written.
-    pub const CURRENT: FormatVersion = FormatVersion::V3;
+    pub const CURRENT: FormatVersion = FormatVersion::V4;
     /// The oldest version read.
     pub const OLDEST_SUPPORTED: FormatVersion = FormatVersion::V1;
 
@@ -94,6 +98,7 @@ impl FormatVersion {
             1 => Ok(FormatVersion::V1),
             2 => Ok(FormatVersion::V2),
             3 => Ok(FormatVersion::V3),
+            4 => Ok(FormatVersion::V4),
             found => Err(Error::Incompatible {
                 found,
                 supported: format!(
@@ -120,6 +125,9 @@ pub enum IndexKind {
     IvfPqFastScan = 4,
     /// [`crate::attention::AttentionRetriever`] (the KV cache and its per-head indexes).
     Attention = 5,
+    /// An attention cache and a client's state beside it (`client_words`, `client_data`:
+    /// a model runtime's resume state, opaque to this crate; format 4).
+    Context = 6,
 }
 
 impl IndexKind {
@@ -130,6 +138,7 @@ impl IndexKind {
             3 => IndexKind::PqFastScan,
             4 => IndexKind::IvfPqFastScan,
             5 => IndexKind::Attention,
+            6 => IndexKind::Context,
             other => return Err(corrupt("header", format!("unknown index kind {other}"))),
         })
     }
@@ -142,6 +151,7 @@ impl IndexKind {
             IndexKind::PqFastScan => "pqfs",
             IndexKind::IvfPqFastScan => "ivfpqfs",
             IndexKind::Attention => "attention",
+            IndexKind::Context => "context",
         }
     }
 }
@@ -174,6 +184,12 @@ pub enum Tag {
     Values = 11,
     /// Per fast-scan attention head, its key transform (format 2).
     Transform = 12,
+    /// Per attention head, its value sums then its query energy, f64 (format 4).
+    HeadStats = 13,
+    /// A client's parameters, u64 words (context files).
+    ClientWords = 14,
+    /// A client's arrays, f32 (context files).
+    ClientData = 15,
 }
 
 impl Tag {
@@ -191,6 +207,9 @@ impl Tag {
             10 => Tag::Keys,
             11 => Tag::Values,
             12 => Tag::Transform,
+            13 => Tag::HeadStats,
+            14 => Tag::ClientWords,
+            15 => Tag::ClientData,
             _ => return None,
         })
     }
@@ -210,6 +229,9 @@ impl Tag {
             Tag::Keys => "keys",
             Tag::Values => "values",
             Tag::Transform => "transform",
+            Tag::HeadStats => "head_stats",
+            Tag::ClientWords => "client_words",
+            Tag::ClientData => "client_data",
         }
     }
 }
@@ -440,6 +462,14 @@ impl<'a> Reader<'a> {
             r.check_crc(meta)?;
         }
         Ok(r)
+    }
+
+    /// Checks the CRC of section `tag` where the file has one.
+    pub(crate) fn check(&self, tag: Tag) -> Result<()> {
+        match self.info.section(tag) {
+            Some(s) => self.check_crc(s),
+            None => Ok(()),
+        }
     }
 
     fn check_crc(&self, s: &SectionInfo) -> Result<()> {
@@ -697,7 +727,8 @@ pub fn load_bytes(bytes: &[u8]) -> Result<AnyIndex> {
     kinds::read(&Reader::new(Source::Bytes(bytes))?)
 }
 
-/// Opens an attention cache file zero-copy (keys, values and codes stay in the mapping).
+/// Opens an attention cache file zero-copy (keys, values and codes stay in the mapping). A
+/// context file opens too (its client state is left unread).
 pub fn open_attention(path: impl AsRef<Path>) -> Result<crate::attention::AttentionRetriever> {
     let map = map_file(path.as_ref())?;
     read_attention(&Reader::new(Source::Map(&map))?)
@@ -714,13 +745,84 @@ pub fn load_attention_bytes(bytes: &[u8]) -> Result<crate::attention::AttentionR
 }
 
 fn read_attention(r: &Reader<'_>) -> Result<crate::attention::AttentionRetriever> {
-    if r.info.kind != IndexKind::Attention {
+    match r.info.kind {
+        IndexKind::Attention => {}
+        IndexKind::Context if r.info.version >= FormatVersion::V4 as u32 => {}
+        IndexKind::Context => {
+            return Err(corrupt(
+                "header",
+                format!(
+                    "a context file of format {} (contexts began with 4)",
+                    r.info.version
+                ),
+            ))
+        }
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "the file holds a {} index, not an attention cache: use open / load",
+                other.name()
+            )))
+        }
+    }
+    crate::attention::persist::read(r)
+}
+
+/// What a client (a model runtime) keeps beside an attention cache in a context file, to
+/// resume where it stopped: parameters as `u64` words and arrays as f32, opaque to this
+/// crate, checksummed and checked on open like every section.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClientState {
+    /// Parameters.
+    pub words: Vec<u64>,
+    /// Arrays.
+    pub data: Vec<f32>,
+}
+
+/// Saves `cache` and `client` as one context file, atomically (see the module doc).
+pub fn save_context(
+    path: impl AsRef<Path>,
+    cache: &crate::attention::AttentionRetriever,
+    client: &ClientState,
+) -> Result<()> {
+    use kinds::Persist;
+    cache.check_limits()?;
+    let (_, mut sections) = cache.sections();
+    sections.push(SectionOut::of(Tag::ClientWords, &client.words));
+    sections.push(SectionOut::of(Tag::ClientData, &client.data));
+    write_sections(path.as_ref(), IndexKind::Context, &sections)
+}
+
+/// Opens a context file: the attention cache zero-copy (as [`open_attention`]), the client
+/// state copied.
+pub fn open_context(
+    path: impl AsRef<Path>,
+) -> Result<(crate::attention::AttentionRetriever, ClientState)> {
+    let map = map_file(path.as_ref())?;
+    read_context(&Reader::new(Source::Map(&map))?)
+}
+
+/// [`open_context`] from the bytes of a file (owned memory).
+pub fn load_context_bytes(
+    bytes: &[u8],
+) -> Result<(crate::attention::AttentionRetriever, ClientState)> {
+    read_context(&Reader::new(Source::Bytes(bytes))?)
+}
+
+fn read_context(r: &Reader<'_>) -> Result<(crate::attention::AttentionRetriever, ClientState)> {
+    if r.info.kind != IndexKind::Context {
         return Err(Error::InvalidArgument(format!(
-            "the file holds a {} index, not an attention cache: use open / load",
+            "the file holds a {} index, not a context",
             r.info.kind.name()
         )));
     }
-    crate::attention::persist::read(r)
+    let cache = read_attention(r)?;
+    r.check(Tag::ClientWords)?;
+    r.check(Tag::ClientData)?;
+    let client = ClientState {
+        words: r.vec(Tag::ClientWords)?,
+        data: r.vec(Tag::ClientData)?,
+    };
+    Ok((cache, client))
 }
 
 /// The header and section table of a file (validated, data not read).
@@ -749,7 +851,9 @@ pub fn verify_bytes(bytes: &[u8]) -> Result<FileInfo> {
     if bytes[at..bytes.len() - FOOTER_LEN].iter().any(|&b| b != 0) {
         return Err(corrupt("footer", "non-zero padding before the footer"));
     }
-    if r.info.kind == IndexKind::Attention {
+    if r.info.kind == IndexKind::Context {
+        read_context(&r)?;
+    } else if r.info.kind == IndexKind::Attention {
         crate::attention::persist::read(&r)?;
     } else {
         kinds::read(&r)?;
