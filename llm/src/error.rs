@@ -30,6 +30,24 @@ pub enum LlmError {
     /// An argument is out of range (token id, context length, option).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A context file could not be read (truncated, corrupt, another format version: the
+    /// engine's error says which section and why).
+    #[error("{}: {source}", path.display())]
+    ContextFile {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: pqcache::Error,
+    },
+    /// A context file that is sound but was not saved for this model and runtime (another
+    /// model, another tokenizer, another shape), or whose state does not add up.
+    #[error("{}: {reason}", path.display())]
+    Context {
+        /// The file.
+        path: PathBuf,
+        /// What differs.
+        reason: String,
+    },
     /// The retrieval engine refused (shapes, settings).
     #[error(transparent)]
     Retrieval(#[from] pqcache::Error),

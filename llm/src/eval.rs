@@ -208,20 +208,8 @@ fn passkey_answer(
     question: &[u32],
     key: u32,
 ) -> Result<(bool, String)> {
+    let answer = s.continue_greedy(last, question, ANSWER_TOKENS, |_| Ok(()))?;
     let tok = &s.model().tokenizer;
-    let mut logits = last;
-    for &t in question {
-        logits = s.decode(t)?;
-    }
-    let mut answer = Vec::new();
-    for i in 0..ANSWER_TOKENS {
-        let t = argmax(&logits);
-        answer.push(t);
-        if t == tok.eos || i + 1 == ANSWER_TOKENS {
-            break;
-        }
-        logits = s.decode(t)?;
-    }
     let text = tok.decode(&answer)?;
     let digits: String = text
         .trim_start()

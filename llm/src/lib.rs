@@ -7,6 +7,7 @@
 //! | [`tokenizer`] | the Gemma tokenizer rebuilt from the GGUF vocabulary |
 //! | [`kernels`] | dense causal attention (prefill, sliding layers) |
 //! | [`model`] | the forward pass and a decoding [`Session`] with a dense or retrieval backend |
+//! | [`context`] | a prefilled sequence saved as one file, reopened zero-copy and continued |
 //! | [`eval`] | teacher-forced perplexity, KL to dense and top-1 agreement per backend |
 //!
 //! ```no_run
@@ -25,6 +26,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod context;
 pub mod error;
 pub mod eval;
 pub mod kernels;

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use half::f16;
 use pqcache::io::npy::{self, NpyData};
 use pqcache_llm::model::{argmax, nll};
+use pqcache_llm::tokenizer::GemmaTokenizer;
 use pqcache_llm::{Backend, Gemma3, LlmError, Logits, Precision, PrefillOptions, Result, Session};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,11 @@ struct Cli {
 enum Cmd {
     /// Greedy generation: prefill the prompt, decode token by token through the backend.
     Generate(GenerateArgs),
+    /// Prefill a document once and save it as a context file that `ask` reopens.
+    Prefill(PrefillArgs),
+    /// Open a saved context (zero-copy; the file is never modified), decode a question and
+    /// answer it through the backend.
+    Ask(AskArgs),
     /// Post-RoPE Q, K, V of chosen layers, in the layout of pqcache's attention dumps.
     Dump(DumpArgs),
     /// Token ids of a text (BOS first) as a JSON list: prompts for --ids, or for a peer.
@@ -144,6 +150,10 @@ struct GenerateArgs {
     /// The prompt as token ids: a .npy (int) or .json list.
     #[arg(long)]
     ids: Option<PathBuf>,
+    /// A question decoded token by token through the backend after the prefilled prompt
+    /// (what `ask` does on a saved context of the prompt).
+    #[arg(long)]
+    question: Option<String>,
     /// Tokens to generate at most (stops early at end of sequence).
     #[arg(long, default_value_t = 64)]
     max_new: usize,
@@ -155,6 +165,64 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 0.1)]
     budget: f64,
     /// One JSON object instead of streamed text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PrefillArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The document, a UTF-8 text (a BOS is prepended).
+    #[arg(long, conflicts_with = "ids")]
+    text: Option<PathBuf>,
+    /// The document as token ids: a .npy (int) or .json list.
+    #[arg(long)]
+    ids: Option<PathBuf>,
+    /// Keep the first N tokens at most (default: all; past the model's context is an error).
+    #[arg(long)]
+    tokens: Option<usize>,
+    /// The selector whose indexes are trained and saved, and the default of `ask`.
+    #[arg(long, default_value = "fastscan:64x4")]
+    attention: String,
+    /// Fraction of the context a retrieval step attends to (the default of `ask`).
+    #[arg(long, default_value_t = 0.1)]
+    budget: f64,
+    /// The context file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// One JSON object instead of a line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct AskArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The context file (`prefill --out`).
+    #[arg(long)]
+    context: PathBuf,
+    /// The question, decoded token by token after the document ("" continues the document).
+    #[arg(long, conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    /// A file holding the question.
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    /// Tokens to generate at most (stops early at end of sequence).
+    #[arg(long, default_value_t = 64)]
+    max_new: usize,
+    /// Global-layer attention (default: as saved). `dense`, the saved selector (its indexes
+    /// kept) or another one (trained anew on open: a read of every key).
+    #[arg(long)]
+    attention: Option<String>,
+    /// Budget ratio (default: as saved).
+    #[arg(long)]
+    budget: Option<f64>,
+    /// Check every section's checksum first (a read of the whole file).
+    #[arg(long)]
+    verify: bool,
+    /// One JSON object (with open_ms and time_to_first_token_ms) instead of streamed text.
     #[arg(long)]
     json: bool,
 }
@@ -240,30 +308,67 @@ fn progress_bar(total: usize) -> Option<indicatif::ProgressBar> {
     })
 }
 
-fn generate(a: &GenerateArgs) -> Result<()> {
-    let backend = Backend::parse(&a.attention, a.budget)?;
-    let model = load(&a.model)?;
-    let prompt = match (&a.prompt, &a.prompt_file, &a.ids) {
-        (Some(p), _, _) => model.tokenizer.encode_prompt(p)?,
-        (_, Some(f), _) => model.tokenizer.encode_prompt(&read_text(f)?)?,
-        (_, _, Some(f)) => read_ids(f)?,
-        _ => {
-            return Err(LlmError::InvalidArgument(
-                "give --prompt, --prompt-file or --ids".into(),
-            ))
+/// Prints new tokens as whole characters: decodes what is new, holds back an incomplete
+/// byte run.
+struct Stream<'t> {
+    tok: &'t GemmaTokenizer,
+    ids: Vec<u32>,
+    shown: usize,
+    quiet: bool,
+}
+
+impl<'t> Stream<'t> {
+    fn new(tok: &'t GemmaTokenizer, quiet: bool) -> Stream<'t> {
+        Stream {
+            tok,
+            ids: Vec::new(),
+            shown: 0,
+            quiet,
         }
-    };
-    let mut session = Session::new(&model, backend.clone())?;
+    }
+
+    fn push(&mut self, id: u32) -> Result<()> {
+        self.ids.push(id);
+        if !self.quiet {
+            let text = self.tok.decode(&self.ids)?;
+            if !text.ends_with('\u{fffd}') && text.len() > self.shown {
+                out(&text[self.shown..]);
+                self.shown = text.len();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A document or prompt: a text (BOS first), a text file or ids.
+fn prompt_ids(
+    model: &Gemma3,
+    text: Option<&str>,
+    file: Option<&Path>,
+    ids: Option<&Path>,
+) -> Result<Vec<u32>> {
+    match (text, file, ids) {
+        (Some(p), _, _) => model.tokenizer.encode_prompt(p),
+        (_, Some(f), _) => model.tokenizer.encode_prompt(&read_text(f)?),
+        (_, _, Some(f)) => read_ids(f),
+        _ => Err(LlmError::InvalidArgument(
+            "give a text or ids (--prompt, --prompt-file, --text or --ids)".into(),
+        )),
+    }
+}
+
+/// Prefills `prompt` with a progress bar on a terminal.
+fn prefill_with_progress(s: &mut Session<'_>, prompt: &[u32], chunk: usize) -> Result<Vec<f32>> {
     let pb = progress_bar(prompt.len());
     let mut tick = |done: usize, _: usize| {
         if let Some(pb) = &pb {
             pb.set_position(done as u64);
         }
     };
-    let mut logits = session.prefill(
-        &prompt,
+    let logits = s.prefill(
+        prompt,
         PrefillOptions {
-            chunk: a.model.chunk,
+            chunk,
             logits: Logits::Last,
             progress: Some(&mut tick),
         },
@@ -271,24 +376,26 @@ fn generate(a: &GenerateArgs) -> Result<()> {
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
-    let mut new_ids = Vec::new();
-    let mut shown = 0;
-    for i in 0..a.max_new {
-        let next = argmax(&logits);
-        new_ids.push(next);
-        if !a.json {
-            // Stream whole characters: decode what is new, hold back an incomplete byte run.
-            let text = model.tokenizer.decode(&new_ids)?;
-            if !text.ends_with('\u{fffd}') && text.len() > shown {
-                out(&text[shown..]);
-                shown = text.len();
-            }
-        }
-        if next == model.tokenizer.eos || i + 1 == a.max_new {
-            break;
-        }
-        logits = session.decode(next)?;
-    }
+    Ok(logits)
+}
+
+fn generate(a: &GenerateArgs) -> Result<()> {
+    let backend = Backend::parse(&a.attention, a.budget)?;
+    let model = load(&a.model)?;
+    let prompt = prompt_ids(
+        &model,
+        a.prompt.as_deref(),
+        a.prompt_file.as_deref(),
+        a.ids.as_deref(),
+    )?;
+    let question = match &a.question {
+        Some(q) => model.tokenizer.encode(q)?,
+        None => Vec::new(),
+    };
+    let mut session = Session::new(&model, backend.clone())?;
+    let logits = prefill_with_progress(&mut session, &prompt, a.model.chunk)?;
+    let mut stream = Stream::new(&model.tokenizer, a.json);
+    let new_ids = session.continue_greedy(logits, &question, a.max_new, |t| stream.push(t))?;
     let p = session.profile();
     let new_text = model.tokenizer.decode(&new_ids)?;
     if a.json {
@@ -296,7 +403,9 @@ fn generate(a: &GenerateArgs) -> Result<()> {
             "new_ids": new_ids,
             "new_text": new_text,
             "prompt_tokens": prompt.len(),
+            "question_tokens": question.len(),
             "prefill_tokens_per_s": p.prefill.tokens_per_s(),
+            "prefill_s": p.prefill.total.as_secs_f64(),
             "decode_tokens_per_s": p.decode.tokens_per_s(),
             "attention": backend.name(),
             "budget": match backend { Backend::Dense => 1.0, _ => a.budget },
@@ -314,6 +423,125 @@ fn generate(a: &GenerateArgs) -> Result<()> {
             p.decode.tokens,
             p.decode.tokens_per_s(),
             backend.name(),
+            100.0 * p.attended_fraction()
+        );
+    }
+    Ok(())
+}
+
+fn prefill(a: &PrefillArgs) -> Result<()> {
+    let backend = Backend::parse(&a.attention, a.budget)?;
+    let model = load(&a.model)?;
+    let mut ids = prompt_ids(&model, None, a.text.as_deref(), a.ids.as_deref())?;
+    if let Some(n) = a.tokens {
+        ids.truncate(n);
+    }
+    let mut session = Session::new(&model, backend.clone())?;
+    let logits = prefill_with_progress(&mut session, &ids, a.model.chunk)?;
+    let t = Instant::now();
+    session.save(&a.out, &logits)?;
+    let save_s = t.elapsed().as_secs_f64();
+    let bytes = std::fs::metadata(&a.out)
+        .map_err(|source| LlmError::Io {
+            path: a.out.clone(),
+            source,
+        })?
+        .len();
+    let c = &model.cfg;
+    // The f16 keys and values of the global layers: what the file holds beyond indexes.
+    let kv_f16 = ids.len() * model.global_layers().len() * c.kv_heads * c.head_dim * 2 * 2;
+    let p = session.profile();
+    if a.json {
+        let v = serde_json::json!({
+            "tokens": ids.len(),
+            "attention": backend.name(),
+            "prefill_s": p.prefill.total.as_secs_f64(),
+            "prefill_tokens_per_s": p.prefill.tokens_per_s(),
+            "save_s": save_s,
+            "file_bytes": bytes,
+            "bytes_per_token": bytes as f64 / ids.len() as f64,
+            "global_kv_f16_bytes": kv_f16,
+        });
+        out(&format!("{v}\n"));
+    } else {
+        eprintln!(
+            "prefilled {} tokens in {:.1} s ({:.0} tokens/s), saved {} ({:.1} MB, {:.0} bytes per token; the global layers' f16 KV is {:.1} MB) in {:.2} s",
+            ids.len(),
+            p.prefill.total.as_secs_f64(),
+            p.prefill.tokens_per_s(),
+            a.out.display(),
+            bytes as f64 / 1e6,
+            bytes as f64 / ids.len() as f64,
+            kv_f16 as f64 / 1e6,
+            save_s
+        );
+    }
+    Ok(())
+}
+
+fn ask(a: &AskArgs) -> Result<()> {
+    let backend = match &a.attention {
+        Some(spec) => Some(Backend::parse(spec, a.budget.unwrap_or(0.1))?),
+        None => None,
+    };
+    let t = Instant::now();
+    let model = load(&a.model)?;
+    // The model's identity, once per load (a context must match it).
+    model.digest()?;
+    let load_ms = t.elapsed().as_secs_f64() * 1e3;
+    let question = match (&a.prompt, &a.prompt_file) {
+        (Some(q), _) => model.tokenizer.encode(q)?,
+        (_, Some(f)) => model.tokenizer.encode(&read_text(f)?)?,
+        _ => {
+            return Err(LlmError::InvalidArgument(
+                "give --prompt or --prompt-file (\"\" continues the document)".into(),
+            ))
+        }
+    };
+    let t0 = Instant::now();
+    if a.verify {
+        pqcache::io::file::verify(&a.context).map_err(|source| LlmError::ContextFile {
+            path: a.context.clone(),
+            source,
+        })?;
+    }
+    let (mut session, logits) = Session::open(&model, &a.context, backend)?;
+    if let (None, Some(b)) = (&a.attention, a.budget) {
+        session.set_budget(b)?;
+    }
+    let open_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let context_tokens = session.position();
+    let mut first: Option<f64> = None;
+    let mut stream = Stream::new(&model.tokenizer, a.json);
+    let new_ids = session.continue_greedy(logits, &question, a.max_new, |t| {
+        first.get_or_insert_with(|| t0.elapsed().as_secs_f64() * 1e3);
+        stream.push(t)
+    })?;
+    let p = session.profile();
+    let new_text = model.tokenizer.decode(&new_ids)?;
+    let name = session.backend().name();
+    if a.json {
+        let v = serde_json::json!({
+            "new_ids": new_ids,
+            "new_text": new_text,
+            "context_tokens": context_tokens,
+            "question_tokens": question.len(),
+            "load_ms": load_ms,
+            "open_ms": open_ms,
+            "time_to_first_token_ms": first,
+            "decode_tokens_per_s": p.decode.tokens_per_s(),
+            "attention": name,
+            "attended_fraction": p.attended_fraction(),
+            "decode_ms_per_token": p.decode.ms_per_token_json(),
+        });
+        out(&format!("{v}\n"));
+    } else {
+        out("\n");
+        eprintln!(
+            "context {context_tokens} tokens opened in {open_ms:.1} ms; first token after {:.0} ms; decode {} tokens: {:.2} tokens/s ({name}, attended {:.1} % of the context)",
+            first.unwrap_or(0.0),
+            p.decode.tokens,
+            p.decode.tokens_per_s(),
             100.0 * p.attended_fraction()
         );
     }
@@ -554,6 +782,8 @@ fn main() {
     let cli = Cli::parse();
     let r = match &cli.cmd {
         Cmd::Generate(a) => generate(a),
+        Cmd::Prefill(a) => prefill(a),
+        Cmd::Ask(a) => ask(a),
         Cmd::Dump(a) => dump(a),
         Cmd::Tokenize(a) => tokenize(a),
         Cmd::Perplexity(a) => perplexity(a),

@@ -35,8 +35,9 @@ use crate::weights::{Embedding, GgufFile, Linear, Precision};
 use half::f16;
 use pqcache::attention::selector::exp_nonpositive;
 use pqcache::{AttentionRetriever, AttentionShape, Budget, RetrieverConfig, SelectorSpec};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 struct Block {
@@ -65,6 +66,8 @@ pub struct Gemma3 {
     blocks: Vec<Block>,
     final_norm: Vec<f32>,
     globals: Vec<usize>,
+    path: PathBuf,
+    digest: OnceLock<[u8; 32]>,
 }
 
 impl Gemma3 {
@@ -110,7 +113,32 @@ impl Gemma3 {
             blocks,
             final_norm,
             globals,
+            path: path.to_path_buf(),
+            digest: OnceLock::new(),
         })
+    }
+
+    /// The file the model was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// BLAKE3 of the whole GGUF file (metadata, tensor table and tensors), computed on first
+    /// use: the model's identity, which a saved context must match. The file is read again
+    /// (about 0.1 s for 250 MB); a file changed since loading gives another digest.
+    pub fn digest(&self) -> Result<[u8; 32]> {
+        if let Some(d) = self.digest.get() {
+            return Ok(*d);
+        }
+        let io = |source| LlmError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let file = pqcache::io::open_regular(&self.path).map_err(io)?;
+        let mut h = blake3::Hasher::new();
+        h.update_reader(file).map_err(io)?;
+        let d = *h.finalize().as_bytes();
+        Ok(*self.digest.get_or_init(|| d))
     }
 
     /// The attention geometry of the global layers (what the retriever holds).
@@ -319,20 +347,20 @@ pub struct Capture {
 
 /// The last positions of a sliding layer, per kv head: rows `base..base + len`.
 #[derive(Clone)]
-struct SlidingKv {
-    base: usize,
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+pub(crate) struct SlidingKv {
+    pub(crate) base: usize,
+    pub(crate) keys: Vec<Vec<f32>>,
+    pub(crate) values: Vec<Vec<f32>>,
 }
 
 /// One sequence being prefilled and decoded: the caches, the position and the profile.
 pub struct Session<'m> {
-    model: &'m Gemma3,
-    backend: Backend,
-    cache: AttentionRetriever,
-    sliding: Vec<SlidingKv>,
-    pos: usize,
-    profile: Profile,
+    pub(crate) model: &'m Gemma3,
+    pub(crate) backend: Backend,
+    pub(crate) cache: AttentionRetriever,
+    pub(crate) sliding: Vec<SlidingKv>,
+    pub(crate) pos: usize,
+    pub(crate) profile: Profile,
     capture: Option<Capture>,
 }
 
@@ -396,7 +424,7 @@ fn rope_row(x: &mut [f32], cos: &[f32], sin: &[f32]) {
 
 /// The global layers' cache settings for `backend`: dense reads the cache back (the exact
 /// selector keeps no index); retrieval uses the backend's selector and budget.
-fn retriever_config(model: &Gemma3, backend: &Backend) -> RetrieverConfig {
+pub(crate) fn retriever_config(model: &Gemma3, backend: &Backend) -> RetrieverConfig {
     let defaults = RetrieverConfig::new(model.global_shape());
     match backend {
         Backend::Dense => RetrieverConfig {
@@ -513,6 +541,25 @@ impl<'m> Session<'m> {
         &self.backend
     }
 
+    /// Attend to `ratio` of the context from the next step on (a retrieval backend).
+    pub fn set_budget(&mut self, ratio: f64) -> Result<()> {
+        match &mut self.backend {
+            Backend::Dense => Err(LlmError::InvalidArgument(
+                "a dense backend has no budget".into(),
+            )),
+            Backend::Retrieval { budget, .. } => {
+                if !(ratio > 0.0 && ratio <= 1.0) {
+                    return Err(LlmError::InvalidArgument(format!(
+                        "budget {ratio} must be in (0, 1]"
+                    )));
+                }
+                self.cache.set_budget(Budget::Ratio(ratio))?;
+                *budget = Budget::Ratio(ratio);
+                Ok(())
+            }
+        }
+    }
+
     /// The global layers' cache and indexes.
     pub fn retriever(&self) -> &AttentionRetriever {
         &self.cache
@@ -577,6 +624,33 @@ impl<'m> Session<'m> {
         self.profile.prefill.total += t0.elapsed();
         self.profile.prefill.tokens += ids.len();
         Ok(last)
+    }
+
+    /// Greedy continuation of the prompt whose last logits are `logits`: decodes `question`
+    /// token by token through the backend, then up to `max_new` tokens greedily (each fed
+    /// back), stopping after the end of sequence; `each` sees every new token as it comes.
+    /// Returns the new tokens. What `generate`, `ask` and the passkey test do.
+    pub fn continue_greedy(
+        &mut self,
+        mut logits: Vec<f32>,
+        question: &[u32],
+        max_new: usize,
+        mut each: impl FnMut(u32) -> Result<()>,
+    ) -> Result<Vec<u32>> {
+        for &t in question {
+            logits = self.decode(t)?;
+        }
+        let mut new = Vec::new();
+        for i in 0..max_new {
+            let next = argmax(&logits);
+            new.push(next);
+            each(next)?;
+            if next == self.model.tokenizer.eos || i + 1 == max_new {
+                break;
+            }
+            logits = self.decode(next)?;
+        }
+        Ok(new)
     }
 
     /// Decodes one token (the next input) and returns the logits of the position after it.

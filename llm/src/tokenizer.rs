@@ -43,7 +43,13 @@ pub struct GemmaTokenizer {
     pub eos: u32,
     /// Vocabulary size.
     pub vocab: usize,
+    /// BLAKE3 of what the tokenizer is built from (the file's tokens and their types, the
+    /// special ids, this builder's recipe): equal digests tokenize alike.
+    pub digest: [u8; 32],
 }
+
+/// Names how [`GemmaTokenizer::from_gguf`] builds a tokenizer; change it with the recipe.
+const DIGEST_RECIPE: &[u8] = b"pqcache-llm gemma tokenizer 1";
 
 /// Python's `str.isspace` (what the converter's `t.strip()` removes): Unicode white space
 /// plus the four information separators U+001C..U+001F.
@@ -189,11 +195,22 @@ impl GemmaTokenizer {
         };
         inner.add_special_tokens(added(3, true)).map_err(bad)?;
         inner.add_tokens(added(4, false)).map_err(bad)?;
+        // What the tokenizer is built from, and how: the same digest means the same ids.
+        let mut h = blake3::Hasher::new();
+        h.update(DIGEST_RECIPE);
+        for (t, ty) in spelled.iter().zip(&types) {
+            h.update(&(t.len() as u64).to_le_bytes());
+            h.update(t.as_bytes());
+            h.update(&ty.to_le_bytes());
+        }
+        h.update(&bos.to_le_bytes());
+        h.update(&eos.to_le_bytes());
         Ok(GemmaTokenizer {
             inner,
             bos,
             eos,
             vocab,
+            digest: *h.finalize().as_bytes(),
         })
     }
 

@@ -352,3 +352,268 @@ fn passkey_dense_finds_the_key_and_a_small_window_does_not() {
         "a 2 % window cannot see the needle, yet answered {answer:?}"
     );
 }
+
+/// Saved contexts (`Session::save` / `Session::open`, `prefill` / `ask`).
+mod context {
+    use super::*;
+    use pqcache::io::file;
+    use pqcache_llm::LlmError;
+
+    fn tmp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pqcache-llm-context-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(name)
+    }
+
+    fn backend() -> Backend {
+        Backend::parse("fastscan:32x4", 0.1).unwrap()
+    }
+
+    fn question() -> Vec<u32> {
+        model()
+            .tokenizer
+            .encode(" Question: who wrote this? Answer:")
+            .unwrap()
+    }
+
+    /// A 600-token prompt prefilled with fast-scan indexes and saved; the tokens the live
+    /// session then answers with, and the logits of the step after them.
+    fn saved(name: &str) -> (PathBuf, Vec<u32>, Vec<f32>) {
+        static LIVE: OnceLock<(Vec<u32>, Vec<f32>)> = OnceLock::new();
+        let path = tmp(name);
+        let ids = &ids("persuasion-2048-ids.npy")[..600];
+        let mut s = Session::new(model(), backend()).unwrap();
+        let logits = s.prefill(ids, PrefillOptions::default()).unwrap();
+        s.save(&path, &logits).unwrap();
+        let live = LIVE.get_or_init(|| {
+            let answer = s
+                .continue_greedy(logits, &question(), 12, |_| Ok(()))
+                .unwrap();
+            let next = s.decode(*answer.last().unwrap()).unwrap();
+            (answer, next)
+        });
+        (path, live.0.clone(), live.1.clone())
+    }
+
+    fn answer_of(path: &Path, backend: Option<Backend>) -> (Vec<u32>, Vec<f32>) {
+        let (mut s, logits) = Session::open(model(), path, backend).unwrap();
+        assert_eq!(s.position(), 600);
+        let answer = s
+            .continue_greedy(logits, &question(), 12, |_| Ok(()))
+            .unwrap();
+        let next = s.decode(*answer.last().unwrap()).unwrap();
+        (answer, next)
+    }
+
+    #[test]
+    fn a_reopened_context_answers_bit_for_bit_as_the_session_it_was_saved_from() {
+        let (path, answer, next) = saved("same.ctx");
+        let before = std::fs::read(&path).unwrap();
+        // The question and the answer decode through retrieval from the mapped cache: the
+        // same tokens and the same logits, to the bit, as the live session (sliding windows,
+        // fast-scan codes, tail sums and all).
+        let (a, n) = answer_of(&path, None);
+        assert_eq!(a, answer);
+        assert_eq!(n, next);
+        // Naming the saved selector and budget changes nothing; another budget keeps the
+        // indexes and changes the answer's attention (not necessarily its tokens).
+        assert_eq!(answer_of(&path, Some(backend())).1, next);
+        let (_, dense) = answer_of(&path, Some(Backend::Dense));
+        assert_ne!(dense, next, "dense attends to every position");
+        // Two readers at once, each continuing from the same file, agree; the file is
+        // never written.
+        let (x, y) = std::thread::scope(|sc| {
+            let a = sc.spawn(|| answer_of(&path, None));
+            let b = sc.spawn(|| answer_of(&path, None));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert_eq!(x, y);
+        assert_eq!(x.1, next);
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+
+    #[test]
+    fn a_context_of_another_model_tokenizer_or_state_is_refused_naming_what_differs() {
+        let (path, _, _) = saved("mismatch.ctx");
+        let (cache, client) = file::open_context(&path).unwrap();
+        let craft = |name: &str, f: &dyn Fn(&mut file::ClientState)| {
+            let mut c = client.clone();
+            f(&mut c);
+            let p = tmp(name);
+            file::save_context(&p, &cache, &c).unwrap();
+            match Session::open(model(), &p, None) {
+                Err(LlmError::Context { reason, .. }) => reason,
+                Err(e) => panic!("{name}: {e}"),
+                Ok(_) => panic!("{name}: opened"),
+            }
+        };
+        let r = craft("model.ctx", &|c| c.words[8] ^= 1);
+        assert!(
+            r.contains("another model") && r.contains("tokenizer is the same"),
+            "{r}"
+        );
+        let r = craft("tokenizer.ctx", &|c| c.words[12] ^= 1);
+        assert!(r.contains("another tokenizer"), "{r}");
+        let r = craft("both.ctx", &|c| {
+            c.words[8] ^= 1;
+            c.words[12] ^= 1
+        });
+        assert!(r.contains("tokenizer differs too"), "{r}");
+        let r = craft("magic.ctx", &|c| c.words[0] ^= 1);
+        assert!(r.contains("not a pqcache-llm context"), "{r}");
+        let r = craft("position.ctx", &|c| c.words[1] += 1);
+        assert!(r.contains("global layer 0 caches 600"), "{r}");
+        let r = craft("vocab.ctx", &|c| c.words[6] += 1);
+        assert!(r.contains("vocabulary"), "{r}");
+        let r = craft("window.ctx", &|c| c.words[15] += 1);
+        assert!(r.contains("layer 0 holds rows"), "{r}");
+        let r = craft("data.ctx", &|c| {
+            c.data.pop();
+        });
+        assert!(r.contains("values of runtime state"), "{r}");
+        let r = craft("nan.ctx", &|c| c.data[5] = f32::NAN);
+        assert!(r.contains("non-finite"), "{r}");
+        // A plain attention file is not a context.
+        let plain = tmp("plain.pqc");
+        file::save(&cache, &plain).unwrap();
+        assert!(matches!(
+            Session::open(model(), &plain, None),
+            Err(LlmError::ContextFile { .. })
+        ));
+    }
+
+    #[test]
+    fn every_truncation_and_a_flipped_bit_in_every_section_is_a_typed_error() {
+        let (path, _, _) = saved("damage.ctx");
+        let bytes = std::fs::read(&path).unwrap();
+        let info = file::verify(&path).unwrap();
+        let damaged = tmp("damaged.ctx");
+        let write = |b: &[u8]| std::fs::write(&damaged, b).unwrap();
+        // Truncations: every section boundary and a point inside each section, and each of
+        // the first and last 200 bytes (header, table, footer).
+        let mut cuts: Vec<usize> = (0..200).chain(bytes.len() - 200..bytes.len()).collect();
+        for s in &info.sections {
+            cuts.extend([
+                s.offset,
+                s.offset + 1,
+                s.offset + s.len / 2,
+                s.offset + s.len,
+            ]);
+        }
+        for &len in &cuts {
+            if len >= bytes.len() {
+                continue;
+            }
+            write(&bytes[..len]);
+            assert!(
+                matches!(
+                    Session::open(model(), &damaged, None),
+                    Err(LlmError::ContextFile { .. })
+                ),
+                "prefix {len}"
+            );
+        }
+        // A flipped bit: caught by open in every section but the bulk keys and values
+        // (read only where a step selects them), and by verify (`ask --verify`) everywhere.
+        let mut on_open = 0;
+        for s in &info.sections {
+            let mut b = bytes.clone();
+            b[s.offset + s.len / 2] ^= 0x04;
+            write(&b);
+            assert!(file::verify(&damaged).is_err(), "verify missed {:?}", s.tag);
+            let opened = Session::open(model(), &damaged, None);
+            if matches!(s.tag, file::Tag::Keys | file::Tag::Values) {
+                continue;
+            }
+            assert!(
+                matches!(opened, Err(LlmError::ContextFile { .. })),
+                "open missed {:?}",
+                s.tag
+            );
+            on_open += 1;
+        }
+        assert!(on_open >= 9, "{on_open} sections checked on open");
+    }
+
+    #[test]
+    fn prefill_then_ask_from_the_command_line_answers_as_generate_with_the_question() {
+        let bin = env!("CARGO_BIN_EXE_pqcache-llm");
+        let ids_file = tmp("cli-ids.json");
+        let ids = &ids("persuasion-2048-ids.npy")[..400];
+        std::fs::write(&ids_file, serde_json::to_string(ids).unwrap()).unwrap();
+        let ctx = tmp("cli.ctx");
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new(bin).args(args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        };
+        let model = gguf();
+        let m = model.to_str().unwrap();
+        let q = " Question: who wrote this? Answer:";
+        let pre = run(&[
+            "prefill",
+            "--model",
+            m,
+            "--ids",
+            ids_file.to_str().unwrap(),
+            "--attention",
+            "fastscan:32x4",
+            "--out",
+            ctx.to_str().unwrap(),
+            "--json",
+        ]);
+        assert_eq!(pre["tokens"], 400);
+        let ask = run(&[
+            "ask",
+            "--model",
+            m,
+            "--context",
+            ctx.to_str().unwrap(),
+            "--prompt",
+            q,
+            "--max-new",
+            "8",
+            "--json",
+        ]);
+        let gen = run(&[
+            "generate",
+            "--model",
+            m,
+            "--ids",
+            ids_file.to_str().unwrap(),
+            "--attention",
+            "fastscan:32x4",
+            "--question",
+            q,
+            "--max-new",
+            "8",
+            "--json",
+        ]);
+        assert_eq!(ask["new_ids"], gen["new_ids"]);
+        assert_eq!(ask["context_tokens"], 400);
+        assert!(ask["open_ms"].as_f64().unwrap() > 0.0);
+        assert!(
+            ask["time_to_first_token_ms"].as_f64().unwrap() >= ask["open_ms"].as_f64().unwrap()
+        );
+        // A file that is not a context: exit 1 and a message naming the file.
+        let out = std::process::Command::new(bin)
+            .args([
+                "ask",
+                "--model",
+                m,
+                "--context",
+                ids_file.to_str().unwrap(),
+                "--prompt",
+                q,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("cli-ids.json"), "{err}");
+    }
+}

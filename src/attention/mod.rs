@@ -141,7 +141,7 @@ pub const MAX_HEAD_ELEMS: usize = 1 << 26;
 
 /// Settings of an [`AttentionRetriever`]. Build with [`RetrieverConfig::new`] and change
 /// fields by name: `RetrieverConfig { budget: Budget::Ratio(0.05), ..RetrieverConfig::new(shape) }`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RetrieverConfig {
     /// Layers, heads and head width.
     pub shape: AttentionShape,
@@ -347,6 +347,22 @@ impl AttentionRetriever {
     pub fn set_budget(&mut self, budget: Budget) -> Result<()> {
         check_budget(budget)?;
         self.cfg.budget = budget;
+        Ok(())
+    }
+
+    /// Takes the step settings of `cfg` (budget, sink, window, tail term, aggregation,
+    /// scale) for this cache, whose shape and selector `cfg` must keep: the indexes stay as
+    /// trained. Another selector needs [`AttentionRetriever::fork`], which trains anew.
+    pub fn reconfigure(&mut self, cfg: RetrieverConfig) -> Result<()> {
+        cfg.validate()?;
+        if cfg.shape != self.cfg.shape || cfg.selector != self.cfg.selector {
+            return Err(Error::InvalidArgument(format!(
+                "reconfigure keeps the shape {:?} and the selector {} (got {:?}, {}): fork \
+                 for another",
+                self.cfg.shape, self.cfg.selector, cfg.shape, cfg.selector
+            )));
+        }
+        self.cfg = cfg;
         Ok(())
     }
 
