@@ -410,6 +410,7 @@ mod attention_cache {
     use super::*;
     use half::f16;
     use pqcache::attention::{AttentionRetriever, Budget, RetrieverConfig};
+    use std::borrow::Cow;
 
     fn halves(n: usize, seed: u64) -> Vec<f16> {
         common::uniform(n, 1, seed)
@@ -476,12 +477,17 @@ mod attention_cache {
             assert!(opened.is_empty(0));
             same_steps(&r, &opened, spec);
             same_steps(&r, &loaded, spec);
-            // Decoding goes on from the mapped cache (copy on write) exactly as in memory.
+            // Decoding goes on from the mapped cache exactly as in memory: the appended rows
+            // go to an owned tail, the mapped ones are never copied (so `kv`, the one reader
+            // of every row as one slice, must copy once they are in two pieces).
+            assert!(matches!(opened.kv(1, 0).unwrap().0, Cow::Borrowed(_)));
             for i in 0..5 {
                 let (k, v) = (halves(32, 200 + i), halves(32, 300 + i));
                 r.append(1, &k, &v).unwrap();
                 opened.append(1, &k, &v).unwrap();
             }
+            assert!(matches!(opened.kv(1, 0).unwrap().0, Cow::Owned(_)));
+            assert_eq!(opened.kv(1, 1).unwrap(), r.kv(1, 1).unwrap());
             same_steps(&r, &opened, spec);
             // The file kept everything: the value sums (tail term), the queries' energy and
             // the refresh's clock (the bytes), and a fork trains the same indexes from it.

@@ -124,7 +124,7 @@ struct TokenizeArgs {
     tokens: Option<usize>,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct ModelArgs {
     /// The GGUF file (scripts/fetch-gemma.sh prints its path).
     #[arg(long)]
@@ -308,6 +308,51 @@ fn progress_bar(total: usize) -> Option<indicatif::ProgressBar> {
     })
 }
 
+/// This process's page faults and bytes read from storage so far (Linux `/proc/self`;
+/// zeros elsewhere): what opening and decoding a mapped context costs in I/O.
+#[derive(Clone, Copy, Default)]
+struct IoCounters {
+    minor_faults: u64,
+    major_faults: u64,
+    read_bytes: u64,
+}
+
+impl IoCounters {
+    fn now() -> IoCounters {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        // Fields after the parenthesised command name: state is field 3, minflt 10, majflt 12.
+        let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let field = |n: usize| -> u64 {
+            after
+                .split_whitespace()
+                .nth(n - 3)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        let io = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
+        let read_bytes = io
+            .lines()
+            .find_map(|l| l.strip_prefix("read_bytes: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        IoCounters {
+            minor_faults: field(10),
+            major_faults: field(12),
+            read_bytes,
+        }
+    }
+
+    /// `self - earlier`, divided by `per`.
+    fn since(self, earlier: IoCounters, per: usize) -> serde_json::Value {
+        let per = per.max(1) as f64;
+        serde_json::json!({
+            "minor_faults": (self.minor_faults - earlier.minor_faults) as f64 / per,
+            "major_faults": (self.major_faults - earlier.major_faults) as f64 / per,
+            "read_bytes": (self.read_bytes - earlier.read_bytes) as f64 / per,
+        })
+    }
+}
+
 /// Prints new tokens as whole characters: decodes what is new, holds back an incomplete
 /// byte run.
 struct Stream<'t> {
@@ -392,10 +437,15 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         Some(q) => model.tokenizer.encode(q)?,
         None => Vec::new(),
     };
+    let t0 = Instant::now();
     let mut session = Session::new(&model, backend.clone())?;
     let logits = prefill_with_progress(&mut session, &prompt, a.model.chunk)?;
     let mut stream = Stream::new(&model.tokenizer, a.json);
-    let new_ids = session.continue_greedy(logits, &question, a.max_new, |t| stream.push(t))?;
+    let mut first: Option<f64> = None;
+    let new_ids = session.continue_greedy(logits, &question, a.max_new, |t| {
+        first.get_or_insert_with(|| t0.elapsed().as_secs_f64() * 1e3);
+        stream.push(t)
+    })?;
     let p = session.profile();
     let new_text = model.tokenizer.decode(&new_ids)?;
     if a.json {
@@ -404,6 +454,7 @@ fn generate(a: &GenerateArgs) -> Result<()> {
             "new_text": new_text,
             "prompt_tokens": prompt.len(),
             "question_tokens": question.len(),
+            "time_to_first_token_ms": first,
             "prefill_tokens_per_s": p.prefill.tokens_per_s(),
             "prefill_s": p.prefill.total.as_secs_f64(),
             "decode_tokens_per_s": p.decode.tokens_per_s(),
@@ -485,7 +536,15 @@ fn ask(a: &AskArgs) -> Result<()> {
         None => None,
     };
     let t = Instant::now();
-    let model = load(&a.model)?;
+    // `ask` only decodes (one row at a time: quantized weights under `mixed` too), so the
+    // f32 copies `mixed` keeps for prefill batches are not loaded.
+    let model = load(&ModelArgs {
+        precision: match a.model.precision {
+            Precision::Mixed => Precision::Quantized,
+            p => p,
+        },
+        ..a.model.clone()
+    })?;
     // The model's identity, once per load (a context must match it).
     model.digest()?;
     let load_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -498,6 +557,7 @@ fn ask(a: &AskArgs) -> Result<()> {
             ))
         }
     };
+    let io0 = IoCounters::now();
     let t0 = Instant::now();
     if a.verify {
         pqcache::io::file::verify(&a.context).map_err(|source| LlmError::ContextFile {
@@ -510,13 +570,19 @@ fn ask(a: &AskArgs) -> Result<()> {
         session.set_budget(b)?;
     }
     let open_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let io_open = IoCounters::now();
     let context_tokens = session.position();
     let mut first: Option<f64> = None;
+    let mut io_first = io_open;
     let mut stream = Stream::new(&model.tokenizer, a.json);
     let new_ids = session.continue_greedy(logits, &question, a.max_new, |t| {
-        first.get_or_insert_with(|| t0.elapsed().as_secs_f64() * 1e3);
+        if first.is_none() {
+            first = Some(t0.elapsed().as_secs_f64() * 1e3);
+            io_first = IoCounters::now();
+        }
         stream.push(t)
     })?;
+    let io_end = IoCounters::now();
     let p = session.profile();
     let new_text = model.tokenizer.decode(&new_ids)?;
     let name = session.backend().name();
@@ -529,6 +595,11 @@ fn ask(a: &AskArgs) -> Result<()> {
             "load_ms": load_ms,
             "open_ms": open_ms,
             "time_to_first_token_ms": first,
+            // Faults and storage reads: of the open, of the steps to the first token (the
+            // question's, per step), of the answer's later steps (per step).
+            "io_open": io_open.since(io0, 1),
+            "io_per_question_step": io_first.since(io_open, question.len()),
+            "io_per_answer_step": io_end.since(io_first, new_ids.len().saturating_sub(1)),
             "decode_tokens_per_s": p.decode.tokens_per_s(),
             "attention": name,
             "attended_fraction": p.attended_fraction(),

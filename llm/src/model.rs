@@ -597,7 +597,7 @@ impl<'m> Session<'m> {
         for (c, part) in ids.chunks(chunk).enumerate() {
             let want_all = matches!(opts.logits, Logits::All(_));
             let start = self.pos;
-            let logits = self.forward(part, true, want_all)?;
+            let logits = self.forward(part, true, want_all, true)?;
             match &mut opts.logits {
                 Logits::All(f) => {
                     let v = self.model.cfg.vocab;
@@ -637,8 +637,11 @@ impl<'m> Session<'m> {
         max_new: usize,
         mut each: impl FnMut(u32) -> Result<()>,
     ) -> Result<Vec<u32>> {
-        for &t in question {
-            logits = self.decode(t)?;
+        if let Some((&last, before)) = question.split_last() {
+            for &t in before {
+                self.feed(t)?;
+            }
+            logits = self.decode(last)?;
         }
         let mut new = Vec::new();
         for i in 0..max_new {
@@ -657,16 +660,28 @@ impl<'m> Session<'m> {
     pub fn decode(&mut self, id: u32) -> Result<Vec<f32>> {
         self.check_ids(&[id])?;
         let t0 = Instant::now();
-        let logits = self.forward(&[id], false, false)?;
+        let logits = self.forward(&[id], false, false, true)?;
         self.profile.decode.total += t0.elapsed();
         self.profile.decode.tokens += 1;
         Ok(logits)
     }
 
+    /// [`Session::decode`] of a token whose next-token logits are not wanted (a question's
+    /// tokens before its last): the same step without the output head (a 262K-row product,
+    /// most of a small model's step).
+    pub fn feed(&mut self, id: u32) -> Result<()> {
+        self.check_ids(&[id])?;
+        let t0 = Instant::now();
+        self.forward(&[id], false, false, false)?;
+        self.profile.decode.total += t0.elapsed();
+        self.profile.decode.tokens += 1;
+        Ok(())
+    }
+
     /// One chunk through every block. `prefill`: dense attention on the global layers (and
     /// `extend` of their cache); otherwise one token through the backend. Returns the
     /// logits of every row (`all`) or of the last.
-    fn forward(&mut self, ids: &[u32], prefill: bool, all: bool) -> Result<Vec<f32>> {
+    fn forward(&mut self, ids: &[u32], prefill: bool, all: bool, head: bool) -> Result<Vec<f32>> {
         let m = self.model;
         let c = &m.cfg;
         let (rows, d, hd, h, kvh) = (ids.len(), c.d_model, c.head_dim, c.heads, c.kv_heads);
@@ -753,11 +768,12 @@ impl<'m> Session<'m> {
                     if prefill {
                         self.cache.extend(gi, &k16, &v16, &q)?;
                         lap(&mut bd.cache_update, &mut t);
-                        let kv: Vec<KvRows> = (0..kvh)
-                            .map(|hh| {
-                                let (keys, values) = self.cache.kv(gi, hh).expect("in range");
-                                KvRows::F16 { keys, values }
-                            })
+                        let held: Vec<_> = (0..kvh)
+                            .map(|hh| self.cache.kv(gi, hh).expect("in range"))
+                            .collect();
+                        let kv: Vec<KvRows> = held
+                            .iter()
+                            .map(|(keys, values)| KvRows::F16 { keys, values })
                             .collect();
                         let at = Causal {
                             start,
@@ -849,14 +865,17 @@ impl<'m> Session<'m> {
         }
         self.pos += rows;
         // Logits of the rows asked for, in slices of 64 rows (64 x vocab floats at a time).
-        let first = if all { 0 } else { rows - 1 };
-        let hidden = rms_norm(&x[first * d..], &m.final_norm, c.eps);
-        lap(&mut bd.other, &mut t);
-        let mut logits = Vec::with_capacity((rows - first) * c.vocab);
-        for part in hidden.chunks(64 * d) {
-            logits.extend(m.embed.head.forward(part, part.len() / d)?);
+        let mut logits = Vec::new();
+        if head {
+            let first = if all { 0 } else { rows - 1 };
+            let hidden = rms_norm(&x[first * d..], &m.final_norm, c.eps);
+            lap(&mut bd.other, &mut t);
+            logits.reserve((rows - first) * c.vocab);
+            for part in hidden.chunks(64 * d) {
+                logits.extend(m.embed.head.forward(part, part.len() / d)?);
+            }
+            lap(&mut bd.matmul, &mut t);
         }
-        lap(&mut bd.matmul, &mut t);
         *(if prefill {
             &mut self.profile.prefill
         } else {

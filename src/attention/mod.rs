@@ -31,16 +31,19 @@
 
 pub mod eval;
 pub mod persist;
+mod rows;
 pub mod selector;
 
-use crate::buf::Buf;
 use crate::error::{Error, Result};
 use crate::io::f16_to_f32;
 use crate::pq::transform::QueryEnergy;
 use half::f16;
 use pqcache_simd::distance::DistanceKernels;
 use rayon::prelude::*;
+use rows::RowStore;
+pub use rows::SplitRows;
 use selector::{Aggregation, ChooseContext, Chosen, HeadIndex, SelectorSpec};
+use std::borrow::Cow;
 use std::ops::Range;
 
 /// The default recent window: the last 16 positions, always attended. Measured end to end
@@ -252,8 +255,8 @@ fn check_budget(budget: Budget) -> Result<()> {
 
 /// Keys, values and the selector's index of one (layer, kv_head).
 struct HeadState {
-    keys: Buf<f16>,
-    values: Buf<f16>,
+    keys: RowStore,
+    values: RowStore,
     /// `None` until trained ([`AttentionRetriever::train`], or an `append` that brings the
     /// cache to the selector's minimum): selection is exact meanwhile.
     index: Option<Box<dyn HeadIndex>>,
@@ -266,8 +269,8 @@ struct HeadState {
 impl HeadState {
     fn empty(d: usize) -> HeadState {
         HeadState {
-            keys: Buf::new(),
-            values: Buf::new(),
+            keys: RowStore::new(),
+            values: RowStore::new(),
             index: None,
             queries: QueryEnergy::new(d),
             value_sum: vec![0.0; d],
@@ -320,8 +323,8 @@ impl AttentionRetriever {
             .heads
             .iter()
             .map(|h| HeadState {
-                keys: Buf::Owned(h.keys.to_vec()),
-                values: Buf::Owned(h.values.to_vec()),
+                keys: h.keys.to_owned_store(),
+                values: h.values.to_owned_store(),
                 index: None,
                 queries: h.queries.clone(),
                 value_sum: h.value_sum.clone(),
@@ -483,10 +486,10 @@ impl AttentionRetriever {
                         index.append(&f16_to_f32(key))?;
                     }
                 }
-                state.keys.to_mut().extend_from_slice(k);
+                state.keys.push(k);
                 let v = &values[kv * t * d..(kv + 1) * t * d];
                 add_rows(&mut state.value_sum, v);
-                state.values.to_mut().extend_from_slice(v);
+                state.values.push(v);
                 Ok::<(), Error>(())
             })?;
         self.refresh_if_due(layer)
@@ -506,7 +509,7 @@ impl AttentionRetriever {
             .par_iter_mut()
             .enumerate()
             .try_for_each(|(kv, state)| {
-                let k32 = f16_to_f32(&state.keys);
+                let k32 = f16_to_f32(&state.keys.contiguous());
                 state.index =
                     Some(spec.build(&k32, &state.queries, d, (layer * kvh + kv) as u64)?);
                 Ok(())
@@ -547,7 +550,9 @@ impl AttentionRetriever {
             heads
                 .par_iter_mut()
                 .try_for_each(|state| match state.index.as_mut() {
-                    Some(index) => index.refresh_if_due(&state.keys, d).map(|_| ()),
+                    Some(index) => index
+                        .refresh_if_due(&state.keys.contiguous(), d)
+                        .map(|_| ()),
                     None => Ok(()),
                 })?;
         }
@@ -666,7 +671,7 @@ impl AttentionRetriever {
                 queries,
                 d: self.cfg.shape.head_dim,
                 scale: self.cfg.scale,
-                keys: &state.keys,
+                keys: state.keys.view(),
                 candidates: plan.candidates.clone(),
                 k: plan.k,
                 aggregation: self.cfg.aggregation,
@@ -685,11 +690,13 @@ impl AttentionRetriever {
         })
     }
 
-    /// The cached keys and values of (`layer`, `kv_head`): `[position, dim]` f16 each.
-    pub fn kv(&self, layer: usize, kv_head: usize) -> Option<(&[f16], &[f16])> {
+    /// The cached keys and values of (`layer`, `kv_head`): `[position, dim]` f16 each,
+    /// borrowed (a copy only for a cache opened from a file and appended to since: its rows
+    /// are then in two pieces).
+    pub fn kv(&self, layer: usize, kv_head: usize) -> Option<(Cow<'_, [f16]>, Cow<'_, [f16]>)> {
         let h = self.heads.get(layer * self.cfg.shape.kv_heads + kv_head)?;
         (layer < self.cfg.shape.layers && kv_head < self.cfg.shape.kv_heads)
-            .then(|| (h.keys.as_slice(), h.values.as_slice()))
+            .then(|| (h.keys.contiguous(), h.values.contiguous()))
     }
 
     /// The sparse attention output of one decode step: [`AttentionRetriever::select`], then
@@ -801,11 +808,11 @@ impl AttentionRetriever {
             .enumerate()
             .for_each(|(kv, (o, state))| {
                 let (positions, tail) = positions(kv);
-                group_attention(
+                group_attention_rows(
                     &self.kernels,
                     &queries[kv * g * d..(kv + 1) * g * d],
-                    &state.keys,
-                    &state.values,
+                    state.keys.view(),
+                    state.values.view(),
                     d,
                     self.cfg.scale,
                     positions,
@@ -931,6 +938,32 @@ pub fn group_attention(
     tail: Option<&TailTerm<'_>>,
     out: &mut [f32],
 ) {
+    group_attention_rows(
+        kernels,
+        queries,
+        SplitRows::whole(keys),
+        SplitRows::whole(values),
+        d,
+        scale,
+        positions,
+        tail,
+        out,
+    )
+}
+
+/// [`group_attention`] over rows that may be in two pieces (an opened cache appended to).
+#[allow(clippy::too_many_arguments)]
+fn group_attention_rows(
+    kernels: &DistanceKernels,
+    queries: &[f32],
+    keys: SplitRows<'_>,
+    values: SplitRows<'_>,
+    d: usize,
+    scale: f32,
+    positions: Positions<'_>,
+    tail: Option<&TailTerm<'_>>,
+    out: &mut [f32],
+) {
     assert!(
         d > 0 && queries.len().is_multiple_of(d),
         "queries must hold whole rows of d"
@@ -944,10 +977,8 @@ pub fn group_attention(
     }
     let mut logits = vec![0.0f32; g * n];
     match &positions {
-        Positions::Range(r) => {
-            kernels.dot_group_rows_f16(queries, g, &keys[r.start * d..r.end * d], &mut logits)
-        }
-        Positions::At(p) => kernels.dot_group_at_f16(queries, g, keys, p, &mut logits),
+        Positions::Range(r) => keys.dot_group_run(kernels, queries, g, d, r.clone(), &mut logits),
+        Positions::At(p) => keys.dot_group_at(kernels, queries, g, d, p, &mut logits),
     }
     let (mut inv, mut maxes, mut totals) = (vec![0.0f32; g], vec![0.0f32; g], vec![0.0f32; g]);
     for (qi, row) in logits.chunks_exact_mut(n).enumerate() {
@@ -965,7 +996,7 @@ pub fn group_attention(
     let mut v32 = vec![0.0f32; d];
     for j in 0..n {
         let p = positions.get(j);
-        crate::io::widen_f16(&values[p * d..(p + 1) * d], &mut v32);
+        crate::io::widen_f16(values.row(p, d), &mut v32);
         for (qi, o) in out.chunks_exact_mut(d).enumerate() {
             kernels.axpy(logits[qi * n + j], &v32, o);
         }

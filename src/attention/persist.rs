@@ -111,7 +111,8 @@ impl Persist for AttentionRetriever {
                 pieces: self
                     .heads
                     .iter()
-                    .map(|h| Cow::Borrowed(bytemuck::cast_slice(h.keys.as_slice())))
+                    .flat_map(|h| h.keys.pieces())
+                    .map(|p| Cow::Borrowed(bytemuck::cast_slice(p)))
                     .collect(),
             },
             SectionOut {
@@ -120,7 +121,8 @@ impl Persist for AttentionRetriever {
                 pieces: self
                     .heads
                     .iter()
-                    .map(|h| Cow::Borrowed(bytemuck::cast_slice(h.values.as_slice())))
+                    .flat_map(|h| h.values.pieces())
+                    .map(|p| Cow::Borrowed(bytemuck::cast_slice(p)))
                     .collect(),
             },
             SectionOut {
@@ -350,7 +352,7 @@ pub(crate) fn read(r: &Reader<'_>) -> Result<AttentionRetriever> {
             ),
             None => None,
         };
-        head.keys = keys;
+        head.keys = super::rows::RowStore::from_buf(keys);
         match &stats {
             Some(stats) => {
                 let own = &stats[i * 2 * d..(i + 1) * 2 * d];
@@ -366,7 +368,7 @@ pub(crate) fn read(r: &Reader<'_>) -> Result<AttentionRetriever> {
             }
             None => super::add_rows(&mut head.value_sum, &values),
         }
-        head.values = values;
+        head.values = super::rows::RowStore::from_buf(values);
     }
     for (tag, used) in [
         (Tag::Keys, kv_at),

@@ -435,8 +435,9 @@ pub struct ChooseContext<'a> {
     pub d: usize,
     /// Score scale.
     pub scale: f32,
-    /// Every cached key of the head, `len * d` f16.
-    pub keys: &'a [f16],
+    /// Every cached key of the head, `len * d` f16 (in two pieces for an opened cache
+    /// appended to).
+    pub keys: super::SplitRows<'a>,
     /// Candidate positions.
     pub candidates: Range<usize>,
     /// Positions to choose (`<= candidates.len()`).
@@ -462,9 +463,8 @@ impl ChooseContext<'_> {
     fn exact_logits_range(&self, positions: Range<usize>) -> Vec<f32> {
         let (d, g) = (self.d, self.group());
         let mut out = vec![0.0f32; g * positions.len()];
-        let rows = &self.keys[positions.start * d..positions.end * d];
-        self.kernels
-            .dot_group_rows_f16(self.queries, g, rows, &mut out);
+        self.keys
+            .dot_group_run(self.kernels, self.queries, g, d, positions, &mut out);
         out.iter_mut().for_each(|l| *l *= self.scale);
         out
     }
@@ -474,8 +474,8 @@ impl ChooseContext<'_> {
     fn exact_logits_at(&self, positions: &[u32]) -> Vec<f32> {
         let g = self.group();
         let mut out = vec![0.0f32; g * positions.len()];
-        self.kernels
-            .dot_group_at_f16(self.queries, g, self.keys, positions, &mut out);
+        self.keys
+            .dot_group_at(self.kernels, self.queries, g, self.d, positions, &mut out);
         out.iter_mut().for_each(|l| *l *= self.scale);
         out
     }

@@ -731,7 +731,29 @@ pub fn load_bytes(bytes: &[u8]) -> Result<AnyIndex> {
 /// context file opens too (its client state is left unread).
 pub fn open_attention(path: impl AsRef<Path>) -> Result<crate::attention::AttentionRetriever> {
     let map = map_file(path.as_ref())?;
-    read_attention(&Reader::new(Source::Map(&map))?)
+    let r = Reader::new(Source::Map(&map))?;
+    advise_attention(&map, &r.info);
+    read_attention(&r)
+}
+
+/// Tells the kernel how decoding reads an opened cache: keys and values only at the
+/// positions a step selects (no read-ahead around a fault: `MADV_RANDOM`, so that a step on
+/// a cold file reads the pages it touches and no others), the codes whole at every step
+/// (read ahead now: `MADV_WILLNEED`). Advice only: ignored where the system refuses it.
+fn advise_attention(map: &Mapping, info: &FileInfo) {
+    #[cfg(unix)]
+    for s in &info.sections {
+        let advice = match s.tag {
+            Tag::Keys | Tag::Values => memmap2::Advice::Random,
+            Tag::Codes => memmap2::Advice::WillNeed,
+            _ => continue,
+        };
+        if s.len > 0 {
+            let _ = map.advise_range(advice, s.offset, s.len);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (map, info);
 }
 
 /// Reads an attention cache file into owned memory.
@@ -798,7 +820,9 @@ pub fn open_context(
     path: impl AsRef<Path>,
 ) -> Result<(crate::attention::AttentionRetriever, ClientState)> {
     let map = map_file(path.as_ref())?;
-    read_context(&Reader::new(Source::Map(&map))?)
+    let r = Reader::new(Source::Map(&map))?;
+    advise_attention(&map, &r.info);
+    read_context(&r)
 }
 
 /// [`open_context`] from the bytes of a file (owned memory).
