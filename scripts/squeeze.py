@@ -10,6 +10,7 @@ cg = "/sys/fs/cgroup/memory/pqcache-squeeze"
 os.makedirs(cg, exist_ok=True)
 open(f"{cg}/memory.limit_in_bytes", "w").write(str(int(limit_mb) * 2**20))
 open(f"{cg}/memory.max_usage_in_bytes", "w").write("0")
+open(f"{cg}/memory.failcnt", "w").write("0")
 err = tempfile.TemporaryFile("w+")
 p = subprocess.Popen([binary, "ask", "--model", model, "--context", ctx, "--prompt", question,
                       "--max-new", "16", "--json"], stdout=subprocess.PIPE, stderr=err)

@@ -6,6 +6,7 @@ use pqcache::Index;
 
 fuzz_target!(|data: &[u8]| {
     let _ = pqcache::io::file::verify_bytes(data);
+    let _ = pqcache::io::file::load_context_bytes(data);
     if let Ok(mut cache) = pqcache::io::file::load_attention_bytes(data) {
         let c = cache.config().shape;
         if c.head_dim <= 1024 && c.query_heads <= 64 {

@@ -594,6 +594,24 @@ mod context {
             "--json",
         ]);
         assert_eq!(ask["new_ids"], gen["new_ids"]);
+        // Two processes asking the same file at once answer alike.
+        let both: Vec<_> = (0..2)
+            .map(|_| {
+                std::process::Command::new(bin)
+                    .args(["ask", "--model", m, "--context", ctx.to_str().unwrap()])
+                    .args(["--prompt", q, "--max-new", "8", "--json"])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for child in both {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success());
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v["new_ids"], gen["new_ids"]);
+        }
         assert_eq!(ask["context_tokens"], 400);
         assert!(ask["open_ms"].as_f64().unwrap() > 0.0);
         assert!(

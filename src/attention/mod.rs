@@ -278,6 +278,9 @@ impl HeadState {
     }
 }
 
+/// One head's keys and values, `[position, dim]` f16 each ([`AttentionRetriever::kv`]).
+pub type KvPair<'a> = (Cow<'a, [f16]>, Cow<'a, [f16]>);
+
 /// Per-layer, per-kv-head retrieval over a KV cache (the PQCache scheme). The retriever owns
 /// the cache: a model appends each position's key and value here and reads them back with
 /// [`AttentionRetriever::kv`] (dense attention) or attends through
@@ -693,7 +696,7 @@ impl AttentionRetriever {
     /// The cached keys and values of (`layer`, `kv_head`): `[position, dim]` f16 each,
     /// borrowed (a copy only for a cache opened from a file and appended to since: its rows
     /// are then in two pieces).
-    pub fn kv(&self, layer: usize, kv_head: usize) -> Option<(Cow<'_, [f16]>, Cow<'_, [f16]>)> {
+    pub fn kv(&self, layer: usize, kv_head: usize) -> Option<KvPair<'_>> {
         let h = self.heads.get(layer * self.cfg.shape.kv_heads + kv_head)?;
         (layer < self.cfg.shape.layers && kv_head < self.cfg.shape.kv_heads)
             .then(|| (h.keys.contiguous(), h.values.contiguous()))
