@@ -27,6 +27,7 @@
 use crate::error::{LlmError, Result};
 use crate::model::{retriever_config, Backend, Gemma3, Session, SlidingKv};
 use crate::LayerKind;
+pub use pqcache::io::file::Access;
 use pqcache::io::file::{self, ClientState};
 use std::path::Path;
 
@@ -123,8 +124,19 @@ impl<'m> Session<'m> {
         path: &Path,
         backend: Option<Backend>,
     ) -> Result<(Session<'m>, Vec<f32>)> {
+        Session::open_with(model, path, backend, Access::Selected)
+    }
+
+    /// [`Session::open`], the context's keys and values to be read as `access` says
+    /// (`Access::Prefetch`: read the file ahead now, for a context that fits in memory).
+    pub fn open_with(
+        model: &'m Gemma3,
+        path: &Path,
+        backend: Option<Backend>,
+        access: Access,
+    ) -> Result<(Session<'m>, Vec<f32>)> {
         let (mut cache, client) =
-            file::open_context(path).map_err(|source| LlmError::ContextFile {
+            file::open_context_with(path, access).map_err(|source| LlmError::ContextFile {
                 path: path.to_path_buf(),
                 source,
             })?;

@@ -8,6 +8,7 @@
 use clap::{Args, Parser, Subcommand};
 use half::f16;
 use pqcache::io::npy::{self, NpyData};
+use pqcache_llm::context::Access;
 use pqcache_llm::model::{argmax, nll};
 use pqcache_llm::tokenizer::GemmaTokenizer;
 use pqcache_llm::{Backend, Gemma3, LlmError, Logits, Precision, PrefillOptions, Result, Session};
@@ -222,6 +223,11 @@ struct AskArgs {
     /// Check every section's checksum first (a read of the whole file).
     #[arg(long)]
     verify: bool,
+    /// Read the whole context ahead on open (in the background): the quickest first token
+    /// from a cold page cache when the file fits in memory. Without it, only the pages the
+    /// steps select are read (a context larger than memory).
+    #[arg(long)]
+    prefetch: bool,
     /// One JSON object (with open_ms and time_to_first_token_ms) instead of streamed text.
     #[arg(long)]
     json: bool,
@@ -565,7 +571,12 @@ fn ask(a: &AskArgs) -> Result<()> {
             source,
         })?;
     }
-    let (mut session, logits) = Session::open(&model, &a.context, backend)?;
+    let access = if a.prefetch {
+        Access::Prefetch
+    } else {
+        Access::Selected
+    };
+    let (mut session, logits) = Session::open_with(&model, &a.context, backend, access)?;
     if let (None, Some(b)) = (&a.attention, a.budget) {
         session.set_budget(b)?;
     }

@@ -415,6 +415,15 @@ mod context {
         let (a, n) = answer_of(&path, None);
         assert_eq!(a, answer);
         assert_eq!(n, next);
+        // Read ahead or page by page: the same bits.
+        let (mut s, logits) =
+            Session::open_with(model(), &path, None, pqcache_llm::context::Access::Prefetch)
+                .unwrap();
+        let a = s
+            .continue_greedy(logits, &question(), 12, |_| Ok(()))
+            .unwrap();
+        assert_eq!(a, answer);
+        assert_eq!(s.decode(*a.last().unwrap()).unwrap(), next);
         // Naming the saved selector and budget changes nothing; another budget keeps the
         // indexes and changes the answer's attention (not necessarily its tokens).
         assert_eq!(answer_of(&path, Some(backend())).1, next);
