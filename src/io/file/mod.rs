@@ -6,7 +6,8 @@
 //!                            0  magic      b"PQCACHE\0"
 //!                            8  version    u32   (FormatVersion)
 //!                           12  kind       u32   (IndexKind: 1 flat, 2 pq, 3 pq fast-scan, 4 ivf fast-scan,
-//!                                                  5 attention cache)
+//!                                                  5 attention cache, 6 context: an attention
+//!                                                  cache and a client's state, format 4)
 //!                           16  flags      u32   (0; reserved)
 //!                           20  nsections  u32   (<= MAX_SECTIONS)
 //!                           24  file_len   u64   (the whole file, footer included)
