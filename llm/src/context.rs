@@ -51,10 +51,11 @@ fn hex(words: &[u64]) -> String {
 /// The backend a saved cache decodes with when `ask` names none (a dense session saves an
 /// exact cache of budget 1).
 fn backend_of(cfg: &pqcache::RetrieverConfig, model: &Gemma3) -> Backend {
-    if cfg == &retriever_config(model, &Backend::Dense) {
+    let dense = retriever_config(model, &Backend::Dense);
+    if cfg == &dense {
         return Backend::Dense;
     }
-    let default_window = retriever_config(model, &Backend::Dense).window;
+    let default_window = dense.window;
     Backend::Retrieval {
         selector: cfg.selector.clone(),
         budget: cfg.budget,

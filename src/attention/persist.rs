@@ -23,8 +23,9 @@
 //!
 //! Opening maps the file: keys, values and fast-scan / PQ codes stay in the mapping (a head
 //! copies its arrays on its first `append`); codebooks are copied; quest pages are rebuilt
-//! from the keys. Every section but the bulk ones (keys, values, codes) has its checksum
-//! checked on open; [`crate::io::file::verify`] checks those too.
+//! from the keys. Every section but keys and values has its checksum checked on open (the
+//! codes too: every step reads them whole); [`crate::io::file::verify`] checks those two as
+//! well.
 
 use super::selector::{Aggregation, RestoredHead, SelectorSpec, StoredHead};
 use super::{AttentionRetriever, AttentionShape, Budget, RetrieverConfig};
