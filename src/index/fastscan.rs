@@ -656,11 +656,19 @@ impl Index for IndexPQFastScan {
         let d = self.pq.dim();
         let mut res = SearchResult::empty(nq, k, self.metric);
         let g = self.qbs;
-        res.distances
-            .par_chunks_mut(g * k)
-            .zip(res.ids.par_chunks_mut(g * k))
-            .zip(queries.par_chunks(g * d))
-            .for_each(|((dist, ids), group)| self.search_group(group, k, dist, ids));
+        if super::worth_parallel(nq.div_ceil(g)) {
+            res.distances
+                .par_chunks_mut(g * k)
+                .zip(res.ids.par_chunks_mut(g * k))
+                .zip(queries.par_chunks(g * d))
+                .for_each(|((dist, ids), group)| self.search_group(group, k, dist, ids));
+        } else {
+            res.distances
+                .chunks_mut(g * k)
+                .zip(res.ids.chunks_mut(g * k))
+                .zip(queries.chunks(g * d))
+                .for_each(|((dist, ids), group)| self.search_group(group, k, dist, ids));
+        }
         Ok(res)
     }
     fn reset(&mut self) {

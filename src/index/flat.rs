@@ -246,6 +246,19 @@ impl IndexFlat {
         let d = self.d;
         let k = &self.kernels;
         let metric = self.metric;
+        if !super::worth_parallel(out.len().div_ceil(ROW_CHUNK)) {
+            // The same chunks, on this thread.
+            for (c, o) in out.chunks_mut(ROW_CHUNK).enumerate() {
+                let rows = c * ROW_CHUNK * d..(c * ROW_CHUNK + o.len()) * d;
+                match (&self.storage, metric) {
+                    (FlatStorage::F32(v), Metric::InnerProduct) => k.dot_rows_f32(q, &v[rows], o),
+                    (FlatStorage::F32(v), Metric::L2) => k.l2sq_rows_f32(q, &v[rows], o),
+                    (FlatStorage::F16(v), Metric::InnerProduct) => k.dot_rows_f16(q, &v[rows], o),
+                    (FlatStorage::F16(v), Metric::L2) => k.l2sq_rows_f16(q, &v[rows], o),
+                }
+            }
+            return;
+        }
         match &self.storage {
             FlatStorage::F32(v) => out
                 .par_chunks_mut(ROW_CHUNK)
@@ -343,24 +356,33 @@ impl Index for IndexFlat {
             .min(nq.div_ceil(threads))
             .max(1);
         let d = self.d;
-        res.distances
-            .par_chunks_mut(group * k)
-            .zip(res.ids.par_chunks_mut(group * k))
-            .zip(queries.par_chunks(group * d))
-            .for_each(|((dist, ids), qs)| {
-                let g = qs.len() / d;
-                let mut scores = vec![0.0f32; g * n];
-                self.scores_gemm(qs, g, &mut scores);
-                for i in 0..g {
-                    write_row(
-                        &scores[i * n..(i + 1) * n],
-                        k,
-                        self.metric,
-                        &mut dist[i * k..(i + 1) * k],
-                        &mut ids[i * k..(i + 1) * k],
-                    );
-                }
-            });
+        let one_group = |((dist, ids), qs): ((&mut [f32], &mut [i64]), &[f32])| {
+            let g = qs.len() / d;
+            let mut scores = vec![0.0f32; g * n];
+            self.scores_gemm(qs, g, &mut scores);
+            for i in 0..g {
+                write_row(
+                    &scores[i * n..(i + 1) * n],
+                    k,
+                    self.metric,
+                    &mut dist[i * k..(i + 1) * k],
+                    &mut ids[i * k..(i + 1) * k],
+                );
+            }
+        };
+        if super::worth_parallel(nq.div_ceil(group)) {
+            res.distances
+                .par_chunks_mut(group * k)
+                .zip(res.ids.par_chunks_mut(group * k))
+                .zip(queries.par_chunks(group * d))
+                .for_each(one_group);
+        } else {
+            res.distances
+                .chunks_mut(group * k)
+                .zip(res.ids.chunks_mut(group * k))
+                .zip(queries.chunks(group * d))
+                .for_each(one_group);
+        }
         Ok(res)
     }
     fn reset(&mut self) {

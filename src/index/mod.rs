@@ -44,6 +44,16 @@ pub trait Index: Send + Sync {
     fn reset(&mut self);
 }
 
+/// Whether `tasks` pieces of work should go to rayon's pool: more than one, and more than
+/// one thread to run them. A parallel call from a thread outside the pool (a Python thread,
+/// a server's request thread) hands the work to the pool and waits for it to come back,
+/// tens of microseconds on a loaded machine: a single task, or a pool of one, pays that
+/// for nothing (a one-query fast-scan search is about 10 us).
+#[inline]
+pub(crate) fn worth_parallel(tasks: usize) -> bool {
+    tasks > 1 && rayon::current_num_threads() > 1
+}
+
 /// Calls `f(i)` for every position `i < valid` whose bit is set in `masks` (one u32 per block
 /// of 32, as the fast-scan kernel marks the scores above a threshold), ascending.
 #[inline]

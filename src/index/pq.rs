@@ -156,21 +156,30 @@ impl Index for IndexPQ {
         check_k(k, n)?;
         let (m, ksub) = (self.pq.m(), self.pq.ksub());
         let mut res = SearchResult::empty(nq, k, self.metric);
-        res.distances
-            .par_chunks_mut(k)
-            .zip(res.ids.par_chunks_mut(k))
-            .zip(queries.par_chunks(d))
-            .for_each_init(
-                || (vec![0.0f32; m * ksub], vec![0.0f32; n]),
-                |(lut, scores), ((dist, ids), q)| {
-                    self.pq.compute_lut(q, self.metric, &self.kernels, lut);
-                    self.adc.scan(lut, m, ksub, &self.codes, scores);
-                    if self.metric == Metric::L2 {
-                        scores.iter_mut().for_each(|s| *s = -*s);
-                    }
-                    write_row(scores, k, self.metric, dist, ids);
-                },
-            );
+        let one = |(lut, scores): &mut (Vec<f32>, Vec<f32>),
+                   ((dist, ids), q): ((&mut [f32], &mut [i64]), &[f32])| {
+            self.pq.compute_lut(q, self.metric, &self.kernels, lut);
+            self.adc.scan(lut, m, ksub, &self.codes, scores);
+            if self.metric == Metric::L2 {
+                scores.iter_mut().for_each(|s| *s = -*s);
+            }
+            write_row(scores, k, self.metric, dist, ids);
+        };
+        let scratch = || (vec![0.0f32; m * ksub], vec![0.0f32; n]);
+        if super::worth_parallel(nq) {
+            res.distances
+                .par_chunks_mut(k)
+                .zip(res.ids.par_chunks_mut(k))
+                .zip(queries.par_chunks(d))
+                .for_each_init(scratch, one);
+        } else {
+            let mut state = scratch();
+            res.distances
+                .chunks_mut(k)
+                .zip(res.ids.chunks_mut(k))
+                .zip(queries.chunks(d))
+                .for_each(|item| one(&mut state, item));
+        }
         Ok(res)
     }
     fn reset(&mut self) {
