@@ -68,6 +68,19 @@ impl<T: Pod> Buf<T> {
         }
     }
 
+    /// Keeps, in order, the rows of `row_len` elements whose flag in `keep` is set (one
+    /// flag per row); the buffer becomes owned, holding just those rows.
+    pub fn retain_rows(&mut self, row_len: usize, keep: &[bool]) {
+        let kept: Vec<T> = self
+            .as_slice()
+            .chunks_exact(row_len.max(1))
+            .zip(keep)
+            .filter(|(_, &k)| k)
+            .flat_map(|(row, _)| row.iter().copied())
+            .collect();
+        *self = Buf::Owned(kept);
+    }
+
     /// The owned vector, copying a mapped buffer first (copy on write).
     pub fn to_mut(&mut self) -> &mut Vec<T> {
         if let Buf::Mapped { .. } = self {

@@ -141,3 +141,53 @@ fn reset_empties_the_index() {
         Err(pqcache::Error::EmptyIndex)
     ));
 }
+
+#[test]
+fn removing_ids_is_the_index_built_without_them() {
+    // FAISS's flat remove_ids: later rows move down, ids stay positions. After removing,
+    // every search answers bit for bit as an index built from the surviving rows only; ids
+    // out of range and repeated ids remove nothing more.
+    let d = 24;
+    let base = common::uniform(3000, d, 41);
+    let queries = common::uniform(20, d, 42);
+    let gone: Vec<i64> = (0..3000)
+        .filter(|i| i % 7 == 3 || (1000..1200).contains(i))
+        .collect();
+    let mut ids = gone.clone();
+    ids.extend([-1, 3000, 1 << 40, gone[0]]);
+    let kept: Vec<f32> = base
+        .chunks(d)
+        .enumerate()
+        .filter(|(i, _)| !gone.contains(&(*i as i64)))
+        .flat_map(|(_, r)| r.iter().copied())
+        .collect();
+    for metric in [Metric::InnerProduct, Metric::L2] {
+        for half in [false, true] {
+            let make = || {
+                if half {
+                    IndexFlat::new_f16(d, metric)
+                } else {
+                    IndexFlat::new(d, metric)
+                }
+            };
+            let mut index = make().unwrap();
+            index.add(&base).unwrap();
+            assert_eq!(index.remove_ids(&ids), gone.len());
+            let mut fresh = make().unwrap();
+            fresh.add(&kept).unwrap();
+            assert_eq!(index.ntotal(), fresh.ntotal());
+            for nq in [1, 20] {
+                let (a, b) = (
+                    index.search(&queries[..nq * d], 10).unwrap(),
+                    fresh.search(&queries[..nq * d], 10).unwrap(),
+                );
+                assert_eq!(
+                    (a.ids, a.distances),
+                    (b.ids, b.distances),
+                    "{metric} f16 {half}"
+                );
+            }
+            assert_eq!(index.remove_ids(&[-5, 1 << 50]), 0);
+        }
+    }
+}

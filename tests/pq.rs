@@ -210,3 +210,34 @@ fn codes_are_the_nearest_centroids_for_both_encoders() {
         }
     }
 }
+
+#[test]
+fn removing_ids_is_the_index_built_without_them() {
+    // As FAISS's IndexPQ.remove_ids: later codes move down. The same codebooks over the
+    // surviving rows answer bit for bit alike.
+    let d = 32;
+    let base = common::uniform(3000, d, 5);
+    let queries = common::uniform(10, d, 6);
+    for nbits in [Nbits::Four, Nbits::Eight] {
+        let mut index = IndexPQ::new(d, 8, nbits, Metric::L2).unwrap();
+        index.train(&base).unwrap();
+        let mut fresh = index.clone();
+        index.add(&base).unwrap();
+        let gone: Vec<i64> = (0..3000).step_by(3).collect();
+        assert_eq!(index.remove_ids(&gone), 1000);
+        // 2,000 rows remain: 2000 is past the end now.
+        assert_eq!(index.remove_ids(&[2000, -1, 5000]), 0);
+        let kept: Vec<f32> = base
+            .chunks(d)
+            .enumerate()
+            .filter(|(i, _)| i % 3 != 0)
+            .flat_map(|(_, r)| r.iter().copied())
+            .collect();
+        fresh.add(&kept).unwrap();
+        let (a, b) = (
+            index.search(&queries, 10).unwrap(),
+            fresh.search(&queries, 10).unwrap(),
+        );
+        assert_eq!((a.ids, a.distances), (b.ids, b.distances));
+    }
+}

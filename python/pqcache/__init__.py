@@ -25,8 +25,9 @@ The attention client, for a decode loop (per layer and KV head, GQA-aware)::
 
 Differences from FAISS: ``search`` with ``k > ntotal`` (or an empty index) raises ValueError
 instead of padding with -1; re-ranking is the ``rerank`` setting of the fast-scan indexes
-(``index.rerank = 4``) rather than an ``IndexRefineFlat`` wrapper; ``add_with_ids`` and
-``remove_ids`` are IVF and StreamingIndex operations.
+(``index.rerank = 4``) rather than an ``IndexRefineFlat`` wrapper; ``add_with_ids`` is an
+IVF and StreamingIndex operation (``remove_ids`` also works on IndexFlat and IndexPQ, whose
+ids are positions).
 """
 
 from ._pqcache import (
@@ -44,9 +45,11 @@ from ._pqcache import (
     IndexPQFastScan,
     StreamingIndex,
     __version__,
+    deserialize_index,
     index_factory,
     read_attention,
     read_index,
+    serialize_index,
     simd_level,
     verify_index,
     write_attention,
@@ -68,11 +71,18 @@ __all__ = [
     "IndexPQFastScan",
     "StreamingIndex",
     "__version__",
+    "deserialize_index",
     "index_factory",
     "read_attention",
     "read_index",
+    "serialize_index",
     "simd_level",
     "verify_index",
     "write_attention",
     "write_index",
 ]
+
+
+def _unpickle_index(data: bytes) -> Index:
+    """What pickle calls to rebuild an index (`Index.__reduce__`)."""
+    return deserialize_index(data)

@@ -23,9 +23,11 @@ __all__ = [
     "IndexPQFastScan",
     "StreamingIndex",
     "__version__",
+    "deserialize_index",
     "index_factory",
     "read_attention",
     "read_index",
+    "serialize_index",
     "simd_level",
     "verify_index",
     "write_attention",
@@ -64,7 +66,8 @@ class Index:
     def add_with_ids(self, x: _Floats, ids: _Ids) -> None:
         """Adds x under the given int64 ids (IndexIVFPQFastScan)."""
     def remove_ids(self, ids: _Ids) -> int:
-        """Removes the vectors with these ids; returns how many (IndexIVFPQFastScan)."""
+        """Removes the vectors with these ids; returns how many. IndexFlat and IndexPQ move
+        later vectors down (ids are positions); IndexIVFPQFastScan keeps the others' ids."""
     def search(
         self, x: _Floats, k: int
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
@@ -72,6 +75,7 @@ class Index:
         between 1 and ntotal."""
     def reset(self) -> None:
         """Removes every vector; keeps the training."""
+    def __reduce__(self) -> tuple[object, tuple[bytes]]: ...
 
 class IndexFlat(Index):
     """Exact search; dtype="float16" stores the vectors in half precision."""
@@ -218,6 +222,8 @@ def read_index(
     path: _PathLike, io_flags: Optional[int] = None, mmap: Optional[bool] = None
 ) -> Index: ...
 def verify_index(path: _PathLike) -> str: ...
+def serialize_index(index: Index) -> npt.NDArray[np.uint8]: ...
+def deserialize_index(data: Union[bytes, npt.NDArray[np.uint8]]) -> Index: ...
 def write_attention(retriever: AttentionRetriever, path: _PathLike) -> None: ...
 def read_attention(path: _PathLike, mmap: bool = True) -> AttentionRetriever: ...
 def simd_level() -> str: ...

@@ -150,6 +150,23 @@ pub fn id_array<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<PyReadonly
         .map_err(|e| PyValueError::new_err(format!("{what}: cannot borrow the array ({e})")))
 }
 
+/// A 1-d C-contiguous uint8 array (a serialized index).
+pub fn byte_array<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<PyReadonlyArray1<'py, u8>> {
+    let arr = obj.cast::<PyArray1<u8>>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{what} must be bytes or a 1-d numpy array of uint8 (serialize_index's output), got {}",
+            type_name(obj)
+        ))
+    })?;
+    if !arr.is_c_contiguous() {
+        return Err(PyValueError::new_err(format!(
+            "{what} must be contiguous; pass np.ascontiguousarray({what})"
+        )));
+    }
+    arr.try_readonly()
+        .map_err(|e| PyValueError::new_err(format!("{what}: cannot borrow the array ({e})")))
+}
+
 /// A count from Python (`k`, a size): a `ValueError` for a negative one.
 pub fn count(v: i64, what: &str) -> PyResult<usize> {
     usize::try_from(v).map_err(|_| PyValueError::new_err(format!("{what} must be >= 0, got {v}")))

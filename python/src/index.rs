@@ -17,6 +17,7 @@ use pqcache::{
 };
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 use pyo3::PyClassInitializer;
 use std::path::PathBuf;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -209,12 +210,15 @@ impl Index {
     }
 
     /// Removes the vectors with these ids (`(n,)` int64); returns how many were removed.
-    /// `IndexIVFPQFastScan` only.
+    /// `IndexIVFPQFastScan` keeps the other ids; `IndexFlat` and `IndexPQ` move later
+    /// vectors down (their ids are positions), as FAISS's do; `IndexPQFastScan` has none.
     fn remove_ids(&self, py: Python<'_>, ids: &Bound<'_, PyAny>) -> PyResult<usize> {
         let ids = id_array(ids, "ids")?;
         let id_slice = ids.as_slice().expect("checked contiguous");
         py.detach(|| match &mut *self.write() {
             AnyIndex::IvfPqFastScan(ivf) => Ok(ivf.remove_ids(id_slice)),
+            AnyIndex::Flat(flat) => Ok(flat.remove_ids(id_slice)),
+            AnyIndex::Pq(pq) => Ok(pq.remove_ids(id_slice)),
             other => Err(other.kind()),
         })
         .map_err(|kind| not_implemented("remove_ids", kind))
@@ -243,6 +247,18 @@ impl Index {
         py.detach(|| self.write().reset())
     }
 
+    /// Pickling: the index file's bytes (`serialize_index`), read back by
+    /// `deserialize_index`.
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
+        let py = slf.py();
+        let this = slf.get();
+        let bytes = py.detach(|| file::to_bytes(&*this.read())).py()?;
+        let unpickle = py.import("pqcache")?.getattr("_unpickle_index")?;
+        Ok((unpickle, (PyBytes::new(py, &bytes),)))
+    }
+
     fn __repr__(&self) -> String {
         let g = self.read();
         format!(
@@ -267,7 +283,7 @@ fn class_name(index: &AnyIndex) -> &'static str {
 fn not_implemented(what: &str, kind: IndexKind) -> PyErr {
     PyRuntimeError::new_err(format!(
         "{what} is not implemented for a {} index: IndexIVFPQFastScan and StreamingIndex keep \
-         ids of their own",
+         ids of their own (remove_ids also works on IndexFlat and IndexPQ)",
         kind.name()
     ))
 }
@@ -725,4 +741,31 @@ pub fn read_index(
 pub fn verify_index(py: Python<'_>, path: PathBuf) -> PyResult<&'static str> {
     let info = py.detach(|| file::verify(&path)).py()?;
     Ok(info.kind.name())
+}
+
+/// The bytes of `index`'s file, as a uint8 numpy array (FAISS's `serialize_index`).
+#[pyfunction]
+pub fn serialize_index<'py>(
+    py: Python<'py>,
+    index: &Bound<'py, Index>,
+) -> PyResult<Bound<'py, numpy::PyArray1<u8>>> {
+    let index = index.get();
+    let bytes = py.detach(|| file::to_bytes(&*index.read())).py()?;
+    Ok(numpy::PyArray1::from_vec(py, bytes))
+}
+
+/// An index from the bytes `serialize_index` gave (a uint8 numpy array, or `bytes`); every
+/// checksum is checked.
+#[pyfunction]
+pub fn deserialize_index(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+    let index = if let Ok(b) = data.cast::<PyBytes>() {
+        let bytes = b.as_bytes();
+        py.detach(|| file::verify_bytes(bytes).and_then(|_| file::load_bytes(bytes)))
+    } else {
+        let arr = crate::arrays::byte_array(data, "data")?;
+        let bytes = arr.as_slice().expect("checked contiguous");
+        py.detach(|| file::verify_bytes(bytes).and_then(|_| file::load_bytes(bytes)))
+    }
+    .py()?;
+    Index::into_py_object(py, index)
 }

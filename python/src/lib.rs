@@ -42,6 +42,8 @@ fn _pqcache(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(index::write_index, m)?)?;
     m.add_function(wrap_pyfunction!(index::read_index, m)?)?;
     m.add_function(wrap_pyfunction!(index::verify_index, m)?)?;
+    m.add_function(wrap_pyfunction!(index::serialize_index, m)?)?;
+    m.add_function(wrap_pyfunction!(index::deserialize_index, m)?)?;
     m.add_function(wrap_pyfunction!(attention::write_attention, m)?)?;
     m.add_function(wrap_pyfunction!(attention::read_attention, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;

@@ -92,7 +92,7 @@ def test_untrained_and_unsupported(rng):
     raises(ValueError, "too few|training points|at least", pqcache.IndexPQ(16, 4, 8).train, x[:10])
     flat = pqcache.IndexFlatL2(16)
     raises(RuntimeError, "add_with_ids is not implemented for a flat index", flat.add_with_ids, x, np.arange(100))
-    raises(RuntimeError, "remove_ids", flat.remove_ids, np.arange(3))
+    raises(RuntimeError, "remove_ids is not implemented for a pqfs", pqcache.IndexPQFastScan(16, 4).remove_ids, np.arange(3))
     ivf = pqcache.index_factory(16, "IVF4,PQ4x4fs")
     ivf.train(x)
     raises(ValueError, "3 ids for 100 vectors", ivf.add_with_ids, x, np.arange(3))

@@ -230,3 +230,51 @@ def test_a_trained_quantizer_is_used_as_the_coarse_centroids(rng):
     # cell, so every vector's cell is its nearest given centroid and it finds itself.
     _, I = index.search(x[:100], 1)
     assert (I[:, 0] == np.arange(100)).mean() > 0.8
+
+
+def test_serialize_and_pickle_give_the_file_bytes_back(tmp_path, rng):
+    import pickle
+
+    x = rng.standard_normal((1500, 32)).astype(np.float32)
+    for index in (
+        pqcache.IndexFlatIP(32),
+        pqcache.IndexPQ(32, 8, 6, pqcache.METRIC_L2),
+        pqcache.IndexPQFastScan(32, 16),
+        pqcache.index_factory(32, "IVF8,PQ16x4fs", pqcache.METRIC_INNER_PRODUCT),
+    ):
+        index.train(x)
+        index.add(x)
+        path = tmp_path / "i.index"
+        pqcache.write_index(index, path)
+        data = pqcache.serialize_index(index)
+        assert data.dtype == np.uint8 and data.tobytes() == path.read_bytes()
+        want = index.search(x[:8], 5)
+        for back in (
+            pqcache.deserialize_index(data),
+            pqcache.deserialize_index(data.tobytes()),
+            pickle.loads(pickle.dumps(index)),
+        ):
+            assert type(back) is type(index)
+            got = back.search(x[:8], 5)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
+    bad = data.copy()
+    bad[-200] ^= 1
+    with pytest.raises(pqcache.FileFormatError, match="checksum"):
+        pqcache.deserialize_index(bad)
+    with pytest.raises(TypeError, match="uint8"):
+        pqcache.deserialize_index(data.astype(np.int16))
+    with pytest.raises(pqcache.FileFormatError):
+        pqcache.deserialize_index(b"")
+
+
+def test_remove_ids_on_positional_indexes_moves_later_vectors_down(rng):
+    x = rng.standard_normal((1000, 16)).astype(np.float32)
+    for index in (pqcache.IndexFlatL2(16), pqcache.IndexPQ(16, 4, 8, pqcache.METRIC_L2)):
+        index.train(x)
+        index.add(x)
+        assert index.remove_ids(np.arange(0, 1000, 2, dtype=np.int64)) == 500
+        assert index.ntotal == 500
+        # Vector 2j+1 is now at position j.
+        _, I = index.search(np.ascontiguousarray(x[1::2][:50]), 1)
+        assert (I[:, 0] == np.arange(50)).mean() > 0.9

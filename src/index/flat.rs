@@ -192,6 +192,23 @@ impl IndexFlat {
         Ok(idx)
     }
 
+    /// Removes the vectors at positions `ids` and returns how many were removed; the rows
+    /// after a removed one move down, so ids stay positions (`0..ntotal`), as in FAISS's
+    /// flat indexes. Ids out of range are ignored.
+    pub fn remove_ids(&mut self, ids: &[i64]) -> usize {
+        let (keep, removed) = super::keep_mask(ids, self.ntotal());
+        if removed > 0 {
+            match &mut self.storage {
+                FlatStorage::F32(v) => v.retain_rows(self.d, &keep),
+                FlatStorage::F16(v) => v.retain_rows(self.d, &keep),
+            }
+            if self.metric == Metric::L2 {
+                self.norms.retain_rows(1, &keep);
+            }
+        }
+        removed
+    }
+
     /// Squared row norms (L2 only; empty for inner product).
     pub fn norms(&self) -> &[f32] {
         &self.norms

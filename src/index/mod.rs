@@ -44,6 +44,21 @@ pub trait Index: Send + Sync {
     fn reset(&mut self);
 }
 
+/// The rows of an index of `n` that survive removing the positions `ids` (FAISS's
+/// `remove_ids` on an index whose ids are positions; ids out of range remove nothing), and
+/// how many go.
+pub(crate) fn keep_mask(ids: &[i64], n: usize) -> (Vec<bool>, usize) {
+    let mut keep = vec![true; n];
+    let mut removed = 0;
+    for &id in ids {
+        if let Some(k) = usize::try_from(id).ok().and_then(|i| keep.get_mut(i)) {
+            removed += usize::from(*k);
+            *k = false;
+        }
+    }
+    (keep, removed)
+}
+
 /// Whether `tasks` pieces of work should go to rayon's pool: more than one, and more than
 /// one thread to run them. A parallel call from a thread outside the pool (a Python thread,
 /// a server's request thread) hands the work to the pool and waits for it to come back,

@@ -87,6 +87,17 @@ impl IndexPQ {
         Ok(idx)
     }
 
+    /// Removes the vectors at positions `ids` and returns how many were removed; later
+    /// rows move down, so ids stay positions (FAISS's `IndexPQ.remove_ids`). Ids out of
+    /// range are ignored.
+    pub fn remove_ids(&mut self, ids: &[i64]) -> usize {
+        let (keep, removed) = super::keep_mask(ids, crate::Index::ntotal(self));
+        if removed > 0 {
+            self.codes.retain_rows(self.pq.m(), &keep);
+        }
+        removed
+    }
+
     /// The codes, `ntotal * m` bytes.
     pub fn codes(&self) -> &[u8] {
         &self.codes
