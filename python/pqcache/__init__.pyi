@@ -181,6 +181,18 @@ class AttentionRetriever:
         scale: Optional[float] = None,
         tail_term: bool = True,
     ) -> Self: ...
+    def fork(
+        self,
+        *,
+        budget: Union[float, int, None] = None,
+        sink: Optional[int] = None,
+        window: Union[int, str, None] = None,
+        selector: Optional[str] = None,
+        aggregation: Optional[str] = None,
+        scale: Optional[float] = None,
+        tail_term: Optional[bool] = None,
+    ) -> "AttentionRetriever":
+        """A copy of the cache under other settings (those not given are kept)."""
     @property
     def layers(self) -> int: ...
     @property

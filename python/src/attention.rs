@@ -92,6 +92,46 @@ fn range_tuple(r: &std::ops::Range<usize>) -> (usize, usize) {
     (r.start, r.end)
 }
 
+/// Settings given from Python; `None`: keep what the config has.
+struct Options<'a, 'py> {
+    budget: Option<&'a Bound<'py, PyAny>>,
+    sink: Option<i64>,
+    /// `Some(None)`: the window follows the budget.
+    window: Option<Option<usize>>,
+    selector: Option<&'a str>,
+    aggregation: Option<&'a str>,
+    scale: Option<f64>,
+    tail_term: Option<bool>,
+}
+
+impl Options<'_, '_> {
+    fn apply(&self, cfg: &mut RetrieverConfig) -> PyResult<()> {
+        if let Some(b) = self.budget {
+            cfg.budget = budget_of(b)?;
+        }
+        if let Some(s) = self.sink {
+            cfg.sink = count(s, "sink")?;
+        }
+        if let Some(w) = self.window {
+            cfg.window = w;
+        }
+        if let Some(s) = self.selector {
+            cfg.selector = s.parse::<SelectorSpec>().py()?;
+        }
+        if let Some(a) = self.aggregation {
+            cfg.aggregation = a.parse().py()?;
+        }
+        if let Some(s) = self.scale {
+            // f64 -> f32: a value past f32's range becomes infinite and validate() says so.
+            cfg.scale = s as f32;
+        }
+        if let Some(t) = self.tail_term {
+            cfg.tail_term = t;
+        }
+        Ok(())
+    }
+}
+
 impl AttentionRetriever {
     fn read(&self) -> RwLockReadGuard<'_, RsRetriever> {
         self.inner.read().unwrap_or_else(|e| e.into_inner())
@@ -140,22 +180,64 @@ impl AttentionRetriever {
             head_dim: count(head_dim, "head_dim")?,
         };
         let mut cfg = RetrieverConfig::new(shape);
-        if let Some(b) = budget {
-            cfg.budget = budget_of(b)?;
+        Options {
+            budget,
+            sink: Some(sink),
+            window: Some(window.map(|w| count(w, "window")).transpose()?),
+            selector,
+            aggregation: Some(aggregation),
+            scale,
+            tail_term: Some(tail_term),
         }
-        cfg.sink = count(sink, "sink")?;
-        cfg.window = window.map(|w| count(w, "window")).transpose()?;
-        if let Some(s) = selector {
-            cfg.selector = s.parse::<SelectorSpec>().py()?;
-        }
-        cfg.aggregation = aggregation.parse().py()?;
-        if let Some(s) = scale {
-            // f64 -> f32: a value past f32's range becomes infinite and validate() says so.
-            cfg.scale = s as f32;
-        }
-        cfg.tail_term = tail_term;
+        .apply(&mut cfg)?;
         Ok(AttentionRetriever {
             inner: RwLock::new(RsRetriever::new(cfg).py()?),
+        })
+    }
+
+    /// A copy of this cache under other settings (another selector, budget, window...; the
+    /// ones not given are kept), its indexes trained anew: one prefill serves several
+    /// methods. `window="auto"` lets the window follow the budget.
+    #[pyo3(signature = (*, budget = None, sink = None, window = None, selector = None,
+        aggregation = None, scale = None, tail_term = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn fork(
+        &self,
+        py: Python<'_>,
+        budget: Option<&Bound<'_, PyAny>>,
+        sink: Option<i64>,
+        window: Option<&Bound<'_, PyAny>>,
+        selector: Option<&str>,
+        aggregation: Option<&str>,
+        scale: Option<f64>,
+        tail_term: Option<bool>,
+    ) -> PyResult<AttentionRetriever> {
+        let window = match window {
+            None => None,
+            Some(w) if w.extract::<&str>().is_ok_and(|s| s == "auto") => Some(None),
+            Some(w) => match w.extract::<i64>() {
+                Ok(n) => Some(Some(count(n, "window")?)),
+                Err(_) => {
+                    return Err(PyTypeError::new_err(
+                        "window: an int number of positions or \"auto\"",
+                    ))
+                }
+            },
+        };
+        let mut cfg = self.read().config().clone();
+        Options {
+            budget,
+            sink,
+            window,
+            selector,
+            aggregation,
+            scale,
+            tail_term,
+        }
+        .apply(&mut cfg)?;
+        let forked = py.detach(|| self.read().fork(cfg)).py()?;
+        Ok(AttentionRetriever {
+            inner: RwLock::new(forked),
         })
     }
 

@@ -150,3 +150,23 @@ def test_the_gil_is_released_while_attending(gemma_layer):
     r = pqcache.AttentionRetriever(1, 4, 1, 256, budget=0.1)
     n, _ = python_progress_during(lambda: r.prefill(0, k, v, q))
     assert n > 100
+
+
+def test_a_fork_is_a_retriever_built_with_its_settings(gemma_layer):
+    """One prefill, several methods: a fork with another selector and budget answers as a
+    retriever prefilled with those settings from the start."""
+    q, k, v, _ = gemma_layer
+    base = pqcache.AttentionRetriever(1, 4, 1, 256, budget=0.1)
+    base.prefill(0, *prompt(q, k, v))
+    forked = base.fork(selector="pq:32x8", budget=200, window="auto")
+    direct = pqcache.AttentionRetriever(1, 4, 1, 256, budget=200, selector="pq:32x8", window=None)
+    direct.prefill(0, *prompt(q, k, v))
+    assert forked.selector == "pq:32x8" and forked.budget == 200 and base.selector == "fastscan:64x4"
+    assert forked.plan(0) == direct.plan(0)
+    qt = q[:, PROMPT].astype(np.float32)
+    np.testing.assert_array_equal(forked.select(0, qt)[0], direct.select(0, qt)[0])
+    np.testing.assert_array_equal(forked.attend(0, qt), direct.attend(0, qt))
+    with pytest.raises(TypeError, match="auto"):
+        base.fork(window=1.5)
+    with pytest.raises(ValueError, match="budget ratio"):
+        base.fork(budget=2.0)
