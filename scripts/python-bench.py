@@ -110,6 +110,25 @@ def main():
             f = f"{fa[i]:8.2f} {fa[i] / py[i]:9.2f}" if fa[i] else f"{'-':>8} {'-':>9}"
             print(f"{desc:16} {calls:>9} {rust[i]:8.2f} {py[i]:8.2f} {py[i] - rust[i]:+9.2f} {f}")
 
+    # The cost of a call itself: an exact index of 16 vectors of 8 dimensions, k = 1.
+    tiny_b = np.ascontiguousarray(xb[:16, :8])
+    tiny_q = np.ascontiguousarray(xq[:, :8])
+    np.save(tmp / "tb.npy", tiny_b)
+    np.save(tmp / "tq.npy", tiny_q)
+    r = subprocess.run(
+        [a.pqcache, "eval", "--base", tmp / "tb.npy", "--queries", tmp / "tq.npy", "--index",
+         "flat", "--metric", "l2", "--k", "1", "--qbs", "1", "--threads", "1", "--reps",
+         str(a.reps), "--json"], capture_output=True, text=True, check=True)
+    rust_tiny = json.loads(r.stdout)["search_us_per_query"]
+    row = []
+    for lib in [pqcache] + ([faiss] if faiss else []):
+        index = lib.IndexFlatL2(8)
+        index.add(tiny_b)
+        one = [np.ascontiguousarray(tiny_q[i : i + 1]) for i in range(len(tiny_q))]
+        us = best_time(lambda: [index.search(q, 1) for q in one], a.reps) / len(one) * 1e6
+        row.append(f"{lib.__name__} {us:.2f} us")
+    print(f"a call on 16 x 8 vectors, k = 1: rust {rust_tiny:.2f} us, " + ", ".join(row))
+
     # Two threads sharing one index against one thread making the same calls.
     for desc, batch in [("Flat", 1), ("PQ32x4fs", 1), ("PQ32x4fs", 100)]:
         index = pqcache.index_factory(128, desc, pqcache.METRIC_L2)

@@ -6,6 +6,10 @@
 //! strided or Fortran-ordered array a `ValueError` naming the fix (`np.ascontiguousarray`):
 //! a silent copy would hide a cost, and a silent transpose a wrong answer. Outputs are numpy
 //! arrays that take over the engine's buffers (no copy).
+//!
+//! The GIL is released while the engine reads an input in place: as with FAISS (and numpy's
+//! own released-GIL loops), an array that another thread writes during the call gives
+//! whatever values it held as they were read.
 
 use numpy::{
     Element, PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn,
