@@ -154,6 +154,18 @@ pub fn id_array<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<PyReadonly
         .map_err(|e| PyValueError::new_err(format!("{what}: cannot borrow the array ({e})")))
 }
 
+/// The `ids` of `n` vectors: a 1-d int64 array of length `n`.
+pub fn ids_for<'py>(obj: &Bound<'py, PyAny>, n: usize) -> PyResult<PyReadonlyArray1<'py, i64>> {
+    let ids = id_array(obj, "ids")?;
+    if ids.len() != n {
+        return Err(PyValueError::new_err(format!(
+            "{} ids for {n} vectors",
+            ids.len()
+        )));
+    }
+    Ok(ids)
+}
+
 /// A 1-d C-contiguous uint8 array (a serialized index).
 pub fn byte_array<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<PyReadonlyArray1<'py, u8>> {
     let arr = obj.cast::<PyArray1<u8>>().map_err(|_| {

@@ -145,11 +145,31 @@ impl AttentionRetriever {
         self.read().config().shape
     }
 
-    /// One step's queries as f32, shape-checked.
-    fn step_queries<'a>(&self, queries: &'a Floats<'_>) -> PyResult<std::borrow::Cow<'a, [f32]>> {
+    /// One decode step of `layer` for `queries` (shape-checked, as f32), run by `f` on the
+    /// retriever with the GIL released.
+    fn step<T: Send>(
+        &self,
+        py: Python<'_>,
+        layer: i64,
+        queries: &Bound<'_, PyAny>,
+        f: impl FnOnce(&RsRetriever, usize, &[f32]) -> pqcache::Result<T> + Send,
+    ) -> PyResult<T> {
+        let layer = count(layer, "layer")?;
+        let q = Floats::extract(queries, "queries")?;
         let s = self.shape();
-        one_token(queries, s.query_heads, s.head_dim, "queries")?;
-        Ok(queries.to_f32())
+        one_token(&q, s.query_heads, s.head_dim, "queries")?;
+        let q = q.to_f32();
+        py.detach(|| f(&self.read(), layer, &q)).py()
+    }
+
+    /// A step's output, `(query_heads, head_dim)`.
+    fn heads_matrix<'py>(
+        &self,
+        py: Python<'py>,
+        out: Vec<f32>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let s = self.shape();
+        matrix(py, out, s.query_heads, s.head_dim)
     }
 }
 
@@ -368,10 +388,7 @@ impl AttentionRetriever {
         layer: i64,
         queries: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyList>> {
-        let layer = count(layer, "layer")?;
-        let q = Floats::extract(queries, "queries")?;
-        let q = self.step_queries(&q)?;
-        let lists = py.detach(|| self.read().select(layer, &q)).py()?;
+        let lists = self.step(py, layer, queries, |r, l, q| r.select(l, q))?;
         positions_list(py, lists)
     }
 
@@ -382,10 +399,7 @@ impl AttentionRetriever {
         layer: i64,
         queries: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyList>> {
-        let layer = count(layer, "layer")?;
-        let q = Floats::extract(queries, "queries")?;
-        let q = self.step_queries(&q)?;
-        let lists = py.detach(|| self.read().select_oracle(layer, &q)).py()?;
+        let lists = self.step(py, layer, queries, |r, l, q| r.select_oracle(l, q))?;
         positions_list(py, lists)
     }
 
@@ -397,12 +411,8 @@ impl AttentionRetriever {
         layer: i64,
         queries: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let layer = count(layer, "layer")?;
-        let q = Floats::extract(queries, "queries")?;
-        let q = self.step_queries(&q)?;
-        let out = py.detach(|| self.read().attend(layer, &q)).py()?;
-        let s = self.shape();
-        matrix(py, out, s.query_heads, s.head_dim)
+        let out = self.step(py, layer, queries, |r, l, q| r.attend(l, q))?;
+        self.heads_matrix(py, out)
     }
 
     /// Dense attention over every cached position (the reference `attend` approximates).
@@ -412,12 +422,8 @@ impl AttentionRetriever {
         layer: i64,
         queries: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let layer = count(layer, "layer")?;
-        let q = Floats::extract(queries, "queries")?;
-        let q = self.step_queries(&q)?;
-        let out = py.detach(|| self.read().attend_all(layer, &q)).py()?;
-        let s = self.shape();
-        matrix(py, out, s.query_heads, s.head_dim)
+        let out = self.step(py, layer, queries, |r, l, q| r.attend_all(l, q))?;
+        self.heads_matrix(py, out)
     }
 
     /// Attention over given positions: `positions[kv_head]` a uint32 array (any order).
@@ -428,15 +434,11 @@ impl AttentionRetriever {
         queries: &Bound<'py, PyAny>,
         positions: Vec<PyReadonlyArray1<'py, u32>>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let layer = count(layer, "layer")?;
-        let q = Floats::extract(queries, "queries")?;
-        let q = self.step_queries(&q)?;
         let lists: Vec<Vec<u32>> = positions.iter().map(|p| p.as_array().to_vec()).collect();
-        let out = py
-            .detach(|| self.read().attend_positions(layer, &q, &lists))
-            .py()?;
-        let s = self.shape();
-        matrix(py, out, s.query_heads, s.head_dim)
+        let out = self.step(py, layer, queries, |r, l, q| {
+            r.attend_positions(l, q, &lists)
+        })?;
+        self.heads_matrix(py, out)
     }
 
     /// The plan of `layer`'s next step: `{"len", "sink", "window", "candidates", "k"}`

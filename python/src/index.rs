@@ -7,7 +7,7 @@
 //! borrows its numpy input, releases the GIL, then takes the lock: searches share it (two
 //! Python threads search in parallel), `train` / `add` / `remove_ids` / `reset` take it alone.
 
-use crate::arrays::{count, id_array, rows, search_arrays, Floats, SearchArrays};
+use crate::arrays::{count, id_array, ids_for, rows, search_arrays, Floats, SearchArrays};
 use crate::errors::IntoPy;
 use pqcache::index::flat::FlatStorage;
 use pqcache::io::file::{self, AnyIndex, IndexKind};
@@ -192,14 +192,8 @@ impl Index {
     ) -> PyResult<()> {
         let x = Floats::extract(x, "x")?;
         let n = rows(&x, self.dim(), "x")?;
-        let ids = id_array(ids, "ids")?;
+        let ids = ids_for(ids, n)?;
         let id_slice = ids.as_slice().expect("checked contiguous");
-        if id_slice.len() != n {
-            return Err(PyValueError::new_err(format!(
-                "{} ids for {n} vectors",
-                id_slice.len()
-            )));
-        }
         let x = x.to_f32();
         py.detach(|| match &mut *self.write() {
             AnyIndex::IvfPqFastScan(ivf) => Ok(ivf.add_with_ids(&x, id_slice)),

@@ -3,7 +3,7 @@
 //! operations made meanwhile are replayed onto the refreshed index before it is swapped in,
 //! so nothing added or removed is lost (`pqcache::StreamingIndex`).
 
-use crate::arrays::{count, id_array, rows, search_arrays, Floats, SearchArrays};
+use crate::arrays::{count, id_array, ids_for, rows, search_arrays, Floats, SearchArrays};
 use crate::errors::IntoPy;
 use crate::index::{drift_dict, Index, IndexIVFPQFastScan};
 use numpy::PyArray1;
@@ -94,14 +94,8 @@ impl StreamingIndex {
     ) -> PyResult<()> {
         let x = Floats::extract(x, "x")?;
         let n = rows(&x, self.d(), "x")?;
-        let ids = id_array(ids, "ids")?;
+        let ids = ids_for(ids, n)?;
         let id_slice = ids.as_slice().expect("checked contiguous");
-        if id_slice.len() != n {
-            return Err(PyValueError::new_err(format!(
-                "{} ids for {n} vectors",
-                id_slice.len()
-            )));
-        }
         let x = x.to_f32();
         py.detach(|| self.inner.add_with_ids(&x, id_slice)).py()
     }
