@@ -191,3 +191,37 @@ fn removing_ids_is_the_index_built_without_them() {
         }
     }
 }
+
+#[test]
+fn a_search_answers_the_same_on_one_thread_and_on_a_pool() {
+    // One query, or one group, on a pool of one runs on the calling thread (no hand-over to
+    // the pool); on a pool of two it is spread over chunks. Both give the same bits, for
+    // exact, PQ and fast-scan search, one query and a batch.
+    use pqcache::{IndexPQ, IndexPQFastScan, Nbits};
+    let d = 16;
+    let base = common::uniform(20_000, d, 77); // 3 chunks of 8,192 rows
+    let queries = common::uniform(12, d, 78);
+    let mut flat = IndexFlat::new(d, Metric::L2).unwrap();
+    flat.add(&base).unwrap();
+    let mut pq = IndexPQ::new(d, 4, Nbits::Eight, Metric::InnerProduct).unwrap();
+    pq.train(&base[..4000 * d]).unwrap();
+    pq.add(&base).unwrap();
+    let mut fs = IndexPQFastScan::new(d, 8, Metric::InnerProduct).unwrap();
+    fs.train(&base[..4000 * d]).unwrap();
+    fs.add(&base).unwrap();
+    let indexes: [&dyn Index; 3] = [&flat, &pq, &fs];
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            indexes
+                .iter()
+                .flat_map(|i| [1, 12].map(|nq| i.search(&queries[..nq * d], 10).unwrap()))
+                .map(|r| (r.ids, r.distances))
+                .collect::<Vec<_>>()
+        })
+    };
+    assert_eq!(run(1), run(2));
+}

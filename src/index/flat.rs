@@ -263,34 +263,23 @@ impl IndexFlat {
         let d = self.d;
         let k = &self.kernels;
         let metric = self.metric;
-        if !super::worth_parallel(out.len().div_ceil(ROW_CHUNK)) {
-            // The same chunks, on this thread.
-            for (c, o) in out.chunks_mut(ROW_CHUNK).enumerate() {
-                let rows = c * ROW_CHUNK * d..(c * ROW_CHUNK + o.len()) * d;
-                match (&self.storage, metric) {
-                    (FlatStorage::F32(v), Metric::InnerProduct) => k.dot_rows_f32(q, &v[rows], o),
-                    (FlatStorage::F32(v), Metric::L2) => k.l2sq_rows_f32(q, &v[rows], o),
-                    (FlatStorage::F16(v), Metric::InnerProduct) => k.dot_rows_f16(q, &v[rows], o),
-                    (FlatStorage::F16(v), Metric::L2) => k.l2sq_rows_f16(q, &v[rows], o),
-                }
+        // One score per stored row at most (a longer `out` keeps its tail).
+        let scored = out.len().min(self.ntotal());
+        let out = &mut out[..scored];
+        // Chunk `c` of ROW_CHUNK rows into its piece of `out`.
+        let score = |(c, o): (usize, &mut [f32])| {
+            let rows = c * ROW_CHUNK * d..(c * ROW_CHUNK + o.len()) * d;
+            match (&self.storage, metric) {
+                (FlatStorage::F32(v), Metric::InnerProduct) => k.dot_rows_f32(q, &v[rows], o),
+                (FlatStorage::F32(v), Metric::L2) => k.l2sq_rows_f32(q, &v[rows], o),
+                (FlatStorage::F16(v), Metric::InnerProduct) => k.dot_rows_f16(q, &v[rows], o),
+                (FlatStorage::F16(v), Metric::L2) => k.l2sq_rows_f16(q, &v[rows], o),
             }
-            return;
-        }
-        match &self.storage {
-            FlatStorage::F32(v) => out
-                .par_chunks_mut(ROW_CHUNK)
-                .zip(v.par_chunks(ROW_CHUNK * d))
-                .for_each(|(o, rows)| match metric {
-                    Metric::InnerProduct => k.dot_rows_f32(q, rows, o),
-                    Metric::L2 => k.l2sq_rows_f32(q, rows, o),
-                }),
-            FlatStorage::F16(v) => out
-                .par_chunks_mut(ROW_CHUNK)
-                .zip(v.par_chunks(ROW_CHUNK * d))
-                .for_each(|(o, rows)| match metric {
-                    Metric::InnerProduct => k.dot_rows_f16(q, rows, o),
-                    Metric::L2 => k.l2sq_rows_f16(q, rows, o),
-                }),
+        };
+        if super::worth_parallel(out.len().div_ceil(ROW_CHUNK)) {
+            out.par_chunks_mut(ROW_CHUNK).enumerate().for_each(score);
+        } else {
+            out.chunks_mut(ROW_CHUNK).enumerate().for_each(score);
         }
     }
 
