@@ -2,8 +2,8 @@
 //!
 //! Two strategies, chosen by [`select_topk`] from `k` and `n`:
 //!
-//! * **heap** (small k, the ANN case): a binary heap of the `k` best so far with the worst at
-//!   the root. Each new score is compared once with the root (the threshold) and rejected in
+//! * **heap** (small k, the ANN case): [`TopK`], a binary heap of the `k` best so far with the
+//!   worst at the root (a reservoir from 48 kept). Each new score is compared once with the root (the threshold) and rejected in
 //!   the common case, so the cost is `O(n + k log k log(n / k))`.
 //! * **quickselect** (large k, the attention case, k = 5-20 % of n): `select_nth_unstable` on
 //!   (score, position) pairs, then a sort of the `k` survivors: `O(n + k log k)`.
@@ -26,193 +26,178 @@ const HEAP_MIN_RATIO: usize = 32;
 /// Scores tested together against the heap threshold.
 const FILTER_BLOCK: usize = 16;
 
-/// `true` if (sa, ia) ranks before (sb, ib).
-#[inline(always)]
-fn better(sa: f32, ia: u32, sb: f32, ib: u32) -> bool {
-    match sa.total_cmp(&sb) {
-        Ordering::Greater => true,
-        Ordering::Less => false,
-        Ordering::Equal => ia < ib,
-    }
-}
-
 #[inline(always)]
 fn rank(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
     b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
 }
 
-/// A bounded heap keeping the `k` best (score, position) pairs seen so far.
+/// From this many kept candidates on (re-ranking pools, large k), [`TopK`] keeps a reservoir
+/// instead of a binary heap.
+const RESERVOIR_MIN: usize = 48;
+
+/// The best `cap` candidates offered so far; a candidate's `Ord` is its rank (**greater is
+/// better**, ties included: callers put the tie-break in the order, e.g. the smaller position).
+/// The one top-k type of the crate: fast-scan sums and float scores as packed `u64` keys
+/// ([`u16_key`], [`f32_key`]), IVF candidates as a struct.
+///
+/// Small `cap`: a binary min-heap, the worst kept candidate at the root, `O(log cap)` per
+/// entering offer. From `RESERVOIR_MIN` on: a reservoir of up to `2 * cap` candidates; when
+/// it fills, a selection keeps the best `cap` and the worst of them becomes the floor to beat
+/// (FAISS's reservoir result handler): `O(1)` amortised per offer.
 #[derive(Clone, Debug)]
-pub struct TopKHeap {
-    k: usize,
-    /// Binary heap, worst element at index 0.
-    heap: Vec<(f32, u32)>,
+pub struct TopK<T> {
+    cap: usize,
+    /// Heap mode: the min-heap. Reservoir mode: the unordered reservoir.
+    items: Vec<T>,
+    /// Reservoir mode: the worst kept candidate after the last compaction.
+    floor: Option<T>,
 }
 
-impl TopKHeap {
-    /// An empty heap for `k` elements.
-    pub fn new(k: usize) -> TopKHeap {
-        TopKHeap {
-            k,
-            heap: Vec::with_capacity(k),
+impl<T: Ord + Copy> TopK<T> {
+    /// An empty selection of at most `cap` candidates.
+    pub fn new(cap: usize) -> TopK<T> {
+        let room = if cap >= RESERVOIR_MIN { 2 * cap } else { cap };
+        TopK {
+            cap,
+            items: Vec::with_capacity(room),
+            floor: None,
         }
     }
 
-    /// The score an element must beat to enter, `-inf` while the heap is not full.
+    /// The number of candidates kept at most.
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    /// Whether it keeps a reservoir (`cap >= 48`) rather than a heap.
     #[inline(always)]
-    pub fn threshold(&self) -> f32 {
-        if self.heap.len() < self.k {
-            f32::NEG_INFINITY
+    pub fn is_reservoir(&self) -> bool {
+        self.cap >= RESERVOIR_MIN
+    }
+
+    /// The candidate an offer must beat, once there is one (only better candidates can still
+    /// enter; never for a capacity of 0, which takes nothing): the worst kept (heap), or the floor of the last compaction (reservoir).
+    #[inline(always)]
+    pub fn worst(&self) -> Option<T> {
+        if self.is_reservoir() {
+            self.floor
+        } else if self.items.len() >= self.cap {
+            self.items.first().copied()
         } else {
-            self.heap[0].0
+            None
         }
     }
 
-    /// Offers (score, position).
+    /// Offers a candidate.
     #[inline]
-    pub fn push(&mut self, score: f32, pos: u32) {
-        if self.heap.len() < self.k {
-            self.heap.push((score, pos));
-            self.sift_up(self.heap.len() - 1);
-        } else if self.k > 0 && better(score, pos, self.heap[0].0, self.heap[0].1) {
-            self.heap[0] = (score, pos);
-            self.sift_down(0);
-        }
-    }
-
-    fn sift_up(&mut self, mut i: usize) {
-        while i > 0 {
-            let parent = (i - 1) / 2;
-            let (c, p) = (self.heap[i], self.heap[parent]);
-            // The worse element goes up.
-            if better(p.0, p.1, c.0, c.1) {
-                self.heap.swap(i, parent);
-                i = parent;
-            } else {
-                break;
+    pub fn push(&mut self, x: T) {
+        if self.is_reservoir() {
+            if self.floor.is_some_and(|f| x <= f) {
+                return;
             }
-        }
-    }
-
-    fn sift_down(&mut self, mut i: usize) {
-        let n = self.heap.len();
-        loop {
-            let (l, r) = (2 * i + 1, 2 * i + 2);
-            let mut worst = i;
-            for c in [l, r] {
-                if c < n {
-                    let (a, b) = (self.heap[worst], self.heap[c]);
-                    if better(a.0, a.1, b.0, b.1) {
-                        worst = c;
-                    }
-                }
+            self.items.push(x);
+            if self.items.len() >= 2 * self.cap {
+                self.compact();
             }
-            if worst == i {
-                break;
-            }
-            self.heap.swap(i, worst);
-            i = worst;
+            return;
         }
-    }
-
-    /// The kept elements, best first.
-    pub fn into_sorted(mut self) -> Vec<(f32, u32)> {
-        self.heap.sort_unstable_by(rank);
-        self.heap
-    }
-}
-
-/// [`TopKHeap`] for u16 scores (fast-scan sums): each (score, position) packed into one u64
-/// key, `score << 32 | !position`, so that the larger key is the better pair (higher score,
-/// then smaller position) and the heap compares plain integers.
-#[derive(Clone, Debug)]
-pub struct TopKHeapU16 {
-    k: usize,
-    /// Min-heap of keys: the worst kept pair at index 0.
-    heap: Vec<u64>,
-}
-
-impl TopKHeapU16 {
-    /// An empty heap for `k` elements.
-    pub fn new(k: usize) -> TopKHeapU16 {
-        TopKHeapU16 {
-            k,
-            heap: Vec::with_capacity(k),
-        }
-    }
-
-    #[inline(always)]
-    fn key(score: u16, pos: u32) -> u64 {
-        (u64::from(score) << 32) | u64::from(!pos)
-    }
-
-    /// Whether `k` elements are kept.
-    #[inline(always)]
-    pub fn is_full(&self) -> bool {
-        self.heap.len() >= self.k
-    }
-
-    /// The score an element must beat to enter once the heap is full (the worst kept score;
-    /// an equal score with a larger position does not enter). Meaningless while not full.
-    #[inline(always)]
-    pub fn threshold(&self) -> u16 {
-        self.heap.first().map_or(0, |&key| (key >> 32) as u16)
-    }
-
-    /// Offers (score, position).
-    #[inline]
-    pub fn push(&mut self, score: u16, pos: u32) {
-        let key = Self::key(score, pos);
-        if self.heap.len() < self.k {
-            self.heap.push(key);
-            let mut i = self.heap.len() - 1;
+        let heap = &mut self.items;
+        if heap.len() < self.cap {
+            heap.push(x);
+            let mut i = heap.len() - 1;
             while i > 0 {
                 let parent = (i - 1) / 2;
-                if self.heap[parent] <= key {
+                if heap[parent] <= x {
                     break;
                 }
-                self.heap[i] = self.heap[parent];
+                heap[i] = heap[parent];
                 i = parent;
             }
-            self.heap[i] = key;
-        } else if self.k > 0 && key > self.heap[0] {
-            let n = self.heap.len();
+            heap[i] = x;
+        } else if self.cap > 0 && x > heap[0] {
+            let n = heap.len();
             let mut i = 0;
             loop {
                 let l = 2 * i + 1;
                 if l >= n {
                     break;
                 }
-                let c = if l + 1 < n && self.heap[l + 1] < self.heap[l] {
+                let c = if l + 1 < n && heap[l + 1] < heap[l] {
                     l + 1
                 } else {
                     l
                 };
-                if self.heap[c] >= key {
+                if heap[c] >= x {
                     break;
                 }
-                self.heap[i] = self.heap[c];
+                heap[i] = heap[c];
                 i = c;
             }
-            self.heap[i] = key;
+            heap[i] = x;
         }
     }
 
-    /// Offers every element of `other`.
-    pub fn merge(&mut self, other: TopKHeapU16) {
-        for key in other.heap {
-            self.push((key >> 32) as u16, !(key as u32));
+    /// Reservoir: keeps the best `cap`, the worst of them as the floor.
+    fn compact(&mut self) {
+        if self.items.len() > self.cap {
+            self.items
+                .select_nth_unstable_by(self.cap - 1, |a, b| b.cmp(a));
+            self.items.truncate(self.cap);
+        }
+        if self.items.len() == self.cap {
+            self.floor = self.items.iter().min().copied();
         }
     }
 
-    /// The kept (score, position) pairs, best first.
-    pub fn into_sorted(mut self) -> Vec<(u16, u32)> {
-        self.heap.sort_unstable_by(|a, b| b.cmp(a));
-        self.heap
-            .into_iter()
-            .map(|key| ((key >> 32) as u16, !(key as u32)))
-            .collect()
+    /// Offers every candidate of `other`.
+    pub fn merge(&mut self, other: TopK<T>) {
+        for x in other.items {
+            self.push(x);
+        }
     }
+
+    /// The kept candidates, best first.
+    pub fn into_sorted(mut self) -> Vec<T> {
+        if self.is_reservoir() {
+            self.compact();
+        }
+        self.items.sort_unstable_by(|a, b| b.cmp(a));
+        self.items
+    }
+}
+
+/// A fast-scan (u16 sum, position) as a [`TopK`] key: `score << 32 | !position`, so that the
+/// greater key is the better pair (higher score, then smaller position).
+#[inline(always)]
+pub fn u16_key(score: u16, pos: u32) -> u64 {
+    (u64::from(score) << 32) | u64::from(!pos)
+}
+
+/// The (score, position) of a [`u16_key`].
+#[inline(always)]
+pub fn from_u16_key(key: u64) -> (u16, u32) {
+    ((key >> 32) as u16, !(key as u32))
+}
+
+/// A float (score, position) as a [`TopK`] key, ordered as `f32::total_cmp` then the smaller
+/// position: the score's bits mapped to an unsigned integer of the same total order.
+#[inline(always)]
+pub fn f32_key(score: f32, pos: u32) -> u64 {
+    let b = score.to_bits();
+    let ordered = if b >> 31 == 1 { !b } else { b | 0x8000_0000 };
+    (u64::from(ordered) << 32) | u64::from(!pos)
+}
+
+/// The (score, position) of an [`f32_key`] (bit-exact: NaN payloads and -0.0 survive).
+#[inline(always)]
+pub fn from_f32_key(key: u64) -> (f32, u32) {
+    let ordered = (key >> 32) as u32;
+    let b = if ordered >> 31 == 1 {
+        ordered & 0x7fff_ffff
+    } else {
+        !ordered
+    };
+    (f32::from_bits(b), !(key as u32))
 }
 
 /// The `k` best (score, position) pairs of `scores`, best first. `k` is clamped to `n`.
@@ -223,11 +208,15 @@ pub fn select_topk(scores: &[f32], k: usize) -> Vec<(f32, u32)> {
         return Vec::new();
     }
     if n / k >= HEAP_MIN_RATIO {
-        let mut heap = TopKHeap::new(k);
+        let mut heap = TopK::new(k);
         for (i, &s) in scores[..k].iter().enumerate() {
-            heap.push(s, i as u32);
+            heap.push(f32_key(s, i as u32));
         }
-        let mut threshold = heap.threshold();
+        let threshold_of = |heap: &TopK<u64>| {
+            heap.worst()
+                .map_or(f32::NEG_INFINITY, |w| from_f32_key(w).0)
+        };
+        let mut threshold = threshold_of(&heap);
         // Blocks of 16 are first tested as a whole against the threshold (a branch-free fold
         // that the compiler vectorises); in the common case the whole block is rejected.
         // Positions ascend, so an equal score never displaces the root: `>` suffices.
@@ -238,8 +227,8 @@ pub fn select_topk(scores: &[f32], k: usize) -> Vec<(f32, u32)> {
             if block.iter().fold(false, |any, &s| any | (s > threshold)) {
                 for (j, &s) in block.iter().enumerate() {
                     if s > threshold {
-                        heap.push(s, (base + j) as u32);
-                        threshold = heap.threshold();
+                        heap.push(f32_key(s, (base + j) as u32));
+                        threshold = threshold_of(&heap);
                     }
                 }
             }
@@ -247,11 +236,11 @@ pub fn select_topk(scores: &[f32], k: usize) -> Vec<(f32, u32)> {
         }
         for (j, &s) in blocks.remainder().iter().enumerate() {
             if s > threshold {
-                heap.push(s, (base + j) as u32);
-                threshold = heap.threshold();
+                heap.push(f32_key(s, (base + j) as u32));
+                threshold = threshold_of(&heap);
             }
         }
-        heap.into_sorted()
+        heap.into_sorted().into_iter().map(from_f32_key).collect()
     } else {
         let mut all: Vec<(f32, u32)> = scores
             .iter()
@@ -585,11 +574,43 @@ mod tests {
 
     #[test]
     fn heap_handles_any_order_of_positions() {
-        let mut h = TopKHeap::new(3);
+        let mut h = TopK::new(3);
         for (s, p) in [(1.0, 9), (1.0, 2), (5.0, 7), (1.0, 0), (0.5, 1)] {
-            h.push(s, p);
+            h.push(f32_key(s, p));
         }
-        assert_eq!(h.into_sorted(), vec![(5.0, 7), (1.0, 0), (1.0, 2)]);
+        let got: Vec<(f32, u32)> = h.into_sorted().into_iter().map(from_f32_key).collect();
+        assert_eq!(got, vec![(5.0, 7), (1.0, 0), (1.0, 2)]);
+    }
+
+    #[test]
+    fn f32_keys_order_as_total_cmp_and_decode_bit_exact() {
+        let vals = [
+            f32::NEG_INFINITY,
+            -3.5,
+            -1e-30,
+            -0.0,
+            0.0,
+            1e-38,
+            2.0,
+            f32::MAX,
+            f32::INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7fc0_0001),
+        ];
+        for &a in &vals {
+            for &b in &vals {
+                assert_eq!(
+                    f32_key(a, 0).cmp(&f32_key(b, 0)),
+                    a.total_cmp(&b),
+                    "{a} {b}"
+                );
+            }
+            let (back, p) = from_f32_key(f32_key(a, 77));
+            assert_eq!((back.to_bits(), p), (a.to_bits(), 77));
+        }
+        // Equal scores: the smaller position is the greater (better) key.
+        assert!(f32_key(1.0, 3) > f32_key(1.0, 4));
     }
 
     fn naive_u16(scores: &[u16], n_valid: usize, k: usize) -> Vec<(u16, u32)> {
@@ -609,23 +630,30 @@ mod tests {
         for n in [0usize, 1, 5, 64, 1000] {
             // Few distinct values: ties everywhere, the smaller position must win.
             let scores: Vec<u16> = (0..n).map(|_| rng.random_range(60_000..60_008)).collect();
-            for k in [1usize, 3, 10, 100] {
+            for k in [1usize, 3, 10, 47, 48, 100, 600] {
                 let want = naive_u16(&scores, n, k);
                 // Shuffled offers, split over three heaps merged at the end.
                 let mut order: Vec<usize> = (0..n).collect();
                 for i in (1..n).rev() {
                     order.swap(i, rng.random_range(0..=i));
                 }
-                let mut heaps = vec![TopKHeapU16::new(k); 3];
+                let mut heaps = vec![TopK::new(k); 3];
                 for (j, &i) in order.iter().enumerate() {
-                    heaps[j % 3].push(scores[i], i as u32);
+                    heaps[j % 3].push(u16_key(scores[i], i as u32));
                 }
                 let mut all = heaps.pop().unwrap();
                 for h in heaps {
                     all.merge(h);
                 }
-                assert_eq!(all.is_full(), n >= k, "n {n} k {k}");
-                assert_eq!(all.into_sorted(), want, "n {n} k {k}");
+                // A heap is full at cap offers; a reservoir once it compacted (2 * cap).
+                if k < RESERVOIR_MIN {
+                    assert_eq!(all.worst().is_some(), n >= k, "n {n} k {k}");
+                } else {
+                    assert!(!all.worst().is_some() || n >= 2 * k, "n {n} k {k}");
+                }
+                let got: Vec<(u16, u32)> =
+                    all.into_sorted().into_iter().map(from_u16_key).collect();
+                assert_eq!(got, want, "n {n} k {k}");
             }
         }
     }

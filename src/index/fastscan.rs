@@ -28,7 +28,9 @@ use crate::pq::lut::QuantizedLut;
 use crate::pq::pack::PackedCodes;
 use crate::pq::{Nbits, ProductQuantizer};
 use crate::result::SearchResult;
-use crate::select::{select_sorted, select_topk_u16_segments, sort_u16_desc_stable, TopKHeapU16};
+use crate::select::{
+    from_u16_key, select_sorted, select_topk_u16_segments, sort_u16_desc_stable, u16_key, TopK,
+};
 use pqcache_simd::distance::DistanceKernels;
 use pqcache_simd::fastscan::{FastScanKernel, BBS, MAX_QBS};
 use pqcache_simd::Level;
@@ -310,7 +312,7 @@ impl IndexPQFastScan {
             let heaps = if rayon::current_num_threads() == 1 {
                 // One thread: chunks in order with no fork-join, growing once the heaps have
                 // settled (their thresholds then move little from one chunk to the next).
-                let mut state = (vec![TopKHeapU16::new(c); nq], Vec::new(), Vec::new());
+                let mut state = (vec![TopK::new(c); nq], Vec::new(), Vec::new());
                 let nblocks = self.codes.nblocks();
                 let (mut b0, mut step) = (0, CHUNK_BLOCKS);
                 while b0 < nblocks {
@@ -327,7 +329,7 @@ impl IndexPQFastScan {
                     .par_chunks(CHUNK_BLOCKS * bb)
                     .enumerate()
                     .fold(
-                        || (vec![TopKHeapU16::new(c); nq], Vec::new(), Vec::new()),
+                        || (vec![TopK::new(c); nq], Vec::new(), Vec::new()),
                         |mut state, (ci, chunk)| {
                             self.scan_into_heaps(
                                 &mut state,
@@ -340,7 +342,7 @@ impl IndexPQFastScan {
                     )
                     .map(|(heaps, _, _)| heaps)
                     .reduce(
-                        || vec![TopKHeapU16::new(c); nq],
+                        || vec![TopK::new(c); nq],
                         |mut a, b| {
                             for (x, y) in a.iter_mut().zip(b) {
                                 x.merge(y);
@@ -349,7 +351,10 @@ impl IndexPQFastScan {
                         },
                     )
             };
-            heaps.into_iter().map(TopKHeapU16::into_sorted).collect()
+            heaps
+                .into_iter()
+                .map(|h| h.into_sorted().into_iter().map(from_u16_key).collect())
+                .collect()
         } else {
             let floors = self.sample_floors(&bytes, nq, c);
             let found = self.collect_above_floors(&bytes, nq, &floors);
@@ -374,7 +379,7 @@ impl IndexPQFastScan {
     /// score while it is not full). `state`: the heaps and two reusable buffers.
     fn scan_into_heaps(
         &self,
-        state: &mut (Vec<TopKHeapU16>, Vec<u16>, Vec<u32>),
+        state: &mut (Vec<TopK<u64>>, Vec<u16>, Vec<u32>),
         chunk: &[u8],
         base: usize,
         bytes: &[u8],
@@ -391,8 +396,8 @@ impl IndexPQFastScan {
         masks.resize(nq * nb, 0u32);
         let mut thresholds = [0u16; MAX_QBS];
         for (t, h) in thresholds.iter_mut().zip(heaps.iter()) {
-            if h.is_full() {
-                *t = h.threshold();
+            if let Some(worst) = h.worst() {
+                *t = from_u16_key(worst).0;
             }
         }
         self.scan
@@ -590,20 +595,19 @@ fn select_above_floor(found: &[(u16, u32)], c: usize, floor: u16) -> Option<Vec<
 /// as it stood before the chunk; the threshold only rises, so the masks are conservative and
 /// each marked score is checked again. A tie never enters: positions ascend within a task and
 /// the smaller position wins. While the heap is not full, every score is offered.
-fn push_masked(heap: &mut TopKHeapU16, scores: &[u16], masks: &[u32], base: usize, n: usize) {
+fn push_masked(heap: &mut TopK<u64>, scores: &[u16], masks: &[u32], base: usize, n: usize) {
     let valid = scores.len().min(n.saturating_sub(base));
-    if !heap.is_full() {
+    let Some(mut worst) = heap.worst() else {
         for (i, &s) in scores[..valid].iter().enumerate() {
-            if !heap.is_full() || s > heap.threshold() {
-                heap.push(s, (base + i) as u32);
-            }
+            heap.push(u16_key(s, (base + i) as u32));
         }
         return;
-    }
+    };
     for_each_marked(masks, valid, |i| {
-        let s = scores[i];
-        if s > heap.threshold() {
-            heap.push(s, (base + i) as u32);
+        let key = u16_key(scores[i], (base + i) as u32);
+        if key > worst {
+            heap.push(key);
+            worst = heap.worst().unwrap_or(worst);
         }
     });
 }

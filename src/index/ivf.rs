@@ -39,6 +39,7 @@ use crate::pq::lut::QuantizedLut;
 use crate::pq::pack::PackedCodes;
 use crate::pq::{Nbits, ProductQuantizer};
 use crate::result::SearchResult;
+use crate::select::TopK;
 use pqcache_simd::distance::DistanceKernels;
 use pqcache_simd::fastscan::{FastScanKernel, BBS, MAX_QBS};
 use pqcache_simd::Level;
@@ -47,7 +48,7 @@ use rand::seq::index::sample;
 use rand::SeedableRng;
 use rayon::prelude::*;
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 /// Blocks scanned per kernel call.
@@ -217,25 +218,12 @@ struct Cand {
     offset: u32,
 }
 
-impl Cand {
-    /// `true` if `self` ranks before `other` (higher score, then smaller id).
-    #[inline(always)]
-    fn beats(&self, other: &Cand) -> bool {
-        match self.score.total_cmp(&other.score) {
-            Ordering::Greater => true,
-            Ordering::Less => false,
-            Ordering::Equal => self.id < other.id,
-        }
-    }
-}
-
-// In the max-heap, the *worst* candidate is the greatest.
+// The rank order of [`TopK`]: greater is better (higher score, then smaller id).
 impl Ord for Cand {
     fn cmp(&self, other: &Self) -> Ordering {
-        other
-            .score
-            .total_cmp(&self.score)
-            .then(self.id.cmp(&other.id))
+        self.score
+            .total_cmp(&other.score)
+            .then(other.id.cmp(&self.id))
     }
 }
 impl PartialOrd for Cand {
@@ -249,98 +237,6 @@ impl PartialEq for Cand {
     }
 }
 impl Eq for Cand {}
-
-/// From this many kept candidates on (re-ranking pools, large k), [`CandHeap`] keeps a
-/// reservoir instead of a binary heap.
-const RESERVOIR_MIN: usize = 48;
-
-/// The best `cap` candidates seen so far (order: higher score, then smaller id).
-///
-/// Small `cap`: a binary heap with the worst on top. Large `cap`: a reservoir of up to
-/// `2 * cap` candidates; when it fills, a selection keeps the best `cap` and the worst of
-/// them becomes the threshold to beat (FAISS's reservoir handler): `O(1)` amortised per
-/// offer instead of `O(log cap)`.
-struct CandHeap {
-    cap: usize,
-    heap: BinaryHeap<Cand>,
-    reservoir: Vec<Cand>,
-    /// Reservoir mode: the worst kept candidate after the last compaction.
-    floor: Option<Cand>,
-}
-
-impl CandHeap {
-    fn new(cap: usize) -> CandHeap {
-        let reservoir = cap >= RESERVOIR_MIN;
-        CandHeap {
-            cap,
-            heap: BinaryHeap::with_capacity(if reservoir { 0 } else { cap + 1 }),
-            reservoir: Vec::with_capacity(if reservoir { 2 * cap } else { 0 }),
-            floor: None,
-        }
-    }
-    fn is_reservoir(&self) -> bool {
-        self.cap >= RESERVOIR_MIN
-    }
-    /// Whether [`CandHeap::threshold`] is finite (only better candidates can still enter).
-    fn is_full(&self) -> bool {
-        if self.is_reservoir() {
-            self.floor.is_some()
-        } else {
-            self.heap.len() >= self.cap
-        }
-    }
-    /// The score an entering candidate must reach (ties are decided by id).
-    fn threshold(&self) -> f32 {
-        if self.is_reservoir() {
-            self.floor.map_or(f32::NEG_INFINITY, |c| c.score)
-        } else {
-            self.heap.peek().map_or(f32::NEG_INFINITY, |c| c.score)
-        }
-    }
-    #[inline]
-    fn push(&mut self, c: Cand) {
-        if self.is_reservoir() {
-            if self.floor.is_some_and(|f| !c.beats(&f)) {
-                return;
-            }
-            self.reservoir.push(c);
-            if self.reservoir.len() >= 2 * self.cap {
-                self.compact();
-            }
-        } else if self.heap.len() < self.cap {
-            self.heap.push(c);
-        } else if let Some(mut top) = self.heap.peek_mut() {
-            if c.beats(&top) {
-                *top = c;
-            }
-        }
-    }
-    /// Reservoir: keeps the best `cap` (best first in `Ord`), the last of them as the floor.
-    fn compact(&mut self) {
-        if self.reservoir.len() > self.cap {
-            self.reservoir.select_nth_unstable(self.cap - 1);
-            self.reservoir.truncate(self.cap);
-        }
-        if self.reservoir.len() == self.cap {
-            self.floor = self.reservoir.iter().max().copied();
-        }
-    }
-    fn merge(mut self, other: CandHeap) -> CandHeap {
-        for c in other.heap.into_iter().chain(other.reservoir) {
-            self.push(c);
-        }
-        self
-    }
-    fn into_sorted(mut self) -> Vec<Cand> {
-        if self.is_reservoir() {
-            self.compact();
-            self.reservoir.sort_unstable();
-            return self.reservoir;
-        }
-        // Ascending in `Ord` = best first.
-        self.heap.into_sorted_vec()
-    }
-}
 
 /// Quantization-error statistics behind [`IndexIVFPQFastScan::drift`].
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -870,7 +766,7 @@ impl IndexIVFPQFastScan {
         &self,
         l: usize,
         tables: &[(&QuantizedLut, f32)],
-        heaps: &mut [CandHeap],
+        heaps: &mut [TopK<Cand>],
         members: &[usize],
         scratch: &mut ScanScratch,
     ) {
@@ -893,8 +789,8 @@ impl IndexIVFPQFastScan {
             let mut thresholds = [0u16; MAX_QBS];
             for (j, ((lut, bias), &h)) in tables.iter().zip(members).enumerate() {
                 let heap = &heaps[h];
-                if heap.is_full() {
-                    let x = (heap.threshold() - bias - lut.bias) / lut.delta;
+                if let Some(worst) = heap.worst() {
+                    let x = (worst.score - bias - lut.bias) / lut.delta;
                     floors[j] = (x >= 2.0).then(|| (x.floor() as f64 - 1.0).min(65_535.0) as u16);
                 }
                 thresholds[j] = floors[j].unwrap_or(0);
@@ -917,9 +813,12 @@ impl IndexIVFPQFastScan {
                 // A heap that is not full (the first lists of a query) took every score from
                 // the kernel: the chunk's own cap-th best live sum bounds what can enter.
                 let cut = match floors[j] {
-                    None if !heap.is_reservoir() => {
-                        chunk_floor(&mut scratch.live, sums, &ids[base..base + valid], heap.cap)
-                    }
+                    None if !heap.is_reservoir() => chunk_floor(
+                        &mut scratch.live,
+                        sums,
+                        &ids[base..base + valid],
+                        heap.cap(),
+                    ),
                     _ => None,
                 };
                 let mut offer = |i: usize| {
@@ -971,7 +870,7 @@ impl IndexIVFPQFastScan {
         let probes = self.coarse.probe(&self.kernels, q, self.nprobe);
         let c = self.pool_size(k);
         let prep = self.prepare(q);
-        let scan_probe = |heaps: &mut [CandHeap],
+        let scan_probe = |heaps: &mut [TopK<Cand>],
                           scratch: &mut (ScanScratch, LutSlot),
                           &(coarse, l): &(f32, u32)| {
             let l = l as usize;
@@ -986,16 +885,22 @@ impl IndexIVFPQFastScan {
             probes
                 .par_iter()
                 .fold(
-                    || ([CandHeap::new(c)], Default::default()),
+                    || ([TopK::new(c)], Default::default()),
                     |(mut heaps, mut scratch), p| {
                         scan_probe(&mut heaps, &mut scratch, p);
                         (heaps, scratch)
                     },
                 )
                 .map(|([h], _)| h)
-                .reduce(|| CandHeap::new(c), CandHeap::merge)
+                .reduce(
+                    || TopK::new(c),
+                    |mut a, b| {
+                        a.merge(b);
+                        a
+                    },
+                )
         } else {
-            let mut heaps = [CandHeap::new(c)];
+            let mut heaps = [TopK::new(c)];
             let mut scratch = Default::default();
             for p in &probes {
                 scan_probe(&mut heaps, &mut scratch, p);
@@ -1042,7 +947,7 @@ impl IndexIVFPQFastScan {
                     }
                 }
                 touched.sort_unstable();
-                let mut heaps: Vec<CandHeap> = qs.iter().map(|_| CandHeap::new(c)).collect();
+                let mut heaps: Vec<TopK<Cand>> = qs.iter().map(|_| TopK::new(c)).collect();
                 let mut scratch = ScanScratch::default();
                 let mut slots: Vec<LutSlot> = (0..MAX_QBS).map(|_| LutSlot::default()).collect();
                 let mut members = Vec::with_capacity(MAX_QBS);
