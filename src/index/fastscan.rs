@@ -20,7 +20,8 @@
 //! originals if kept.
 
 use super::flat::FlatStorage;
-use super::{check_k, check_vectors, for_each_marked, Index};
+use super::scan::{Chunking, FloorHandler, HeapHandler, RowsHandler, Scan, ScanScratch};
+use super::{check_k, check_vectors, Index};
 use crate::error::{Error, Result};
 use crate::kmeans::KMeansConfig;
 use crate::metric::Metric;
@@ -29,7 +30,7 @@ use crate::pq::pack::PackedCodes;
 use crate::pq::{Nbits, ProductQuantizer};
 use crate::result::SearchResult;
 use crate::select::{
-    from_u16_key, select_sorted, select_topk_u16_segments, sort_u16_desc_stable, u16_key, TopK,
+    from_u16_key, select_sorted, select_topk_u16_segments, sort_u16_desc_stable, TopK,
 };
 use pqcache_simd::distance::DistanceKernels;
 use pqcache_simd::fastscan::{FastScanKernel, BBS, MAX_QBS};
@@ -260,17 +261,21 @@ impl IndexPQFastScan {
                     pieces[c].push(piece);
                 }
             }
+            let scan = self.scan_of(&bytes, gq);
             pieces
                 .into_par_iter()
                 .zip(self.codes.data().par_chunks(CHUNK_BLOCKS * bb))
-                .for_each_init(Vec::new, |buf, (mut dst, chunk)| {
-                    let nb = chunk.len() / bb;
-                    buf.resize(gq * nb * BBS, 0u16);
-                    self.scan.accumulate_scores(chunk, nb, m2, &bytes, gq, buf);
-                    for (q, piece) in dst.iter_mut().enumerate() {
-                        let len = piece.len();
-                        piece.copy_from_slice(&buf[q * nb * BBS..q * nb * BBS + len]);
-                    }
+                .enumerate()
+                .for_each_init(ScanScratch::default, |scratch, (ci, (mut rows, chunk))| {
+                    let base = ci * CHUNK_BLOCKS * BBS;
+                    let mut rows = RowsHandler { rows: &mut rows };
+                    scan.blocks(
+                        chunk,
+                        base,
+                        Chunking::fixed(CHUNK_BLOCKS),
+                        scratch,
+                        &mut rows,
+                    );
                 });
             tables.extend(luts);
         }
@@ -309,38 +314,46 @@ impl IndexPQFastScan {
         let (bb, nq) = (self.codes.block_bytes(), luts.len());
         let bytes = concat_tables(luts);
         if c * 32 <= n {
+            let scan = self.scan_of(&bytes, nq);
             let heaps = if rayon::current_num_threads() == 1 {
                 // One thread: chunks in order with no fork-join, growing once the heaps have
                 // settled (their thresholds then move little from one chunk to the next).
-                let mut state = (vec![TopK::new(c); nq], Vec::new(), Vec::new());
-                let nblocks = self.codes.nblocks();
-                let (mut b0, mut step) = (0, CHUNK_BLOCKS);
-                while b0 < nblocks {
-                    let nb = step.min(nblocks - b0);
-                    let chunk = &self.codes.data()[b0 * bb..(b0 + nb) * bb];
-                    self.scan_into_heaps(&mut state, chunk, b0 * BBS, &bytes);
-                    b0 += nb;
-                    step = (step * 2).min(SEQUENTIAL_CHUNK_BLOCKS);
-                }
-                state.0
+                let mut heaps = vec![TopK::new(c); nq];
+                let chunking = Chunking {
+                    first: CHUNK_BLOCKS,
+                    max: SEQUENTIAL_CHUNK_BLOCKS,
+                };
+                let mut handler = HeapHandler {
+                    heaps: &mut heaps,
+                    n,
+                };
+                scan.blocks(
+                    self.codes.data(),
+                    0,
+                    chunking,
+                    &mut ScanScratch::default(),
+                    &mut handler,
+                );
+                heaps
             } else {
                 self.codes
                     .data()
                     .par_chunks(CHUNK_BLOCKS * bb)
                     .enumerate()
                     .fold(
-                        || (vec![TopK::new(c); nq], Vec::new(), Vec::new()),
-                        |mut state, (ci, chunk)| {
-                            self.scan_into_heaps(
-                                &mut state,
-                                chunk,
-                                ci * CHUNK_BLOCKS * BBS,
-                                &bytes,
-                            );
-                            state
+                        || (vec![TopK::new(c); nq], ScanScratch::default()),
+                        |(mut heaps, mut scratch), (ci, chunk)| {
+                            let mut handler = HeapHandler {
+                                heaps: &mut heaps,
+                                n,
+                            };
+                            let (base, chunking) =
+                                (ci * CHUNK_BLOCKS * BBS, Chunking::fixed(CHUNK_BLOCKS));
+                            scan.blocks(chunk, base, chunking, &mut scratch, &mut handler);
+                            (heaps, scratch)
                         },
                     )
-                    .map(|(heaps, _, _)| heaps)
+                    .map(|(heaps, _)| heaps)
                     .reduce(
                         || vec![TopK::new(c); nq],
                         |mut a, b| {
@@ -371,40 +384,6 @@ impl IndexPQFastScan {
                     select_topk_u16_segments(&self.scan, &segs, CHUNK_BLOCKS * BBS, n, c)
                 })
                 .collect()
-        }
-    }
-
-    /// Scores the blocks of `chunk` (vector `base` first) for every query of a group and
-    /// offers each heap the scores above its threshold as it stood before the chunk (every
-    /// score while it is not full). `state`: the heaps and two reusable buffers.
-    fn scan_into_heaps(
-        &self,
-        state: &mut (Vec<TopK<u64>>, Vec<u16>, Vec<u32>),
-        chunk: &[u8],
-        base: usize,
-        bytes: &[u8],
-    ) {
-        let (heaps, buf, masks) = state;
-        let (bb, m2, nq, n) = (
-            self.codes.block_bytes(),
-            self.codes.m2(),
-            heaps.len(),
-            self.ntotal(),
-        );
-        let nb = chunk.len() / bb;
-        buf.resize(nq * nb * BBS, 0u16);
-        masks.resize(nq * nb, 0u32);
-        let mut thresholds = [0u16; MAX_QBS];
-        for (t, h) in thresholds.iter_mut().zip(heaps.iter()) {
-            if let Some(worst) = h.worst() {
-                *t = from_u16_key(worst).0;
-            }
-        }
-        self.scan
-            .accumulate(chunk, nb, m2, bytes, nq, &thresholds[..nq], buf, masks);
-        for (q, heap) in heaps.iter_mut().enumerate() {
-            let scores = &buf[q * nb * BBS..(q + 1) * nb * BBS];
-            push_masked(heap, scores, &masks[q * nb..(q + 1) * nb], base, n);
         }
     }
 
@@ -445,21 +424,26 @@ impl IndexPQFastScan {
         nq: usize,
         floors: &[u16; MAX_QBS],
     ) -> Vec<Vec<(u16, u32)>> {
-        let bb = self.codes.block_bytes();
+        let (bb, n) = (self.codes.block_bytes(), self.ntotal());
+        let scan = self.scan_of(bytes, nq);
+        let floors = &floors[..nq];
         if rayon::current_num_threads() == 1 {
             // One thread: chunks in order, straight into one list per query (no per-chunk
             // lists to allocate and concatenate).
             let mut found: Vec<Vec<(u16, u32)>> = vec![Vec::new(); nq];
-            let mut scratch = (Vec::new(), Vec::new());
-            for (ci, chunk) in self
-                .codes
-                .data()
-                .chunks(SEQUENTIAL_CHUNK_BLOCKS * bb)
-                .enumerate()
-            {
-                let base = ci * SEQUENTIAL_CHUNK_BLOCKS * BBS;
-                self.scan_above_floors(&mut scratch, chunk, base, bytes, floors, &mut found);
-            }
+            let mut handler = FloorHandler {
+                floors,
+                found: &mut found,
+                n,
+            };
+            let chunking = Chunking::fixed(SEQUENTIAL_CHUNK_BLOCKS);
+            scan.blocks(
+                self.codes.data(),
+                0,
+                chunking,
+                &mut ScanScratch::default(),
+                &mut handler,
+            );
             return found;
         }
         let per_chunk: Vec<Vec<Vec<(u16, u32)>>> = self
@@ -467,15 +451,17 @@ impl IndexPQFastScan {
             .data()
             .par_chunks(CHUNK_BLOCKS * bb)
             .enumerate()
-            .map_init(
-                || (Vec::new(), Vec::new()),
-                |scratch, (ci, chunk)| {
-                    let mut found = vec![Vec::new(); nq];
-                    let base = ci * CHUNK_BLOCKS * BBS;
-                    self.scan_above_floors(scratch, chunk, base, bytes, floors, &mut found);
-                    found
-                },
-            )
+            .map_init(ScanScratch::default, |scratch, (ci, chunk)| {
+                let mut found = vec![Vec::new(); nq];
+                let mut handler = FloorHandler {
+                    floors,
+                    found: &mut found,
+                    n,
+                };
+                let (base, chunking) = (ci * CHUNK_BLOCKS * BBS, Chunking::fixed(CHUNK_BLOCKS));
+                scan.blocks(chunk, base, chunking, scratch, &mut handler);
+                found
+            })
             .collect();
         (0..nq)
             .map(|q| {
@@ -489,39 +475,14 @@ impl IndexPQFastScan {
             .collect()
     }
 
-    /// Scores the blocks of `chunk` (vector `base` first) for the group's tables and appends
-    /// to `found[q]` every (score, position) above `floors[q]`, in position order.
-    /// `scratch`: reusable score and mask buffers.
-    fn scan_above_floors(
-        &self,
-        (buf, masks): &mut (Vec<u16>, Vec<u32>),
-        chunk: &[u8],
-        base: usize,
-        bytes: &[u8],
-        floors: &[u16; MAX_QBS],
-        found: &mut [Vec<(u16, u32)>],
-    ) {
-        let (n, bb, m2, nq) = (
-            self.ntotal(),
-            self.codes.block_bytes(),
-            self.codes.m2(),
-            found.len(),
-        );
-        let nb = chunk.len() / bb;
-        buf.resize(nq * nb * BBS, 0u16);
-        masks.resize(nq * nb, 0u32);
-        self.scan
-            .accumulate(chunk, nb, m2, bytes, nq, &floors[..nq], buf, masks);
-        let valid = n.saturating_sub(base);
-        for (q, out) in found.iter_mut().enumerate() {
-            let (scores, marks) = (
-                &buf[q * nb * BBS..(q + 1) * nb * BBS],
-                &masks[q * nb..(q + 1) * nb],
-            );
-            out.reserve(marks.iter().map(|m| m.count_ones() as usize).sum());
-            for_each_marked(marks, valid, |i| {
-                out.push((scores[i], (base + i) as u32));
-            });
+    /// The group's tables bound to this index's kernel and code layout.
+    fn scan_of<'a>(&'a self, tables: &'a [u8], nq: usize) -> Scan<'a> {
+        Scan {
+            kernel: &self.scan,
+            block_bytes: self.codes.block_bytes(),
+            m2: self.codes.m2(),
+            tables,
+            nq,
         }
     }
 
@@ -588,28 +549,6 @@ fn select_above_floor(found: &[(u16, u32)], c: usize, floor: u16) -> Option<Vec<
     let mut sorted = sort_u16_desc_stable(found, floor);
     sorted.truncate(c);
     Some(sorted)
-}
-
-/// Offers the scores of one chunk (positions from `base`) to `heap`, skipping padded
-/// positions `>= n`. `masks` (one per block of 32) mark the scores above the heap's threshold
-/// as it stood before the chunk; the threshold only rises, so the masks are conservative and
-/// each marked score is checked again. A tie never enters: positions ascend within a task and
-/// the smaller position wins. While the heap is not full, every score is offered.
-fn push_masked(heap: &mut TopK<u64>, scores: &[u16], masks: &[u32], base: usize, n: usize) {
-    let valid = scores.len().min(n.saturating_sub(base));
-    let Some(mut worst) = heap.worst() else {
-        for (i, &s) in scores[..valid].iter().enumerate() {
-            heap.push(u16_key(s, (base + i) as u32));
-        }
-        return;
-    };
-    for_each_marked(masks, valid, |i| {
-        let key = u16_key(scores[i], (base + i) as u32);
-        if key > worst {
-            heap.push(key);
-            worst = heap.worst().unwrap_or(worst);
-        }
-    });
 }
 
 impl Index for IndexPQFastScan {

@@ -29,6 +29,7 @@
 
 use super::fastscan::RerankStorage;
 use super::flat::FlatStorage;
+use super::scan::{self, of_query, Chunking, Scan, ScanHandler};
 use super::{check_k, check_vectors, for_each_marked, Index};
 use crate::buf::Buf;
 use crate::error::{Error, Result};
@@ -194,10 +195,9 @@ enum QueryPrep {
 
 /// Buffers reused across list scans.
 #[derive(Default)]
-struct ScanScratch {
+struct ListScratch {
     bytes: Vec<u8>,
-    sums: Vec<u16>,
-    masks: Vec<u32>,
+    scan: scan::ScanScratch,
     /// A chunk's live sums, for [`chunk_floor`].
     live: Vec<u16>,
 }
@@ -768,77 +768,39 @@ impl IndexIVFPQFastScan {
         tables: &[(&QuantizedLut, f32)],
         heaps: &mut [TopK<Cand>],
         members: &[usize],
-        scratch: &mut ScanScratch,
+        scratch: &mut ListScratch,
     ) {
         let list = &self.lists[l];
-        let (n, bb, m2) = (list.len(), list.codes.block_bytes(), list.codes.m2());
-        let g = tables.len();
-        // One slice for the whole scan (a mapped id array resolves its view once).
-        let ids = list.ids.as_slice();
         scratch.bytes.clear();
         for (t, _) in tables {
             scratch.bytes.extend_from_slice(&t.table);
         }
-        for (ci, chunk) in list.codes.data().chunks(CHUNK_BLOCKS * bb).enumerate() {
-            let nb = chunk.len() / bb;
-            scratch.sums.resize(g * nb * BBS, 0);
-            scratch.masks.resize(g * nb, 0);
-            // Per query, a u16 floor below every sum whose float score can beat the heap's
-            // threshold (one step of margin for rounding); `None`: offer every score.
-            let mut floors = [None; MAX_QBS];
-            let mut thresholds = [0u16; MAX_QBS];
-            for (j, ((lut, bias), &h)) in tables.iter().zip(members).enumerate() {
-                let heap = &heaps[h];
-                if let Some(worst) = heap.worst() {
-                    let x = (worst.score - bias - lut.bias) / lut.delta;
-                    floors[j] = (x >= 2.0).then(|| (x.floor() as f64 - 1.0).min(65_535.0) as u16);
-                }
-                thresholds[j] = floors[j].unwrap_or(0);
-            }
-            self.scan.accumulate(
-                chunk,
-                nb,
-                m2,
-                &scratch.bytes,
-                g,
-                &thresholds[..g],
-                &mut scratch.sums,
-                &mut scratch.masks,
-            );
-            let base = ci * CHUNK_BLOCKS * BBS;
-            let valid = (n - base).min(nb * BBS);
-            for (j, ((lut, bias), &h)) in tables.iter().zip(members).enumerate() {
-                let heap = &mut heaps[h];
-                let sums = &scratch.sums[j * nb * BBS..(j + 1) * nb * BBS];
-                // A heap that is not full (the first lists of a query) took every score from
-                // the kernel: the chunk's own cap-th best live sum bounds what can enter.
-                let cut = match floors[j] {
-                    None if !heap.is_reservoir() => chunk_floor(
-                        &mut scratch.live,
-                        sums,
-                        &ids[base..base + valid],
-                        heap.cap(),
-                    ),
-                    _ => None,
-                };
-                let mut offer = |i: usize| {
-                    let id = ids[base + i];
-                    if id >= 0 && cut.is_none_or(|f| sums[i] > f) {
-                        heap.push(Cand {
-                            score: bias + lut.score(sums[i]),
-                            id,
-                            list: l as u32,
-                            offset: (base + i) as u32,
-                        });
-                    }
-                };
-                if floors[j].is_none() {
-                    (0..valid).for_each(&mut offer);
-                    continue;
-                }
-                for_each_marked(&scratch.masks[j * nb..(j + 1) * nb], valid, offer);
-            }
-        }
+        let scan = Scan {
+            kernel: &self.scan,
+            block_bytes: list.codes.block_bytes(),
+            m2: list.codes.m2(),
+            tables: &scratch.bytes,
+            nq: tables.len(),
+        };
+        let mut handler = ListHandler {
+            list: l as u32,
+            // One slice for the whole scan (a mapped id array resolves its view once).
+            ids: list.ids.as_slice(),
+            n: list.len(),
+            tables,
+            heaps,
+            members,
+            floors: [None; MAX_QBS],
+            live: &mut scratch.live,
+        };
+        let chunking = Chunking::fixed(CHUNK_BLOCKS);
+        scan.blocks(
+            list.codes.data(),
+            0,
+            chunking,
+            &mut scratch.scan,
+            &mut handler,
+        );
     }
 
     /// Candidates kept per query before re-ranking.
@@ -871,7 +833,7 @@ impl IndexIVFPQFastScan {
         let c = self.pool_size(k);
         let prep = self.prepare(q);
         let scan_probe = |heaps: &mut [TopK<Cand>],
-                          scratch: &mut (ScanScratch, LutSlot),
+                          scratch: &mut (ListScratch, LutSlot),
                           &(coarse, l): &(f32, u32)| {
             let l = l as usize;
             if self.lists[l].live() == 0 {
@@ -948,7 +910,7 @@ impl IndexIVFPQFastScan {
                 }
                 touched.sort_unstable();
                 let mut heaps: Vec<TopK<Cand>> = qs.iter().map(|_| TopK::new(c)).collect();
-                let mut scratch = ScanScratch::default();
+                let mut scratch = ListScratch::default();
                 let mut slots: Vec<LutSlot> = (0..MAX_QBS).map(|_| LutSlot::default()).collect();
                 let mut members = Vec::with_capacity(MAX_QBS);
                 for &l in &touched {
@@ -979,6 +941,71 @@ impl IndexIVFPQFastScan {
         match &self.pool {
             Some(pool) => pool.install(f),
             None => f(),
+        }
+    }
+}
+
+/// The IVF result handler of one probed list ([`Scan::blocks`]): sum `i` of the list is the
+/// candidate `ids[i]` (`-1`: removed) with float score `bias + lut.score(sum)`, offered to its
+/// query's [`TopK`].
+struct ListHandler<'a> {
+    list: u32,
+    ids: &'a [i64],
+    /// Vectors in the list (the last block's padding is past it).
+    n: usize,
+    /// Per query of the group: its table and the bias of its float scores in this list.
+    tables: &'a [(&'a QuantizedLut, f32)],
+    heaps: &'a mut [TopK<Cand>],
+    /// `heaps[members[j]]` is query `j`'s.
+    members: &'a [usize],
+    /// Per query, the chunk's u16 floor (set by `thresholds`); `None`: offer every sum.
+    floors: [Option<u16>; MAX_QBS],
+    live: &'a mut Vec<u16>,
+}
+
+impl ScanHandler for ListHandler<'_> {
+    /// Per query, a u16 floor below every sum whose float score can beat the heap's worst
+    /// (one step of margin for rounding); 0 while the heap is not full.
+    fn thresholds(&mut self, out: &mut [u16]) -> bool {
+        for (j, ((lut, bias), &h)) in self.tables.iter().zip(self.members).enumerate() {
+            self.floors[j] = self.heaps[h].worst().and_then(|worst| {
+                let x = (worst.score - bias - lut.bias) / lut.delta;
+                (x >= 2.0).then(|| (x.floor() as f64 - 1.0).min(65_535.0) as u16)
+            });
+            out[j] = self.floors[j].unwrap_or(0);
+        }
+        true
+    }
+
+    fn chunk(&mut self, base: usize, nb: usize, sums: &[u16], masks: &[u32]) {
+        let valid = (self.n - base).min(nb * BBS);
+        let ids = &self.ids[base..base + valid];
+        for (j, ((lut, bias), &h)) in self.tables.iter().zip(self.members).enumerate() {
+            let heap = &mut self.heaps[h];
+            let sums = of_query(sums, j, nb * BBS);
+            // A heap that is not full (the first lists of a query) took every score from
+            // the kernel: the chunk's own cap-th best live sum bounds what can enter.
+            let cut = match self.floors[j] {
+                None if !heap.is_reservoir() => chunk_floor(self.live, sums, ids, heap.cap()),
+                _ => None,
+            };
+            let list = self.list;
+            let mut offer = |i: usize| {
+                let id = ids[i];
+                if id >= 0 && cut.is_none_or(|f| sums[i] > f) {
+                    heap.push(Cand {
+                        score: bias + lut.score(sums[i]),
+                        id,
+                        list,
+                        offset: (base + i) as u32,
+                    });
+                }
+            };
+            if self.floors[j].is_none() {
+                (0..valid).for_each(&mut offer);
+                continue;
+            }
+            for_each_marked(of_query(masks, j, nb), valid, offer);
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod fastscan;
 pub mod flat;
 pub mod ivf;
 pub mod pq;
+mod scan;
 pub mod streaming;
 
 use crate::error::Result;
