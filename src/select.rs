@@ -649,7 +649,7 @@ mod tests {
                 if k < RESERVOIR_MIN {
                     assert_eq!(all.worst().is_some(), n >= k, "n {n} k {k}");
                 } else {
-                    assert!(!all.worst().is_some() || n >= 2 * k, "n {n} k {k}");
+                    assert!(all.worst().is_none() || n >= 2 * k, "n {n} k {k}");
                 }
                 let got: Vec<(u16, u32)> =
                     all.into_sorted().into_iter().map(from_u16_key).collect();
