@@ -26,8 +26,10 @@ const HEAP_MIN_RATIO: usize = 32;
 /// Scores tested together against the heap threshold.
 const FILTER_BLOCK: usize = 16;
 
+/// The ranking order of (score, candidate) pairs: higher score first, then the smaller
+/// candidate (a position, or an id).
 #[inline(always)]
-fn rank(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
+fn rank<C: Ord>(a: &(f32, C), b: &(f32, C)) -> Ordering {
     b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
 }
 
@@ -252,8 +254,8 @@ pub fn select_topk(scores: &[f32], k: usize) -> Vec<(f32, u32)> {
     }
 }
 
-/// Keeps the `k` best of `pairs` in `pairs[..k]`, sorted best first, and truncates.
-pub fn select_sorted(pairs: &mut Vec<(f32, u32)>, k: usize) {
+/// Keeps the `k` best of `pairs` in `pairs[..k]`, sorted best first ([`rank`]), and truncates.
+pub fn select_sorted<C: Ord>(pairs: &mut Vec<(f32, C)>, k: usize) {
     let k = k.min(pairs.len());
     if k == 0 {
         pairs.clear();

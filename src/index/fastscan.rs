@@ -29,9 +29,7 @@ use crate::pq::lut::QuantizedLut;
 use crate::pq::pack::PackedCodes;
 use crate::pq::{Nbits, ProductQuantizer};
 use crate::result::SearchResult;
-use crate::select::{
-    from_u16_key, select_sorted, select_topk_u16_segments, sort_u16_desc_stable, TopK,
-};
+use crate::select::{from_u16_key, select_topk_u16_segments, sort_u16_desc_stable, TopK};
 use pqcache_simd::distance::DistanceKernels;
 use pqcache_simd::fastscan::{FastScanKernel, BBS, MAX_QBS};
 use pqcache_simd::Level;
@@ -505,14 +503,10 @@ impl IndexPQFastScan {
             match (&self.originals, rerank) {
                 (Some(orig), true) => {
                     let q = &group[qi * d..(qi + 1) * d];
-                    let mut scored: Vec<(f32, u32)> = cand
-                        .iter()
-                        .map(|&(_, p)| {
-                            let v = orig.metric_value(&self.kernels, self.metric, q, p as usize);
-                            (self.metric.to_score(v), p)
-                        })
-                        .collect();
-                    select_sorted(&mut scored, k);
+                    let scored = super::rerank(cand.iter().map(|&(_, p)| p), k, |p| {
+                        let v = orig.metric_value(&self.kernels, self.metric, q, p as usize);
+                        self.metric.to_score(v)
+                    });
                     for ((dv, iv), (s, p)) in dist.iter_mut().zip(ids.iter_mut()).zip(scored) {
                         *dv = self.metric.from_score(s);
                         *iv = p as i64;

@@ -815,13 +815,23 @@ impl IndexIVFPQFastScan {
     /// Re-ranks (when on) and keeps the best `k` of a query's sorted candidates.
     fn finish(&self, q: &[f32], k: usize, mut best: Vec<Cand>) -> Vec<Cand> {
         if self.rerank_factor > 1 && self.keep.is_some() {
-            for cand in &mut best {
-                let list = &self.lists[cand.list as usize];
+            // Candidates as (id, list, offset): the id decides equal scores.
+            let where_ = best.iter().map(|c| (c.id, c.list, c.offset));
+            let scored = super::rerank(where_, k, |(_, list, offset)| {
+                let list = &self.lists[list as usize];
                 let orig = list.originals.as_ref().expect("kept when rerank is on");
-                let v = orig.metric_value(&self.kernels, self.metric, q, cand.offset as usize);
-                cand.score = self.metric.to_score(v);
-            }
-            best.sort_unstable_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
+                let v = orig.metric_value(&self.kernels, self.metric, q, offset as usize);
+                self.metric.to_score(v)
+            });
+            return scored
+                .into_iter()
+                .map(|(score, (id, list, offset))| Cand {
+                    score,
+                    id,
+                    list,
+                    offset,
+                })
+                .collect();
         }
         best.truncate(k);
         best

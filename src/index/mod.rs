@@ -103,3 +103,17 @@ pub(crate) fn write_row(
         ids[slot] = pos as i64;
     }
 }
+
+/// Exact re-ranking, the one helper of every index that keeps its original vectors: each
+/// candidate `c` is scored again as `exact(c)` (larger is better: an inner product or a
+/// negated squared distance) and the best `k` are kept, best first; equal scores go to the
+/// smaller candidate (a position, or IVF's id first).
+pub(crate) fn rerank<C: Ord + Copy>(
+    cands: impl IntoIterator<Item = C>,
+    k: usize,
+    mut exact: impl FnMut(C) -> f32,
+) -> Vec<(f32, C)> {
+    let mut scored: Vec<(f32, C)> = cands.into_iter().map(|c| (exact(c), c)).collect();
+    crate::select::select_sorted(&mut scored, k);
+    scored
+}
