@@ -13,7 +13,7 @@
 //! | [`index`] | indexes: [`IndexFlat`] (exact, f32/f16), [`IndexPQ`] (ADC), [`IndexPQFastScan`] (4-bit fast-scan), [`IndexIVFPQFastScan`] (IVF), [`StreamingIndex`] (concurrent add/search/refresh) |
 //! | `select` | (internal) top-k selection, small k (heap) and large k (quickselect, u16 radix select) |
 //! | [`attention`] | the attention client: per layer and kv_head KV cache, selectors, sparse attention ([`AttentionRetriever`]) |
-//! | [`io`] | `.npy`, `.fvecs`, `.ivecs` readers, index files |
+//! | [`io`] | `.npy`, `.fvecs`, `.ivecs` readers; the file container (`io::container`) and the files' facade (`io::file`) |
 //! | `cli` | (feature `cli`, default) the `pqcache` command line |
 //! | `gpu` | (feature `cuda`) KV cache on the GPU and sparse attention over selected positions |
 //! | `pqcache_simd` | the kernels (separate crate), runtime-dispatched scalar / AVX2 / AVX-512 / NEON |
@@ -21,18 +21,20 @@
 //! The layers, each importing only from those below it (`pqcache_simd` under all of them):
 //!
 //! ```text
-//! cli (feature), gpu (feature)
-//! attention            retriever, selectors, evaluation protocol
-//! index                flat, pq, fastscan, ivf, streaming
+//! cli (feature), gpu (feature), io::file   command line, GPU adapter, the files' facade
+//! attention            retriever, selectors, evaluation protocol, attention::persist
+//! index                flat, pq, fastscan, ivf, streaming, index::scan (the block loop),
+//!                      index::persist (the kinds' file codecs), AnyIndex
 //! pq, ivf              quantizers (train, encode, tables), coarse quantizer
 //! kmeans, select, linalg
-//! error, limits, check, buf, metric, result   errors, size limits, input validation, arrays
+//! error, limits, check, buf, metric, result, io (npy, vecs, dump, container)
+//!                      errors, size limits, input validation, arrays, readers, the file
+//!                      container (layout, reader, section writer, CRC, atomic save)
 //! ```
 //!
-//! `io` is read by every layer (`.npy`, dumps, f16 helpers, the file container) and, today,
-//! also holds the index kinds' file codecs and the attention entry points: the one edge that
-//! points up (`io::file` <-> `attention::persist`), to go when the container is split from
-//! the codecs.
+//! Each kind implements the container's `Persist` beside its type (`index::persist`,
+//! `attention::persist`); `io::file` re-exports their entry points and dispatches `verify`
+//! by kind, the one module that names them all.
 //!
 //! ```
 //! use pqcache::{Index, IndexFlat, IndexPQ, Metric, Nbits};

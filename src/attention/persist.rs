@@ -1,5 +1,5 @@
 //! Index files for the attention client: the whole KV cache and every (layer, kv_head)'s
-//! trained index in one file of kind `attention` (layout in [`crate::io::file`]).
+//! trained index in one file of kind `attention` (layout in [`crate::io::container`]).
 //!
 //! ```text
 //! meta       layers, kv_heads, group, head_dim, sink, window (u64::MAX: from the budget),
@@ -29,10 +29,13 @@
 
 use super::selector::{Aggregation, RestoredHead, SelectorSpec, StoredHead};
 use super::{AttentionRetriever, AttentionShape, Budget, RetrieverConfig};
+use crate::buf::Mapping;
 use crate::error::{Error, Result};
 use crate::index::{IndexPQ, IndexPQFastScan};
-use crate::io::file::kinds::{small, Persist};
-use crate::io::file::{corrupt, FormatVersion, IndexKind, Reader, SectionOut, Tag};
+use crate::io::container::{
+    corrupt, map_file, read_file, small, write_sections, FileInfo, FormatVersion, IndexKind,
+    Persist, Reader, SectionOut, Source, Tag,
+};
 use crate::metric::Metric;
 use crate::pq::pack::PackedCodes;
 use crate::pq::transform::{DimTransform, QueryEnergy};
@@ -40,6 +43,7 @@ use crate::pq::{Nbits, ProductQuantizer};
 use half::f16;
 use pqcache_simd::fastscan::{block_bytes, BBS};
 use std::borrow::Cow;
+use std::path::Path;
 
 const NO_WINDOW: u64 = u64::MAX;
 /// Words per head in `lists` (format 4; 2 before).
@@ -399,4 +403,166 @@ fn quantizer(
     *at += n;
     ProductQuantizer::from_centroids(d, m, nbits, cents)
         .map_err(|e| corrupt("pq_centroids", e.to_string()))
+}
+
+// Entry points: the cache (and a context: the cache and a client's state) from and to files
+// of the container (`crate::io::container`), as `AttentionRetriever::{save, open, load}`
+// and the free functions `crate::io::file` re-exports.
+
+/// Opens an attention cache file zero-copy (keys, values and codes stay in the mapping). A
+/// context file opens too (its client state is left unread).
+pub fn open(path: impl AsRef<Path>) -> Result<AttentionRetriever> {
+    let map = map_file(path.as_ref())?;
+    let r = Reader::new(Source::Map(&map))?;
+    advise_attention(&map, &r.info, Access::Selected);
+    read_cache(&r)
+}
+
+/// How decoding will read an opened cache's keys and values (advice to the kernel).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Access {
+    /// Only the rows steps select (`MADV_RANDOM`: no read-ahead around a fault): a cold file
+    /// reads the pages its steps touch and no others, and a cache larger than memory keeps
+    /// only those resident. A cold start faults page by page.
+    #[default]
+    Selected,
+    /// All of them soon (`MADV_WILLNEED` over the file: read ahead now, in the background):
+    /// the quickest cold start when the file fits in memory (measured: 4x quicker to the
+    /// first token at 32K tokens on this machine's disk), the wrong choice when it does not.
+    Prefetch,
+}
+
+/// Tells the kernel how decoding reads an opened cache: keys and values as `access` says,
+/// the codes whole at every step (read ahead now: `MADV_WILLNEED`). Advice only: ignored
+/// where the system refuses it.
+fn advise_attention(map: &Mapping, info: &FileInfo, access: Access) {
+    #[cfg(unix)]
+    for s in &info.sections {
+        let advice = match (s.tag, access) {
+            (Tag::Keys | Tag::Values, Access::Selected) => memmap2::Advice::Random,
+            (Tag::Keys | Tag::Values, Access::Prefetch) | (Tag::Codes, _) => {
+                memmap2::Advice::WillNeed
+            }
+            _ => continue,
+        };
+        if s.len > 0 {
+            let _ = map.advise_range(advice, s.offset, s.len);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (map, info, access);
+}
+
+/// Reads an attention cache file into owned memory.
+pub fn load(path: impl AsRef<Path>) -> Result<AttentionRetriever> {
+    load_bytes(&read_file(path.as_ref())?)
+}
+
+/// Reads an attention cache from the bytes of a file.
+pub fn load_bytes(bytes: &[u8]) -> Result<AttentionRetriever> {
+    read_cache(&Reader::new(Source::Bytes(bytes))?)
+}
+
+fn read_cache(r: &Reader<'_>) -> Result<AttentionRetriever> {
+    match r.info.kind {
+        IndexKind::Attention => {}
+        IndexKind::Context if r.info.version >= FormatVersion::V4 as u32 => {}
+        IndexKind::Context => {
+            return Err(corrupt(
+                "header",
+                format!(
+                    "a context file of format {} (contexts began with 4)",
+                    r.info.version
+                ),
+            ))
+        }
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "the file holds a {} index, not an attention cache: use open / load",
+                other.name()
+            )))
+        }
+    }
+    read(r)
+}
+
+/// What a client (a model runtime) keeps beside an attention cache in a context file, to
+/// resume where it stopped: parameters as `u64` words and arrays as f32, opaque to this
+/// crate, checksummed and checked on open like every section.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClientState {
+    /// Parameters.
+    pub words: Vec<u64>,
+    /// Arrays.
+    pub data: Vec<f32>,
+}
+
+/// Saves `cache` and `client` as one context file, atomically (see the module doc).
+pub fn save_context(
+    path: impl AsRef<Path>,
+    cache: &AttentionRetriever,
+    client: &ClientState,
+) -> Result<()> {
+    cache.check_limits()?;
+    let (_, mut sections) = cache.sections();
+    sections.push(SectionOut::of(Tag::ClientWords, &client.words));
+    sections.push(SectionOut::of(Tag::ClientData, &client.data));
+    write_sections(path.as_ref(), IndexKind::Context, &sections)
+}
+
+/// Opens a context file: the attention cache zero-copy (as [`open`]), the client
+/// state copied.
+pub fn open_context(path: impl AsRef<Path>) -> Result<(AttentionRetriever, ClientState)> {
+    open_context_with(path, Access::Selected)
+}
+
+/// [`open_context`], its keys and values to be read as `access` says.
+pub fn open_context_with(
+    path: impl AsRef<Path>,
+    access: Access,
+) -> Result<(AttentionRetriever, ClientState)> {
+    let map = map_file(path.as_ref())?;
+    let r = Reader::new(Source::Map(&map))?;
+    advise_attention(&map, &r.info, access);
+    read_context(&r)
+}
+
+/// [`open_context`] from the bytes of a file (owned memory).
+pub fn load_context_bytes(bytes: &[u8]) -> Result<(AttentionRetriever, ClientState)> {
+    read_context(&Reader::new(Source::Bytes(bytes))?)
+}
+
+pub(crate) fn read_context(r: &Reader<'_>) -> Result<(AttentionRetriever, ClientState)> {
+    if r.info.kind != IndexKind::Context {
+        return Err(Error::InvalidArgument(format!(
+            "the file holds a {} index, not a context",
+            r.info.kind.name()
+        )));
+    }
+    let cache = read_cache(r)?;
+    r.check(Tag::ClientWords)?;
+    r.check(Tag::ClientData)?;
+    let client = ClientState {
+        words: r.vec(Tag::ClientWords)?,
+        data: r.vec(Tag::ClientData)?,
+    };
+    Ok((cache, client))
+}
+
+impl AttentionRetriever {
+    /// Saves the cache atomically ([`crate::io::file::save`]).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        crate::io::container::save(self, path)
+    }
+
+    /// Opens a cache file zero-copy (keys, values and codes stay in the mapping); a context
+    /// file opens too, its client state left unread.
+    pub fn open(path: impl AsRef<Path>) -> Result<AttentionRetriever> {
+        open(path)
+    }
+
+    /// Reads a cache file into owned memory.
+    pub fn load(path: impl AsRef<Path>) -> Result<AttentionRetriever> {
+        load(path)
+    }
 }

@@ -5,9 +5,11 @@
 //! `reset`, `ntotal`, `dim`, `is_trained`. Vectors are `n * d` f32, row-major. Every entry
 //! point validates its input (dimension, finiteness, `k`) and returns a typed error.
 
+pub mod any;
 pub mod fastscan;
 pub mod flat;
 pub mod ivf;
+pub mod persist;
 pub mod pq;
 mod scan;
 pub mod streaming;
@@ -16,6 +18,7 @@ use crate::error::Result;
 use crate::metric::Metric;
 use crate::result::SearchResult;
 
+pub use any::AnyIndex;
 pub use fastscan::{IndexPQFastScan, RerankStorage};
 pub use flat::IndexFlat;
 pub use ivf::IndexIVFPQFastScan;

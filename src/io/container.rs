@@ -1,4 +1,8 @@
-//! Index files: one little-endian layout for every index kind, opened zero-copy with mmap.
+//! The file container: one little-endian layout for every kind of file, knowing no kind.
+//! It lays out, checksums, writes atomically and reads back sections of plain arrays; each
+//! kind's codec (`index::persist`, `attention::persist`) implements [`Persist`] and reads its
+//! sections through `Reader`; [`crate::io::file`] is the facade over all of them. It
+//! imports only the error and buffer modules (the bottom floor).
 //!
 //! ```text
 //! offset        size       content
@@ -22,17 +26,17 @@
 //! ```
 //!
 //! Every section is an array of little-endian scalars (`u8`, `f16`, `f32`, `i64`, `u64`);
-//! `meta` holds the kind's parameters as `u64` words (see [`kinds`] and
-//! [`crate::attention::persist`]). Nothing is serialised
+//! `meta` holds the kind's parameters as `u64` words (see `crate::index::persist` and
+//! `crate::attention::persist`). Nothing is serialised
 //! with a generic encoder: the arrays are read in place.
 //!
-//! **Open** ([`open`]) maps the file and checks, before trusting anything: length, magic,
+//! **Open** ([`crate::io::file::open`]) maps the file and checks, before trusting anything: length, magic,
 //! version, kind, flags, header and table CRCs, the footer, every section's bounds,
 //! alignment, element size and overlap, the `meta` CRC, then the kind's invariants (shapes,
 //! `nbits`, code lengths against `ntotal`, ids `>= -1`, codes `< ksub`, finite centroids).
 //! The bulk arrays (codes, ids, stored vectors, norms) are then used straight from the
-//! mapping through [`Buf`]; the small ones (centroids) are copied. **Load** ([`load`]) does
-//! the same into owned memory. **Verify** ([`verify`]) also checks every section's CRC and
+//! mapping through [`Buf`]; the small ones (centroids) are copied. **Load** (`load`) does
+//! the same into owned memory. **Verify** ([`crate::io::file::verify`]) also checks every section's CRC and
 //! that the padding is zero: a flipped bit anywhere in the file is found.
 //!
 //! **Growth**: an opened index is an ordinary index. Its first `add` or removal copies the
@@ -43,10 +47,9 @@
 //! **Save** ([`save`]) writes a temporary file in the destination folder, fsyncs it, renames
 //! it over the destination and fsyncs the folder: a crash leaves the old file or the new one.
 
-pub mod kinds;
-
 use crate::buf::{Buf, Mapping};
 use crate::error::{Error, Result};
+use crate::metric::Metric;
 use bytemuck::Pod;
 use std::borrow::Cow;
 use std::fs::File;
@@ -54,8 +57,6 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-
-pub use kinds::AnyIndex;
 
 /// File magic.
 pub const MAGIC: [u8; 8] = *b"PQCACHE\0";
@@ -241,6 +242,86 @@ pub(crate) fn corrupt(section: &str, reason: impl Into<String>) -> Error {
     Error::Corrupt {
         section: section.to_string(),
         reason: reason.into(),
+    }
+}
+
+/// What can be written to a file ([`save`], [`to_bytes`]): every index kind, the attention
+/// cache. Each kind implements it beside its type; the container knows none of them.
+pub trait Persist {
+    /// Kind and sections, `meta` first (borrowing the index's arrays).
+    fn sections(&self) -> (IndexKind, Vec<SectionOut<'_>>);
+    /// Checks the settings against the limits the reader applies ([`crate::limits`]), so that
+    /// nothing is written that cannot be opened.
+    fn check_limits(&self) -> crate::Result<()> {
+        Ok(())
+    }
+}
+
+// The codecs' common readers of `meta` words and section sizes.
+
+/// The `meta` word of a metric ([`metric_of`] reads it).
+pub(crate) fn metric_word(m: Metric) -> u64 {
+    match m {
+        Metric::InnerProduct => 0,
+        Metric::L2 => 1,
+    }
+}
+
+/// The `meta` words, exactly `n` of them.
+pub(crate) fn meta(r: &Reader<'_>, n: usize) -> Result<Vec<u64>> {
+    let words: Vec<u64> = r.vec(Tag::Meta)?;
+    if words.len() != n {
+        return Err(corrupt(
+            "meta",
+            format!("{} words, expected {n}", words.len()),
+        ));
+    }
+    Ok(words)
+}
+
+/// A `meta` word as a size no larger than `max`, or a corruption error naming it.
+pub(crate) fn small(v: u64, max: usize, what: &str) -> Result<usize> {
+    match usize::try_from(v) {
+        Ok(x) if x <= max => Ok(x),
+        _ => Err(corrupt(
+            "meta",
+            format!("{what} = {v} out of range (max {max})"),
+        )),
+    }
+}
+
+/// The metric of a `meta` word (0 inner product, 1 L2).
+pub(crate) fn metric_of(v: u64) -> Result<Metric> {
+    match v {
+        0 => Ok(Metric::InnerProduct),
+        1 => Ok(Metric::L2),
+        other => Err(corrupt("meta", format!("unknown metric {other}"))),
+    }
+}
+
+/// `a * b`, or a corruption error on overflow.
+pub(crate) fn mul(a: usize, b: usize, what: &str) -> Result<usize> {
+    a.checked_mul(b)
+        .ok_or_else(|| corrupt("meta", format!("{what} overflows")))
+}
+
+/// Maps a constructor's complaint about the parts to a corruption of `section`.
+pub(crate) fn parts<T>(section: &str, r: Result<T>) -> Result<T> {
+    r.map_err(|e| match e {
+        Error::Corrupt { .. } => e,
+        other => corrupt(section, other.to_string()),
+    })
+}
+
+/// Checks that section `tag` holds exactly `want` elements.
+pub(crate) fn exact_count(r: &Reader<'_>, tag: Tag, want: usize) -> Result<()> {
+    match r.count(tag) {
+        Some(n) if n == want => Ok(()),
+        Some(n) => Err(corrupt(
+            tag.name(),
+            format!("{n} elements, expected {want}"),
+        )),
+        None => Err(corrupt(tag.name(), "missing section")),
     }
 }
 
@@ -591,7 +672,7 @@ impl Layout {
 }
 
 /// The bytes of the file [`save`] would write (for tests and fuzzing).
-pub fn to_bytes(index: &impl kinds::Persist) -> Result<Vec<u8>> {
+pub fn to_bytes(index: &impl Persist) -> Result<Vec<u8>> {
     let (kind, sections) = index.sections();
     let layout = plan(kind, &sections)?;
     let mut out = Vec::new();
@@ -688,7 +769,7 @@ fn sync_dir(path: &Path) -> std::io::Result<()> {
 
 /// Maps `path` read-only. The only `unsafe` of the root crate.
 #[allow(unsafe_code)]
-fn map_file(path: &Path) -> Result<Mapping> {
+pub(crate) fn map_file(path: &Path) -> Result<Mapping> {
     let file = super::open_regular(path).map_err(|source| Error::io(path, source))?;
     // SAFETY: the mapping is read-only and every access goes through bounds-checked slices of
     // it. The remaining hazard of any file mapping, another process truncating or rewriting
@@ -701,176 +782,15 @@ fn map_file(path: &Path) -> Result<Mapping> {
     Ok(Arc::new(map))
 }
 
-fn read_file(path: &Path) -> Result<Vec<u8>> {
+pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>> {
     super::read_regular(path).map_err(|source| Error::io(path, source))
 }
 
 /// Saves any index atomically (see the module doc).
-pub fn save(index: &impl kinds::Persist, path: impl AsRef<Path>) -> Result<()> {
+pub fn save(index: &impl Persist, path: impl AsRef<Path>) -> Result<()> {
     index.check_limits()?;
     let (kind, sections) = index.sections();
     write_sections(path.as_ref(), kind, &sections)
-}
-
-/// Opens an index file zero-copy: the bulk arrays stay in the mapping.
-pub fn open(path: impl AsRef<Path>) -> Result<AnyIndex> {
-    let map = map_file(path.as_ref())?;
-    kinds::read(&Reader::new(Source::Map(&map))?)
-}
-
-/// Reads an index file into owned memory.
-pub fn load(path: impl AsRef<Path>) -> Result<AnyIndex> {
-    load_bytes(&read_file(path.as_ref())?)
-}
-
-/// Reads an index from the bytes of a file (owned memory; the fuzz targets' entry point).
-pub fn load_bytes(bytes: &[u8]) -> Result<AnyIndex> {
-    kinds::read(&Reader::new(Source::Bytes(bytes))?)
-}
-
-/// Opens an attention cache file zero-copy (keys, values and codes stay in the mapping). A
-/// context file opens too (its client state is left unread).
-pub fn open_attention(path: impl AsRef<Path>) -> Result<crate::attention::AttentionRetriever> {
-    let map = map_file(path.as_ref())?;
-    let r = Reader::new(Source::Map(&map))?;
-    advise_attention(&map, &r.info, Access::Selected);
-    read_attention(&r)
-}
-
-/// How decoding will read an opened cache's keys and values (advice to the kernel).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Access {
-    /// Only the rows steps select (`MADV_RANDOM`: no read-ahead around a fault): a cold file
-    /// reads the pages its steps touch and no others, and a cache larger than memory keeps
-    /// only those resident. A cold start faults page by page.
-    #[default]
-    Selected,
-    /// All of them soon (`MADV_WILLNEED` over the file: read ahead now, in the background):
-    /// the quickest cold start when the file fits in memory (measured: 4x quicker to the
-    /// first token at 32K tokens on this machine's disk), the wrong choice when it does not.
-    Prefetch,
-}
-
-/// Tells the kernel how decoding reads an opened cache: keys and values as `access` says,
-/// the codes whole at every step (read ahead now: `MADV_WILLNEED`). Advice only: ignored
-/// where the system refuses it.
-fn advise_attention(map: &Mapping, info: &FileInfo, access: Access) {
-    #[cfg(unix)]
-    for s in &info.sections {
-        let advice = match (s.tag, access) {
-            (Tag::Keys | Tag::Values, Access::Selected) => memmap2::Advice::Random,
-            (Tag::Keys | Tag::Values, Access::Prefetch) | (Tag::Codes, _) => {
-                memmap2::Advice::WillNeed
-            }
-            _ => continue,
-        };
-        if s.len > 0 {
-            let _ = map.advise_range(advice, s.offset, s.len);
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = (map, info, access);
-}
-
-/// Reads an attention cache file into owned memory.
-pub fn load_attention(path: impl AsRef<Path>) -> Result<crate::attention::AttentionRetriever> {
-    load_attention_bytes(&read_file(path.as_ref())?)
-}
-
-/// Reads an attention cache from the bytes of a file.
-pub fn load_attention_bytes(bytes: &[u8]) -> Result<crate::attention::AttentionRetriever> {
-    read_attention(&Reader::new(Source::Bytes(bytes))?)
-}
-
-fn read_attention(r: &Reader<'_>) -> Result<crate::attention::AttentionRetriever> {
-    match r.info.kind {
-        IndexKind::Attention => {}
-        IndexKind::Context if r.info.version >= FormatVersion::V4 as u32 => {}
-        IndexKind::Context => {
-            return Err(corrupt(
-                "header",
-                format!(
-                    "a context file of format {} (contexts began with 4)",
-                    r.info.version
-                ),
-            ))
-        }
-        other => {
-            return Err(Error::InvalidArgument(format!(
-                "the file holds a {} index, not an attention cache: use open / load",
-                other.name()
-            )))
-        }
-    }
-    crate::attention::persist::read(r)
-}
-
-/// What a client (a model runtime) keeps beside an attention cache in a context file, to
-/// resume where it stopped: parameters as `u64` words and arrays as f32, opaque to this
-/// crate, checksummed and checked on open like every section.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ClientState {
-    /// Parameters.
-    pub words: Vec<u64>,
-    /// Arrays.
-    pub data: Vec<f32>,
-}
-
-/// Saves `cache` and `client` as one context file, atomically (see the module doc).
-pub fn save_context(
-    path: impl AsRef<Path>,
-    cache: &crate::attention::AttentionRetriever,
-    client: &ClientState,
-) -> Result<()> {
-    use kinds::Persist;
-    cache.check_limits()?;
-    let (_, mut sections) = cache.sections();
-    sections.push(SectionOut::of(Tag::ClientWords, &client.words));
-    sections.push(SectionOut::of(Tag::ClientData, &client.data));
-    write_sections(path.as_ref(), IndexKind::Context, &sections)
-}
-
-/// Opens a context file: the attention cache zero-copy (as [`open_attention`]), the client
-/// state copied.
-pub fn open_context(
-    path: impl AsRef<Path>,
-) -> Result<(crate::attention::AttentionRetriever, ClientState)> {
-    open_context_with(path, Access::Selected)
-}
-
-/// [`open_context`], its keys and values to be read as `access` says.
-pub fn open_context_with(
-    path: impl AsRef<Path>,
-    access: Access,
-) -> Result<(crate::attention::AttentionRetriever, ClientState)> {
-    let map = map_file(path.as_ref())?;
-    let r = Reader::new(Source::Map(&map))?;
-    advise_attention(&map, &r.info, access);
-    read_context(&r)
-}
-
-/// [`open_context`] from the bytes of a file (owned memory).
-pub fn load_context_bytes(
-    bytes: &[u8],
-) -> Result<(crate::attention::AttentionRetriever, ClientState)> {
-    read_context(&Reader::new(Source::Bytes(bytes))?)
-}
-
-fn read_context(r: &Reader<'_>) -> Result<(crate::attention::AttentionRetriever, ClientState)> {
-    if r.info.kind != IndexKind::Context {
-        return Err(Error::InvalidArgument(format!(
-            "the file holds a {} index, not a context",
-            r.info.kind.name()
-        )));
-    }
-    let cache = read_attention(r)?;
-    r.check(Tag::ClientWords)?;
-    r.check(Tag::ClientData)?;
-    let client = ClientState {
-        words: r.vec(Tag::ClientWords)?,
-        data: r.vec(Tag::ClientData)?,
-    };
-    Ok((cache, client))
 }
 
 /// The header and section table of a file (validated, data not read).
@@ -879,15 +799,10 @@ pub fn info(path: impl AsRef<Path>) -> Result<FileInfo> {
     parse_layout(&map)
 }
 
-/// Full check: layout, every section's CRC, zero padding, and the kind's invariants.
-pub fn verify(path: impl AsRef<Path>) -> Result<FileInfo> {
-    let map = map_file(path.as_ref())?;
-    verify_bytes(&map)
-}
-
-/// [`verify`] on the bytes of a file.
-pub fn verify_bytes(bytes: &[u8]) -> Result<FileInfo> {
-    let r = Reader::new(Source::Bytes(bytes))?;
+/// The container's part of a full check: every section's CRC, and zero padding between the
+/// sections and before the footer (the kind's invariants are its reader's: see
+/// [`crate::io::file::verify`]).
+pub(crate) fn check_every_section(r: &Reader<'_>, bytes: &[u8]) -> Result<()> {
     let mut at = HEADER_LEN + r.info.sections.len() * ENTRY_LEN;
     for s in &r.info.sections {
         r.check_crc(s)?;
@@ -899,12 +814,5 @@ pub fn verify_bytes(bytes: &[u8]) -> Result<FileInfo> {
     if bytes[at..bytes.len() - FOOTER_LEN].iter().any(|&b| b != 0) {
         return Err(corrupt("footer", "non-zero padding before the footer"));
     }
-    if r.info.kind == IndexKind::Context {
-        read_context(&r)?;
-    } else if r.info.kind == IndexKind::Attention {
-        crate::attention::persist::read(&r)?;
-    } else {
-        kinds::read(&r)?;
-    }
-    Ok(r.info)
+    Ok(())
 }

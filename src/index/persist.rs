@@ -1,4 +1,6 @@
-//! Each index kind's sections, and [`AnyIndex`], what `open` / `load` return.
+//! Each index kind's file codec ([`Persist`] and its reader), and the index entry points
+//! of the file container ([`crate::io::container`]): [`open`] (zero-copy), [`load`],
+//! [`load_bytes`], returning an [`AnyIndex`].
 //!
 //! `meta` words (u64, little-endian), by kind (metric: 0 inner product, 1 L2; stored
 //! vectors: 0 none, 1 f32, 2 f16):
@@ -16,42 +18,30 @@
 //!          fresh_from]), codes / ids / [vectors]: list after list, in list order
 //! ```
 
-use super::{corrupt, IndexKind, Reader, SectionOut, Tag};
+use super::any::AnyIndex;
+use super::fastscan::RerankStorage;
+use super::flat::FlatStorage;
+use super::ivf::{DriftStats, IndexIVFPQFastScan, InvertedList};
+use super::{Index, IndexFlat, IndexPQ, IndexPQFastScan};
 use crate::error::{Error, Result};
-use crate::index::fastscan::RerankStorage;
-use crate::index::flat::FlatStorage;
-use crate::index::ivf::{DriftStats, IndexIVFPQFastScan, InvertedList};
-use crate::index::{Index, IndexFlat, IndexPQ, IndexPQFastScan};
+use crate::io::container::{
+    corrupt, exact_count, map_file, meta, metric_of, metric_word, mul, parts, read_file, small,
+    IndexKind, Persist, Reader, SectionOut, Source, Tag,
+};
 use crate::ivf::CoarseQuantizer;
 use crate::metric::Metric;
 use crate::pq::pack::PackedCodes;
 use crate::pq::{Nbits, ProductQuantizer};
-use crate::result::SearchResult;
+use std::path::Path;
+
 use half::f16;
 use pqcache_simd::fastscan::{block_bytes, BBS};
 use std::borrow::Cow;
 
 use crate::limits::{MAX_DIM, MAX_NLIST, MAX_RERANK_FACTOR};
 
-/// An index that can be written by [`super::save`].
-pub trait Persist {
-    /// Kind and sections, `meta` first (borrowing the index's arrays).
-    fn sections(&self) -> (IndexKind, Vec<SectionOut<'_>>);
-    /// Checks the settings against the limits the reader applies ([`crate::limits`]), so that
-    /// nothing is written that cannot be opened.
-    fn check_limits(&self) -> crate::Result<()> {
-        Ok(())
-    }
-}
-
-fn metric_word(m: Metric) -> u64 {
-    match m {
-        Metric::InnerProduct => 0,
-        Metric::L2 => 1,
-    }
-}
-
-fn storage_word(s: Option<&FlatStorage>) -> u64 {
+/// The `meta` word of a kind's stored vectors (0 none, 1 f32, 2 f16).
+pub(crate) fn storage_word(s: Option<&FlatStorage>) -> u64 {
     match s {
         None => 0,
         Some(FlatStorage::F32(_)) => 1,
@@ -208,186 +198,6 @@ impl Persist for IndexIVFPQFastScan {
     }
 }
 
-/// Any index a file can hold.
-#[derive(Clone, Debug)]
-pub enum AnyIndex {
-    /// Exact.
-    Flat(IndexFlat),
-    /// PQ with float-table ADC.
-    Pq(IndexPQ),
-    /// 4-bit fast-scan PQ.
-    PqFastScan(IndexPQFastScan),
-    /// IVF over 4-bit fast-scan lists.
-    IvfPqFastScan(IndexIVFPQFastScan),
-}
-
-impl AnyIndex {
-    /// The kind.
-    pub fn kind(&self) -> IndexKind {
-        match self {
-            AnyIndex::Flat(_) => IndexKind::Flat,
-            AnyIndex::Pq(_) => IndexKind::Pq,
-            AnyIndex::PqFastScan(_) => IndexKind::PqFastScan,
-            AnyIndex::IvfPqFastScan(_) => IndexKind::IvfPqFastScan,
-        }
-    }
-
-    /// The index behind the common trait.
-    pub fn as_index(&self) -> &dyn Index {
-        match self {
-            AnyIndex::Flat(i) => i,
-            AnyIndex::Pq(i) => i,
-            AnyIndex::PqFastScan(i) => i,
-            AnyIndex::IvfPqFastScan(i) => i,
-        }
-    }
-
-    /// Mutable access behind the common trait.
-    pub fn as_index_mut(&mut self) -> &mut dyn Index {
-        match self {
-            AnyIndex::Flat(i) => i,
-            AnyIndex::Pq(i) => i,
-            AnyIndex::PqFastScan(i) => i,
-            AnyIndex::IvfPqFastScan(i) => i,
-        }
-    }
-
-    /// One line per parameter, for `pqcache info`.
-    pub fn describe(&self) -> Vec<(String, String)> {
-        let i = self.as_index();
-        let mut out = vec![
-            ("kind".into(), self.kind().name().into()),
-            ("d".into(), i.dim().to_string()),
-            ("ntotal".into(), i.ntotal().to_string()),
-            ("metric".into(), i.metric().name().into()),
-        ];
-        match self {
-            AnyIndex::Flat(f) => out.push((
-                "storage".into(),
-                match f.storage() {
-                    FlatStorage::F32(_) => "f32".into(),
-                    FlatStorage::F16(_) => "f16".into(),
-                },
-            )),
-            AnyIndex::Pq(p) => {
-                out.push(("m".into(), p.pq().m().to_string()));
-                out.push(("nbits".into(), p.pq().nbits().bits().to_string()));
-            }
-            AnyIndex::PqFastScan(p) => {
-                out.push(("m".into(), p.pq().m().to_string()));
-                out.push(("nbits".into(), "4".into()));
-                out.push(("originals".into(), storage_word(p.originals()).to_string()));
-                out.push(("rerank_factor".into(), p.rerank_factor.to_string()));
-            }
-            AnyIndex::IvfPqFastScan(p) => {
-                out.push(("nlist".into(), p.nlist().to_string()));
-                out.push(("m".into(), p.pq().m().to_string()));
-                out.push(("nbits".into(), "4".into()));
-                out.push(("by_residual".into(), p.by_residual().to_string()));
-                out.push(("nprobe".into(), p.nprobe.to_string()));
-                out.push(("rerank_factor".into(), p.rerank_factor.to_string()));
-                let dead: usize = p.lists().iter().map(|l| l.len() - l.live()).sum();
-                out.push(("tombstones".into(), dead.to_string()));
-            }
-        }
-        out
-    }
-}
-
-impl Persist for AnyIndex {
-    fn sections(&self) -> (IndexKind, Vec<SectionOut<'_>>) {
-        match self {
-            AnyIndex::Flat(i) => i.sections(),
-            AnyIndex::Pq(i) => i.sections(),
-            AnyIndex::PqFastScan(i) => i.sections(),
-            AnyIndex::IvfPqFastScan(i) => i.sections(),
-        }
-    }
-}
-
-impl Index for AnyIndex {
-    fn dim(&self) -> usize {
-        self.as_index().dim()
-    }
-    fn ntotal(&self) -> usize {
-        self.as_index().ntotal()
-    }
-    fn metric(&self) -> Metric {
-        self.as_index().metric()
-    }
-    fn is_trained(&self) -> bool {
-        self.as_index().is_trained()
-    }
-    fn train(&mut self, x: &[f32]) -> Result<()> {
-        self.as_index_mut().train(x)
-    }
-    fn add(&mut self, x: &[f32]) -> Result<()> {
-        self.as_index_mut().add(x)
-    }
-    fn search(&self, queries: &[f32], k: usize) -> Result<SearchResult> {
-        self.as_index().search(queries, k)
-    }
-    fn reset(&mut self) {
-        self.as_index_mut().reset()
-    }
-}
-
-/// The `meta` words, exactly `n` of them.
-fn meta(r: &Reader<'_>, n: usize) -> Result<Vec<u64>> {
-    let words: Vec<u64> = r.vec(Tag::Meta)?;
-    if words.len() != n {
-        return Err(corrupt(
-            "meta",
-            format!("{} words, expected {n}", words.len()),
-        ));
-    }
-    Ok(words)
-}
-
-/// A `meta` word as a size no larger than `max`, or a corruption error naming it.
-pub(crate) fn small(v: u64, max: usize, what: &str) -> Result<usize> {
-    match usize::try_from(v) {
-        Ok(x) if x <= max => Ok(x),
-        _ => Err(corrupt(
-            "meta",
-            format!("{what} = {v} out of range (max {max})"),
-        )),
-    }
-}
-
-fn metric_of(v: u64) -> Result<Metric> {
-    match v {
-        0 => Ok(Metric::InnerProduct),
-        1 => Ok(Metric::L2),
-        other => Err(corrupt("meta", format!("unknown metric {other}"))),
-    }
-}
-
-/// `a * b`, or a corruption error on overflow.
-fn mul(a: usize, b: usize, what: &str) -> Result<usize> {
-    a.checked_mul(b)
-        .ok_or_else(|| corrupt("meta", format!("{what} overflows")))
-}
-
-/// Maps a constructor's complaint about the parts to a corruption of `section`.
-fn parts<T>(section: &str, r: Result<T>) -> Result<T> {
-    r.map_err(|e| match e {
-        Error::Corrupt { .. } => e,
-        other => corrupt(section, other.to_string()),
-    })
-}
-
-fn exact_count(r: &Reader<'_>, tag: Tag, want: usize) -> Result<()> {
-    match r.count(tag) {
-        Some(n) if n == want => Ok(()),
-        Some(n) => Err(corrupt(
-            tag.name(),
-            format!("{n} elements, expected {want}"),
-        )),
-        None => Err(corrupt(tag.name(), "missing section")),
-    }
-}
-
 fn storage(r: &Reader<'_>, word: u64, first: usize, n: usize) -> Result<Option<FlatStorage>> {
     Ok(match word {
         0 => None,
@@ -406,6 +216,22 @@ fn quantizer(r: &Reader<'_>, d: usize, m: usize, nbits: Nbits) -> Result<Product
         "pq_centroids",
         ProductQuantizer::from_centroids(d, m, nbits, cents),
     )
+}
+
+/// Opens an index file zero-copy: the bulk arrays stay in the mapping.
+pub fn open(path: impl AsRef<Path>) -> Result<AnyIndex> {
+    let map = map_file(path.as_ref())?;
+    read(&Reader::new(Source::Map(&map))?)
+}
+
+/// Reads an index file into owned memory.
+pub fn load(path: impl AsRef<Path>) -> Result<AnyIndex> {
+    load_bytes(&read_file(path.as_ref())?)
+}
+
+/// Reads an index from the bytes of a file (owned memory; the fuzz targets' entry point).
+pub fn load_bytes(bytes: &[u8]) -> Result<AnyIndex> {
+    read(&Reader::new(Source::Bytes(bytes))?)
 }
 
 /// Reads the index a validated file holds.
