@@ -27,16 +27,17 @@
 //!
 //! Every section is an array of little-endian scalars (`u8`, `f16`, `f32`, `i64`, `u64`);
 //! `meta` holds the kind's parameters as `u64` words (see `crate::index::persist` and
-//! `crate::attention::persist`). Nothing is serialised
-//! with a generic encoder: the arrays are read in place.
+//! `crate::attention::persist`). Nothing is serialised with a generic encoder: the arrays
+//! are read in place.
 //!
-//! **Open** ([`crate::io::file::open`]) maps the file and checks, before trusting anything: length, magic,
-//! version, kind, flags, header and table CRCs, the footer, every section's bounds,
-//! alignment, element size and overlap, the `meta` CRC, then the kind's invariants (shapes,
-//! `nbits`, code lengths against `ntotal`, ids `>= -1`, codes `< ksub`, finite centroids).
-//! The bulk arrays (codes, ids, stored vectors, norms) are then used straight from the
-//! mapping through [`Buf`]; the small ones (centroids) are copied. **Load** (`load`) does
-//! the same into owned memory. **Verify** ([`crate::io::file::verify`]) also checks every section's CRC and
+//! **Open** ([`crate::io::file::open`]) maps the file and checks, before trusting anything:
+//! length, magic, version, kind, flags, header and table CRCs, the footer, every section's
+//! bounds, alignment, element size and overlap, the `meta` CRC, then the kind's invariants
+//! (shapes, `nbits`, code lengths against `ntotal`, ids `>= -1`, codes `< ksub`, finite
+//! centroids). The bulk arrays (codes, ids, stored vectors, norms) are then used straight
+//! from the mapping through [`Buf`]; the small ones (centroids) are copied. **Load** (`load`)
+//! does the same into owned memory. **Verify** ([`crate::io::file::verify`]) also checks
+//! every section's CRC and
 //! that the padding is zero: a flipped bit anywhere in the file is found.
 //!
 //! **Growth**: an opened index is an ordinary index. Its first `add` or removal copies the
