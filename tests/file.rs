@@ -517,6 +517,28 @@ mod attention_cache {
     }
 
     #[test]
+    fn the_retrievers_own_save_open_and_load_are_the_files_functions() {
+        let r = cache("fastscan:8x4");
+        let path = tmp("attention-methods.pqc");
+        r.save(&path).unwrap();
+        // The same bytes as the facade writes, and both readers give back the same cache.
+        assert_eq!(std::fs::read(&path).unwrap(), file::to_bytes(&r).unwrap());
+        same_steps(&r, &AttentionRetriever::open(&path).unwrap(), "open");
+        same_steps(&r, &AttentionRetriever::load(&path).unwrap(), "load");
+        assert_eq!(
+            file::verify(&path).unwrap().kind,
+            file::IndexKind::Attention
+        );
+        // An index file is refused by the retriever's reader.
+        let flat = tmp("attention-methods-not.pqc");
+        file::save(&every_kind(8, 10).remove(0).1, &flat).unwrap();
+        assert!(matches!(
+            AttentionRetriever::open(&flat),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
     fn a_context_keeps_its_client_state_and_every_damage_is_an_error() {
         let r = cache("fastscan:8x4");
         let client = file::ClientState {

@@ -37,8 +37,8 @@
 //! centroids). The bulk arrays (codes, ids, stored vectors, norms) are then used straight
 //! from the mapping through [`Buf`]; the small ones (centroids) are copied. **Load** (`load`)
 //! does the same into owned memory. **Verify** ([`crate::io::file::verify`]) also checks
-//! every section's CRC and
-//! that the padding is zero: a flipped bit anywhere in the file is found.
+//! every section's CRC and that the padding is zero: a flipped bit anywhere in the file is
+//! found.
 //!
 //! **Growth**: an opened index is an ordinary index. Its first `add` or removal copies the
 //! arrays it changes into owned memory (copy on write) and leaves the rest mapped; searches
