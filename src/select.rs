@@ -90,13 +90,24 @@ impl<T: Ord + Copy> TopK<T> {
         }
     }
 
-    /// Offers a candidate.
-    #[inline]
+    /// Offers a candidate. The common case, a candidate no better than the worst kept, is a
+    /// comparison here; the insertion is out of line.
+    #[inline(always)]
     pub fn push(&mut self, x: T) {
+        let rejected = if self.is_reservoir() {
+            self.floor.is_some_and(|f| x <= f)
+        } else {
+            self.items.len() >= self.cap && self.items.first().is_none_or(|&w| x <= w)
+        };
+        if !rejected {
+            self.insert(x);
+        }
+    }
+
+    /// [`TopK::push`] of a candidate that enters.
+    #[inline(never)]
+    fn insert(&mut self, x: T) {
         if self.is_reservoir() {
-            if self.floor.is_some_and(|f| x <= f) {
-                return;
-            }
             self.items.push(x);
             if self.items.len() >= 2 * self.cap {
                 self.compact();
