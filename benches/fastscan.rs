@@ -1,5 +1,6 @@
 //! 4-bit fast-scan: the accumulation kernel per SIMD level and query-group size, and
-//! IndexPQFastScan search for small k (ANN) and large k (attention). Single thread.
+//! IndexPQFastScan search for small k (ANN) and large k (attention), and the memory-bound
+//! one-query scan against a plain read of the same bytes. Single thread.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use pqcache::{Index, IndexPQFastScan, Level, Metric};
 use pqcache_simd::fastscan::{accumulate_scalar, block_bytes, FastScanKernel, BBS};
@@ -97,5 +98,58 @@ fn bench_search(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_kernel, bench_search);
+/// The memory-bound row against its limit, in the same run: one query per scan (`qbs` 1),
+/// k = 10, over 200K x m 32 (3.2 MB of codes, past L2, in L3), and a plain read of the same
+/// bytes (eight independent xor lanes of u64 words: every cache line loaded once), both
+/// reported in bytes of codes per second. Their ratio is the scan's share of the read
+/// bandwidth.
+fn bench_bandwidth(c: &mut Criterion) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let mut g = c.benchmark_group("fastscan_bandwidth");
+    g.sample_size(30);
+    let (n, d, m) = (200_000usize, 128usize, 32usize);
+    let base = common::keys_like(n, d, 11);
+    let queries = common::keys_like(16, d, 12);
+    let mut idx = IndexPQFastScan::new(d, m, Metric::InnerProduct).unwrap();
+    idx.train_config.niter = 5;
+    pool.install(|| {
+        idx.train(&base[..32768 * d]).unwrap();
+        idx.add(&base).unwrap();
+    });
+    idx.qbs = 1;
+    let codes = idx.packed_codes().data().to_vec();
+    g.throughput(Throughput::Bytes(codes.len() as u64));
+    g.bench_function("read_loop/bytes=3.2MB", |b| {
+        b.iter(|| {
+            let mut acc = [0u64; 8];
+            for line in std::hint::black_box(&codes).chunks_exact(64) {
+                for (a, w) in acc.iter_mut().zip(line.chunks_exact(8)) {
+                    *a ^= u64::from_le_bytes(w.try_into().unwrap());
+                }
+            }
+            acc
+        })
+    });
+    // The timed loop runs inside the one-thread pool (one hand-over per sample, not per
+    // search: waking a pool thread costs tens of microseconds here, a third of a search).
+    let name = format!("search/m={m}/n={n}/k=10/qbs=1/level={}", idx.level());
+    g.bench_function(BenchmarkId::from_parameter(name), |b| {
+        b.iter_custom(|iters| {
+            pool.install(|| {
+                let start = std::time::Instant::now();
+                for i in 0..iters as usize {
+                    let q = &queries[(i % 16) * d..(i % 16 + 1) * d];
+                    std::hint::black_box(idx.search(q, 10).unwrap());
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_kernel, bench_search, bench_bandwidth);
 criterion_main!(benches);
