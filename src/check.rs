@@ -17,7 +17,7 @@ pub fn check_vectors(x: &[f32], d: usize, what: &'static str) -> Result<usize> {
     // only on a failing row.
     for (row, v) in x.chunks_exact(d).enumerate() {
         let sq = squared_norm_f64(v);
-        if !(sq <= MAX_SQUARED_NORM) {
+        if sq.is_nan() || sq > MAX_SQUARED_NORM {
             return Err(row_error(x, d, row, sq, what));
         }
     }
