@@ -889,22 +889,23 @@ impl IndexIVFPQFastScan {
     fn search_batch(&self, queries: &[f32], k: usize) -> Vec<Vec<Cand>> {
         let d = self.pq.dim();
         let nq = queries.len() / d;
-        let probes = self.coarse.probe_batch(queries, self.nprobe);
         let c = self.pool_size(k);
-        let preps: Vec<QueryPrep> = queries.par_chunks(d).map(|q| self.prepare(q)).collect();
-        // Query chunks run in parallel; inside a chunk, lists are scanned for the chunk's
-        // queries that probe them.
+        // One parallel region: each task probes (one GEMM), prepares and scans its own
+        // queries (a small batch on two threads spent as long waking the pool for three
+        // regions as scanning). Inside a task, lists are scanned for the task's queries that
+        // probe them.
         let per_task = nq
             .div_ceil(rayon::current_num_threads() * 2)
             .clamp(16, 1024);
-        let rows: Vec<Vec<Cand>> = (0..nq)
-            .collect::<Vec<_>>()
-            .par_chunks(per_task)
+        queries
+            .par_chunks(per_task * d)
             .flat_map_iter(|qs| {
+                let probes = self.coarse.probe_rows(qs, self.nprobe);
+                let preps: Vec<QueryPrep> = qs.chunks(d).map(|q| self.prepare(q)).collect();
                 let mut by_list: Vec<Vec<(usize, f32)>> = Vec::new();
                 let mut touched: Vec<usize> = Vec::new();
-                for (local, &qi) in qs.iter().enumerate() {
-                    for &(coarse, l) in &probes[qi] {
+                for (local, probes) in probes.iter().enumerate() {
+                    for &(coarse, l) in probes {
                         let l = l as usize;
                         if self.lists[l].live() == 0 {
                             continue;
@@ -919,7 +920,7 @@ impl IndexIVFPQFastScan {
                     }
                 }
                 touched.sort_unstable();
-                let mut heaps: Vec<TopK<Cand>> = qs.iter().map(|_| TopK::new(c)).collect();
+                let mut heaps: Vec<TopK<Cand>> = preps.iter().map(|_| TopK::new(c)).collect();
                 let mut scratch = ListScratch::default();
                 let mut slots: Vec<LutSlot> = (0..MAX_QBS).map(|_| LutSlot::default()).collect();
                 let mut members = Vec::with_capacity(MAX_QBS);
@@ -931,7 +932,7 @@ impl IndexIVFPQFastScan {
                             .iter()
                             .zip(slots.iter_mut())
                             .map(|(&(local, coarse), slot)| {
-                                self.list_table(&preps[qs[local]], l, coarse, slot)
+                                self.list_table(&preps[local], l, coarse, slot)
                             })
                             .collect();
                         self.scan_list_group(l, &tables, &mut heaps, &members, &mut scratch);
@@ -939,12 +940,11 @@ impl IndexIVFPQFastScan {
                 }
                 heaps
                     .into_iter()
-                    .zip(qs)
-                    .map(|(h, &qi)| self.finish(&queries[qi * d..(qi + 1) * d], k, h.into_sorted()))
+                    .zip(qs.chunks(d))
+                    .map(|(h, q)| self.finish(q, k, h.into_sorted()))
                     .collect::<Vec<_>>()
             })
-            .collect();
-        rows
+            .collect()
     }
 
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {

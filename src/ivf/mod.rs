@@ -144,27 +144,31 @@ impl CoarseQuantizer {
 
     /// The `nprobe` best lists of each row of `queries` (`nq * d`), one GEMM per chunk.
     pub fn probe_batch(&self, queries: &[f32], nprobe: usize) -> Vec<Vec<(f32, u32)>> {
-        let (d, nlist) = (self.d, self.nlist);
-        let np = nprobe.clamp(1, nlist);
+        let d = self.d;
         // One chunk per thread at least (a batch of 1,000 queries was one sequential GEMM).
         let rows = (queries.len() / d.max(1))
             .div_ceil(rayon::current_num_threads())
             .clamp(16, ASSIGN_CHUNK);
         queries
             .par_chunks(rows * d)
-            .flat_map_iter(|rows| {
-                let r = rows.len() / d;
-                let mut scores = vec![0.0f32; r * nlist];
-                gemm_abt(rows, r, &self.centroids, nlist, d, &mut scores, nlist);
-                scores
-                    .chunks_mut(nlist)
-                    .map(|row| {
-                        for (l, v) in row.iter_mut().enumerate() {
-                            *v = self.adjust(*v, l);
-                        }
-                        select_topk(row, np)
-                    })
-                    .collect::<Vec<_>>()
+            .flat_map_iter(|rows| self.probe_rows(rows, nprobe))
+            .collect()
+    }
+
+    /// [`CoarseQuantizer::probe_batch`] on the calling thread: one GEMM for all of `rows`.
+    pub fn probe_rows(&self, rows: &[f32], nprobe: usize) -> Vec<Vec<(f32, u32)>> {
+        let (d, nlist) = (self.d, self.nlist);
+        let np = nprobe.clamp(1, nlist);
+        let r = rows.len() / d.max(1);
+        let mut scores = vec![0.0f32; r * nlist];
+        gemm_abt(rows, r, &self.centroids, nlist, d, &mut scores, nlist);
+        scores
+            .chunks_mut(nlist)
+            .map(|row| {
+                for (l, v) in row.iter_mut().enumerate() {
+                    *v = self.adjust(*v, l);
+                }
+                select_topk(row, np)
             })
             .collect()
     }
