@@ -973,15 +973,25 @@ struct ListHandler<'a> {
     live: &'a mut Vec<u16>,
 }
 
+impl ListHandler<'_> {
+    /// A u16 floor below every sum of table `lut` (scores offset by `bias`) whose float score
+    /// can beat `worst` (one step of margin for the float conversion's rounding); `None`
+    /// when every sum may.
+    #[inline]
+    fn floor_for(worst: &Cand, lut: &QuantizedLut, bias: f32) -> Option<u16> {
+        let x = (worst.score - bias - lut.bias) / lut.delta;
+        (x >= 2.0).then(|| (x.floor() as f64 - 1.0).min(65_535.0) as u16)
+    }
+}
+
 impl ScanHandler for ListHandler<'_> {
-    /// Per query, a u16 floor below every sum whose float score can beat the heap's worst
-    /// (one step of margin for rounding); 0 while the heap is not full.
+    /// Per query, [`ListHandler::floor_for`] its heap's worst; 0 (and every sum offered)
+    /// while the heap is not full.
     fn thresholds(&mut self, out: &mut [u16]) -> bool {
         for (j, ((lut, bias), &h)) in self.tables.iter().zip(self.members).enumerate() {
-            self.floors[j] = self.heaps[h].worst().and_then(|worst| {
-                let x = (worst.score - bias - lut.bias) / lut.delta;
-                (x >= 2.0).then(|| (x.floor() as f64 - 1.0).min(65_535.0) as u16)
-            });
+            self.floors[j] = self.heaps[h]
+                .worst()
+                .and_then(|worst| Self::floor_for(&worst, lut, *bias));
             out[j] = self.floors[j].unwrap_or(0);
         }
         true
@@ -991,6 +1001,7 @@ impl ScanHandler for ListHandler<'_> {
         let valid = (self.n - base).min(nb * BBS);
         let ids = &self.ids[base..base + valid];
         for (j, ((lut, bias), &h)) in self.tables.iter().zip(self.members).enumerate() {
+            let (lut, bias) = (*lut, *bias);
             let heap = &mut self.heaps[h];
             let sums = of_query(sums, j, nb * BBS);
             // A heap that is not full (the first lists of a query) took every score from
@@ -999,16 +1010,26 @@ impl ScanHandler for ListHandler<'_> {
                 None if !heap.is_reservoir() => chunk_floor(self.live, sums, ids, heap.cap()),
                 _ => None,
             };
+            // The floor follows the heap through the chunk: once a candidate enters, the sums
+            // that can no longer beat the new worst are skipped before any float is made.
+            // (-1: every sum is offered.)
+            let as_floor = |f: Option<u16>| f.map_or(-1, i32::from);
+            let mut floor = as_floor(self.floors[j]).max(as_floor(cut));
             let list = self.list;
             let mut offer = |i: usize| {
-                let id = ids[i];
-                if id >= 0 && cut.is_none_or(|f| sums[i] > f) {
-                    heap.push(Cand {
-                        score: bias + lut.score(sums[i]),
-                        id,
-                        list,
-                        offset: (base + i) as u32,
-                    });
+                let (s, id) = (sums[i], ids[i]);
+                if i32::from(s) <= floor || id < 0 {
+                    return;
+                }
+                let cand = Cand {
+                    score: bias + lut.score(s),
+                    id,
+                    list,
+                    offset: (base + i) as u32,
+                };
+                heap.push(cand);
+                if let Some(worst) = heap.worst() {
+                    floor = floor.max(as_floor(Self::floor_for(&worst, lut, bias)));
                 }
             };
             if self.floors[j].is_none() {
