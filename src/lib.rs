@@ -11,7 +11,7 @@
 //! | [`ivf`] | coarse quantizer of the inverted-file index |
 //! | [`pq`] | product quantizer: `train`, `encode`, per-query `lut` |
 //! | [`index`] | indexes: [`IndexFlat`] (exact, f32/f16), [`IndexPQ`] (ADC), [`IndexPQFastScan`] (4-bit fast-scan), [`IndexIVFPQFastScan`] (IVF), [`StreamingIndex`] (concurrent add/search/refresh) |
-//! | `select` | (internal) top-k selection, small k (heap) and large k (quickselect, u16 radix select) |
+//! | `select` | (internal) top-k selection: `TopK` (heap, reservoir from 48 kept; the one top-k type), large k (quickselect, u16 radix select) |
 //! | [`attention`] | the attention client: per layer and kv_head KV cache, selectors, sparse attention ([`AttentionRetriever`]) |
 //! | [`io`] | `.npy`, `.fvecs`, `.ivecs` readers; the file container (`io::container`) and the files' facade (`io::file`) |
 //! | `cli` | (feature `cli`, default) the `pqcache` command line |
