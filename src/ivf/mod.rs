@@ -142,20 +142,9 @@ impl CoarseQuantizer {
         labels
     }
 
-    /// The `nprobe` best lists of each row of `queries` (`nq * d`), one GEMM per chunk.
-    pub fn probe_batch(&self, queries: &[f32], nprobe: usize) -> Vec<Vec<(f32, u32)>> {
-        let d = self.d;
-        // One chunk per thread at least (a batch of 1,000 queries was one sequential GEMM).
-        let rows = (queries.len() / d.max(1))
-            .div_ceil(rayon::current_num_threads())
-            .clamp(16, ASSIGN_CHUNK);
-        queries
-            .par_chunks(rows * d)
-            .flat_map_iter(|rows| self.probe_rows(rows, nprobe))
-            .collect()
-    }
-
-    /// [`CoarseQuantizer::probe_batch`] on the calling thread: one GEMM for all of `rows`.
+    /// The `nprobe` best lists of each row of `rows` (`nq * d`), best first, with their coarse
+    /// scores: one GEMM for all of them, on the calling thread (the IVF batch search runs one
+    /// per task).
     pub fn probe_rows(&self, rows: &[f32], nprobe: usize) -> Vec<Vec<(f32, u32)>> {
         let (d, nlist) = (self.d, self.nlist);
         let np = nprobe.clamp(1, nlist);
@@ -211,6 +200,12 @@ mod tests {
                     .fold((f32::NEG_INFINITY, 0), |b, s| if s.0 > b.0 { s } else { b });
                 assert_eq!(labels[i] as usize, want.1, "{metric:?} row {i}");
                 assert_eq!(q.probe(&k, row, 1)[0].1 as usize, want.1);
+            }
+            // The batch form (one GEMM) picks the same best list for every row.
+            let batch = q.probe_rows(&x, 1);
+            assert_eq!(batch.len(), 300);
+            for (i, p) in batch.iter().enumerate() {
+                assert_eq!(p[0].1, labels[i], "{metric:?} row {i}");
             }
             assert_eq!(q.probe(&k, &x[..d], 99).len(), 5);
         }
