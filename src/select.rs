@@ -3,8 +3,9 @@
 //! Two strategies, chosen by [`select_topk`] from `k` and `n`:
 //!
 //! * **heap** (small k, the ANN case): [`TopK`], a binary heap of the `k` best so far with the
-//!   worst at the root (a reservoir from 48 kept). Each new score is compared once with the root (the threshold) and rejected in
-//!   the common case, so the cost is `O(n + k log k log(n / k))`.
+//!   worst at the root (a reservoir from 48 kept). Each new score is compared once with the
+//!   root (the threshold) and rejected in the common case, so the cost is
+//!   `O(n + k log k log(n / k))`.
 //! * **quickselect** (large k, the attention case, k = 5-20 % of n): `select_nth_unstable` on
 //!   (score, position) pairs, then a sort of the `k` survivors: `O(n + k log k)`.
 //!
@@ -78,7 +79,8 @@ impl<T: Ord + Copy> TopK<T> {
     }
 
     /// The candidate an offer must beat, once there is one (only better candidates can still
-    /// enter; never for a capacity of 0, which takes nothing): the worst kept (heap), or the floor of the last compaction (reservoir).
+    /// enter; never for a capacity of 0, which takes nothing): the worst kept (heap), or the
+    /// floor of the last compaction (reservoir).
     #[inline(always)]
     pub fn worst(&self) -> Option<T> {
         if self.is_reservoir() {

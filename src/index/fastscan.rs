@@ -20,7 +20,9 @@
 //! originals if kept.
 
 use super::flat::FlatStorage;
-use super::scan::{Chunking, FloorHandler, HeapHandler, RowsHandler, Scan, ScanScratch};
+use super::scan::{
+    Chunking, FloorHandler, HeapHandler, RowsHandler, Scan, ScanScratch, CHUNK_BLOCKS,
+};
 use super::{check_k, check_vectors, Index};
 use crate::error::{Error, Result};
 use crate::kmeans::KMeansConfig;
@@ -35,9 +37,6 @@ use pqcache_simd::fastscan::{FastScanKernel, BBS, MAX_QBS};
 use pqcache_simd::Level;
 use rayon::prelude::*;
 
-/// Blocks scanned per kernel call (512 vectors: the u16 scores of a chunk stay in L1, and
-/// the heap threshold handed to the kernel is refreshed every 512 vectors).
-const CHUNK_BLOCKS: usize = 16;
 /// Largest chunk of the single-threaded small-k scan (it starts at `CHUNK_BLOCKS` and doubles;
 /// 64 blocks of 4 queries keep the score buffer, 16 KB, in L1).
 const SEQUENTIAL_CHUNK_BLOCKS: usize = 64;
@@ -218,7 +217,7 @@ impl IndexPQFastScan {
             });
         }
         let d = self.pq.dim();
-        let (bb, m2) = (self.codes.block_bytes(), self.codes.m2());
+        let m2 = self.codes.m2();
         let span = CHUNK_BLOCKS * BBS;
         let mut tables = Vec::with_capacity(nq);
         if rayon::current_num_threads() == 1 && n.is_multiple_of(BBS) {
@@ -262,18 +261,9 @@ impl IndexPQFastScan {
             let scan = self.scan_of(&bytes, gq);
             pieces
                 .into_par_iter()
-                .zip(self.codes.data().par_chunks(CHUNK_BLOCKS * bb))
-                .enumerate()
-                .for_each_init(ScanScratch::default, |scratch, (ci, (mut rows, chunk))| {
-                    let base = ci * CHUNK_BLOCKS * BBS;
-                    let mut rows = RowsHandler { rows: &mut rows };
-                    scan.blocks(
-                        chunk,
-                        base,
-                        Chunking::fixed(CHUNK_BLOCKS),
-                        scratch,
-                        &mut rows,
-                    );
+                .zip(scan.tasks(self.codes.data()))
+                .for_each_init(ScanScratch::default, |scratch, (mut rows, (ci, chunk))| {
+                    scan.task(ci, chunk, scratch, &mut RowsHandler { rows: &mut rows });
                 });
             tables.extend(luts);
         }
@@ -309,7 +299,7 @@ impl IndexPQFastScan {
     /// the smaller position).
     fn candidates(&self, luts: &[QuantizedLut], c: usize) -> Vec<Vec<(u16, u32)>> {
         let n = self.ntotal();
-        let (bb, nq) = (self.codes.block_bytes(), luts.len());
+        let nq = luts.len();
         let bytes = concat_tables(luts);
         if c * 32 <= n {
             let scan = self.scan_of(&bytes, nq);
@@ -334,10 +324,7 @@ impl IndexPQFastScan {
                 );
                 heaps
             } else {
-                self.codes
-                    .data()
-                    .par_chunks(CHUNK_BLOCKS * bb)
-                    .enumerate()
+                scan.tasks(self.codes.data())
                     .fold(
                         || (vec![TopK::new(c); nq], ScanScratch::default()),
                         |(mut heaps, mut scratch), (ci, chunk)| {
@@ -345,9 +332,7 @@ impl IndexPQFastScan {
                                 heaps: &mut heaps,
                                 n,
                             };
-                            let (base, chunking) =
-                                (ci * CHUNK_BLOCKS * BBS, Chunking::fixed(CHUNK_BLOCKS));
-                            scan.blocks(chunk, base, chunking, &mut scratch, &mut handler);
+                            scan.task(ci, chunk, &mut scratch, &mut handler);
                             (heaps, scratch)
                         },
                     )
@@ -422,7 +407,7 @@ impl IndexPQFastScan {
         nq: usize,
         floors: &[u16; MAX_QBS],
     ) -> Vec<Vec<(u16, u32)>> {
-        let (bb, n) = (self.codes.block_bytes(), self.ntotal());
+        let n = self.ntotal();
         let scan = self.scan_of(bytes, nq);
         let floors = &floors[..nq];
         if rayon::current_num_threads() == 1 {
@@ -444,11 +429,8 @@ impl IndexPQFastScan {
             );
             return found;
         }
-        let per_chunk: Vec<Vec<Vec<(u16, u32)>>> = self
-            .codes
-            .data()
-            .par_chunks(CHUNK_BLOCKS * bb)
-            .enumerate()
+        let per_chunk: Vec<Vec<Vec<(u16, u32)>>> = scan
+            .tasks(self.codes.data())
             .map_init(ScanScratch::default, |scratch, (ci, chunk)| {
                 let mut found = vec![Vec::new(); nq];
                 let mut handler = FloorHandler {
@@ -456,8 +438,7 @@ impl IndexPQFastScan {
                     found: &mut found,
                     n,
                 };
-                let (base, chunking) = (ci * CHUNK_BLOCKS * BBS, Chunking::fixed(CHUNK_BLOCKS));
-                scan.blocks(chunk, base, chunking, scratch, &mut handler);
+                scan.task(ci, chunk, scratch, &mut handler);
                 found
             })
             .collect();

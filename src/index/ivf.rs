@@ -29,7 +29,7 @@
 
 use super::fastscan::RerankStorage;
 use super::flat::FlatStorage;
-use super::scan::{self, of_query, Chunking, Scan, ScanHandler};
+use super::scan::{self, of_query, Chunking, Scan, ScanHandler, CHUNK_BLOCKS};
 use super::{check_k, check_vectors, for_each_marked, Index};
 use crate::buf::Buf;
 use crate::error::{Error, Result};
@@ -52,8 +52,6 @@ use std::cmp::Ordering;
 use std::collections::HashSet;
 use std::sync::Arc;
 
-/// Blocks scanned per kernel call.
-const CHUNK_BLOCKS: usize = 16;
 /// At most this many training vectors are re-encoded to measure the training error.
 const DRIFT_SAMPLE: usize = 16_384;
 /// A list is compacted when this fraction of it (or more) is tombstones.

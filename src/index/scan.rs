@@ -25,6 +25,12 @@
 use super::for_each_marked;
 use crate::select::{from_u16_key, u16_key, TopK};
 use pqcache_simd::fastscan::{FastScanKernel, BBS, MAX_QBS};
+use rayon::prelude::*;
+
+/// Blocks per kernel call of the parallel scans and of IVF's lists (512 vectors: the u16
+/// sums of a chunk stay in L1, and a heap's threshold handed to the kernel is refreshed every
+/// 512 vectors). The drivers split their codes into tasks of this many blocks.
+pub(crate) const CHUNK_BLOCKS: usize = 16;
 
 /// What a scan does with the sums of each chunk.
 pub(crate) trait ScanHandler {
@@ -74,7 +80,30 @@ pub(crate) struct Scan<'a> {
     pub nq: usize,
 }
 
-impl Scan<'_> {
+impl<'a> Scan<'a> {
+    /// The tasks of a parallel driver over `codes`: (task index, its [`CHUNK_BLOCKS`] blocks),
+    /// each scanned by [`Scan::task`].
+    pub fn tasks<'c>(
+        &self,
+        codes: &'c [u8],
+    ) -> impl IndexedParallelIterator<Item = (usize, &'c [u8])> + use<'c, 'a> {
+        codes
+            .par_chunks(CHUNK_BLOCKS * self.block_bytes)
+            .enumerate()
+    }
+
+    /// Scans task `ci` of [`Scan::tasks`] (`codes`: its blocks) in one kernel call.
+    pub fn task(
+        &self,
+        ci: usize,
+        codes: &[u8],
+        scratch: &mut ScanScratch,
+        handler: &mut impl ScanHandler,
+    ) {
+        let chunking = Chunking::fixed(CHUNK_BLOCKS);
+        self.blocks(codes, ci * CHUNK_BLOCKS * BBS, chunking, scratch, handler);
+    }
+
     /// Scans the blocks of `codes` (whole blocks; vector `base` first) in chunks, feeding
     /// `handler`.
     pub fn blocks(
