@@ -87,33 +87,20 @@ fn bench_step(c: &mut Criterion) {
             let name =
                 format!("select/{spec}/kv_heads=8/group=4/d=128/context={context}/ratio=0.1");
             g.bench_function(BenchmarkId::from_parameter(name), |b| {
-                b.iter_custom(|iters| in_pool(&pool, iters, || r.select(0, &queries).unwrap()))
+                b.iter_custom(|iters| {
+                    common::in_pool(&pool, iters, || r.select(0, &queries).unwrap())
+                })
             });
             let name =
                 format!("select_step/{spec}/kv_heads=8/group=4/d=128/context={context}/ratio=0.1");
             g.bench_function(BenchmarkId::from_parameter(name), |b| {
-                b.iter_custom(|iters| in_pool(&pool, iters, || r.select_step(0, &queries).unwrap()))
+                b.iter_custom(|iters| {
+                    common::in_pool(&pool, iters, || r.select_step(0, &queries).unwrap())
+                })
             });
         }
     }
     g.finish();
-}
-
-/// Times `iters` calls of `f` inside the one-thread `pool`: one hand-over per sample, as the
-/// exact-scores row (which runs on the bench thread) pays none. A hand-over per call costs tens
-/// to hundreds of microseconds on this VM, a few % of a step.
-fn in_pool<R>(
-    pool: &rayon::ThreadPool,
-    iters: u64,
-    f: impl Fn() -> R + Sync,
-) -> std::time::Duration {
-    pool.install(|| {
-        let start = std::time::Instant::now();
-        for _ in 0..iters {
-            std::hint::black_box(f());
-        }
-        start.elapsed()
-    })
 }
 
 criterion_group!(benches, bench_step);

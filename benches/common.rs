@@ -18,3 +18,20 @@ pub fn keys_like(n: usize, d: usize, seed: u64) -> Vec<f32> {
 pub fn force_level(level: pqcache::Level) {
     std::env::set_var(pqcache_simd::level::LEVEL_ENV, level.name());
 }
+
+/// Times `iters` calls of `f` inside `pool` (criterion's `iter_custom`): one hand-over to the
+/// pool per sample, not per call. A hand-over per call costs tens to hundreds of microseconds
+/// on this VM: a third of a one-query search, a few % of an attention step.
+pub fn in_pool<R>(
+    pool: &rayon::ThreadPool,
+    iters: u64,
+    mut f: impl FnMut() -> R + Send,
+) -> std::time::Duration {
+    pool.install(|| {
+        let start = std::time::Instant::now();
+        for _ in 0..iters {
+            std::hint::black_box(f());
+        }
+        start.elapsed()
+    })
+}

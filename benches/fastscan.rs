@@ -88,16 +88,9 @@ fn bench_search(c: &mut Criterion) {
                     assert_eq!(r.ids.len(), 4 * k);
                     g.throughput(Throughput::Elements((4 * n) as u64));
                     let name = format!("m={m}/n={n}/k={k}/qbs={qbs}/level={}", idx.level());
-                    // Timed inside the pool (one hand-over per sample, not per search).
                     g.bench_function(BenchmarkId::from_parameter(name), |b| {
                         b.iter_custom(|iters| {
-                            pool.install(|| {
-                                let start = std::time::Instant::now();
-                                for _ in 0..iters {
-                                    std::hint::black_box(idx.search(&queries, k).unwrap());
-                                }
-                                start.elapsed()
-                            })
+                            common::in_pool(&pool, iters, || idx.search(&queries, k).unwrap())
                         })
                     });
                 }
@@ -142,18 +135,15 @@ fn bench_bandwidth(c: &mut Criterion) {
             acc
         })
     });
-    // The timed loop runs inside the one-thread pool (one hand-over per sample, not per
-    // search: waking a pool thread costs tens of microseconds here, a third of a search).
+    // Timed inside the one-thread pool (`common::in_pool`): the search itself, not a
+    // hand-over per call.
     let name = format!("search/m={m}/n={n}/k=10/qbs=1/level={}", idx.level());
+    let mut i = 0;
     g.bench_function(BenchmarkId::from_parameter(name), |b| {
         b.iter_custom(|iters| {
-            pool.install(|| {
-                let start = std::time::Instant::now();
-                for i in 0..iters as usize {
-                    let q = &queries[(i % 16) * d..(i % 16 + 1) * d];
-                    std::hint::black_box(idx.search(q, 10).unwrap());
-                }
-                start.elapsed()
+            common::in_pool(&pool, iters, || {
+                i = (i + 1) % 16;
+                idx.search(&queries[i * d..(i + 1) * d], 10).unwrap()
             })
         })
     });
