@@ -11,14 +11,18 @@
 //! lists      per head (layer-major, then kv_head): positions, state (0 untrained: exact
 //!            selection, 1 rebuilt from the keys, 2 pq, 3 fast-scan); from format 4 also the
 //!            queries seen and the positions its index was trained on (0: none)
-//! head_stats from format 4, f64 per head: its value sums (head_dim), then its query energy
-//!            (head_dim sums of squares); before, the value sums were summed again from the
-//!            values on open (a read of every value) and the energy started empty
+//! head_stats from format 4, f64 per head: its value sums (head_dim), then its query energy:
+//!            from format 5 `QueryEnergy::stored_words` (head_dim^2 outer-product sums up to
+//!            head_dim 512, else head_dim sums of squares), in format 4 head_dim sums of
+//!            squares; before, the value sums were summed again from the values on open (a
+//!            read of every value) and the energy started empty
 //! keys       f16, head after head (positions * head_dim each); values: the same
 //! pq_centroids, codes   per head with a trained index, head after head
-//! transform  per fast-scan head, head after head: the key transform's permutation (head_dim
-//!            u32) then its scales (head_dim f32 bits); absent in files of format 1, whose
-//!            fast-scan heads read the identity
+//! transform  per fast-scan head, head after head: from format 5 a kind word (0 diagonal, 1
+//!            full), then for a diagonal map its permutation (head_dim u32) and scales
+//!            (head_dim f32 bits), for a full map its key then query matrices (head_dim^2 f32
+//!            bits each, row-major); before format 5 always the diagonal's two arrays, no
+//!            kind word; absent in files of format 1, whose fast-scan heads read the identity
 //! ```
 //!
 //! Opening maps the file: keys, values and fast-scan / PQ codes stay in the mapping (a head
@@ -38,7 +42,7 @@ use crate::io::container::{
 };
 use crate::metric::Metric;
 use crate::pq::pack::PackedCodes;
-use crate::pq::transform::{DimTransform, QueryEnergy};
+use crate::pq::transform::{DimTransform, Map, QueryEnergy};
 use crate::pq::{Nbits, ProductQuantizer};
 use half::f16;
 use pqcache_simd::fastscan::{block_bytes, BBS};
@@ -46,6 +50,10 @@ use std::borrow::Cow;
 use std::path::Path;
 
 const NO_WINDOW: u64 = u64::MAX;
+/// From format 5, the first word of a head's transform: a permutation and scales follow.
+const TRANSFORM_DIAGONAL: u32 = 0;
+/// From format 5, the first word of a head's transform: the key and query maps follow.
+const TRANSFORM_FULL: u32 = 1;
 /// Words per head in `lists` (format 4; 2 before).
 const LIST_WORDS: usize = 4;
 /// Bounds on what a file may declare.
@@ -93,8 +101,18 @@ impl Persist for AttentionRetriever {
                 Some(StoredHead::FastScan(fs, transform, trained_len)) => {
                     cents.push(Cow::Borrowed(bytemuck::cast_slice(fs.pq().centroids())));
                     codes.push(Cow::Borrowed(fs.packed_codes().data()));
-                    transforms.push(Cow::Borrowed(bytemuck::cast_slice(transform.perm())));
-                    transforms.push(Cow::Borrowed(bytemuck::cast_slice(transform.scale())));
+                    match transform.map() {
+                        Map::Diagonal { perm, scale } => {
+                            transforms.push(Cow::Owned(TRANSFORM_DIAGONAL.to_le_bytes().to_vec()));
+                            transforms.push(Cow::Borrowed(bytemuck::cast_slice(perm)));
+                            transforms.push(Cow::Borrowed(bytemuck::cast_slice(scale)));
+                        }
+                        Map::Full { keys, queries, .. } => {
+                            transforms.push(Cow::Owned(TRANSFORM_FULL.to_le_bytes().to_vec()));
+                            transforms.push(Cow::Borrowed(bytemuck::cast_slice(keys)));
+                            transforms.push(Cow::Borrowed(bytemuck::cast_slice(queries)));
+                        }
+                    }
                     (3, trained_len as u64)
                 }
             };
@@ -103,7 +121,10 @@ impl Persist for AttentionRetriever {
             words.push(h.queries.count() as u64);
             words.push(trained_len);
             stats.push(Cow::Borrowed(bytemuck::cast_slice(h.value_sum.as_slice())));
-            stats.push(Cow::Borrowed(bytemuck::cast_slice(h.queries.sum_sq())));
+            stats.push(match h.queries.stored_words() {
+                Cow::Borrowed(w) => Cow::Borrowed(bytemuck::cast_slice(w)),
+                Cow::Owned(w) => Cow::Owned(bytemuck::cast_slice(&w).to_vec()),
+            });
         }
         let spec = c.selector.to_words().to_vec();
         let mut secs = vec![
@@ -250,11 +271,24 @@ pub(crate) fn read(r: &Reader<'_>) -> Result<AttentionRetriever> {
             format!("the section does not hold {list_words} words for each of {nheads} heads"),
         ));
     }
+    // Per head in head_stats: the value sums, then the query energy (format 5: its stored
+    // words, `d^2` up to `FULL_MOMENT_MAX_DIM`; format 4: `d` sums of squares).
+    let v5 = r.info.version >= FormatVersion::V5 as u32;
+    let energy_len = if v5 {
+        QueryEnergy::stored_len(d).ok_or_else(|| corrupt("meta", "head_dim too large"))?
+    } else {
+        d
+    };
+    let stat_len = checked(d, 1)?
+        .checked_add(energy_len)
+        .ok_or_else(|| corrupt("meta", "head_dim too large"))?;
     let stats: Option<Vec<f64>> = if v4 {
-        if r.count(Tag::HeadStats) != Some(checked(checked(nheads, d)?, 2)?) {
+        if r.count(Tag::HeadStats) != Some(checked(nheads, stat_len)?) {
             return Err(corrupt(
                 "head_stats",
-                format!("the section does not hold 2 x {d} values for each of {nheads} heads"),
+                format!(
+                    "the section does not hold {d} + {energy_len} values for each of {nheads} heads"
+                ),
             ));
         }
         Some(r.vec(Tag::HeadStats)?)
@@ -328,15 +362,7 @@ pub(crate) fn read(r: &Reader<'_>) -> Result<AttentionRetriever> {
                 let idx = IndexPQFastScan::from_parts(pq, Metric::InnerProduct, codes, None)
                     .map_err(|e| corrupt("codes", e.to_string()))?;
                 let transform = if has_transforms {
-                    let perm = r.buf::<u32>(Tag::Transform, transform_at, d)?.to_vec();
-                    let scale: Vec<f32> = r
-                        .buf::<u32>(Tag::Transform, transform_at + d, d)?
-                        .iter()
-                        .map(|&b| f32::from_bits(b))
-                        .collect();
-                    transform_at += 2 * d;
-                    DimTransform::from_parts(perm, scale)
-                        .map_err(|e| corrupt("transform", e.to_string()))?
+                    read_transform(r, d, v5, &mut transform_at)?
                 } else {
                     DimTransform::identity(d)
                 };
@@ -360,7 +386,7 @@ pub(crate) fn read(r: &Reader<'_>) -> Result<AttentionRetriever> {
         head.keys = super::rows::RowStore::from_buf(keys);
         match &stats {
             Some(stats) => {
-                let own = &stats[i * 2 * d..(i + 1) * 2 * d];
+                let own = &stats[i * stat_len..(i + 1) * stat_len];
                 if let Some(bad) = own[..d].iter().find(|v| !v.is_finite()) {
                     return Err(corrupt(
                         "head_stats",
@@ -368,7 +394,7 @@ pub(crate) fn read(r: &Reader<'_>) -> Result<AttentionRetriever> {
                     ));
                 }
                 head.value_sum.copy_from_slice(&own[..d]);
-                head.queries = QueryEnergy::from_parts(own[d..].to_vec(), query_count)
+                head.queries = QueryEnergy::from_parts(d, own[d..].to_vec(), query_count)
                     .map_err(|e| corrupt("head_stats", format!("head {i}: {e}")))?;
             }
             None => super::add_rows(&mut head.value_sum, &values),
@@ -389,6 +415,42 @@ pub(crate) fn read(r: &Reader<'_>) -> Result<AttentionRetriever> {
         }
     }
     Ok(ret)
+}
+
+/// One fast-scan head's transform at word `at` of the transform section: from format 5 a
+/// kind word, then a permutation and scales (`2 d` words) or the key and query maps
+/// (`2 d^2`); before, always the permutation and scales.
+fn read_transform(r: &Reader<'_>, d: usize, v5: bool, at: &mut usize) -> Result<DimTransform> {
+    let kind = if v5 {
+        let k = r.buf::<u32>(Tag::Transform, *at, 1)?[0];
+        *at += 1;
+        k
+    } else {
+        TRANSFORM_DIAGONAL
+    };
+    let floats = |at: usize, n: usize| -> Result<Vec<f32>> {
+        Ok(r.buf::<u32>(Tag::Transform, at, n)?
+            .iter()
+            .map(|&b| f32::from_bits(b))
+            .collect())
+    };
+    let bad = |e: Error| corrupt("transform", e.to_string());
+    match kind {
+        TRANSFORM_DIAGONAL => {
+            let perm = r.buf::<u32>(Tag::Transform, *at, d)?.to_vec();
+            let scale = floats(*at + d, d)?;
+            *at += 2 * d;
+            DimTransform::from_parts(perm, scale).map_err(bad)
+        }
+        TRANSFORM_FULL => {
+            let dd = checked(d, d)?;
+            let keys = floats(*at, dd)?;
+            let queries = floats(*at + dd, dd)?;
+            *at += 2 * dd;
+            DimTransform::from_matrices(d, keys, queries).map_err(bad)
+        }
+        other => Err(corrupt("transform", format!("transform kind {other}"))),
+    }
 }
 
 fn quantizer(

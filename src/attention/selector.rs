@@ -9,9 +9,10 @@
 //! | `fastscan:Mx4[:rerankF][:plain][:static]` | [`IndexPQFastScan`] after a [`DimTransform`] | u8-table fast-scan of the whole group at once; optionally the best `F * k` re-scored exactly |
 //! | `quest:P` | page min/max | Quest's upper bound `sum_c max(q_c min_c, q_c max_c)` per page of `P` tokens; pages in bound order until the budget is spent |
 //!
-//! Fast-scan keys pass through a [`DimTransform`] fitted at prefill: channels scaled by the
-//! prefill queries' root mean square (when the caller gives them) and dealt to sub-spaces so
-//! that each carries the same share of variance; `:plain` quantizes the raw keys instead.
+//! Fast-scan keys pass through a [`DimTransform`] fitted at prefill: whitened by the prefill
+//! queries' second moment (when the caller gives them), rotated to their principal axes and
+//! dealt to sub-spaces so that each carries the same share of variance; `:plain` quantizes
+//! the raw keys instead.
 //!
 //! **Codebook refresh.** Post-RoPE keys drift with position: the slow-rotating channels of
 //! keys decoded after the prefill take angles the prefill never showed, and codebooks trained

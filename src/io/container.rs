@@ -88,11 +88,15 @@ pub enum FormatVersion {
     /// words per head in `lists` (queries seen, positions trained on): an opened cache reads
     /// no key or value it does not attend to. Adds the `context` kind.
     V4 = 4,
+    /// The attention file's fast-scan transforms may be full maps (a kind word per head) and
+    /// its `head_stats` hold each head's full query second moment for head dimensions up to
+    /// 512 (`QueryEnergy::stored_words`).
+    V5 = 5,
 }
 
 impl FormatVersion {
     /// The version written.
-    pub const CURRENT: FormatVersion = FormatVersion::V4;
+    pub const CURRENT: FormatVersion = FormatVersion::V5;
     /// The oldest version read.
     pub const OLDEST_SUPPORTED: FormatVersion = FormatVersion::V1;
 
@@ -102,6 +106,7 @@ impl FormatVersion {
             2 => Ok(FormatVersion::V2),
             3 => Ok(FormatVersion::V3),
             4 => Ok(FormatVersion::V4),
+            5 => Ok(FormatVersion::V5),
             found => Err(Error::Incompatible {
                 found,
                 supported: format!(
