@@ -784,7 +784,7 @@ impl<'m> Session<'m> {
                         causal_attention(&q, h, hd, &kv, at, &mut attn);
                         lap(&mut bd.global_attention, &mut t);
                     } else {
-                        self.cache.append(gi, &k16, &v16)?;
+                        self.cache.append_with_queries(gi, &k16, &v16, &q)?;
                         lap(&mut bd.cache_update, &mut t);
                         let len = self.cache.len(gi);
                         let out = match &self.backend {

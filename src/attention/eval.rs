@@ -130,12 +130,14 @@ pub fn evaluate(dump: &AttentionDump, cfg: &EvalConfig) -> Result<Vec<EvalRow>> 
             )?;
             let mut next = prefill;
             for &t in &steps {
-                // Decoded tokens prefill..=t enter the cache one by one.
+                // Decoded tokens prefill..=t enter the cache one by one, with their queries
+                // (as a decode step hands them over).
                 while next <= t {
-                    retriever.append(
+                    retriever.append_with_queries(
                         layer,
                         &rows(keys_of, kvh, next..next + 1, d),
                         &rows(values_of, kvh, next..next + 1, d),
+                        &f16_to_f32(&rows(queries_of, dump.q_heads, next..next + 1, d)),
                     )?;
                     next += 1;
                 }

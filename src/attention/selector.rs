@@ -332,14 +332,17 @@ impl SelectorSpec {
             }
             (
                 SelectorSpec::FastScan {
-                    m, rerank, refresh, ..
+                    m,
+                    rerank,
+                    refresh,
+                    transform: fitted,
                 },
                 RestoredHead::FastScan(fs, transform, trained_len),
             ) => {
                 if fs.pq().m() != *m || fs.dim() != d || transform.dim() != d {
                     return Err(mismatch());
                 }
-                let mut index = FastScanIndex::new(fs, transform, *rerank, *refresh);
+                let mut index = FastScanIndex::new(fs, transform, *rerank, *refresh, *fitted);
                 if let Some(t) = trained_len {
                     if t == 0 || t > index.fs.ntotal() {
                         return Err(Error::InvalidArgument(format!(
@@ -401,15 +404,17 @@ impl SelectorSpec {
             } => {
                 let mut fs = IndexPQFastScan::new(d, *m, Metric::InnerProduct)?;
                 fs.train_config.seed = seed;
-                let transform = if *transform {
+                let mapping = if *transform {
                     DimTransform::fit_with_energy(keys, queries, *m)?
                 } else {
                     DimTransform::identity(d)
                 };
-                let mapped = transform.keys(keys);
+                let mapped = mapping.keys(keys);
                 fs.train(&mapped)?;
                 fs.add(&mapped)?;
-                Box::new(FastScanIndex::new(fs, transform, *rerank, *refresh))
+                Box::new(FastScanIndex::new(
+                    fs, mapping, *rerank, *refresh, *transform,
+                ))
             }
             SelectorSpec::Quest { page } => {
                 let mut q = QuestIndex {
@@ -615,8 +620,9 @@ pub trait HeadIndex: Send + Sync {
         false
     }
     /// Re-trains on `keys` (every cached key, `len * d` f16, the last appended one included)
-    /// if the index's refresh policy says it is due; whether it did.
-    fn refresh_if_due(&mut self, _keys: &[f16], _d: usize) -> Result<bool> {
+    /// and `queries` (every query the head's group has shown the retriever) if the index's
+    /// refresh policy says it is due; whether it did.
+    fn refresh_if_due(&mut self, _keys: &[f16], _d: usize, _queries: &QueryEnergy) -> Result<bool> {
         Ok(false)
     }
     /// Chooses `ctx.k` positions among `ctx.candidates`, sorted ascending, with the tail
@@ -734,6 +740,8 @@ struct FastScanIndex {
     rerank: usize,
     /// Re-train as the cache grows (see the module doc).
     refresh: bool,
+    /// The transform is fitted (not `:plain`): a refresh re-fits it.
+    fit_transform: bool,
     /// Positions at the last training.
     trained_len: usize,
     softmax: SoftmaxKernel,
@@ -750,6 +758,7 @@ impl FastScanIndex {
         transform: DimTransform,
         rerank: usize,
         refresh: bool,
+        fit_transform: bool,
     ) -> FastScanIndex {
         FastScanIndex {
             trained_len: fs.ntotal(),
@@ -757,6 +766,7 @@ impl FastScanIndex {
             transform,
             rerank,
             refresh,
+            fit_transform,
             softmax: SoftmaxKernel::best(),
             filter: FilterKernel::best(),
             scratch: Mutex::new((Vec::new(), Vec::new())),
@@ -787,7 +797,7 @@ impl HeadIndex for FastScanIndex {
         self.refresh && len >= self.trained_len + (self.trained_len / 4).max(REFRESH_MIN_GROWTH)
     }
 
-    fn refresh_if_due(&mut self, keys: &[f16], d: usize) -> Result<bool> {
+    fn refresh_if_due(&mut self, keys: &[f16], d: usize, queries: &QueryEnergy) -> Result<bool> {
         let n = keys.len() / d.max(1);
         if !self.refresh_due(n) || d != self.fs.dim() {
             return Ok(false);
@@ -796,16 +806,26 @@ impl HeadIndex for FastScanIndex {
         let sample: Vec<f32> = (0..take)
             .flat_map(|i| {
                 let p = i * n / take;
-                keys[p * d..(p + 1) * d].iter().map(|v| v.to_f32())
+                crate::io::f16_to_f32(&keys[p * d..(p + 1) * d])
             })
             .collect();
-        let mut fs = IndexPQFastScan::new(d, self.fs.pq().m(), Metric::InnerProduct)?;
+        let m = self.fs.pq().m();
+        // Queries drift with position as the keys do: a fitted map is re-fitted to every
+        // query seen so far (the prompt's and the decoded steps' that were handed to the
+        // retriever), on the same sample of keys.
+        let transform = if self.fit_transform && queries.count() > 0 && queries.dim() == d {
+            DimTransform::fit_with_energy(&sample, queries, m)?
+        } else {
+            self.transform.clone()
+        };
+        let mut fs = IndexPQFastScan::new(d, m, Metric::InnerProduct)?;
         fs.train_config = self.fs.train_config.clone();
-        fs.train(&self.transform.keys(&sample))?;
+        fs.train(&transform.keys(&sample))?;
         for chunk in keys.chunks(REFRESH_ENCODE_CHUNK * d) {
-            fs.add(&self.transform.keys(&crate::io::f16_to_f32(chunk)))?;
+            fs.add(&transform.keys(&crate::io::f16_to_f32(chunk)))?;
         }
         self.fs = fs;
+        self.transform = transform;
         self.trained_len = n;
         Ok(true)
     }
