@@ -392,6 +392,17 @@ fn bad_input_is_a_typed_error() {
     assert_eq!(out, vec![0.0; 8], "no position attends to nothing");
 }
 
+/// The share of the exact selections' positions (sorted) that `sel` holds, over all probes.
+fn recall_of(sel: &[Vec<u32>], exact: &[Vec<u32>]) -> f64 {
+    let mut hit = 0;
+    let mut all = 0;
+    for (s, e) in sel.iter().zip(exact) {
+        hit += s.iter().filter(|p| e.binary_search(p).is_ok()).count();
+        all += e.len();
+    }
+    hit as f64 / all as f64
+}
+
 /// Keys that drift after the prefill (the decoded ones move to a region the prefill never
 /// covered, as slow RoPE channels do): a fast-scan head that re-trains as the cache grows
 /// keeps finding the exact top-k; one that keeps the prefill's codebooks (`:static`) maps
@@ -435,15 +446,7 @@ fn fastscan_refresh_follows_drifting_keys() {
         (r, sel)
     };
     let (_, exact) = run("exact");
-    let recall = |sel: &[Vec<u32>]| {
-        let mut hit = 0;
-        let mut all = 0;
-        for (s, e) in sel.iter().zip(&exact) {
-            hit += s.iter().filter(|p| e.binary_search(p).is_ok()).count();
-            all += e.len();
-        }
-        hit as f64 / all as f64
-    };
+    let recall = |sel: &[Vec<u32>]| recall_of(sel, &exact);
     let (refreshed, fresh_sel) = run("fastscan:4x4");
     let (_, static_sel) = run("fastscan:4x4:static");
     let (fresh, stale) = (recall(&fresh_sel), recall(&static_sel));
@@ -543,15 +546,7 @@ fn fastscan_refresh_refits_the_transform_to_drifting_queries() {
         (r, sel)
     };
     let (_, exact) = run("exact", false);
-    let recall = |sel: &[Vec<u32>]| {
-        let mut hit = 0;
-        let mut all = 0;
-        for (s, e) in sel.iter().zip(&exact) {
-            hit += s.iter().filter(|p| e.binary_search(p).is_ok()).count();
-            all += e.len();
-        }
-        hit as f64 / all as f64
-    };
+    let recall = |sel: &[Vec<u32>]| recall_of(sel, &exact);
     let (refitted, refit_sel) = run("fastscan:4x4", true);
     let (_, stale_sel) = run("fastscan:4x4", false);
     let (refit, stale) = (recall(&refit_sel), recall(&stale_sel));
