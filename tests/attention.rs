@@ -392,6 +392,21 @@ fn bad_input_is_a_typed_error() {
     assert_eq!(out, vec![0.0; 8], "no position attends to nothing");
 }
 
+/// The refresh tests' cache: one layer, one kv head of `g` query heads, `spec`, 200 tokens
+/// a step with 8 sink positions.
+fn refresh_test_retriever(spec: &str, g: usize, d: usize) -> AttentionRetriever {
+    let mut cfg = RetrieverConfig::new(AttentionShape {
+        layers: 1,
+        query_heads: g,
+        kv_heads: 1,
+        head_dim: d,
+    });
+    cfg.selector = spec.parse().unwrap();
+    cfg.budget = Budget::Tokens(200);
+    cfg.sink = 8;
+    AttentionRetriever::new(cfg).unwrap()
+}
+
 /// The share of the exact selections' positions (sorted) that `sel` holds, over all probes.
 fn recall_of(sel: &[Vec<u32>], exact: &[Vec<u32>]) -> f64 {
     let mut hit = 0;
@@ -423,16 +438,7 @@ fn fastscan_refresh_follows_drifting_keys() {
     // Queries that weigh the drifting channels as much as the others.
     let queries: Vec<Vec<f32>> = (0..8).map(|s| common::uniform(g, d, 100 + s)).collect();
     let run = |spec: &str| {
-        let mut cfg = RetrieverConfig::new(AttentionShape {
-            layers: 1,
-            query_heads: g,
-            kv_heads: 1,
-            head_dim: d,
-        });
-        cfg.selector = spec.parse().unwrap();
-        cfg.budget = Budget::Tokens(200);
-        cfg.sink = 8;
-        let mut r = AttentionRetriever::new(cfg).unwrap();
+        let mut r = refresh_test_retriever(spec, g, d);
         r.prefill(0, &keys[..prompt * d], &values[..prompt * d], &[])
             .unwrap();
         for p in prompt..t {
@@ -508,16 +514,7 @@ fn fastscan_refresh_refits_the_transform_to_drifting_queries() {
     };
     let probes: Vec<Vec<f32>> = (0..8).map(|s| query(100 + s, 8..16)).collect();
     let run = |spec: &str, hand_over: bool| {
-        let mut cfg = RetrieverConfig::new(AttentionShape {
-            layers: 1,
-            query_heads: g,
-            kv_heads: 1,
-            head_dim: d,
-        });
-        cfg.selector = spec.parse().unwrap();
-        cfg.budget = Budget::Tokens(200);
-        cfg.sink = 8;
-        let mut r = AttentionRetriever::new(cfg).unwrap();
+        let mut r = refresh_test_retriever(spec, g, d);
         r.prefill(
             0,
             &keys[..prompt * d],

@@ -436,8 +436,8 @@ fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + rest
 }
 
-/// Per channel, the variance of `keys` (`n * d`) mapped by `diag(scale)`, f64, two passes.
-fn channel_variances(keys: &[f32], scale: &[f32], d: usize) -> Vec<f64> {
+/// Per channel, the mean of `keys` (`n * d`, `n > 0`), f64.
+fn channel_means(keys: &[f32], d: usize) -> Vec<f64> {
     let n = keys.len() / d;
     let mut mean = vec![0.0f64; d];
     for x in keys.chunks_exact(d) {
@@ -446,6 +446,13 @@ fn channel_variances(keys: &[f32], scale: &[f32], d: usize) -> Vec<f64> {
         }
     }
     mean.iter_mut().for_each(|a| *a /= n as f64);
+    mean
+}
+
+/// Per channel, the variance of `keys` (`n * d`) mapped by `diag(scale)`, f64, two passes.
+fn channel_variances(keys: &[f32], scale: &[f32], d: usize) -> Vec<f64> {
+    let n = keys.len() / d;
+    let mean = channel_means(keys, d);
     let mut var = vec![0.0f64; d];
     for x in keys.chunks_exact(d) {
         for ((a, &v), mu) in var.iter_mut().zip(x).zip(&mean) {
@@ -533,13 +540,7 @@ fn fit_full(keys: &[f32], sums: &[f64], d: usize, m: usize) -> DimTransform {
     });
     // Covariance of the whitened keys, W C W with C the keys' covariance.
     let n = keys.len() / d;
-    let mut mean = vec![0.0f64; d];
-    for x in keys.chunks_exact(d) {
-        for (a, &v) in mean.iter_mut().zip(x) {
-            *a += v as f64;
-        }
-    }
-    mean.iter_mut().for_each(|a| *a /= n as f64);
+    let mean = channel_means(keys, d);
     let mut cov = Mat::<f64>::zeros(d, d);
     const ROWS: usize = 1024;
     for chunk in keys.chunks(ROWS * d) {
