@@ -445,31 +445,29 @@ fn select_topk_sampled(scores: &[f32], k: usize) -> Option<Vec<u32>> {
     if found.len() < k {
         return None;
     }
-    // One u64 per survivor: score bits above the inverted position, so that the larger key
-    // is the better (higher score, then smaller position): integer selection.
-    let mut keys: Vec<u64> = found
-        .iter()
-        .map(|&i| (u64::from(bits(scores[i as usize])) << 32) | u64::from(!i))
-        .collect();
-    if k < keys.len() {
-        keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
-        keys.truncate(k);
+    // The k-th largest score among the survivors (`found` is ascending); every survivor above
+    // it is kept, and of those equal to it the first `k - above` (the smaller positions):
+    // `found` filtered in place is the answer, ascending.
+    let mut found_bits: Vec<u32> = found.iter().map(|&i| bits(scores[i as usize])).collect();
+    let kth = if k < found_bits.len() {
+        *found_bits.select_nth_unstable_by(k - 1, |a, b| b.cmp(a)).1
+    } else {
+        return Some(found);
+    };
+    let above = found_bits[..k - 1].iter().filter(|&&b| b > kth).count();
+    let mut ties = k - above;
+    // Compacted in place without branches (which survivor stays is data-dependent).
+    let mut kept = 0;
+    for j in 0..found.len() {
+        let i = found[j];
+        let b = bits(scores[i as usize]);
+        let tie = (b == kth) & (ties > 0);
+        found[kept] = i;
+        kept += usize::from((b > kth) | tie);
+        ties -= usize::from(tie);
     }
-    // Ascending indices through a bitmap over the positions: O(n / 64 + k), no sort.
-    let mut mask = vec![0u64; n.div_ceil(64)];
-    for &key in &keys {
-        let i = !(key as u32);
-        mask[i as usize / 64] |= 1 << (i % 64);
-    }
-    let mut out = Vec::with_capacity(k);
-    for (w, &word) in mask.iter().enumerate() {
-        let mut b = word;
-        while b != 0 {
-            out.push((w * 64) as u32 + b.trailing_zeros());
-            b &= b - 1;
-        }
-    }
-    Some(out)
+    found.truncate(kept);
+    Some(found)
 }
 
 /// The exact histogram path of [`select_topk_nonneg_f32`] (`1 <= k <= scores.len()`).
