@@ -405,69 +405,92 @@ pub fn select_topk_nonneg_f32(scores: &[f32], k: usize) -> Vec<u32> {
     select_topk_nonneg_f32_histogram(scores, k)
 }
 
-/// Elements sampled (every `SAMPLE_STRIDE`-th) to place the floor of the sampled selection.
-const NONNEG_SAMPLE_STRIDE: usize = 16;
+/// Elements sampled (every `NONNEG_SAMPLE_STRIDE`-th, from index 0) to place the floor of the
+/// sampled selection ([`nonneg_sampled_floor`]).
+pub const NONNEG_SAMPLE_STRIDE: usize = 16;
 
-/// The sampled path of [`select_topk_nonneg_f32`]: the `(k / n)` quantile of every 16th score,
-/// widened by 25 % and 16 places, is a floor expected to have a little more than `k` scores at
-/// or above it; one pass collects them and an exact selection (score, then smaller index)
-/// orders them. `None` when the floor turns out too high (fewer than `k` at or above it) or
-/// the input is too small to sample: the caller falls back to the exact histogram method.
-/// About one pass over the scores plus `O(k)`, and no large allocation.
+/// The sampled path of [`select_topk_nonneg_f32`]: [`nonneg_sampled_floor`] from every 16th
+/// score, one pass collecting the scores at or above it, [`nonneg_topk_of_survivors`] on
+/// them. `None` when the floor cannot be sampled or turns out too high: the caller falls back
+/// to the exact histogram method. About one pass over the scores plus `O(k)`, and no large
+/// allocation.
 fn select_topk_sampled(scores: &[f32], k: usize) -> Option<Vec<u32>> {
-    let n = scores.len();
-    if n < 64 * NONNEG_SAMPLE_STRIDE || k * 2 > n {
-        return None;
-    }
-    // Non-negative floats order as their bit patterns (negative zero counts as zero).
-    let bits = |v: f32| {
-        let b = v.to_bits();
-        if b >> 31 == 1 {
-            0
-        } else {
-            b
-        }
-    };
-    let mut sample: Vec<u32> = scores
+    let sample: Vec<f32> = scores
         .iter()
         .step_by(NONNEG_SAMPLE_STRIDE)
-        .map(|&v| bits(v))
+        .copied()
         .collect();
-    let want = ((k as f64 / n as f64) * sample.len() as f64 * 1.25).ceil() as usize + 16;
-    if want >= sample.len() {
+    let floor = nonneg_sampled_floor(&sample, scores.len(), k)?;
+    let mut found: Vec<u32> = Vec::with_capacity(k + k / 2 + 64);
+    FilterKernel::best().collect_at_least(scores, floor, 0, &mut found);
+    let values: Vec<f32> = found.iter().map(|&i| scores[i as usize]).collect();
+    nonneg_topk_of_survivors(&mut found, &values, k).then_some(found)
+}
+
+/// Non-negative floats order as their bit patterns (negative zero counts as zero).
+#[inline(always)]
+fn nonneg_bits(v: f32) -> u32 {
+    let b = v.to_bits();
+    if b >> 31 == 1 {
+        0
+    } else {
+        b
+    }
+}
+
+/// A floor for the `k` largest of `n` non-negative, non-NaN scores, from `sample`, the scores
+/// at every [`NONNEG_SAMPLE_STRIDE`]-th index (`0, 16, 32, ...`): the `(k / n)` quantile of the
+/// sample, widened by 25 % and 16 places, expected to have a little more than `k` scores at or
+/// above it. `None` when the input is too small to sample or `k` too large a share of it
+/// (`2 k > n`): the caller selects exactly. A caller that computes its scores can compute the
+/// sample first, then keep only the scores at or above the floor as it computes them all.
+pub fn nonneg_sampled_floor(sample: &[f32], n: usize, k: usize) -> Option<f32> {
+    if n < 64 * NONNEG_SAMPLE_STRIDE
+        || k * 2 > n
+        || sample.len() != n.div_ceil(NONNEG_SAMPLE_STRIDE)
+    {
+        return None;
+    }
+    let mut bits: Vec<u32> = sample.iter().map(|&v| nonneg_bits(v)).collect();
+    let want = ((k as f64 / n as f64) * bits.len() as f64 * 1.25).ceil() as usize + 16;
+    if want >= bits.len() {
         return None;
     }
     // The want-th largest of the sample.
-    let (_, nth, _) = sample.select_nth_unstable_by(want - 1, |a, b| b.cmp(a));
-    let floor = f32::from_bits(*nth);
-    let mut found: Vec<u32> = Vec::with_capacity(k + k / 2 + 64);
-    FilterKernel::best().collect_at_least(scores, floor, 0, &mut found);
+    let (_, nth, _) = bits.select_nth_unstable_by(want - 1, |a, b| b.cmp(a));
+    Some(f32::from_bits(*nth))
+}
+
+/// Keeps in `found` the indices of the `k` largest scores: `found` holds the indices
+/// (ascending) and `values` the scores (the same order) of every score at or above a floor,
+/// the rest lying below it. Ties to the smaller index; the answer ascending. `false` (and
+/// `found` untouched) when fewer than `k` were found: the floor was too high.
+pub fn nonneg_topk_of_survivors(found: &mut Vec<u32>, values: &[f32], k: usize) -> bool {
+    assert_eq!(found.len(), values.len(), "one value per survivor");
     if found.len() < k {
-        return None;
+        return false;
     }
-    // The k-th largest score among the survivors (`found` is ascending); every survivor above
-    // it is kept, and of those equal to it the first `k - above` (the smaller positions):
-    // `found` filtered in place is the answer, ascending.
-    let mut found_bits: Vec<u32> = found.iter().map(|&i| bits(scores[i as usize])).collect();
-    let kth = if k < found_bits.len() {
-        *found_bits.select_nth_unstable_by(k - 1, |a, b| b.cmp(a)).1
-    } else {
-        return Some(found);
-    };
+    if k == found.len() {
+        return true;
+    }
+    // The k-th largest score among the survivors; every survivor above it is kept, and of
+    // those equal to it the first `k - above` (the smaller indices): `found` filtered in place
+    // is the answer, ascending.
+    let mut found_bits: Vec<u32> = values.iter().map(|&v| nonneg_bits(v)).collect();
+    let kth = *found_bits.select_nth_unstable_by(k - 1, |a, b| b.cmp(a)).1;
     let above = found_bits[..k - 1].iter().filter(|&&b| b > kth).count();
     let mut ties = k - above;
     // Compacted in place without branches (which survivor stays is data-dependent).
     let mut kept = 0;
-    for j in 0..found.len() {
-        let i = found[j];
-        let b = bits(scores[i as usize]);
+    for (j, &v) in values.iter().enumerate() {
+        let b = nonneg_bits(v);
         let tie = (b == kth) & (ties > 0);
-        found[kept] = i;
+        found[kept] = found[j];
         kept += usize::from((b > kth) | tie);
         ties -= usize::from(tie);
     }
     found.truncate(kept);
-    Some(found)
+    true
 }
 
 /// The exact histogram path of [`select_topk_nonneg_f32`] (`1 <= k <= scores.len()`).

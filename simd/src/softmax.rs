@@ -32,6 +32,10 @@
 //! * [`SoftmaxKernel::combine`]: per element, the group's weights `w_h(row_h[i]) * factor_h`
 //!   folded over the heads in order from `0.0`, by addition (the sum of the group's softmax)
 //!   or maximum: one pass that writes each output once, identical on every level.
+//! * [`SoftmaxKernel::combine_at_least`]: the same combined weights, but only the elements at
+//!   or above a floor are kept (index and weight, ascending): what a top-k selection with a
+//!   sampled floor reads, without writing every combined weight and filtering them in a
+//!   second pass. AVX-512 compresses the survivors of 16 elements into place.
 
 use crate::level::Level;
 
@@ -78,6 +82,7 @@ impl ExpTables {
 type SumFn = fn(&[u16], u16, u16, &ExpTables) -> f32;
 type SumAtFn = fn(&[u16], &[u32], u16, u16, &ExpTables) -> f32;
 type CombineFn = fn(&[HeadRow<'_>], &mut [f32], bool);
+type CombineAtLeastFn = fn(&[HeadRow<'_>], bool, f32, &mut Vec<u32>, &mut Vec<f32>);
 
 /// One query head's input to [`SoftmaxKernel::combine`].
 #[derive(Clone, Debug)]
@@ -101,6 +106,7 @@ pub struct SoftmaxKernel {
     sum: SumFn,
     sum_at: SumAtFn,
     combine: CombineFn,
+    combine_at_least: CombineAtLeastFn,
 }
 
 impl std::fmt::Debug for SoftmaxKernel {
@@ -121,6 +127,7 @@ impl SoftmaxKernel {
                 sum: x86::weight_sum_v4,
                 sum_at: x86::weight_sum_at_v4,
                 combine: x86::combine_v4,
+                combine_at_least: x86::combine_at_least_v4,
             },
             #[cfg(target_arch = "x86_64")]
             Level::V3 => SoftmaxKernel {
@@ -128,12 +135,14 @@ impl SoftmaxKernel {
                 sum: x86::weight_sum_v3,
                 sum_at: x86::weight_sum_at_v3,
                 combine: x86::combine_v3,
+                combine_at_least: x86::combine_at_least_v3,
             },
             _ => SoftmaxKernel {
                 level: Level::Scalar,
                 sum: weight_sum_scalar,
                 sum_at: weight_sum_at_scalar,
                 combine: combine_scalar,
+                combine_at_least: combine_at_least_scalar,
             },
         }
     }
@@ -183,6 +192,29 @@ impl SoftmaxKernel {
             "combine: shapes disagree"
         );
         (self.combine)(heads, out, max)
+    }
+
+    /// The elements `i` whose combined weight (`out[i]` of [`SoftmaxKernel::combine`], the
+    /// same bits) is at least `floor`: `i` pushed to `at` and the weight to `values`, in
+    /// ascending `i`. Panics if the rows' lengths differ or exceed `u32` indices.
+    pub fn combine_at_least(
+        &self,
+        heads: &[HeadRow<'_>],
+        max: bool,
+        floor: f32,
+        at: &mut Vec<u32>,
+        values: &mut Vec<f32>,
+    ) {
+        let n = heads.first().map_or(0, |h| h.row.len());
+        assert!(
+            heads.iter().all(|h| h.row.len() == n),
+            "combine_at_least: shapes disagree"
+        );
+        assert!(
+            n <= u32::MAX as usize,
+            "combine_at_least: rows past u32 indices"
+        );
+        (self.combine_at_least)(heads, max, floor, at, values)
     }
 }
 
@@ -278,20 +310,54 @@ fn fold(a: f32, w: f32, max: bool) -> f32 {
     }
 }
 
+/// The combined weight of element `i` (the scalar reference of every level).
+#[inline(always)]
+fn combined(heads: &[HeadRow<'_>], i: usize, max: bool) -> f32 {
+    heads.iter().fold(0.0f32, |a, h| {
+        fold(a, weight(h.row[i], h.hi, h.span, &h.exp) * h.factor, max)
+    })
+}
+
 /// Scalar reference of [`SoftmaxKernel::combine`], from element `from` on.
 fn combine_from(heads: &[HeadRow<'_>], out: &mut [f32], max: bool, from: usize) {
     for (i, o) in out.iter_mut().enumerate().skip(from) {
-        let mut a = 0.0f32;
-        for h in heads {
-            a = fold(a, weight(h.row[i], h.hi, h.span, &h.exp) * h.factor, max);
-        }
-        *o = a;
+        *o = combined(heads, i, max);
     }
 }
 
 /// Scalar reference of [`SoftmaxKernel::combine`].
 pub fn combine_scalar(heads: &[HeadRow<'_>], out: &mut [f32], max: bool) {
     combine_from(heads, out, max, 0)
+}
+
+/// Scalar reference of [`SoftmaxKernel::combine_at_least`], from element `from` on.
+fn combine_at_least_from(
+    heads: &[HeadRow<'_>],
+    max: bool,
+    floor: f32,
+    from: usize,
+    at: &mut Vec<u32>,
+    values: &mut Vec<f32>,
+) {
+    let n = heads.first().map_or(0, |h| h.row.len());
+    for i in from..n {
+        let v = combined(heads, i, max);
+        if v >= floor {
+            at.push(i as u32);
+            values.push(v);
+        }
+    }
+}
+
+/// Scalar reference of [`SoftmaxKernel::combine_at_least`].
+pub fn combine_at_least_scalar(
+    heads: &[HeadRow<'_>],
+    max: bool,
+    floor: f32,
+    at: &mut Vec<u32>,
+    values: &mut Vec<f32>,
+) {
+    combine_at_least_from(heads, max, floor, 0, at, values)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -611,14 +677,20 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn combine_v3_imp<const DIGITS: usize>(
+    /// The combined weights of elements `0..len / 8 * 8` (every row `len` long), 8 at a time
+    /// in order: `emit(i, weights of i .. i + 8)`; returns where the full blocks end.
+    ///
+    /// # Safety
+    /// AVX2 and FMA available; every row holds `len` elements.
+    #[inline(always)]
+    unsafe fn combine_blocks_v3<const DIGITS: usize>(
         heads: &[super::HeadRow<'_>],
-        out: &mut [f32],
+        len: usize,
         max: bool,
-    ) {
-        let full = out.len() / 8 * 8;
-        // SAFETY: every row has out.len() elements (checked by the caller); full blocks only.
+        mut emit: impl FnMut(usize, __m256),
+    ) -> usize {
+        let full = len / 8 * 8;
+        // SAFETY: as stated; full blocks only.
         unsafe {
             let prep: Vec<_> = heads
                 .iter()
@@ -644,21 +716,26 @@ mod x86 {
                         _mm256_add_ps(a, w)
                     };
                 }
-                _mm256_storeu_ps(out.as_mut_ptr().add(i), a);
+                emit(i, a);
                 i += 8;
             }
         }
-        super::combine_from(heads, out, max, full);
+        full
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    unsafe fn combine_v4_imp<const DIGITS: usize>(
+    /// As [`combine_blocks_v3`], 16 at a time.
+    ///
+    /// # Safety
+    /// AVX-512F available; every row holds `len` elements.
+    #[inline(always)]
+    unsafe fn combine_blocks_v4<const DIGITS: usize>(
         heads: &[super::HeadRow<'_>],
-        out: &mut [f32],
+        len: usize,
         max: bool,
-    ) {
-        let full = out.len() / 16 * 16;
-        // SAFETY: as in combine_v3_imp, blocks of 16.
+        mut emit: impl FnMut(usize, __m512),
+    ) -> usize {
+        let full = len / 16 * 16;
+        // SAFETY: as stated; full blocks only.
         unsafe {
             let prep: Vec<_> = heads
                 .iter()
@@ -683,11 +760,109 @@ mod x86 {
                         _mm512_add_ps(a, w)
                     };
                 }
-                _mm512_storeu_ps(out.as_mut_ptr().add(i), a);
+                emit(i, a);
                 i += 16;
             }
         }
+        full
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn combine_v3_imp<const DIGITS: usize>(
+        heads: &[super::HeadRow<'_>],
+        out: &mut [f32],
+        max: bool,
+    ) {
+        let o = out.as_mut_ptr();
+        // SAFETY: every row has out.len() elements (checked by the caller); each block's 8
+        // outputs lie inside `out`.
+        let full = unsafe {
+            combine_blocks_v3::<DIGITS>(heads, out.len(), max, |i, a| _mm256_storeu_ps(o.add(i), a))
+        };
         super::combine_from(heads, out, max, full);
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    unsafe fn combine_v4_imp<const DIGITS: usize>(
+        heads: &[super::HeadRow<'_>],
+        out: &mut [f32],
+        max: bool,
+    ) {
+        let o = out.as_mut_ptr();
+        // SAFETY: as in combine_v3_imp, blocks of 16.
+        let full = unsafe {
+            combine_blocks_v4::<DIGITS>(heads, out.len(), max, |i, a| _mm512_storeu_ps(o.add(i), a))
+        };
+        super::combine_from(heads, out, max, full);
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn combine_at_least_v3_imp<const DIGITS: usize>(
+        heads: &[super::HeadRow<'_>],
+        max: bool,
+        floor: f32,
+        at: &mut Vec<u32>,
+        values: &mut Vec<f32>,
+    ) {
+        let n = heads.first().map_or(0, |h| h.row.len());
+        let f = _mm256_set1_ps(floor);
+        // SAFETY: every row has n elements (checked by the caller).
+        let full = unsafe {
+            combine_blocks_v3::<DIGITS>(heads, n, max, |i, a| {
+                let mut mask = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(a, f)) as u32;
+                if mask != 0 {
+                    let mut lanes = [0.0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), a);
+                    while mask != 0 {
+                        let j = mask.trailing_zeros() as usize;
+                        at.push((i + j) as u32);
+                        values.push(lanes[j]);
+                        mask &= mask - 1;
+                    }
+                }
+            })
+        };
+        super::combine_at_least_from(heads, max, floor, full, at, values);
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    unsafe fn combine_at_least_v4_imp<const DIGITS: usize>(
+        heads: &[super::HeadRow<'_>],
+        max: bool,
+        floor: f32,
+        at: &mut Vec<u32>,
+        values: &mut Vec<f32>,
+    ) {
+        let n = heads.first().map_or(0, |h| h.row.len());
+        // Room for every element and a full 16-lane store past the last survivor: the blocks
+        // store through a running count, without a capacity check per block.
+        at.reserve(n + 16);
+        values.reserve(n + 16);
+        let (at0, values0) = (at.len(), values.len());
+        let f = _mm512_set1_ps(floor);
+        let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let mut kept = 0usize;
+        // SAFETY: every row has n elements (checked by the caller); indices fit u32 (checked
+        // by the caller). Block i stores 16 lanes at `kept <= i` past the vectors' lengths,
+        // inside the n + 16 reserved; every bit pattern is a valid u32 or f32, and only the
+        // `kept` compressed survivors become part of the vectors.
+        let full = unsafe {
+            let (pa, pv) = (at.as_mut_ptr().add(at0), values.as_mut_ptr().add(values0));
+            let full = combine_blocks_v4::<DIGITS>(heads, n, max, |i, a| {
+                let mask = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(a, f);
+                let idx = _mm512_add_epi32(lanes, _mm512_set1_epi32(i as i32));
+                _mm512_storeu_si512(
+                    pa.add(kept) as *mut __m512i,
+                    _mm512_maskz_compress_epi32(mask, idx),
+                );
+                _mm512_storeu_ps(pv.add(kept), _mm512_maskz_compress_ps(mask, a));
+                kept += mask.count_ones() as usize;
+            });
+            at.set_len(at0 + kept);
+            values.set_len(values0 + kept);
+            full
+        };
+        super::combine_at_least_from(heads, max, floor, full, at, values);
     }
 
     /// `$f::<D>(args)` with `D` the number of tables `$digits` asks for (2, 3 or 4).
@@ -752,6 +927,38 @@ mod x86 {
     pub(super) fn combine_v4(heads: &[super::HeadRow<'_>], out: &mut [f32], max: bool) {
         // SAFETY: as weight_sum_v4; lengths checked by SoftmaxKernel::combine.
         unsafe { by_digits!(widest(heads), combine_v4_imp(heads, out, max)) }
+    }
+
+    pub(super) fn combine_at_least_v3(
+        heads: &[super::HeadRow<'_>],
+        max: bool,
+        floor: f32,
+        at: &mut Vec<u32>,
+        values: &mut Vec<f32>,
+    ) {
+        // SAFETY: as weight_sum_v3; lengths checked by SoftmaxKernel::combine_at_least.
+        unsafe {
+            by_digits!(
+                widest(heads),
+                combine_at_least_v3_imp(heads, max, floor, at, values)
+            )
+        }
+    }
+
+    pub(super) fn combine_at_least_v4(
+        heads: &[super::HeadRow<'_>],
+        max: bool,
+        floor: f32,
+        at: &mut Vec<u32>,
+        values: &mut Vec<f32>,
+    ) {
+        // SAFETY: as weight_sum_v4; lengths checked by SoftmaxKernel::combine_at_least.
+        unsafe {
+            by_digits!(
+                widest(heads),
+                combine_at_least_v4_imp(heads, max, floor, at, values)
+            )
+        }
     }
 
     /// The digits the widest span of the group needs.
@@ -871,6 +1078,40 @@ mod tests {
                             let mut got = vec![f32::NAN; n];
                             SoftmaxKernel::for_level(level).combine(&heads, &mut got, max);
                             assert_eq!(got, want, "{level} n {n} heads {g} max {max}");
+                        }
+                        // Kept at or above a floor: the combined weights filtered, in order,
+                        // on every level; floors at a present weight (ties), zero, above all.
+                        let mut floors = vec![0.0f32, f32::INFINITY, 1e-3];
+                        floors.extend(
+                            (0..3)
+                                .filter(|_| n > 0)
+                                .map(|_| want[rng.random_range(0..n)]),
+                        );
+                        for floor in floors {
+                            let (want_at, want_values): (Vec<u32>, Vec<f32>) = (0..n as u32)
+                                .zip(want.iter().copied())
+                                .filter(|&(_, v)| v >= floor)
+                                .unzip();
+                            for level in Level::all_supported() {
+                                // Non-empty vectors: the survivors are appended.
+                                let (mut at, mut values) = (vec![7u32], vec![0.5f32]);
+                                SoftmaxKernel::for_level(level).combine_at_least(
+                                    &heads,
+                                    max,
+                                    floor,
+                                    &mut at,
+                                    &mut values,
+                                );
+                                assert_eq!(
+                                    at[1..],
+                                    want_at,
+                                    "{level} n {n} heads {g} floor {floor}"
+                                );
+                                let bits =
+                                    |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                                assert_eq!(bits(&values[1..]), bits(&want_values), "{level} n {n}");
+                                assert_eq!((at[0], values[0]), (7, 0.5));
+                            }
                         }
                     }
                 }

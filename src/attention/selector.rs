@@ -32,7 +32,9 @@ use crate::index::{Index, IndexPQ, IndexPQFastScan};
 use crate::metric::Metric;
 use crate::pq::transform::{DimTransform, QueryEnergy};
 use crate::pq::Nbits;
-use crate::select::select_topk_nonneg_f32;
+use crate::select::{
+    nonneg_sampled_floor, nonneg_topk_of_survivors, select_topk_nonneg_f32, NONNEG_SAMPLE_STRIDE,
+};
 use half::f16;
 use pqcache_simd::distance::DistanceKernels;
 use pqcache_simd::filter::FilterKernel;
@@ -746,9 +748,21 @@ struct FastScanIndex {
     trained_len: usize,
     softmax: SoftmaxKernel,
     filter: FilterKernel,
-    /// Buffers reused across steps (u16 sums, aggregated scores): fresh megabyte-sized
-    /// allocations every step would cost page faults comparable to the scan itself.
-    scratch: Mutex<(Vec<u16>, Vec<f32>)>,
+    /// Buffers reused across steps: fresh megabyte-sized allocations every step would cost
+    /// page faults comparable to the scan itself.
+    scratch: Mutex<Scratch>,
+}
+
+/// [`FastScanIndex`]'s buffers reused across steps.
+#[derive(Default)]
+struct Scratch {
+    /// The group's u16 sums, `group * ntotal`.
+    sums: Vec<u16>,
+    /// Every candidate's combined weight (when the sampled floor cannot be used).
+    dense: Vec<f32>,
+    /// The candidates at or above the sampled floor, and their combined weights.
+    kept: Vec<u32>,
+    kept_weights: Vec<f32>,
 }
 
 impl FastScanIndex {
@@ -769,7 +783,7 @@ impl FastScanIndex {
             fit_transform,
             softmax: SoftmaxKernel::best(),
             filter: FilterKernel::best(),
-            scratch: Mutex::new((Vec::new(), Vec::new())),
+            scratch: Mutex::new(Scratch::default()),
         }
     }
 }
@@ -842,14 +856,14 @@ impl HeadIndex for FastScanIndex {
     fn choose(&self, ctx: &ChooseContext<'_>) -> Result<Chosen> {
         let (n, g) = (self.fs.ntotal(), ctx.group());
         let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        let (sums, dense) = &mut *guard;
+        let scratch = &mut *guard;
+        let sums = &mut scratch.sums;
         sums.resize(g * n, 0);
         let tables = self
             .fs
             .scan_scores(&self.transform.queries(ctx.queries), sums)?;
         let cand = ctx.candidates.clone();
         let nc = cand.len();
-        dense.resize(nc, 0.0);
         // Per head: (largest approximate logit, normaliser), for re-ranking.
         let mut norms = Vec::with_capacity(g);
         let mut heads = Vec::with_capacity(g);
@@ -870,28 +884,23 @@ impl HeadIndex for FastScanIndex {
             norms.push((ctx.scale * table.score(hi), z));
         }
         let max = ctx.aggregation == Aggregation::MaxSoftmax;
-        self.softmax.combine(&heads, dense, max);
         let want = if self.rerank > 1 {
             self.rerank.saturating_mul(ctx.k)
         } else {
             ctx.k
         }
         .min(nc);
-        let mut best: Vec<u32> = select_topk_nonneg_f32(dense, want)
-            .into_iter()
-            .filter(|&i| dense[i as usize] > 0.0)
-            .collect();
-        if best.len() < want {
-            // Fewer than `want` candidates carry weight (all of them are in `best`): fill
-            // with the most recent weightless ones.
-            let need = want - best.len();
-            best.extend(
-                (0..nc as u32)
-                    .rev()
-                    .filter(|&i| dense[i as usize] == 0.0)
-                    .take(need),
-            );
-        }
+        let best = self.best_weighted(
+            &heads,
+            max,
+            want,
+            nc,
+            (
+                &mut scratch.dense,
+                &mut scratch.kept,
+                &mut scratch.kept_weights,
+            ),
+        );
         let rel: Vec<u32> = if self.rerank <= 1 {
             best
         } else {
@@ -927,6 +936,71 @@ impl HeadIndex for FastScanIndex {
 }
 
 impl FastScanIndex {
+    /// The offsets of the `want` candidates (`nc` of them) of largest combined weight over
+    /// `heads`, ascending, ties to the smaller offset; if fewer than `want` carry any weight,
+    /// the most recent weightless ones fill the rest (appended after them, descending).
+    ///
+    /// The combined weights of every [`NONNEG_SAMPLE_STRIDE`]-th candidate place a floor
+    /// ([`nonneg_sampled_floor`]); one pass computes every combined weight and keeps those at
+    /// or above it ([`SoftmaxKernel::combine_at_least`]), and the best `want` of those are the
+    /// answer: what [`select_topk_nonneg_f32`] finds over all the weights, without writing them
+    /// and filtering them in a second pass. Where the floor cannot be sampled, is zero (then
+    /// weightless candidates may be needed) or keeps too few, every weight is written to
+    /// `dense` and selected from there. `kept` and `kept_weights` hold the survivors.
+    fn best_weighted(
+        &self,
+        heads: &[HeadRow<'_>],
+        max: bool,
+        want: usize,
+        nc: usize,
+        (dense, kept, kept_weights): (&mut Vec<f32>, &mut Vec<u32>, &mut Vec<f32>),
+    ) -> Vec<u32> {
+        let sample_rows: Vec<Vec<u16>> = heads
+            .iter()
+            .map(|h| {
+                h.row
+                    .iter()
+                    .step_by(NONNEG_SAMPLE_STRIDE)
+                    .copied()
+                    .collect()
+            })
+            .collect();
+        let sample_heads: Vec<HeadRow<'_>> = heads
+            .iter()
+            .zip(&sample_rows)
+            .map(|(h, row)| HeadRow { row, ..h.clone() })
+            .collect();
+        let mut sample = vec![0.0f32; nc.div_ceil(NONNEG_SAMPLE_STRIDE)];
+        self.softmax.combine(&sample_heads, &mut sample, max);
+        if let Some(floor) = nonneg_sampled_floor(&sample, nc, want).filter(|&f| f > 0.0) {
+            kept.clear();
+            kept_weights.clear();
+            self.softmax
+                .combine_at_least(heads, max, floor, kept, kept_weights);
+            if nonneg_topk_of_survivors(kept, kept_weights, want) {
+                return kept.clone();
+            }
+        }
+        dense.resize(nc, 0.0);
+        self.softmax.combine(heads, dense, max);
+        let mut best: Vec<u32> = select_topk_nonneg_f32(dense, want)
+            .into_iter()
+            .filter(|&i| dense[i as usize] > 0.0)
+            .collect();
+        if best.len() < want {
+            // Fewer than `want` candidates carry weight (all of them are in `best`): fill
+            // with the most recent weightless ones.
+            let need = want - best.len();
+            best.extend(
+                (0..nc as u32)
+                    .rev()
+                    .filter(|&i| dense[i as usize] == 0.0)
+                    .take(need),
+            );
+        }
+        best
+    }
+
     /// Per head, `ln` of the approximate weights of every candidate (`z`, the scan's
     /// normaliser) less those of the chosen (`rel`, offsets into the candidates, gathered and
     /// weighed by the same tables in one SIMD pass), in units of the head's largest
