@@ -415,12 +415,13 @@ pub const NONNEG_SAMPLE_STRIDE: usize = 16;
 /// to the exact histogram method. About one pass over the scores plus `O(k)`, and no large
 /// allocation.
 fn select_topk_sampled(scores: &[f32], k: usize) -> Option<Vec<u32>> {
-    let sample: Vec<f32> = scores
-        .iter()
-        .step_by(NONNEG_SAMPLE_STRIDE)
-        .copied()
-        .collect();
-    let floor = nonneg_sampled_floor(&sample, scores.len(), k)?;
+    let floor = nonneg_sampled_floor(scores.len(), k, || {
+        scores
+            .iter()
+            .step_by(NONNEG_SAMPLE_STRIDE)
+            .copied()
+            .collect()
+    })?;
     let mut found: Vec<u32> = Vec::with_capacity(k + k / 2 + 64);
     FilterKernel::best().collect_at_least(scores, floor, 0, &mut found);
     let values: Vec<f32> = found.iter().map(|&i| scores[i as usize]).collect();
@@ -438,17 +439,19 @@ fn nonneg_bits(v: f32) -> u32 {
     }
 }
 
-/// A floor for the `k` largest of `n` non-negative, non-NaN scores, from `sample`, the scores
-/// at every [`NONNEG_SAMPLE_STRIDE`]-th index (`0, 16, 32, ...`): the `(k / n)` quantile of the
-/// sample, widened by 25 % and 16 places, expected to have a little more than `k` scores at or
-/// above it. `None` when the input is too small to sample or `k` too large a share of it
-/// (`2 k > n`): the caller selects exactly. A caller that computes its scores can compute the
-/// sample first, then keep only the scores at or above the floor as it computes them all.
-pub fn nonneg_sampled_floor(sample: &[f32], n: usize, k: usize) -> Option<f32> {
-    if n < 64 * NONNEG_SAMPLE_STRIDE
-        || k * 2 > n
-        || sample.len() != n.div_ceil(NONNEG_SAMPLE_STRIDE)
-    {
+/// A floor for the `k` largest of `n` non-negative, non-NaN scores, from `sample()`, the
+/// scores at every [`NONNEG_SAMPLE_STRIDE`]-th index (`0, 16, 32, ...`), called only when the
+/// selection is sampled: the `(k / n)` quantile of the sample, widened by 25 % and 16 places,
+/// expected to have a little more than `k` scores at or above it. `None` when the input is too
+/// small to sample, `k` too large a share of it (`2 k > n`) or the sample not of the length
+/// the stride gives: the caller selects exactly. A caller that computes its scores can compute
+/// the sample first, then keep only the scores at or above the floor as it computes them all.
+pub fn nonneg_sampled_floor(n: usize, k: usize, sample: impl FnOnce() -> Vec<f32>) -> Option<f32> {
+    if n < 64 * NONNEG_SAMPLE_STRIDE || k * 2 > n {
+        return None;
+    }
+    let sample = sample();
+    if sample.len() != n.div_ceil(NONNEG_SAMPLE_STRIDE) {
         return None;
     }
     let mut bits: Vec<u32> = sample.iter().map(|&v| nonneg_bits(v)).collect();

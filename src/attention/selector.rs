@@ -955,24 +955,27 @@ impl FastScanIndex {
         nc: usize,
         (dense, kept, kept_weights): (&mut Vec<f32>, &mut Vec<u32>, &mut Vec<f32>),
     ) -> Vec<u32> {
-        let sample_rows: Vec<Vec<u16>> = heads
-            .iter()
-            .map(|h| {
-                h.row
-                    .iter()
-                    .step_by(NONNEG_SAMPLE_STRIDE)
-                    .copied()
-                    .collect()
-            })
-            .collect();
-        let sample_heads: Vec<HeadRow<'_>> = heads
-            .iter()
-            .zip(&sample_rows)
-            .map(|(h, row)| HeadRow { row, ..h.clone() })
-            .collect();
-        let mut sample = vec![0.0f32; nc.div_ceil(NONNEG_SAMPLE_STRIDE)];
-        self.softmax.combine(&sample_heads, &mut sample, max);
-        if let Some(floor) = nonneg_sampled_floor(&sample, nc, want).filter(|&f| f > 0.0) {
+        let sampled = || {
+            let rows: Vec<Vec<u16>> = heads
+                .iter()
+                .map(|h| {
+                    h.row
+                        .iter()
+                        .step_by(NONNEG_SAMPLE_STRIDE)
+                        .copied()
+                        .collect()
+                })
+                .collect();
+            let sample_heads: Vec<HeadRow<'_>> = heads
+                .iter()
+                .zip(&rows)
+                .map(|(h, row)| HeadRow { row, ..h.clone() })
+                .collect();
+            let mut sample = vec![0.0f32; nc.div_ceil(NONNEG_SAMPLE_STRIDE)];
+            self.softmax.combine(&sample_heads, &mut sample, max);
+            sample
+        };
+        if let Some(floor) = nonneg_sampled_floor(nc, want, sampled).filter(|&f| f > 0.0) {
             kept.clear();
             kept_weights.clear();
             self.softmax
