@@ -481,9 +481,21 @@ pub fn nonneg_topk_of_survivors(found: &mut Vec<u32>, values: &[f32], k: usize) 
     // is the answer, ascending.
     let mut found_bits: Vec<u32> = values.iter().map(|&v| nonneg_bits(v)).collect();
     let kth = *found_bits.select_nth_unstable_by(k - 1, |a, b| b.cmp(a)).1;
+    // Usually exactly `k` survivors lie at or above the k-th score (no tie beyond it): one
+    // SIMD filter pass finds them, in order, and they move down in place (`j >= slot`).
+    let mut at = Vec::with_capacity(k + 64);
+    FilterKernel::best().collect_at_least(values, f32::from_bits(kth), 0, &mut at);
+    if at.len() == k {
+        for (slot, &j) in at.iter().enumerate() {
+            found[slot] = found[j as usize];
+        }
+        found.truncate(k);
+        return true;
+    }
     let above = found_bits[..k - 1].iter().filter(|&&b| b > kth).count();
     let mut ties = k - above;
-    // Compacted in place without branches (which survivor stays is data-dependent).
+    // Ties at the k-th score: compacted in place without branches (which survivor stays is
+    // data-dependent).
     let mut kept = 0;
     for (j, &v) in values.iter().enumerate() {
         let b = nonneg_bits(v);
