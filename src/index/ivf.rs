@@ -1044,13 +1044,17 @@ impl ScanHandler for ListHandler<'_> {
 /// more than one step, the margin for the float conversion's rounding); `None` when the
 /// chunk holds `cap` live sums or fewer.
 fn chunk_floor(live: &mut Vec<u16>, sums: &[u16], ids: &[i64], cap: usize) -> Option<u16> {
-    live.clear();
-    live.extend(
-        sums.iter()
-            .zip(ids)
-            .filter(|(_, &id)| id >= 0)
-            .map(|(&s, _)| s),
-    );
+    // Copied without a branch or a push per sum (a removed vector, id < 0, is overwritten
+    // by the next): an `extend` over a filter kept its count in memory, one store-forwarding
+    // round trip per sum, and was a tenth of a batch search.
+    let n = sums.len().min(ids.len());
+    live.resize(n, 0);
+    let mut kept = 0;
+    for (&s, &id) in sums[..n].iter().zip(&ids[..n]) {
+        live[kept] = s;
+        kept += usize::from(id >= 0);
+    }
+    live.truncate(kept);
     if live.len() <= cap || cap == 0 {
         return None;
     }
