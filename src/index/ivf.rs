@@ -198,6 +198,8 @@ struct ListScratch {
     scan: scan::ScanScratch,
     /// A chunk's live sums, for [`chunk_floor`].
     live: Vec<u16>,
+    /// The offsets of a chunk's sums above a query's floor.
+    marked: Vec<u32>,
 }
 
 /// A per-list table under construction (L2 with residuals), reused across lists.
@@ -790,6 +792,8 @@ impl IndexIVFPQFastScan {
             members,
             floors: [None; MAX_QBS],
             live: &mut scratch.live,
+            kernel: &self.scan,
+            marked: &mut scratch.marked,
         };
         let chunking = Chunking::fixed(CHUNK_BLOCKS);
         scan.blocks(
@@ -969,6 +973,9 @@ struct ListHandler<'a> {
     /// Per query, the chunk's u16 floor (set by `thresholds`); `None`: offer every sum.
     floors: [Option<u16>; MAX_QBS],
     live: &'a mut Vec<u16>,
+    /// Finds the sums above a floor where the kernel gave no mask.
+    kernel: &'a FastScanKernel,
+    marked: &'a mut Vec<u32>,
 }
 
 impl ListHandler<'_> {
@@ -1013,6 +1020,7 @@ impl ScanHandler for ListHandler<'_> {
             // (-1: every sum is offered.)
             let as_floor = |f: Option<u16>| f.map_or(-1, i32::from);
             let mut floor = as_floor(self.floors[j]).max(as_floor(cut));
+            let first_floor = floor;
             let list = self.list;
             let mut offer = |i: usize| {
                 let (s, id) = (sums[i], ids[i]);
@@ -1031,7 +1039,16 @@ impl ScanHandler for ListHandler<'_> {
                 }
             };
             if self.floors[j].is_none() {
-                (0..valid).for_each(&mut offer);
+                // No mask from the kernel (its threshold was 0): with a cut, the sums above
+                // it are found in SIMD first; `offer` skips the others anyway.
+                match u16::try_from(first_floor) {
+                    Ok(f) => {
+                        self.marked.clear();
+                        self.kernel.collect_above(&sums[..valid], f, 0, self.marked);
+                        self.marked.iter().for_each(|&i| offer(i as usize));
+                    }
+                    Err(_) => (0..valid).for_each(&mut offer),
+                }
                 continue;
             }
             for_each_marked(of_query(masks, j, nb), valid, offer);
