@@ -459,13 +459,12 @@ fn fastscan_refresh_follows_drifting_keys() {
     // Measured over three key seeds: 0.79-0.80 with refresh, 0.61-0.64 without (sink and
     // window count as hits in both); with refresh disabled both are equal and this fails.
     assert!(fresh > stale + 0.08, "refresh {fresh} vs static {stale}");
-    let path = std::env::temp_dir().join(format!("pqcache-refresh-{}.pqc", std::process::id()));
+    let path = common::TempPath::new("refresh", "refresh.pqc");
     pqcache::io::file::save(&refreshed, &path).unwrap();
     let reopened = pqcache::io::file::open_attention(&path).unwrap();
     for (q, want) in queries.iter().zip(&fresh_sel) {
         assert_eq!(&reopened.select(0, q).unwrap()[0], want);
     }
-    std::fs::remove_file(&path).unwrap();
     // The options print back as parsed.
     for s in ["fastscan:8x4:rerank2:plain:static", "fastscan:8x4:static"] {
         assert_eq!(s.parse::<SelectorSpec>().unwrap().to_string(), s);
@@ -561,13 +560,12 @@ fn fastscan_refresh_refits_the_transform_to_drifting_queries() {
         err.to_string().contains("64"),
         "a step's queries are [query_head, dim]: {err}"
     );
-    let path = std::env::temp_dir().join(format!("pqcache-refit-{}.pqc", std::process::id()));
+    let path = common::TempPath::new("refit", "refit.pqc");
     pqcache::io::file::save(&refitted, &path).unwrap();
     let reopened = pqcache::io::file::open_attention(&path).unwrap();
     for (q, want) in probes.iter().zip(&refit_sel) {
         assert_eq!(&reopened.select(0, q).unwrap()[0], want);
     }
-    std::fs::remove_file(&path).unwrap();
 }
 
 /// One layer of the Gemma-3-270M dumps' shape: 4 query heads over 1 kv head.

@@ -103,8 +103,7 @@ fn bad_input_exits_non_zero_with_a_message() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not divide"));
     // A NaN in query row 5, searched in batches of 2: the error names row 5 of the file.
-    let dir = std::env::temp_dir().join(format!("pqcache-cli-nan-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::TempDir::new("cli-nan");
     let base = common::uniform(300, 8, 1);
     let mut queries = common::uniform(8, 8, 2);
     queries[5 * 8 + 3] = f32::NAN;
@@ -195,8 +194,7 @@ fn eval_attention_json_rows() {
 #[test]
 fn build_search_info_round_trip_and_damage_exits_2() {
     let data = common::ann_data();
-    let dir = std::env::temp_dir().join(format!("pqcache-cli-files-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::TempDir::new("cli-files");
     let file = dir.join("bigann.pqc");
     let out = pqcache()
         .args([
@@ -292,8 +290,7 @@ fn build_search_info_round_trip_and_damage_exits_2() {
 #[test]
 fn a_writer_killed_mid_save_leaves_the_old_or_the_new_file() {
     use rand::{rngs::StdRng, Rng, SeedableRng};
-    let dir = std::env::temp_dir().join(format!("pqcache-crash-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::TempDir::new("crash");
     let d = 64;
     // Two bases of different sizes (large enough that a save takes a while).
     let small = dir.join("small.fvecs");
@@ -343,7 +340,6 @@ fn a_writer_killed_mid_save_leaves_the_old_or_the_new_file() {
         killed >= 5,
         "only {killed} kills ({completed} completed): the timing missed the writes"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -378,7 +374,7 @@ fn eval_attention_refuses_bad_scales_and_values_instead_of_printing_nan() {
     use pqcache::f16;
     use pqcache::io::npy::{self, NpyData};
     let (t, d) = (300, 16);
-    let base = std::env::temp_dir().join(format!("pqcache-cli-bad-dumps-{}", std::process::id()));
+    let base = common::TempDir::new("cli-bad-dumps");
     // (name, meta.json, a bad value: which array and where, what the error says)
     type Case = (
         &'static str,

@@ -120,8 +120,7 @@ fn k_zero_or_above_ntotal_and_empty_index() {
 
 #[test]
 fn unreadable_and_malformed_files() {
-    let dir = std::env::temp_dir().join(format!("pqcache-errors-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::TempDir::new("errors");
     let missing = dir.join("missing.fvecs");
     assert!(matches!(
         pqcache::io::load_vectors(&missing, 0, 0),
@@ -143,7 +142,6 @@ fn unreadable_and_malformed_files() {
     std::fs::write(&txt, "1,2,3").unwrap();
     let e = pqcache::io::load_vectors(&txt, 0, 0).unwrap_err();
     assert!(e.to_string().contains("unknown extension"), "{e}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -183,8 +181,7 @@ fn huge_factors_pages_and_thread_counts_are_capped_or_refused() {
     }
     // What the reader refuses, the writer refuses first (`build` wrote files `open` called
     // corrupt): the error names the setting, and no file is left behind.
-    let dir = std::env::temp_dir().join(format!("pqcache-limits-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::TempDir::new("limits");
     let path = dir.join("fs.pqx");
     let err = pqcache::io::file::save(&fs, &path).unwrap_err();
     assert!(err.to_string().contains("rerank_factor"), "{err}");
@@ -196,7 +193,6 @@ fn huge_factors_pages_and_thread_counts_are_capped_or_refused() {
     ivf.nprobe = 8;
     pqcache::io::file::save(&ivf, &path).unwrap();
     assert!(pqcache::io::file::open(&path).is_ok());
-    std::fs::remove_dir_all(&dir).unwrap();
     // The attention selectors: a re-rank factor or a Quest page past the limits is refused
     // (quest:10^12 never returned: its page loop walked every position of a page).
     use pqcache::{AttentionRetriever, AttentionShape, RetrieverConfig};

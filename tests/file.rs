@@ -8,10 +8,9 @@ use pqcache::AttentionShape;
 use pqcache::{Error, Index, IndexFlat, IndexPQ, IndexPQFastScan, Metric, Nbits, RerankStorage};
 use std::path::{Path, PathBuf};
 
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("pqcache-file-tests-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+/// A path named `name` in a folder of its own, removed when the result is dropped.
+fn tmp(name: &str) -> common::TempPath {
+    common::TempPath::new("file-tests", name)
 }
 
 /// One small index of every kind (and variant), all over the same data.
@@ -244,7 +243,7 @@ fn bad_files_give_typed_errors() {
     // reading /dev/zero would never end).
     let folder = tmp("a-folder.pqc");
     std::fs::create_dir_all(&folder).unwrap();
-    let mut not_files = vec![folder];
+    let mut not_files = vec![folder.to_path_buf()];
     if cfg!(unix) {
         not_files.push("/dev/zero".into());
     }

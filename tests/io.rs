@@ -32,8 +32,7 @@ fn reads_bundled_fvecs_ivecs_and_f16_npy() {
 
 #[test]
 fn written_files_read_back() {
-    let dir = std::env::temp_dir().join(format!("pqcache-io-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::TempDir::new("io");
     let x = common::uniform(7, 5, 1);
     vecs::write_fvecs(&dir.join("x.fvecs"), 5, &x).unwrap();
     assert_eq!(load_vectors(&dir.join("x.fvecs"), 0, 0).unwrap().data, x);
@@ -41,14 +40,12 @@ fn written_files_read_back() {
     npy::write(&dir.join("x.npy"), &[7, 5], &NpyData::F16(h.clone())).unwrap();
     let back = load_vectors(&dir.join("x.npy"), 0, 0).unwrap();
     assert_eq!(back.data, h.iter().map(|v| v.to_f32()).collect::<Vec<_>>());
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// Writes a dump folder of `layers` layers, `qh` query heads and `kvh` kv heads (4 tokens of
 /// width 8) with `meta` as its `meta.json`.
-fn write_dump(name: &str, layers: usize, qh: usize, kvh: usize, meta: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("pqcache-dump-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+fn write_dump(name: &str, layers: usize, qh: usize, kvh: usize, meta: &str) -> common::TempDir {
+    let dir = common::TempDir::new(&format!("dump-{name}"));
     let (t, d) = (4, 8);
     let fill = |heads: usize| NpyData::F16(vec![f16::from_f32(0.5); layers * heads * t * d]);
     npy::write(&dir.join("q.npy"), &[layers, qh, t, d], &fill(qh)).unwrap();

@@ -9,6 +9,10 @@ use pqcache_llm::{Backend, Gemma3, Logits, Precision, PrefillOptions, Session};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+#[path = "../../tests/common/temp.rs"]
+#[allow(dead_code)]
+mod temp;
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -359,10 +363,9 @@ mod context {
     use pqcache::io::file;
     use pqcache_llm::LlmError;
 
-    fn tmp(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("pqcache-llm-context-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join(name)
+    /// A path named `name` in a folder of its own, removed when the result is dropped.
+    fn tmp(name: &str) -> temp::TempPath {
+        temp::TempPath::new("llm-context", name)
     }
 
     fn backend() -> Backend {
@@ -378,7 +381,7 @@ mod context {
 
     /// A 600-token prompt prefilled with fast-scan indexes and saved; the tokens the live
     /// session then answers with, and the logits of the step after them.
-    fn saved(name: &str) -> (PathBuf, Vec<u32>, Vec<f32>) {
+    fn saved(name: &str) -> (temp::TempPath, Vec<u32>, Vec<f32>) {
         static LIVE: OnceLock<(Vec<u32>, Vec<f32>)> = OnceLock::new();
         let path = tmp(name);
         let ids = &ids("persuasion-2048-ids.npy")[..600];

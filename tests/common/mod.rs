@@ -6,6 +6,10 @@
 //! first time a test asks for one.
 #![allow(dead_code)]
 
+mod temp;
+#[allow(unused_imports)]
+pub use temp::{TempDir, TempPath};
+
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::path::PathBuf;
 use std::sync::OnceLock;
