@@ -362,54 +362,146 @@ pub fn combine_at_least_scalar(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::ExpTables;
+    //! The AVX2 and AVX-512 levels: every loop is written once, generic over a [`Width`]
+    //! (the register types and the handful of instructions that differ), and instantiated
+    //! inside a `#[target_feature]` function per level, into which it all inlines (the
+    //! pattern of memchr's `Vector`). Only what differs in substance is written per width:
+    //! the table lookup (one `vpermps` against two and a blend) and the survivors' store of
+    //! `combine_at_least` (a compress against a mask walk).
+    use super::{ExpTables, HeadRow, LANES};
     use std::arch::x86_64::*;
 
-    /// The AVX2 form of the tables: per table, its two 8-entry halves.
-    struct Tables8([[__m256; 2]; 4]);
+    /// One vector width. Every method needs its width's features enabled in the caller
+    /// (AVX2 and FMA for [`Avx2`]; AVX-512F/BW/VL for [`Avx512`]) and inlines into it.
+    trait Width {
+        /// f32 lanes per register.
+        const N: usize;
+        /// N f32 lanes.
+        type F: Copy;
+        /// N i32 lanes.
+        type I: Copy;
+        /// `LANES / N` registers: the 64 accumulator lanes of the weight sums.
+        type Acc: Copy + AsRef<[Self::F]> + AsMut<[Self::F]>;
+        /// The exponential's tables, held in registers.
+        type Tables;
 
-    impl Tables8 {
-        /// # Safety
-        /// AVX2 available.
+        unsafe fn tables(exp: &ExpTables) -> Self::Tables;
+        unsafe fn zero() -> Self::F;
+        unsafe fn acc() -> Self::Acc;
+        unsafe fn splat(x: f32) -> Self::F;
+        unsafe fn splat_i(x: i32) -> Self::I;
+        unsafe fn add(a: Self::F, b: Self::F) -> Self::F;
+        unsafe fn mul(a: Self::F, b: Self::F) -> Self::F;
+        /// `max(w, a)`, `a` when equal or NaN (the scalar `if w > a { w } else { a }`).
+        unsafe fn max(w: Self::F, a: Self::F) -> Self::F;
+        /// Stores N floats at `p` (writable for N f32).
+        unsafe fn store(p: *mut f32, a: Self::F);
+        /// N u16 at `p` (readable for N u16), widened to the 32-bit lanes.
+        unsafe fn load_u16(p: *const u16) -> Self::I;
+        /// `row[at[j]]` for the N indices at `idx` (readable for N u32, each `< len <=
+        /// i32::MAX`, `len >= 1`), in 32-bit lanes. A 32-bit gather at `2 * i` reads `row[i]`
+        /// and `row[i + 1]`: lanes at the last element (`i = len - 1`) are not gathered but
+        /// take `last`, so nothing past the row is read.
+        unsafe fn gather_u16(
+            row: *const u16,
+            idx: *const u32,
+            len_m1: Self::I,
+            last: Self::I,
+        ) -> Self::I;
+        /// The weights of the N sums in the 32-bit lanes of `v` (each below 2^16): the
+        /// `DIGITS` low tables looked up (see [`super::digits`]), multiplied in the module
+        /// doc's order, zero where `hi - v > span`.
+        unsafe fn weights_of<const DIGITS: usize>(
+            t: &Self::Tables,
+            v: Self::I,
+            hi: Self::I,
+            span: Self::I,
+        ) -> Self::F;
+    }
+
+    /// AVX2 and FMA: 8 lanes.
+    struct Avx2;
+
+    impl Width for Avx2 {
+        const N: usize = 8;
+        type F = __m256;
+        type I = __m256i;
+        type Acc = [__m256; 8];
+        /// Per table, its two 8-entry halves.
+        type Tables = [[__m256; 2]; 4];
+
         #[inline(always)]
-        unsafe fn new(exp: &ExpTables) -> Tables8 {
+        unsafe fn tables(exp: &ExpTables) -> Self::Tables {
             // SAFETY: each table has 16 floats: halves at 0 and 8.
-            unsafe {
-                Tables8(std::array::from_fn(|l| {
-                    [
-                        _mm256_loadu_ps(exp.t[l].as_ptr()),
-                        _mm256_loadu_ps(exp.t[l].as_ptr().add(8)),
-                    ]
-                }))
-            }
+            std::array::from_fn(|l| unsafe {
+                let t = exp.t[l].as_ptr();
+                [_mm256_loadu_ps(t), _mm256_loadu_ps(t.add(8))]
+            })
         }
-
-        /// Weights of 8 sums at `p`.
-        ///
-        /// # Safety
-        /// AVX2 available; `p` readable for 8 u16.
         #[inline(always)]
-        /// Only the `DIGITS` low tables are looked up (see [`super::digits`]).
-        unsafe fn weights<const DIGITS: usize>(
-            &self,
-            p: *const u16,
-            hi: __m256i,
-            span: __m256i,
-        ) -> __m256 {
-            // SAFETY: as stated.
+        unsafe fn zero() -> __m256 {
+            // SAFETY: AVX available (the trait's contract), as in every method below.
+            unsafe { _mm256_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn acc() -> [__m256; 8] {
+            // SAFETY: as in zero.
+            unsafe { [Self::zero(); 8] }
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m256 {
+            // SAFETY: register operation.
+            unsafe { _mm256_set1_ps(x) }
+        }
+        #[inline(always)]
+        unsafe fn splat_i(x: i32) -> __m256i {
+            // SAFETY: register operation.
+            unsafe { _mm256_set1_epi32(x) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m256, b: __m256) -> __m256 {
+            // SAFETY: register operation.
+            unsafe { _mm256_add_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+            // SAFETY: register operation.
+            unsafe { _mm256_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn max(w: __m256, a: __m256) -> __m256 {
+            // SAFETY: register operation; vmaxps returns its second operand when equal or NaN.
+            unsafe { _mm256_max_ps(w, a) }
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, a: __m256) {
+            // SAFETY: p writable for 8 f32 (the caller's contract).
+            unsafe { _mm256_storeu_ps(p, a) }
+        }
+        #[inline(always)]
+        unsafe fn load_u16(p: *const u16) -> __m256i {
+            // SAFETY: p readable for 8 u16 (the caller's contract).
+            unsafe { _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)) }
+        }
+        #[inline(always)]
+        unsafe fn gather_u16(
+            row: *const u16,
+            idx: *const u32,
+            len_m1: __m256i,
+            last: __m256i,
+        ) -> __m256i {
+            // SAFETY: the caller's contract: gathered lanes have i < len - 1, so the 4 bytes
+            // at 2 i lie in the row.
             unsafe {
-                let v = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
-                self.weights_of::<DIGITS>(v, hi, span)
+                let i = _mm256_loadu_si256(idx as *const __m256i);
+                let inside = _mm256_cmpgt_epi32(len_m1, i);
+                let g = _mm256_mask_i32gather_epi32::<2>(last, row as *const i32, i, inside);
+                _mm256_and_si256(g, _mm256_set1_epi32(0xFFFF))
             }
         }
-
-        /// Weights of the 8 sums in the 32-bit lanes of `v` (each below 2^16).
-        ///
-        /// # Safety
-        /// AVX2 available.
         #[inline(always)]
         unsafe fn weights_of<const DIGITS: usize>(
-            &self,
+            t: &Self::Tables,
             v: __m256i,
             hi: __m256i,
             span: __m256i,
@@ -420,7 +512,7 @@ mod x86 {
                 // Table l: entry (d >> 4l) & 15; vpermps reads the low 3 bits, bit 3 (moved
                 // to the sign bit) picks the half.
                 let look = |l: usize, idx: __m256i, sel: __m256i| {
-                    let [lo, up] = self.0[l];
+                    let [lo, up] = t[l];
                     _mm256_blendv_ps(
                         _mm256_permutevar8x32_ps(lo, idx),
                         _mm256_permutevar8x32_ps(up, idx),
@@ -447,44 +539,85 @@ mod x86 {
         }
     }
 
-    /// The AVX-512 form: one register per table.
-    struct Tables16([__m512; 4]);
+    /// AVX-512F/BW/VL: 16 lanes.
+    struct Avx512;
 
-    impl Tables16 {
-        /// # Safety
-        /// AVX-512F available.
+    impl Width for Avx512 {
+        const N: usize = 16;
+        type F = __m512;
+        type I = __m512i;
+        type Acc = [__m512; 4];
+        /// One register per table.
+        type Tables = [__m512; 4];
+
         #[inline(always)]
-        unsafe fn new(exp: &ExpTables) -> Tables16 {
+        unsafe fn tables(exp: &ExpTables) -> Self::Tables {
             // SAFETY: each table has 16 floats.
-            unsafe { Tables16(std::array::from_fn(|l| _mm512_loadu_ps(exp.t[l].as_ptr()))) }
+            std::array::from_fn(|l| unsafe { _mm512_loadu_ps(exp.t[l].as_ptr()) })
         }
-
-        /// Weights of 16 sums at `p`.
-        ///
-        /// # Safety
-        /// AVX-512F/BW available; `p` readable for 16 u16.
         #[inline(always)]
-        /// Only the `DIGITS` low tables are looked up (see [`super::digits`]).
-        unsafe fn weights<const DIGITS: usize>(
-            &self,
-            p: *const u16,
-            hi: __m512i,
-            span: __m512i,
-        ) -> __m512 {
-            // SAFETY: as stated.
+        unsafe fn zero() -> __m512 {
+            // SAFETY: AVX-512F available (the trait's contract), as in every method below.
+            unsafe { _mm512_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn acc() -> [__m512; 4] {
+            // SAFETY: as in zero.
+            unsafe { [Self::zero(); 4] }
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m512 {
+            // SAFETY: register operation.
+            unsafe { _mm512_set1_ps(x) }
+        }
+        #[inline(always)]
+        unsafe fn splat_i(x: i32) -> __m512i {
+            // SAFETY: register operation.
+            unsafe { _mm512_set1_epi32(x) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m512, b: __m512) -> __m512 {
+            // SAFETY: register operation.
+            unsafe { _mm512_add_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+            // SAFETY: register operation.
+            unsafe { _mm512_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn max(w: __m512, a: __m512) -> __m512 {
+            // SAFETY: register operation; vmaxps returns its second operand when equal or NaN.
+            unsafe { _mm512_max_ps(w, a) }
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, a: __m512) {
+            // SAFETY: p writable for 16 f32 (the caller's contract).
+            unsafe { _mm512_storeu_ps(p, a) }
+        }
+        #[inline(always)]
+        unsafe fn load_u16(p: *const u16) -> __m512i {
+            // SAFETY: p readable for 16 u16 (the caller's contract).
+            unsafe { _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)) }
+        }
+        #[inline(always)]
+        unsafe fn gather_u16(
+            row: *const u16,
+            idx: *const u32,
+            len_m1: __m512i,
+            last: __m512i,
+        ) -> __m512i {
+            // SAFETY: as in Avx2::gather_u16.
             unsafe {
-                let v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
-                self.weights_of::<DIGITS>(v, hi, span)
+                let i = _mm512_loadu_si512(idx as *const __m512i);
+                let inside = _mm512_cmplt_epi32_mask(i, len_m1);
+                let g = _mm512_mask_i32gather_epi32::<2>(last, inside, i, row as *const i32);
+                _mm512_and_si512(g, _mm512_set1_epi32(0xFFFF))
             }
         }
-
-        /// Weights of the 16 sums in the 32-bit lanes of `v` (each below 2^16).
-        ///
-        /// # Safety
-        /// AVX-512F available.
         #[inline(always)]
         unsafe fn weights_of<const DIGITS: usize>(
-            &self,
+            t: &Self::Tables,
             v: __m512i,
             hi: __m512i,
             span: __m512i,
@@ -493,7 +626,7 @@ mod x86 {
             unsafe {
                 let d = _mm512_max_epi32(_mm512_sub_epi32(hi, v), _mm512_setzero_si512());
                 // vpermps reads the low 4 bits of each index: (d >> 4l) & 15 for free.
-                let [t0, t1, t2, t3] = self.0;
+                let [t0, t1, t2, t3] = *t;
                 let w1 = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(d), t1);
                 let w0 = _mm512_permutexvar_ps(d, t0);
                 let high = if DIGITS >= 3 {
@@ -513,302 +646,165 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn weight_sum_v3_imp<const DIGITS: usize>(
+    /// The 64 accumulator lanes in order, for the scalar tail to continue.
+    ///
+    /// # Safety
+    /// `W`'s features available.
+    #[inline(always)]
+    unsafe fn lanes_of<W: Width>(acc: &W::Acc) -> [f32; LANES] {
+        let mut lanes = [0.0f32; LANES];
+        for (j, a) in acc.as_ref().iter().enumerate() {
+            // SAFETY: register j fills lanes[N j .. N (j + 1)], inside the 64.
+            unsafe { W::store(lanes.as_mut_ptr().add(W::N * j), *a) };
+        }
+        lanes
+    }
+
+    /// [`super::SoftmaxKernel::weight_sum`]: the full blocks of 64 in `W`'s registers (lane
+    /// `i % 64`), the rest by the scalar reference.
+    ///
+    /// # Safety
+    /// `W`'s features available.
+    #[inline(always)]
+    unsafe fn weight_sum<W: Width, const DIGITS: usize>(
         row: &[u16],
         hi: u16,
         span: u16,
         exp: &ExpTables,
     ) -> f32 {
-        let full = row.len() / super::LANES * super::LANES;
+        let full = row.len() / LANES * LANES;
         // SAFETY: loads read row[i .. i + 64] with i + 64 <= len.
         unsafe {
-            let t = Tables8::new(exp);
-            let (h, s) = (_mm256_set1_epi32(hi as i32), _mm256_set1_epi32(span as i32));
-            let mut acc = [_mm256_setzero_ps(); 8];
+            let t = W::tables(exp);
+            let (h, s) = (W::splat_i(hi as i32), W::splat_i(span as i32));
+            let mut acc = W::acc();
             let mut i = 0;
             while i < full {
-                for (j, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_add_ps(*a, t.weights::<DIGITS>(row.as_ptr().add(i + 8 * j), h, s));
+                for (j, a) in acc.as_mut().iter_mut().enumerate() {
+                    let v = W::load_u16(row.as_ptr().add(i + W::N * j));
+                    *a = W::add(*a, W::weights_of::<DIGITS>(&t, v, h, s));
                 }
-                i += super::LANES;
+                i += LANES;
             }
-            let mut lanes = [0.0f32; super::LANES];
-            for (j, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * j), *a);
-            }
-            super::weight_sum_from(row, hi, span, exp, lanes, full)
+            super::weight_sum_from(row, hi, span, exp, lanes_of::<W>(&acc), full)
         }
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    unsafe fn weight_sum_v4_imp<const DIGITS: usize>(
-        row: &[u16],
-        hi: u16,
-        span: u16,
-        exp: &ExpTables,
-    ) -> f32 {
-        let full = row.len() / super::LANES * super::LANES;
-        // SAFETY: loads read row[i .. i + 64] with i + 64 <= len.
-        unsafe {
-            let t = Tables16::new(exp);
-            let (h, s) = (_mm512_set1_epi32(hi as i32), _mm512_set1_epi32(span as i32));
-            let mut acc = [_mm512_setzero_ps(); 4];
-            let mut i = 0;
-            while i < full {
-                for (j, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_add_ps(*a, t.weights::<DIGITS>(row.as_ptr().add(i + 16 * j), h, s));
-                }
-                i += super::LANES;
-            }
-            let mut lanes = [0.0f32; super::LANES];
-            for (j, a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(lanes.as_mut_ptr().add(16 * j), *a);
-            }
-            super::weight_sum_from(row, hi, span, exp, lanes, full)
-        }
-    }
-
-    /// `row[at[j]]` for 8 indices at `idx`, in 32-bit lanes. A 32-bit gather at `2 * i` reads
-    /// `row[i]` and `row[i + 1]`: lanes at the last element (`i = len - 1`) are not gathered
-    /// but take `last`, so nothing past the row is read.
+    /// [`super::SoftmaxKernel::weight_sum_at`]: as [`weight_sum`] over `at`, gathering.
     ///
     /// # Safety
-    /// AVX2 available; `idx` readable for 8 u32, each `< len <= i32::MAX`; `len >= 1`.
+    /// `W`'s features available; every index `< row.len() <= i32::MAX`.
     #[inline(always)]
-    unsafe fn gather8(row: *const u16, idx: *const u32, len_m1: __m256i, last: __m256i) -> __m256i {
-        // SAFETY: as stated: gathered lanes have i < len - 1, so 4 bytes at 2 i are in the row.
-        unsafe {
-            let i = _mm256_loadu_si256(idx as *const __m256i);
-            let inside = _mm256_cmpgt_epi32(len_m1, i);
-            let g = _mm256_mask_i32gather_epi32::<2>(last, row as *const i32, i, inside);
-            _mm256_and_si256(g, _mm256_set1_epi32(0xFFFF))
-        }
-    }
-
-    /// As [`gather8`], 16 lanes.
-    ///
-    /// # Safety
-    /// AVX-512F available; `idx` readable for 16 u32, each `< len <= i32::MAX`; `len >= 1`.
-    #[inline(always)]
-    unsafe fn gather16(
-        row: *const u16,
-        idx: *const u32,
-        len_m1: __m512i,
-        last: __m512i,
-    ) -> __m512i {
-        // SAFETY: as in gather8.
-        unsafe {
-            let i = _mm512_loadu_si512(idx as *const __m512i);
-            let inside = _mm512_cmplt_epi32_mask(i, len_m1);
-            let g = _mm512_mask_i32gather_epi32::<2>(last, inside, i, row as *const i32);
-            _mm512_and_si512(g, _mm512_set1_epi32(0xFFFF))
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn weight_sum_at_v3_imp<const DIGITS: usize>(
+    unsafe fn weight_sum_at<W: Width, const DIGITS: usize>(
         row: &[u16],
         at: &[u32],
         hi: u16,
         span: u16,
         exp: &ExpTables,
     ) -> f32 {
-        let full = at.len() / super::LANES * super::LANES;
+        let full = at.len() / LANES * LANES;
         if full == 0 {
             return super::weight_sum_at_scalar(row, at, hi, span, exp);
         }
-        // SAFETY: the caller checked every index < row.len() <= i32::MAX (so row is not
-        // empty); index loads read at[j .. j + 64] with j + 64 <= at.len().
+        // SAFETY: as stated (so row is not empty); index loads read at[j .. j + 64] with
+        // j + 64 <= at.len().
         unsafe {
-            let t = Tables8::new(exp);
-            let (h, s) = (_mm256_set1_epi32(hi as i32), _mm256_set1_epi32(span as i32));
-            let len_m1 = _mm256_set1_epi32((row.len() - 1) as i32);
-            let last = _mm256_set1_epi32(row[row.len() - 1] as i32);
-            let mut acc = [_mm256_setzero_ps(); 8];
+            let t = W::tables(exp);
+            let (h, s) = (W::splat_i(hi as i32), W::splat_i(span as i32));
+            let len_m1 = W::splat_i((row.len() - 1) as i32);
+            let last = W::splat_i(row[row.len() - 1] as i32);
+            let mut acc = W::acc();
             let mut j = 0;
             while j < full {
-                for (l, a) in acc.iter_mut().enumerate() {
-                    let v = gather8(row.as_ptr(), at.as_ptr().add(j + 8 * l), len_m1, last);
-                    *a = _mm256_add_ps(*a, t.weights_of::<DIGITS>(v, h, s));
+                for (l, a) in acc.as_mut().iter_mut().enumerate() {
+                    let v =
+                        W::gather_u16(row.as_ptr(), at.as_ptr().add(j + W::N * l), len_m1, last);
+                    *a = W::add(*a, W::weights_of::<DIGITS>(&t, v, h, s));
                 }
-                j += super::LANES;
+                j += LANES;
             }
-            let mut lanes = [0.0f32; super::LANES];
-            for (l, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * l), *a);
-            }
-            super::weight_sum_at_from(row, at, hi, span, exp, lanes, full)
+            super::weight_sum_at_from(row, at, hi, span, exp, lanes_of::<W>(&acc), full)
         }
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    unsafe fn weight_sum_at_v4_imp<const DIGITS: usize>(
-        row: &[u16],
-        at: &[u32],
-        hi: u16,
-        span: u16,
-        exp: &ExpTables,
-    ) -> f32 {
-        let full = at.len() / super::LANES * super::LANES;
-        if full == 0 {
-            return super::weight_sum_at_scalar(row, at, hi, span, exp);
-        }
-        // SAFETY: as in weight_sum_at_v3_imp, blocks of 16.
-        unsafe {
-            let t = Tables16::new(exp);
-            let (h, s) = (_mm512_set1_epi32(hi as i32), _mm512_set1_epi32(span as i32));
-            let len_m1 = _mm512_set1_epi32((row.len() - 1) as i32);
-            let last = _mm512_set1_epi32(row[row.len() - 1] as i32);
-            let mut acc = [_mm512_setzero_ps(); 4];
-            let mut j = 0;
-            while j < full {
-                for (l, a) in acc.iter_mut().enumerate() {
-                    let v = gather16(row.as_ptr(), at.as_ptr().add(j + 16 * l), len_m1, last);
-                    *a = _mm512_add_ps(*a, t.weights_of::<DIGITS>(v, h, s));
-                }
-                j += super::LANES;
-            }
-            let mut lanes = [0.0f32; super::LANES];
-            for (l, a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(lanes.as_mut_ptr().add(16 * l), *a);
-            }
-            super::weight_sum_at_from(row, at, hi, span, exp, lanes, full)
-        }
-    }
-
-    /// The combined weights of elements `0..len / 8 * 8` (every row `len` long), 8 at a time
-    /// in order: `emit(i, weights of i .. i + 8)`; returns where the full blocks end.
+    /// The combined weights of elements `0..len / N * N` (every row `len` long), N at a time
+    /// in order: `emit(i, weights of i .. i + N)`; returns where the full blocks end.
     ///
     /// # Safety
-    /// AVX2 and FMA available; every row holds `len` elements.
+    /// `W`'s features available; every row holds `len` elements.
     #[inline(always)]
-    unsafe fn combine_blocks_v3<const DIGITS: usize>(
-        heads: &[super::HeadRow<'_>],
+    unsafe fn combine_blocks<W: Width, const DIGITS: usize>(
+        heads: &[HeadRow<'_>],
         len: usize,
         max: bool,
-        mut emit: impl FnMut(usize, __m256),
+        mut emit: impl FnMut(usize, W::F),
     ) -> usize {
-        let full = len / 8 * 8;
+        let full = len / W::N * W::N;
         // SAFETY: as stated; full blocks only.
         unsafe {
             let prep: Vec<_> = heads
                 .iter()
                 .map(|h| {
                     (
-                        Tables8::new(&h.exp),
-                        _mm256_set1_epi32(h.hi as i32),
-                        _mm256_set1_epi32(h.span as i32),
-                        _mm256_set1_ps(h.factor),
+                        W::tables(&h.exp),
+                        W::splat_i(h.hi as i32),
+                        W::splat_i(h.span as i32),
+                        W::splat(h.factor),
                         h.row.as_ptr(),
                     )
                 })
                 .collect();
             let mut i = 0;
             while i < full {
-                let mut a = _mm256_setzero_ps();
+                let mut a = W::zero();
                 for (t, h, s, f, row) in &prep {
-                    let w = _mm256_mul_ps(t.weights::<DIGITS>(row.add(i), *h, *s), *f);
-                    // max(w, a) picks a when equal or NaN, as the scalar `if w > a`.
-                    a = if max {
-                        _mm256_max_ps(w, a)
-                    } else {
-                        _mm256_add_ps(a, w)
-                    };
+                    let v = W::load_u16(row.add(i));
+                    let w = W::mul(W::weights_of::<DIGITS>(t, v, *h, *s), *f);
+                    a = if max { W::max(w, a) } else { W::add(a, w) };
                 }
                 emit(i, a);
-                i += 8;
+                i += W::N;
             }
         }
         full
     }
 
-    /// As [`combine_blocks_v3`], 16 at a time.
+    /// [`super::SoftmaxKernel::combine`].
     ///
     /// # Safety
-    /// AVX-512F available; every row holds `len` elements.
+    /// `W`'s features available; every row has `out.len()` elements.
     #[inline(always)]
-    unsafe fn combine_blocks_v4<const DIGITS: usize>(
-        heads: &[super::HeadRow<'_>],
-        len: usize,
-        max: bool,
-        mut emit: impl FnMut(usize, __m512),
-    ) -> usize {
-        let full = len / 16 * 16;
-        // SAFETY: as stated; full blocks only.
-        unsafe {
-            let prep: Vec<_> = heads
-                .iter()
-                .map(|h| {
-                    (
-                        Tables16::new(&h.exp),
-                        _mm512_set1_epi32(h.hi as i32),
-                        _mm512_set1_epi32(h.span as i32),
-                        _mm512_set1_ps(h.factor),
-                        h.row.as_ptr(),
-                    )
-                })
-                .collect();
-            let mut i = 0;
-            while i < full {
-                let mut a = _mm512_setzero_ps();
-                for (t, h, s, f, row) in &prep {
-                    let w = _mm512_mul_ps(t.weights::<DIGITS>(row.add(i), *h, *s), *f);
-                    a = if max {
-                        _mm512_max_ps(w, a)
-                    } else {
-                        _mm512_add_ps(a, w)
-                    };
-                }
-                emit(i, a);
-                i += 16;
-            }
-        }
-        full
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn combine_v3_imp<const DIGITS: usize>(
-        heads: &[super::HeadRow<'_>],
+    unsafe fn combine<W: Width, const DIGITS: usize>(
+        heads: &[HeadRow<'_>],
         out: &mut [f32],
         max: bool,
     ) {
         let o = out.as_mut_ptr();
-        // SAFETY: every row has out.len() elements (checked by the caller); each block's 8
-        // outputs lie inside `out`.
+        // SAFETY: as stated; each block's N outputs lie inside `out`.
         let full = unsafe {
-            combine_blocks_v3::<DIGITS>(heads, out.len(), max, |i, a| _mm256_storeu_ps(o.add(i), a))
+            combine_blocks::<W, DIGITS>(heads, out.len(), max, |i, a| W::store(o.add(i), a))
         };
         super::combine_from(heads, out, max, full);
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    unsafe fn combine_v4_imp<const DIGITS: usize>(
-        heads: &[super::HeadRow<'_>],
-        out: &mut [f32],
-        max: bool,
-    ) {
-        let o = out.as_mut_ptr();
-        // SAFETY: as in combine_v3_imp, blocks of 16.
-        let full = unsafe {
-            combine_blocks_v4::<DIGITS>(heads, out.len(), max, |i, a| _mm512_storeu_ps(o.add(i), a))
-        };
-        super::combine_from(heads, out, max, full);
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn combine_at_least_v3_imp<const DIGITS: usize>(
-        heads: &[super::HeadRow<'_>],
+    /// [`super::SoftmaxKernel::combine_at_least`] on AVX2: the lanes at or above the floor
+    /// pushed from a mask.
+    ///
+    /// # Safety
+    /// AVX2 and FMA available; every row has the same length.
+    #[inline(always)]
+    unsafe fn combine_at_least_avx2<const DIGITS: usize>(
+        heads: &[HeadRow<'_>],
         max: bool,
         floor: f32,
         at: &mut Vec<u32>,
         values: &mut Vec<f32>,
     ) {
         let n = heads.first().map_or(0, |h| h.row.len());
-        let f = _mm256_set1_ps(floor);
-        // SAFETY: every row has n elements (checked by the caller).
+        // SAFETY: as stated.
         let full = unsafe {
-            combine_blocks_v3::<DIGITS>(heads, n, max, |i, a| {
+            let f = _mm256_set1_ps(floor);
+            combine_blocks::<Avx2, DIGITS>(heads, n, max, |i, a| {
                 let mut mask = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(a, f)) as u32;
                 if mask != 0 {
                     let mut lanes = [0.0f32; 8];
@@ -825,9 +821,14 @@ mod x86 {
         super::combine_at_least_from(heads, max, floor, full, at, values);
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    unsafe fn combine_at_least_v4_imp<const DIGITS: usize>(
-        heads: &[super::HeadRow<'_>],
+    /// [`super::SoftmaxKernel::combine_at_least`] on AVX-512: each block's survivors
+    /// compressed into place through a running count.
+    ///
+    /// # Safety
+    /// AVX-512F available; every row has the same length, which fits u32 indices.
+    #[inline(always)]
+    unsafe fn combine_at_least_avx512<const DIGITS: usize>(
+        heads: &[HeadRow<'_>],
         max: bool,
         floor: f32,
         at: &mut Vec<u32>,
@@ -839,16 +840,15 @@ mod x86 {
         at.reserve(n + 16);
         values.reserve(n + 16);
         let (at0, values0) = (at.len(), values.len());
-        let f = _mm512_set1_ps(floor);
-        let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         let mut kept = 0usize;
-        // SAFETY: every row has n elements (checked by the caller); indices fit u32 (checked
-        // by the caller). Block i stores 16 lanes at `kept <= i` past the vectors' lengths,
-        // inside the n + 16 reserved; every bit pattern is a valid u32 or f32, and only the
-        // `kept` compressed survivors become part of the vectors.
+        // SAFETY: as stated. Block i stores 16 lanes at `kept <= i` past the vectors'
+        // lengths, inside the n + 16 reserved; every bit pattern is a valid u32 or f32, and
+        // only the `kept` compressed survivors become part of the vectors.
         let full = unsafe {
+            let f = _mm512_set1_ps(floor);
+            let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
             let (pa, pv) = (at.as_mut_ptr().add(at0), values.as_mut_ptr().add(values0));
-            let full = combine_blocks_v4::<DIGITS>(heads, n, max, |i, a| {
+            let full = combine_blocks::<Avx512, DIGITS>(heads, n, max, |i, a| {
                 let mask = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(a, f);
                 let idx = _mm512_add_epi32(lanes, _mm512_set1_epi32(i as i32));
                 _mm512_storeu_si512(
@@ -865,8 +865,16 @@ mod x86 {
         super::combine_at_least_from(heads, max, floor, full, at, values);
     }
 
-    /// `$f::<D>(args)` with `D` the number of tables `$digits` asks for (2, 3 or 4).
+    /// `$f::<W, D>(args)` (or `$f::<D>(args)`) with `D` the number of tables `$digits` asks for
+    /// (2, 3 or 4).
     macro_rules! by_digits {
+        ($digits:expr, $f:ident::<$w:ident>($($arg:expr),*)) => {
+            match $digits {
+                2 => $f::<$w, 2>($($arg),*),
+                3 => $f::<$w, 3>($($arg),*),
+                _ => $f::<$w, 4>($($arg),*),
+            }
+        };
         ($digits:expr, $f:ident($($arg:expr),*)) => {
             match $digits {
                 2 => $f::<2>($($arg),*),
@@ -876,99 +884,112 @@ mod x86 {
         };
     }
 
-    pub(super) fn weight_sum_v3(row: &[u16], hi: u16, span: u16, exp: &ExpTables) -> f32 {
-        // SAFETY: only reachable through a kernel built for V3, which the CPU supports.
-        unsafe { by_digits!(super::digits(span), weight_sum_v3_imp(row, hi, span, exp)) }
-    }
-
-    pub(super) fn weight_sum_v4(row: &[u16], hi: u16, span: u16, exp: &ExpTables) -> f32 {
-        // SAFETY: only reachable through a kernel built for V4 or above, which the CPU
-        // supports.
-        unsafe { by_digits!(super::digits(span), weight_sum_v4_imp(row, hi, span, exp)) }
-    }
-
-    pub(super) fn weight_sum_at_v3(
-        row: &[u16],
-        at: &[u32],
-        hi: u16,
-        span: u16,
-        exp: &ExpTables,
-    ) -> f32 {
-        // SAFETY: as weight_sum_v3; indices checked by SoftmaxKernel::weight_sum_at.
-        unsafe {
-            by_digits!(
-                super::digits(span),
-                weight_sum_at_v3_imp(row, at, hi, span, exp)
-            )
-        }
-    }
-
-    pub(super) fn weight_sum_at_v4(
-        row: &[u16],
-        at: &[u32],
-        hi: u16,
-        span: u16,
-        exp: &ExpTables,
-    ) -> f32 {
-        // SAFETY: as weight_sum_v4; indices checked by SoftmaxKernel::weight_sum_at.
-        unsafe {
-            by_digits!(
-                super::digits(span),
-                weight_sum_at_v4_imp(row, at, hi, span, exp)
-            )
-        }
-    }
-
-    pub(super) fn combine_v3(heads: &[super::HeadRow<'_>], out: &mut [f32], max: bool) {
-        // SAFETY: as weight_sum_v3; lengths checked by SoftmaxKernel::combine.
-        unsafe { by_digits!(widest(heads), combine_v3_imp(heads, out, max)) }
-    }
-
-    pub(super) fn combine_v4(heads: &[super::HeadRow<'_>], out: &mut [f32], max: bool) {
-        // SAFETY: as weight_sum_v4; lengths checked by SoftmaxKernel::combine.
-        unsafe { by_digits!(widest(heads), combine_v4_imp(heads, out, max)) }
-    }
-
-    pub(super) fn combine_at_least_v3(
-        heads: &[super::HeadRow<'_>],
-        max: bool,
-        floor: f32,
-        at: &mut Vec<u32>,
-        values: &mut Vec<f32>,
-    ) {
-        // SAFETY: as weight_sum_v3; lengths checked by SoftmaxKernel::combine_at_least.
-        unsafe {
-            by_digits!(
-                widest(heads),
-                combine_at_least_v3_imp(heads, max, floor, at, values)
-            )
-        }
-    }
-
-    pub(super) fn combine_at_least_v4(
-        heads: &[super::HeadRow<'_>],
-        max: bool,
-        floor: f32,
-        at: &mut Vec<u32>,
-        values: &mut Vec<f32>,
-    ) {
-        // SAFETY: as weight_sum_v4; lengths checked by SoftmaxKernel::combine_at_least.
-        unsafe {
-            by_digits!(
-                widest(heads),
-                combine_at_least_v4_imp(heads, max, floor, at, values)
-            )
-        }
-    }
-
     /// The digits the widest span of the group needs.
-    fn widest(heads: &[super::HeadRow<'_>]) -> usize {
+    fn widest(heads: &[HeadRow<'_>]) -> usize {
         heads
             .iter()
             .map(|h| super::digits(h.span))
             .max()
             .unwrap_or(2)
     }
+
+    /// One level's entry points: `#[target_feature]` functions that instantiate the generic
+    /// loops for `$w`, and the safe wrappers the kernel table holds.
+    macro_rules! level {
+        ($feat:literal, $w:ident, $combine_at_least:ident,
+         $sum:ident, $sum_at:ident, $comb:ident, $comb_least:ident) => {
+            pub(super) fn $sum(row: &[u16], hi: u16, span: u16, exp: &ExpTables) -> f32 {
+                #[target_feature(enable = $feat)]
+                unsafe fn imp(row: &[u16], hi: u16, span: u16, exp: &ExpTables) -> f32 {
+                    // SAFETY: the features are enabled on this function.
+                    unsafe { by_digits!(super::digits(span), weight_sum::<$w>(row, hi, span, exp)) }
+                }
+                // SAFETY: only reachable through a kernel built for this level, which the CPU
+                // supports.
+                unsafe { imp(row, hi, span, exp) }
+            }
+
+            pub(super) fn $sum_at(
+                row: &[u16],
+                at: &[u32],
+                hi: u16,
+                span: u16,
+                exp: &ExpTables,
+            ) -> f32 {
+                #[target_feature(enable = $feat)]
+                unsafe fn imp(row: &[u16], at: &[u32], hi: u16, span: u16, exp: &ExpTables) -> f32 {
+                    // SAFETY: the features are enabled on this function; the indices were
+                    // checked by SoftmaxKernel::weight_sum_at.
+                    unsafe {
+                        by_digits!(
+                            super::digits(span),
+                            weight_sum_at::<$w>(row, at, hi, span, exp)
+                        )
+                    }
+                }
+                // SAFETY: as in the weight sum.
+                unsafe { imp(row, at, hi, span, exp) }
+            }
+
+            pub(super) fn $comb(heads: &[HeadRow<'_>], out: &mut [f32], max: bool) {
+                #[target_feature(enable = $feat)]
+                unsafe fn imp(heads: &[HeadRow<'_>], out: &mut [f32], max: bool) {
+                    // SAFETY: the features are enabled on this function; the lengths were
+                    // checked by SoftmaxKernel::combine.
+                    unsafe { by_digits!(widest(heads), combine::<$w>(heads, out, max)) }
+                }
+                // SAFETY: as in the weight sum.
+                unsafe { imp(heads, out, max) }
+            }
+
+            pub(super) fn $comb_least(
+                heads: &[HeadRow<'_>],
+                max: bool,
+                floor: f32,
+                at: &mut Vec<u32>,
+                values: &mut Vec<f32>,
+            ) {
+                #[target_feature(enable = $feat)]
+                unsafe fn imp(
+                    heads: &[HeadRow<'_>],
+                    max: bool,
+                    floor: f32,
+                    at: &mut Vec<u32>,
+                    values: &mut Vec<f32>,
+                ) {
+                    // SAFETY: the features are enabled on this function; the lengths were
+                    // checked by SoftmaxKernel::combine_at_least.
+                    unsafe {
+                        by_digits!(
+                            widest(heads),
+                            $combine_at_least(heads, max, floor, at, values)
+                        )
+                    }
+                }
+                // SAFETY: as in the weight sum.
+                unsafe { imp(heads, max, floor, at, values) }
+            }
+        };
+    }
+
+    level!(
+        "avx2,fma",
+        Avx2,
+        combine_at_least_avx2,
+        weight_sum_v3,
+        weight_sum_at_v3,
+        combine_v3,
+        combine_at_least_v3
+    );
+    level!(
+        "avx512f,avx512bw,avx512vl,avx2,fma",
+        Avx512,
+        combine_at_least_avx512,
+        weight_sum_v4,
+        weight_sum_at_v4,
+        combine_v4,
+        combine_at_least_v4
+    );
 }
 
 #[cfg(test)]
