@@ -419,6 +419,55 @@ mod x86 {
         ) -> Self::F;
     }
 
+    /// The [`Width`] methods that are one register instruction each, for register types
+    /// `$f` / `$i` and the intrinsics named.
+    macro_rules! register_ops {
+        ($f:ty, $i:ty, $zero:ident, $set1:ident, $set1i:ident, $add:ident, $mul:ident, $max:ident, $store:ident) => {
+            #[inline(always)]
+            unsafe fn zero() -> $f {
+                // SAFETY: register operation; the width's features are available (the
+                // trait's contract), as in every method here.
+                unsafe { $zero() }
+            }
+            #[inline(always)]
+            unsafe fn acc() -> Self::Acc {
+                // SAFETY: as in zero.
+                unsafe { [Self::zero(); LANES / Self::N] }
+            }
+            #[inline(always)]
+            unsafe fn splat(x: f32) -> $f {
+                // SAFETY: register operation.
+                unsafe { $set1(x) }
+            }
+            #[inline(always)]
+            unsafe fn splat_i(x: i32) -> $i {
+                // SAFETY: register operation.
+                unsafe { $set1i(x) }
+            }
+            #[inline(always)]
+            unsafe fn add(a: $f, b: $f) -> $f {
+                // SAFETY: register operation.
+                unsafe { $add(a, b) }
+            }
+            #[inline(always)]
+            unsafe fn mul(a: $f, b: $f) -> $f {
+                // SAFETY: register operation.
+                unsafe { $mul(a, b) }
+            }
+            #[inline(always)]
+            unsafe fn max(w: $f, a: $f) -> $f {
+                // SAFETY: register operation; vmaxps returns its second operand when equal
+                // or NaN.
+                unsafe { $max(w, a) }
+            }
+            #[inline(always)]
+            unsafe fn store(p: *mut f32, a: $f) {
+                // SAFETY: p writable for N f32 (the caller's contract).
+                unsafe { $store(p, a) }
+            }
+        };
+    }
+
     /// AVX2 and FMA: 8 lanes.
     struct Avx2;
 
@@ -438,46 +487,17 @@ mod x86 {
                 [_mm256_loadu_ps(t), _mm256_loadu_ps(t.add(8))]
             })
         }
-        #[inline(always)]
-        unsafe fn zero() -> __m256 {
-            // SAFETY: AVX available (the trait's contract), as in every method below.
-            unsafe { _mm256_setzero_ps() }
-        }
-        #[inline(always)]
-        unsafe fn acc() -> [__m256; 8] {
-            // SAFETY: as in zero.
-            unsafe { [Self::zero(); 8] }
-        }
-        #[inline(always)]
-        unsafe fn splat(x: f32) -> __m256 {
-            // SAFETY: register operation.
-            unsafe { _mm256_set1_ps(x) }
-        }
-        #[inline(always)]
-        unsafe fn splat_i(x: i32) -> __m256i {
-            // SAFETY: register operation.
-            unsafe { _mm256_set1_epi32(x) }
-        }
-        #[inline(always)]
-        unsafe fn add(a: __m256, b: __m256) -> __m256 {
-            // SAFETY: register operation.
-            unsafe { _mm256_add_ps(a, b) }
-        }
-        #[inline(always)]
-        unsafe fn mul(a: __m256, b: __m256) -> __m256 {
-            // SAFETY: register operation.
-            unsafe { _mm256_mul_ps(a, b) }
-        }
-        #[inline(always)]
-        unsafe fn max(w: __m256, a: __m256) -> __m256 {
-            // SAFETY: register operation; vmaxps returns its second operand when equal or NaN.
-            unsafe { _mm256_max_ps(w, a) }
-        }
-        #[inline(always)]
-        unsafe fn store(p: *mut f32, a: __m256) {
-            // SAFETY: p writable for 8 f32 (the caller's contract).
-            unsafe { _mm256_storeu_ps(p, a) }
-        }
+        register_ops!(
+            __m256,
+            __m256i,
+            _mm256_setzero_ps,
+            _mm256_set1_ps,
+            _mm256_set1_epi32,
+            _mm256_add_ps,
+            _mm256_mul_ps,
+            _mm256_max_ps,
+            _mm256_storeu_ps
+        );
         #[inline(always)]
         unsafe fn load_u16(p: *const u16) -> __m256i {
             // SAFETY: p readable for 8 u16 (the caller's contract).
@@ -555,46 +575,17 @@ mod x86 {
             // SAFETY: each table has 16 floats.
             std::array::from_fn(|l| unsafe { _mm512_loadu_ps(exp.t[l].as_ptr()) })
         }
-        #[inline(always)]
-        unsafe fn zero() -> __m512 {
-            // SAFETY: AVX-512F available (the trait's contract), as in every method below.
-            unsafe { _mm512_setzero_ps() }
-        }
-        #[inline(always)]
-        unsafe fn acc() -> [__m512; 4] {
-            // SAFETY: as in zero.
-            unsafe { [Self::zero(); 4] }
-        }
-        #[inline(always)]
-        unsafe fn splat(x: f32) -> __m512 {
-            // SAFETY: register operation.
-            unsafe { _mm512_set1_ps(x) }
-        }
-        #[inline(always)]
-        unsafe fn splat_i(x: i32) -> __m512i {
-            // SAFETY: register operation.
-            unsafe { _mm512_set1_epi32(x) }
-        }
-        #[inline(always)]
-        unsafe fn add(a: __m512, b: __m512) -> __m512 {
-            // SAFETY: register operation.
-            unsafe { _mm512_add_ps(a, b) }
-        }
-        #[inline(always)]
-        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
-            // SAFETY: register operation.
-            unsafe { _mm512_mul_ps(a, b) }
-        }
-        #[inline(always)]
-        unsafe fn max(w: __m512, a: __m512) -> __m512 {
-            // SAFETY: register operation; vmaxps returns its second operand when equal or NaN.
-            unsafe { _mm512_max_ps(w, a) }
-        }
-        #[inline(always)]
-        unsafe fn store(p: *mut f32, a: __m512) {
-            // SAFETY: p writable for 16 f32 (the caller's contract).
-            unsafe { _mm512_storeu_ps(p, a) }
-        }
+        register_ops!(
+            __m512,
+            __m512i,
+            _mm512_setzero_ps,
+            _mm512_set1_ps,
+            _mm512_set1_epi32,
+            _mm512_add_ps,
+            _mm512_mul_ps,
+            _mm512_max_ps,
+            _mm512_storeu_ps
+        );
         #[inline(always)]
         unsafe fn load_u16(p: *const u16) -> __m512i {
             // SAFETY: p readable for 16 u16 (the caller's contract).
