@@ -398,11 +398,22 @@ mod x86 {
         }
     }
 
+    /// `sum_i term(a[i], b[i])` on AVX2: four 8-lane accumulators over blocks of 32 (each
+    /// lane's terms added by `step(x, y, acc)`), then blocks of 8 into the first, the lanes
+    /// summed, and the rest term by term (`term`, the scalar form of `step`).
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C available; `step` a register operation.
     #[inline(always)]
-    unsafe fn dot_v3<T: Load8>(a: &[f32], b: &[T]) -> f32 {
+    unsafe fn fold_v3<T: Load8>(
+        a: &[f32],
+        b: &[T],
+        step: impl Fn(__m256, __m256, __m256) -> __m256,
+        term: impl Fn(f32, f32) -> f32,
+    ) -> f32 {
         let n = a.len().min(b.len());
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        // SAFETY: every load below reads indices < n of both slices; AVX2/FMA/F16C are
+        // SAFETY: every load below reads indices < n of both slices; the features are
         // enabled by the calling #[target_feature] entry point.
         unsafe {
             let mut acc = [_mm256_setzero_ps(); 4];
@@ -410,118 +421,108 @@ mod x86 {
             while i + 32 <= n {
                 for (u, a) in acc.iter_mut().enumerate() {
                     let o = i + 8 * u;
-                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), T::load8(pb.add(o)), *a);
+                    *a = step(_mm256_loadu_ps(pa.add(o)), T::load8(pb.add(o)), *a);
                 }
                 i += 32;
             }
             while i + 8 <= n {
-                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), T::load8(pb.add(i)), acc[0]);
+                acc[0] = step(_mm256_loadu_ps(pa.add(i)), T::load8(pb.add(i)), acc[0]);
                 i += 8;
             }
             let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
             let mut total = hsum256(s);
             while i < n {
-                total += *pa.add(i) * (*pb.add(i)).to_f32();
+                total += term(*pa.add(i), (*pb.add(i)).to_f32());
                 i += 1;
             }
             total
         }
     }
 
+    /// As [`fold_v3`] on AVX-512, with 16-lane accumulators over blocks of 64 and 16; the
+    /// rest is one masked step (masked-off lanes load as zeros, which every step maps to 0).
+    ///
+    /// # Safety
+    /// AVX-512F/BW/VL and F16C available; `step` a register operation with
+    /// `step(0, 0, acc) == acc`.
     #[inline(always)]
-    unsafe fn l2sq_v3<T: Load8>(a: &[f32], b: &[T]) -> f32 {
-        let n = a.len().min(b.len());
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        // SAFETY: as in dot_v3.
-        unsafe {
-            let mut acc = [_mm256_setzero_ps(); 4];
-            let mut i = 0;
-            while i + 32 <= n {
-                for (u, a) in acc.iter_mut().enumerate() {
-                    let o = i + 8 * u;
-                    let t = _mm256_sub_ps(_mm256_loadu_ps(pa.add(o)), T::load8(pb.add(o)));
-                    *a = _mm256_fmadd_ps(t, t, *a);
-                }
-                i += 32;
-            }
-            while i + 8 <= n {
-                let t = _mm256_sub_ps(_mm256_loadu_ps(pa.add(i)), T::load8(pb.add(i)));
-                acc[0] = _mm256_fmadd_ps(t, t, acc[0]);
-                i += 8;
-            }
-            let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-            let mut total = hsum256(s);
-            while i < n {
-                let t = *pa.add(i) - (*pb.add(i)).to_f32();
-                total += t * t;
-                i += 1;
-            }
-            total
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn dot_v4<T: Load8>(a: &[f32], b: &[T]) -> f32 {
+    unsafe fn fold_v4<T: Load8>(
+        a: &[f32],
+        b: &[T],
+        step: impl Fn(__m512, __m512, __m512) -> __m512,
+    ) -> f32 {
         let n = a.len().min(b.len());
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
         // SAFETY: full loads read indices < n; the tail uses masked loads that touch only
-        // the `n - i` remaining elements. AVX-512F/BW/VL enabled by the entry point.
+        // the `n - i` remaining elements. The features are enabled by the entry point.
         unsafe {
             let mut acc = [_mm512_setzero_ps(); 4];
             let mut i = 0;
             while i + 64 <= n {
                 for (u, a) in acc.iter_mut().enumerate() {
                     let o = i + 16 * u;
-                    *a = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(o)), T::load16(pb.add(o)), *a);
+                    *a = step(_mm512_loadu_ps(pa.add(o)), T::load16(pb.add(o)), *a);
                 }
                 i += 64;
             }
             while i + 16 <= n {
-                acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), T::load16(pb.add(i)), acc[0]);
+                acc[0] = step(_mm512_loadu_ps(pa.add(i)), T::load16(pb.add(i)), acc[0]);
                 i += 16;
             }
             if i < n {
                 let mask: u16 = ((1u32 << (n - i)) - 1) as u16;
                 let x = _mm512_maskz_loadu_ps(mask, pa.add(i));
-                let y = T::load16_mask(pb.add(i), mask);
-                acc[1] = _mm512_fmadd_ps(x, y, acc[1]);
+                acc[1] = step(x, T::load16_mask(pb.add(i), mask), acc[1]);
             }
             let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
             _mm512_reduce_add_ps(s)
         }
     }
 
+    /// # Safety
+    /// As [`fold_v3`].
+    #[inline(always)]
+    unsafe fn dot_v3<T: Load8>(a: &[f32], b: &[T]) -> f32 {
+        // SAFETY: as stated; the step is a register operation.
+        unsafe { fold_v3(a, b, |x, y, acc| _mm256_fmadd_ps(x, y, acc), |x, y| x * y) }
+    }
+
+    /// # Safety
+    /// As [`fold_v3`].
+    #[inline(always)]
+    unsafe fn l2sq_v3<T: Load8>(a: &[f32], b: &[T]) -> f32 {
+        // SAFETY: as stated; the step is a register operation.
+        unsafe {
+            fold_v3(
+                a,
+                b,
+                |x, y, acc| {
+                    let t = _mm256_sub_ps(x, y);
+                    _mm256_fmadd_ps(t, t, acc)
+                },
+                |x, y| (x - y) * (x - y),
+            )
+        }
+    }
+
+    /// # Safety
+    /// As [`fold_v4`].
+    #[inline(always)]
+    unsafe fn dot_v4<T: Load8>(a: &[f32], b: &[T]) -> f32 {
+        // SAFETY: as stated; 0 * 0 adds nothing.
+        unsafe { fold_v4(a, b, |x, y, acc| _mm512_fmadd_ps(x, y, acc)) }
+    }
+
+    /// # Safety
+    /// As [`fold_v4`].
     #[inline(always)]
     unsafe fn l2sq_v4<T: Load8>(a: &[f32], b: &[T]) -> f32 {
-        let n = a.len().min(b.len());
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        // SAFETY: as in dot_v4.
+        // SAFETY: as stated; (0 - 0)^2 adds nothing.
         unsafe {
-            let mut acc = [_mm512_setzero_ps(); 4];
-            let mut i = 0;
-            while i + 64 <= n {
-                for (u, a) in acc.iter_mut().enumerate() {
-                    let o = i + 16 * u;
-                    let t = _mm512_sub_ps(_mm512_loadu_ps(pa.add(o)), T::load16(pb.add(o)));
-                    *a = _mm512_fmadd_ps(t, t, *a);
-                }
-                i += 64;
-            }
-            while i + 16 <= n {
-                let t = _mm512_sub_ps(_mm512_loadu_ps(pa.add(i)), T::load16(pb.add(i)));
-                acc[0] = _mm512_fmadd_ps(t, t, acc[0]);
-                i += 16;
-            }
-            if i < n {
-                let mask: u16 = ((1u32 << (n - i)) - 1) as u16;
-                let t = _mm512_sub_ps(
-                    _mm512_maskz_loadu_ps(mask, pa.add(i)),
-                    T::load16_mask(pb.add(i), mask),
-                );
-                acc[1] = _mm512_fmadd_ps(t, t, acc[1]);
-            }
-            let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-            _mm512_reduce_add_ps(s)
+            fold_v4(a, b, |x, y, acc| {
+                let t = _mm512_sub_ps(x, y);
+                _mm512_fmadd_ps(t, t, acc)
+            })
         }
     }
 
