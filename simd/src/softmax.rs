@@ -422,7 +422,8 @@ mod x86 {
     /// The [`Width`] methods that are one register instruction each, for register types
     /// `$f` / `$i` and the intrinsics named.
     macro_rules! register_ops {
-        ($f:ty, $i:ty, $zero:ident, $set1:ident, $set1i:ident, $add:ident, $mul:ident, $max:ident, $store:ident) => {
+        ($f:ty, $i:ty, $zero:ident, $set1:ident, $set1i:ident,
+         $add:ident, $mul:ident, $max:ident, $store:ident) => {
             #[inline(always)]
             unsafe fn zero() -> $f {
                 // SAFETY: register operation; the width's features are available (the

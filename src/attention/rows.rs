@@ -74,7 +74,7 @@ impl RowStore {
     }
 }
 
-/// A borrowed view of a [`RowStore`]: `base` then `tail`, each whole rows.
+/// A borrowed view of a `RowStore`: `base` then `tail`, each whole rows.
 #[derive(Clone, Copy)]
 pub struct SplitRows<'a> {
     base: &'a [f16],

@@ -26,7 +26,7 @@ pub struct EvalAttentionArgs {
     /// Decode positions per layer, evenly spaced in [T/2, T).
     #[arg(long, default_value_t = 16)]
     pub positions: usize,
-    /// Selectors, comma-separated (exact, window, random, pq:MxB, fastscan:Mx4[:rerankF][:plain], quest:P).
+    /// Selectors, comma-separated (exact, window, random, pq:MxB, fastscan:Mx4 with optional :rerankF and :plain, quest:P).
     #[arg(long, default_value = DEFAULT_SELECTORS)]
     pub selectors: String,
     /// Always-attended first tokens.

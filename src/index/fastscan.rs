@@ -11,7 +11,7 @@
 //! 3. **Selection**, by the number of candidates `c` (`k`, or `k * rerank_factor`):
 //!    `c * 32 <= ntotal`: a heap per query and chunk, fed only by blocks whose best score beats
 //!    the heap threshold, merged at the end; otherwise (the attention case, k = 5-20 % of n)
-//!    an `O(n)` radix select on the u16 scores ([`crate::select::select_topk_u16_segments`]).
+//!    an `O(n)` radix select on the u16 scores (`select::select_topk_u16_segments`).
 //! 4. **Re-ranking** (optional): the candidates are re-scored exactly against the original
 //!    vectors (kept as f32 or f16), and the best `k` returned with exact distances.
 //!

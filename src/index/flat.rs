@@ -7,7 +7,7 @@
 //!   from one faer GEMM (`Q · Xᵀ`; f16 chunks are widened first). For L2, `||q - x||² =
 //!   ||q||² + ||x||² - 2 q·x`, with the row norms kept from `add`, clamped at 0.
 //!
-//! Selection never sorts all `n` scores: see [`crate::select`]. Memory: `n * d` values
+//! Selection never sorts all `n` scores: see the crate's `select` module. Memory: `n * d` values
 //! (4 or 2 bytes each) and, for L2, `n` f32 squared norms.
 
 use super::{check_k, check_vectors, write_row, Index};

@@ -1,6 +1,6 @@
 //! Readers for vector data files: NumPy `.npy` (f32, f16, f64, i64; C order) and the
 //! `.fvecs` / `.ivecs` formats of the TEXMEX ANN benchmarks. Index and attention files are in
-//! [`file`] (the facade) over [`container`] (the layout); every file is opened through
+//! [`file`](mod@file) (the facade) over [`container`] (the layout); every file is opened through
 //! [`open_regular`].
 
 /// Owned or mapped arrays (on the bottom floor; re-exported here where they were).
