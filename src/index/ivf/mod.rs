@@ -1,0 +1,433 @@
+//! `IndexIVFPQFastScan`: a coarse quantizer ([`crate::ivf`]) over inverted lists of 4-bit
+//! fast-scan codes.
+//!
+//! **Layout.** List `l` holds its vectors' packed codes
+//! ([`PackedCodes`](crate::pq::pack::PackedCodes): blocks of 32, appendable), their ids (`i64`, `-1` marks a removed vector, a *tombstone*), and optionally
+//! their original vectors (f32 or f16) for exact re-ranking and for [`refresh`]. Memory per
+//! vector: `m / 2` bytes of codes, 8 bytes of id, plus the originals if kept.
+//!
+//! **Add.** Vectors are assigned to their best list (one GEMM per 1,024 rows), encoded (the
+//! residual `x - c_l` when `by_residual`), and appended into the list's last block: `O(m)`
+//! per vector after encoding, nothing is repacked.
+//!
+//! **Search**, per query: probe the `nprobe` best lists; build the u8 tables (one table for
+//! inner product, where the list's term `q . c_l` is a per-list bias; one table per list for
+//! L2 with residuals, built on `q - c_l`); scan each list with the fast-scan kernel, whose
+//! threshold masks skip the vectors that cannot enter the heap of the best `k` (or `k *
+//! rerank_factor`) float scores; re-rank the survivors exactly when asked. A batch runs its
+//! queries in parallel; a single query runs its probed lists in parallel. Both use the
+//! index's own pool when [`IndexIVFPQFastScan::set_threads`] was called.
+//!
+//! **Streaming.** `add` never repacks; [`IndexIVFPQFastScan::remove_ids`] writes tombstones
+//! (skipped by the scan's selection) and compacts a list once half of it is dead;
+//! [`IndexIVFPQFastScan::drift`] compares the quantization error of vectors added since
+//! training with the error on the training sample, and [`refresh`] re-trains on a sample
+//! weighted towards recent vectors and re-encodes everything. The concurrent wrapper is
+//! [`crate::index::streaming::StreamingIndex`].
+//!
+//! **Files.** `lists` (the inverted lists), `search` (tables, the scan's result handler,
+//! re-rank, batch and single-query parallelism), `refresh` (tombstones, compaction, drift,
+//! re-training); this file holds the type, its settings, training and `add`.
+//!
+//! [`refresh`]: IndexIVFPQFastScan::refreshed
+
+use super::fastscan::RerankStorage;
+use super::{check_vectors, Index};
+use crate::error::{Error, Result};
+use crate::ivf::CoarseQuantizer;
+use crate::kmeans::KMeansConfig;
+use crate::metric::Metric;
+use crate::pq::{Nbits, ProductQuantizer};
+use crate::result::SearchResult;
+use pqcache_simd::distance::DistanceKernels;
+use pqcache_simd::fastscan::FastScanKernel;
+use pqcache_simd::Level;
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// At most this many training vectors are re-encoded to measure the training error.
+const DRIFT_SAMPLE: usize = 16_384;
+
+mod lists;
+mod refresh;
+mod search;
+
+pub use lists::InvertedList;
+pub use refresh::DriftStats;
+use search::BATCH_MIN_QUERIES;
+
+/// An IVF index over 4-bit fast-scan codes.
+#[derive(Clone, Debug)]
+pub struct IndexIVFPQFastScan {
+    coarse: CoarseQuantizer,
+    pq: ProductQuantizer,
+    metric: Metric,
+    by_residual: bool,
+    lists: Vec<InvertedList>,
+    keep: Option<RerankStorage>,
+    ntotal: usize,
+    next_id: i64,
+    drift: DriftStats,
+    /// L2 with residuals: `nlist * m * 16` terms `||r_jc||² + 2 c_l,j . r_jc` (list `l`,
+    /// sub-quantizer `j`, code `c`), so that a list's table is `2 q . r - term` plus the
+    /// constant `-||q - c_l||²`: no table is rebuilt from the codebooks per probed list.
+    precomputed: Vec<f32>,
+    /// Lists visited per query (clamped to `1..=nlist`).
+    pub nprobe: usize,
+    /// Re-rank the best `k * rerank_factor` candidates exactly (0 or 1: off). Needs the
+    /// originals ([`IndexIVFPQFastScan::keep_originals`]).
+    pub rerank_factor: usize,
+    /// k-means settings of the coarse quantizer and of the codebooks.
+    pub train_config: KMeansConfig,
+    /// Vectors sampled for a [`IndexIVFPQFastScan::refreshed`] re-training.
+    pub refresh_sample: usize,
+    pool: Option<Arc<rayon::ThreadPool>>,
+    scan: FastScanKernel,
+    kernels: DistanceKernels,
+}
+
+impl IndexIVFPQFastScan {
+    /// An untrained index: `nlist` lists, `m` 4-bit sub-quantizers over `d` dimensions.
+    /// `by_residual` defaults to true for L2 and false for inner product (where the residual
+    /// rarely pays for its per-list bias; FAISS's default is true for both).
+    pub fn new(d: usize, nlist: usize, m: usize, metric: Metric) -> Result<IndexIVFPQFastScan> {
+        let coarse = CoarseQuantizer::new(d, nlist, metric)?;
+        let pq = ProductQuantizer::new(d, m, Nbits::Four)?;
+        Self::with_quantizers(coarse, pq, metric, metric == Metric::L2)
+    }
+
+    /// An empty index over given (trained or untrained) quantizers.
+    pub fn with_quantizers(
+        coarse: CoarseQuantizer,
+        pq: ProductQuantizer,
+        metric: Metric,
+        by_residual: bool,
+    ) -> Result<IndexIVFPQFastScan> {
+        if pq.nbits() != Nbits::Four {
+            return Err(Error::InvalidArgument(
+                "fast-scan needs a 4-bit quantizer".into(),
+            ));
+        }
+        if coarse.dim() != pq.dim() {
+            return Err(Error::DimensionMismatch {
+                expected: coarse.dim(),
+                got: pq.dim(),
+            });
+        }
+        let lists = (0..coarse.nlist())
+            .map(|_| InvertedList::new(pq.m(), None))
+            .collect::<Result<Vec<_>>>()?;
+        let mut index = IndexIVFPQFastScan {
+            coarse,
+            pq,
+            metric,
+            by_residual,
+            lists,
+            keep: None,
+            ntotal: 0,
+            next_id: 0,
+            drift: DriftStats::default(),
+            precomputed: Vec::new(),
+            nprobe: 1,
+            rerank_factor: 0,
+            train_config: KMeansConfig::default(),
+            refresh_sample: 65_536,
+            pool: None,
+            scan: FastScanKernel::best(),
+            kernels: DistanceKernels::best(),
+        };
+        index.precompute();
+        Ok(index)
+    }
+
+    /// An index over stored parts (e.g. read from a file).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn from_parts(
+        coarse: CoarseQuantizer,
+        pq: ProductQuantizer,
+        metric: Metric,
+        by_residual: bool,
+        lists: Vec<InvertedList>,
+        keep: Option<RerankStorage>,
+        next_id: i64,
+        drift: DriftStats,
+    ) -> Result<IndexIVFPQFastScan> {
+        if lists.len() != coarse.nlist() {
+            return Err(Error::InvalidArgument(format!(
+                "{} lists for nlist = {}",
+                lists.len(),
+                coarse.nlist()
+            )));
+        }
+        if lists
+            .iter()
+            .any(|l| l.codes.m() != pq.m() || l.originals.is_some() != keep.is_some())
+        {
+            return Err(Error::InvalidArgument(
+                "a list's codes or stored vectors disagree with the index".into(),
+            ));
+        }
+        let mut idx = Self::with_quantizers(coarse, pq, metric, by_residual)?;
+        idx.ntotal = lists.iter().map(InvertedList::live).sum();
+        let max_id = lists
+            .iter()
+            .flat_map(|l| l.ids.iter().copied())
+            .max()
+            .unwrap_or(-1);
+        idx.next_id = next_id.max(max_id.saturating_add(1));
+        idx.lists = lists;
+        idx.keep = keep;
+        idx.drift = drift;
+        Ok(idx)
+    }
+
+    /// Sets `by_residual` (only while the index is untrained).
+    pub fn set_by_residual(&mut self, by_residual: bool) -> Result<()> {
+        if self.is_trained() {
+            return Err(Error::InvalidArgument(
+                "by_residual must be set before train".into(),
+            ));
+        }
+        self.by_residual = by_residual;
+        Ok(())
+    }
+
+    /// Keeps the original vectors from now on (needed by re-ranking and by refresh). Must be
+    /// called while the index is empty.
+    pub fn keep_originals(&mut self, storage: RerankStorage) -> Result<()> {
+        if self.lists.iter().any(|l| !l.is_empty()) {
+            return Err(Error::InvalidArgument(
+                "keep_originals must be called before add".into(),
+            ));
+        }
+        self.keep = Some(storage);
+        for l in &mut self.lists {
+            *l = InvertedList::new(self.pq.m(), self.keep)?;
+        }
+        Ok(())
+    }
+
+    /// Runs searches on a pool of `threads` workers (0: the caller's rayon pool).
+    pub fn set_threads(&mut self, threads: usize) -> Result<()> {
+        crate::limits::at_most(threads, crate::limits::MAX_THREADS, "threads")?;
+        self.pool = if threads == 0 {
+            None
+        } else {
+            Some(Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .map_err(|e| Error::InvalidArgument(format!("thread pool: {e}")))?,
+            ))
+        };
+        Ok(())
+    }
+
+    /// Forces the scan kernel's level (capped at what the CPU supports).
+    pub fn set_level(&mut self, level: Level) {
+        self.scan = pqcache_simd::fastscan::FastScanKernel::for_level(level);
+    }
+
+    /// The coarse quantizer.
+    pub fn coarse(&self) -> &CoarseQuantizer {
+        &self.coarse
+    }
+    /// The product quantizer.
+    pub fn pq(&self) -> &ProductQuantizer {
+        &self.pq
+    }
+    /// Whether codes are residuals to the list centroid.
+    pub fn by_residual(&self) -> bool {
+        self.by_residual
+    }
+    /// Number of lists.
+    pub fn nlist(&self) -> usize {
+        self.coarse.nlist()
+    }
+    /// The inverted lists.
+    pub fn lists(&self) -> &[InvertedList] {
+        &self.lists
+    }
+    /// The storage of kept originals, if any.
+    pub fn originals_storage(&self) -> Option<RerankStorage> {
+        self.keep
+    }
+    /// The id `add` gives next (one past the largest id so far).
+    pub fn next_id(&self) -> i64 {
+        self.next_id
+    }
+    /// Quantization-error statistics since the last training.
+    pub fn drift(&self) -> DriftStats {
+        self.drift
+    }
+
+    /// The vectors the codes stand for: `x - c_l` with residuals, `x` otherwise (in place).
+    fn to_encoded(&self, x: &mut [f32], labels: &[u32]) {
+        if self.by_residual {
+            let d = self.pq.dim();
+            for (row, &l) in x.chunks_mut(d).zip(labels) {
+                for (v, c) in row.iter_mut().zip(self.coarse.centroid(l as usize)) {
+                    *v -= c;
+                }
+            }
+        }
+    }
+
+    /// Adds `x` (`n * d`) with explicit ids (`>= 0`; `-1` is the tombstone).
+    pub fn add_with_ids(&mut self, x: &[f32], ids: &[i64]) -> Result<()> {
+        if !self.is_trained() {
+            return Err(Error::NotTrained);
+        }
+        let n = check_vectors(x, self.pq.dim(), "vectors")?;
+        if self.originals_storage() == Some(RerankStorage::F16) {
+            super::check_f16_range(x, self.pq.dim(), "vectors")?;
+        }
+        if ids.len() != n {
+            return Err(Error::DimensionMismatch {
+                expected: n,
+                got: ids.len(),
+            });
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id < 0) {
+            return Err(Error::InvalidArgument(format!(
+                "ids must be non-negative, got {bad}"
+            )));
+        }
+        let labels = self.coarse.assign(x);
+        let mut enc = x.to_vec();
+        self.to_encoded(&mut enc, &labels);
+        let codes = self.pq.compute_codes(&enc)?;
+        self.drift.added_sq_err += self.reconstruction_error(&enc, &codes);
+        self.drift.added += n;
+        let (d, m) = (self.pq.dim(), self.pq.m());
+        for (i, &l) in labels.iter().enumerate() {
+            let list = &mut self.lists[l as usize];
+            list.codes.push(&codes[i * m..(i + 1) * m])?;
+            list.ids.to_mut().push(ids[i]);
+            if let Some(o) = &mut list.originals {
+                o.extend(&x[i * d..(i + 1) * d]);
+            }
+        }
+        self.ntotal += n;
+        self.next_id = self
+            .next_id
+            .max(ids.iter().max().map_or(0, |&v| v.saturating_add(1)));
+        Ok(())
+    }
+
+    /// Fills [`IndexIVFPQFastScan::precomputed`] (L2 with residuals only).
+    fn precompute(&mut self) {
+        self.precomputed.clear();
+        if !(self.by_residual && self.metric == Metric::L2 && self.is_trained()) {
+            return;
+        }
+        let (m, dsub, nlist) = (self.pq.m(), self.pq.dsub(), self.coarse.nlist());
+        let mut out = vec![0.0f32; nlist * m * 16];
+        out.par_chunks_mut(m * 16).enumerate().for_each(|(l, t)| {
+            let c = self.coarse.centroid(l);
+            for j in 0..m {
+                for code in 0..16 {
+                    let r = self.pq.centroid(j, code);
+                    let cj = &c[j * dsub..(j + 1) * dsub];
+                    t[j * 16 + code] = r.iter().zip(cj).map(|(a, b)| a * a + 2.0 * a * b).sum();
+                }
+            }
+        });
+        self.precomputed = out;
+    }
+}
+
+impl Index for IndexIVFPQFastScan {
+    fn dim(&self) -> usize {
+        self.pq.dim()
+    }
+    fn ntotal(&self) -> usize {
+        self.ntotal
+    }
+    fn metric(&self) -> Metric {
+        self.metric
+    }
+    fn is_trained(&self) -> bool {
+        self.coarse.is_trained() && self.pq.is_trained()
+    }
+    /// Trains the coarse centroids, then the codebooks on the (residual) training vectors,
+    /// and measures the training quantization error for [`IndexIVFPQFastScan::drift`].
+    fn train(&mut self, x: &[f32]) -> Result<()> {
+        let n = check_vectors(x, self.pq.dim(), "training vectors")?;
+        if n < self.coarse.nlist() {
+            return Err(Error::TooFewTrainingPoints {
+                got: n,
+                need: self.coarse.nlist(),
+            });
+        }
+        self.coarse.train(x, &self.train_config)?;
+        let labels = self.coarse.assign(x);
+        let mut enc = x.to_vec();
+        self.to_encoded(&mut enc, &labels);
+        self.pq.train(&enc, &self.train_config)?;
+        self.precompute();
+        let d = self.pq.dim();
+        let step = n.div_ceil(DRIFT_SAMPLE).max(1);
+        let probe: Vec<f32> = enc
+            .chunks(d)
+            .step_by(step)
+            .flat_map(|r| r.iter().copied())
+            .collect();
+        let codes = self.pq.compute_codes(&probe)?;
+        let count = probe.len() / d;
+        self.drift = DriftStats {
+            train_mse: self.reconstruction_error(&probe, &codes) / count as f64,
+            ..DriftStats::default()
+        };
+        self.mark_trained_here();
+        Ok(())
+    }
+    /// Adds with ids continuing from the largest id seen so far.
+    fn add(&mut self, x: &[f32]) -> Result<()> {
+        let n = x.len() / self.pq.dim().max(1);
+        let end = i64::try_from(n)
+            .ok()
+            .and_then(|n| self.next_id.checked_add(n))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "ids would overflow: next id {} plus {n} vectors",
+                    self.next_id
+                ))
+            })?;
+        let ids: Vec<i64> = (self.next_id..end).collect();
+        self.add_with_ids(x, &ids)
+    }
+    fn search(&self, queries: &[f32], k: usize) -> Result<SearchResult> {
+        let nq = self.check_search(queries, k)?;
+        let d = self.pq.dim();
+        let mut res = SearchResult::empty(nq, k, self.metric);
+        self.run(|| {
+            let rows = if nq >= BATCH_MIN_QUERIES {
+                self.search_batch(queries, k)
+            } else {
+                let parallel_lists = nq < rayon::current_num_threads();
+                queries
+                    .par_chunks(d)
+                    .map(|q| self.search_one(q, k, parallel_lists))
+                    .collect()
+            };
+            for (qi, row) in rows.iter().enumerate() {
+                for (slot, c) in row.iter().enumerate() {
+                    res.distances[qi * k + slot] = self.metric.from_score(c.score);
+                    res.ids[qi * k + slot] = c.id;
+                }
+            }
+        });
+        Ok(res)
+    }
+    fn reset(&mut self) {
+        for l in &mut self.lists {
+            // The list's m was accepted at construction.
+            *l = InvertedList::new(self.pq.m(), self.keep).expect("valid m");
+        }
+        self.ntotal = 0;
+        self.next_id = 0;
+        self.drift.added = 0;
+        self.drift.added_sq_err = 0.0;
+    }
+}

@@ -1,0 +1,459 @@
+//! Search of [`IndexIVFPQFastScan`]: per query the probed lists' tables, one pass of the
+//! shared block loop ([`Scan::blocks`]) per list and group of queries with [`ListHandler`]
+//! as its result handler, then the exact re-rank; batches in parallel over queries, single
+//! queries over lists.
+
+use super::IndexIVFPQFastScan;
+use crate::error::{Error, Result};
+use crate::index::scan::{self, of_query, Chunking, Scan, ScanHandler, CHUNK_BLOCKS};
+use crate::index::{check_k, check_vectors, for_each_marked, Index};
+use crate::metric::Metric;
+use crate::pq::lut::QuantizedLut;
+use crate::select::TopK;
+use pqcache_simd::fastscan::{FastScanKernel, BBS, MAX_QBS};
+use rayon::prelude::*;
+use std::cmp::Ordering;
+
+/// From this many queries on, a search scans each list once per group of queries.
+pub(super) const BATCH_MIN_QUERIES: usize = 8;
+
+/// A query's table material: one u8 table for every list, or (L2 with residuals) the
+/// `q . r_jc` terms from which each list's table is built.
+enum QueryPrep {
+    Shared(QuantizedLut),
+    ResidualL2 { dots: Vec<f32>, norm: f32 },
+}
+
+/// Buffers reused across list scans.
+#[derive(Default)]
+struct ListScratch {
+    bytes: Vec<u8>,
+    scan: scan::ScanScratch,
+    /// A chunk's live sums, for [`chunk_floor`].
+    live: Vec<u16>,
+    /// The offsets of a chunk's sums above a query's floor.
+    marked: Vec<u32>,
+}
+
+/// A per-list table under construction (L2 with residuals), reused across lists.
+#[derive(Default)]
+struct LutSlot {
+    mins: Vec<f32>,
+    lut: QuantizedLut,
+}
+
+/// A candidate: float score, id, and where it lives.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Cand {
+    pub(super) score: f32,
+    pub(super) id: i64,
+    list: u32,
+    offset: u32,
+}
+
+// The rank order of [`TopK`]: greater is better (higher score, then smaller id).
+impl Ord for Cand {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.score
+            .total_cmp(&other.score)
+            .then(other.id.cmp(&self.id))
+    }
+}
+impl PartialOrd for Cand {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl PartialEq for Cand {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for Cand {}
+
+impl IndexIVFPQFastScan {
+    pub(super) fn check_search(&self, queries: &[f32], k: usize) -> Result<usize> {
+        if !self.is_trained() {
+            return Err(Error::NotTrained);
+        }
+        let nq = check_vectors(queries, self.pq.dim(), "queries")?;
+        check_k(k, self.ntotal)?;
+        if self.rerank_factor > 1 && self.keep.is_none() {
+            return Err(Error::InvalidArgument(
+                "re-ranking needs the original vectors: call keep_originals before add".into(),
+            ));
+        }
+        Ok(nq)
+    }
+
+    /// The quantized table of `v` (scores to maximise).
+    fn table(&self, v: &[f32]) -> QuantizedLut {
+        let m = self.pq.m();
+        let mut lut = vec![0.0f32; m * 16];
+        self.pq.compute_lut(v, self.metric, &self.kernels, &mut lut);
+        if self.metric == Metric::L2 {
+            lut.iter_mut().for_each(|v| *v = -*v);
+        }
+        QuantizedLut::new(&lut, m, m + m % 2)
+    }
+
+    /// What a query needs to build the table of any list it probes.
+    fn prepare(&self, q: &[f32]) -> QueryPrep {
+        if self.by_residual && self.metric == Metric::L2 {
+            // L2 with residuals: q . r_jc for every (j, c), shared by the lists.
+            let mut dots = vec![0.0f32; self.pq.m() * 16];
+            self.pq
+                .compute_lut(q, Metric::InnerProduct, &self.kernels, &mut dots);
+            QueryPrep::ResidualL2 {
+                dots,
+                norm: q.iter().map(|v| v * v).sum(),
+            }
+        } else {
+            QueryPrep::Shared(self.table(q))
+        }
+    }
+
+    /// The table of list `l` for a prepared query with coarse score `coarse`, and the bias
+    /// added to every float score of the list; a per-list table is built in `slot`.
+    fn list_table<'a>(
+        &self,
+        prep: &'a QueryPrep,
+        l: usize,
+        coarse: f32,
+        slot: &'a mut LutSlot,
+    ) -> (&'a QuantizedLut, f32) {
+        match prep {
+            // Inner product with residuals: q . x = q . c_l + q . r.
+            QueryPrep::Shared(lut) => (lut, if self.by_residual { coarse } else { 0.0 }),
+            QueryPrep::ResidualL2 { dots, norm } => {
+                // -||q - c_l - r||² = -||q - c_l||² + sum_j (2 q_j . r_jc - term_ljc), and
+                // -||q - c_l||² = coarse - ||q||².
+                let m = self.pq.m();
+                let pre = &self.precomputed[l * m * 16..(l + 1) * m * 16];
+                slot.lut
+                    .requantize_residual(dots, pre, m, m + m % 2, &mut slot.mins);
+                (&slot.lut, coarse - norm)
+            }
+        }
+    }
+
+    /// Scans list `l` once for a group of up to `MAX_QBS` queries: `tables[j]` (table, bias)
+    /// belongs to the query whose heap is `heaps[members[j]]`. Each query's kernel threshold
+    /// is its heap's floor, so blocks no query can use are skipped in-kernel.
+    fn scan_list_group(
+        &self,
+        l: usize,
+        tables: &[(&QuantizedLut, f32)],
+        heaps: &mut [TopK<Cand>],
+        members: &[usize],
+        scratch: &mut ListScratch,
+    ) {
+        let list = &self.lists[l];
+        scratch.bytes.clear();
+        for (t, _) in tables {
+            scratch.bytes.extend_from_slice(&t.table);
+        }
+        let scan = Scan {
+            kernel: &self.scan,
+            block_bytes: list.codes.block_bytes(),
+            m2: list.codes.m2(),
+            tables: &scratch.bytes,
+            nq: tables.len(),
+        };
+        let mut handler = ListHandler {
+            list: l as u32,
+            // One slice for the whole scan (a mapped id array resolves its view once).
+            ids: list.ids.as_slice(),
+            n: list.len(),
+            tables,
+            heaps,
+            members,
+            floors: [None; MAX_QBS],
+            live: &mut scratch.live,
+            kernel: &self.scan,
+            marked: &mut scratch.marked,
+        };
+        let chunking = Chunking::fixed(CHUNK_BLOCKS);
+        scan.blocks(
+            list.codes.data(),
+            0,
+            chunking,
+            &mut scratch.scan,
+            &mut handler,
+        );
+    }
+
+    /// Candidates kept per query before re-ranking.
+    fn pool_size(&self, k: usize) -> usize {
+        if self.rerank_factor > 1 && self.keep.is_some() {
+            crate::limits::rerank_pool(k, self.rerank_factor, self.ntotal())
+        } else {
+            k
+        }
+    }
+
+    /// Re-ranks (when on) and keeps the best `k` of a query's sorted candidates.
+    fn finish(&self, q: &[f32], k: usize, mut best: Vec<Cand>) -> Vec<Cand> {
+        if self.rerank_factor > 1 && self.keep.is_some() {
+            // Candidates as (id, list, offset): the id decides equal scores.
+            let where_ = best.iter().map(|c| (c.id, c.list, c.offset));
+            let scored = crate::index::rerank(where_, k, |(_, list, offset)| {
+                let list = &self.lists[list as usize];
+                let orig = list.originals.as_ref().expect("kept when rerank is on");
+                let v = orig.metric_value(&self.kernels, self.metric, q, offset as usize);
+                self.metric.to_score(v)
+            });
+            return scored
+                .into_iter()
+                .map(|(score, (id, list, offset))| Cand {
+                    score,
+                    id,
+                    list,
+                    offset,
+                })
+                .collect();
+        }
+        best.truncate(k);
+        best
+    }
+
+    /// The best `k` of one query, best first (fewer if the probed lists hold fewer).
+    pub(super) fn search_one(&self, q: &[f32], k: usize, parallel_lists: bool) -> Vec<Cand> {
+        let probes = self.coarse.probe(&self.kernels, q, self.nprobe);
+        let c = self.pool_size(k);
+        let prep = self.prepare(q);
+        let scan_probe = |heaps: &mut [TopK<Cand>],
+                          scratch: &mut (ListScratch, LutSlot),
+                          &(coarse, l): &(f32, u32)| {
+            let l = l as usize;
+            if self.lists[l].live() == 0 {
+                return;
+            }
+            let (scan, slot) = scratch;
+            let table = self.list_table(&prep, l, coarse, slot);
+            self.scan_list_group(l, &[table], heaps, &[0], scan);
+        };
+        let heap = if parallel_lists && probes.len() > 1 {
+            probes
+                .par_iter()
+                .fold(
+                    || ([TopK::new(c)], Default::default()),
+                    |(mut heaps, mut scratch), p| {
+                        scan_probe(&mut heaps, &mut scratch, p);
+                        (heaps, scratch)
+                    },
+                )
+                .map(|([h], _)| h)
+                .reduce(
+                    || TopK::new(c),
+                    |mut a, b| {
+                        a.merge(b);
+                        a
+                    },
+                )
+        } else {
+            let mut heaps = [TopK::new(c)];
+            let mut scratch = Default::default();
+            for p in &probes {
+                scan_probe(&mut heaps, &mut scratch, p);
+            }
+            let [h] = heaps;
+            h
+        };
+        self.finish(q, k, heap.into_sorted())
+    }
+
+    /// A batch of queries (`nq * d`), each row's best `k`: the probed lists are scanned once
+    /// per group of up to `MAX_QBS` queries of the batch that probe them (FAISS's batch
+    /// order), so a code block is loaded once for the group.
+    pub(super) fn search_batch(&self, queries: &[f32], k: usize) -> Vec<Vec<Cand>> {
+        let d = self.pq.dim();
+        let nq = queries.len() / d;
+        let c = self.pool_size(k);
+        // One parallel region: each task probes (one GEMM), prepares and scans its own
+        // queries (a small batch on two threads spent as long waking the pool for three
+        // regions as scanning). Inside a task, lists are scanned for the task's queries that
+        // probe them.
+        let per_task = nq
+            .div_ceil(rayon::current_num_threads() * 2)
+            .clamp(16, 1024);
+        queries
+            .par_chunks(per_task * d)
+            .flat_map_iter(|qs| {
+                let probes = self.coarse.probe_rows(qs, self.nprobe);
+                let preps: Vec<QueryPrep> = qs.chunks(d).map(|q| self.prepare(q)).collect();
+                let mut by_list: Vec<Vec<(usize, f32)>> = Vec::new();
+                let mut touched: Vec<usize> = Vec::new();
+                for (local, probes) in probes.iter().enumerate() {
+                    for &(coarse, l) in probes {
+                        let l = l as usize;
+                        if self.lists[l].live() == 0 {
+                            continue;
+                        }
+                        if by_list.len() <= l {
+                            by_list.resize(self.nlist(), Vec::new());
+                        }
+                        if by_list[l].is_empty() {
+                            touched.push(l);
+                        }
+                        by_list[l].push((local, coarse));
+                    }
+                }
+                touched.sort_unstable();
+                let mut heaps: Vec<TopK<Cand>> = preps.iter().map(|_| TopK::new(c)).collect();
+                let mut scratch = ListScratch::default();
+                let mut slots: Vec<LutSlot> = (0..MAX_QBS).map(|_| LutSlot::default()).collect();
+                let mut members = Vec::with_capacity(MAX_QBS);
+                for &l in &touched {
+                    for group in by_list[l].chunks(MAX_QBS) {
+                        members.clear();
+                        members.extend(group.iter().map(|&(local, _)| local));
+                        let tables: Vec<(&QuantizedLut, f32)> = group
+                            .iter()
+                            .zip(slots.iter_mut())
+                            .map(|(&(local, coarse), slot)| {
+                                self.list_table(&preps[local], l, coarse, slot)
+                            })
+                            .collect();
+                        self.scan_list_group(l, &tables, &mut heaps, &members, &mut scratch);
+                    }
+                }
+                heaps
+                    .into_iter()
+                    .zip(qs.chunks(d))
+                    .map(|(h, q)| self.finish(q, k, h.into_sorted()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    pub(super) fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(pool) => pool.install(f),
+            None => f(),
+        }
+    }
+}
+
+/// The IVF result handler of one probed list ([`Scan::blocks`]): sum `i` of the list is the
+/// candidate `ids[i]` (`-1`: removed) with float score `bias + lut.score(sum)`, offered to its
+/// query's [`TopK`].
+struct ListHandler<'a> {
+    list: u32,
+    ids: &'a [i64],
+    /// Vectors in the list (the last block's padding is past it).
+    n: usize,
+    /// Per query of the group: its table and the bias of its float scores in this list.
+    tables: &'a [(&'a QuantizedLut, f32)],
+    heaps: &'a mut [TopK<Cand>],
+    /// `heaps[members[j]]` is query `j`'s.
+    members: &'a [usize],
+    /// Per query, the chunk's u16 floor (set by `thresholds`); `None`: offer every sum.
+    floors: [Option<u16>; MAX_QBS],
+    live: &'a mut Vec<u16>,
+    /// Finds the sums above a floor where the kernel gave no mask.
+    kernel: &'a FastScanKernel,
+    marked: &'a mut Vec<u32>,
+}
+
+impl ListHandler<'_> {
+    /// A u16 floor below every sum of table `lut` (scores offset by `bias`) whose float score
+    /// can beat `worst` (one step of margin for the float conversion's rounding); `None`
+    /// when every sum may.
+    #[inline]
+    fn floor_for(worst: &Cand, lut: &QuantizedLut, bias: f32) -> Option<u16> {
+        let x = (worst.score - bias - lut.bias) / lut.delta;
+        (x >= 2.0).then(|| (x.floor() as f64 - 1.0).min(65_535.0) as u16)
+    }
+}
+
+impl ScanHandler for ListHandler<'_> {
+    /// Per query, [`ListHandler::floor_for`] its heap's worst; 0 (and every sum offered)
+    /// while the heap is not full.
+    fn thresholds(&mut self, out: &mut [u16]) -> bool {
+        for (j, ((lut, bias), &h)) in self.tables.iter().zip(self.members).enumerate() {
+            self.floors[j] = self.heaps[h]
+                .worst()
+                .and_then(|worst| Self::floor_for(&worst, lut, *bias));
+            out[j] = self.floors[j].unwrap_or(0);
+        }
+        true
+    }
+
+    fn chunk(&mut self, base: usize, nb: usize, sums: &[u16], masks: &[u32]) {
+        let valid = (self.n - base).min(nb * BBS);
+        let ids = &self.ids[base..base + valid];
+        for (j, ((lut, bias), &h)) in self.tables.iter().zip(self.members).enumerate() {
+            let (lut, bias) = (*lut, *bias);
+            let heap = &mut self.heaps[h];
+            let sums = of_query(sums, j, nb * BBS);
+            // A heap that is not full (the first lists of a query) took every score from
+            // the kernel: the chunk's own cap-th best live sum bounds what can enter.
+            let cut = match self.floors[j] {
+                None if !heap.is_reservoir() => chunk_floor(self.live, sums, ids, heap.cap()),
+                _ => None,
+            };
+            // The floor follows the heap through the chunk: once a candidate enters, the sums
+            // that can no longer beat the new worst are skipped before any float is made.
+            // (-1: every sum is offered.)
+            let as_floor = |f: Option<u16>| f.map_or(-1, i32::from);
+            let mut floor = as_floor(self.floors[j]).max(as_floor(cut));
+            let first_floor = floor;
+            let list = self.list;
+            let mut offer = |i: usize| {
+                let (s, id) = (sums[i], ids[i]);
+                if i32::from(s) <= floor || id < 0 {
+                    return;
+                }
+                let cand = Cand {
+                    score: bias + lut.score(s),
+                    id,
+                    list,
+                    offset: (base + i) as u32,
+                };
+                heap.push(cand);
+                if let Some(worst) = heap.worst() {
+                    floor = floor.max(as_floor(Self::floor_for(&worst, lut, bias)));
+                }
+            };
+            if self.floors[j].is_none() {
+                // No mask from the kernel (its threshold was 0): with a cut, the sums above
+                // it are found in SIMD first; `offer` skips the others anyway.
+                match u16::try_from(first_floor) {
+                    Ok(f) => {
+                        self.marked.clear();
+                        self.kernel.collect_above(&sums[..valid], f, 0, self.marked);
+                        self.marked.iter().for_each(|&i| offer(i as usize));
+                    }
+                    Err(_) => (0..valid).for_each(&mut offer),
+                }
+                continue;
+            }
+            for_each_marked(of_query(masks, j, nb), valid, offer);
+        }
+    }
+}
+
+/// For a heap of `cap` that is not full: a u16 floor such that no sum of this chunk at or
+/// below it can be among the best `cap` (at least `cap` live sums of the chunk are higher by
+/// more than one step, the margin for the float conversion's rounding); `None` when the
+/// chunk holds `cap` live sums or fewer.
+fn chunk_floor(live: &mut Vec<u16>, sums: &[u16], ids: &[i64], cap: usize) -> Option<u16> {
+    // Copied without a branch or a push per sum (a removed vector, id < 0, is overwritten
+    // by the next): an `extend` over a filter kept its count in memory, one store-forwarding
+    // round trip per sum, and was a tenth of a batch search.
+    let n = sums.len().min(ids.len());
+    live.resize(n, 0);
+    let mut kept = 0;
+    for (&s, &id) in sums[..n].iter().zip(&ids[..n]) {
+        live[kept] = s;
+        kept += usize::from(id >= 0);
+    }
+    live.truncate(kept);
+    if live.len() <= cap || cap == 0 {
+        return None;
+    }
+    let (_, &mut kth, _) = live.select_nth_unstable_by(cap - 1, |a, b| b.cmp(a));
+    // Offer sums > kth - 2, i.e. >= kth - 1.
+    kth.checked_sub(2)
+}
