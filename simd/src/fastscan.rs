@@ -298,15 +298,6 @@ mod x86 {
     use super::{block_bytes, BBS};
     use std::arch::x86_64::*;
 
-    /// Per query: the four u16 accumulators of one block (lo/hi nibble x total/odd).
-    #[derive(Clone, Copy)]
-    struct Acc256 {
-        lo: __m256i,
-        lo_odd: __m256i,
-        hi: __m256i,
-        hi_odd: __m256i,
-    }
-
     /// Folds a 256-bit accumulator pair (total, odd) into the u16 scores of 16 vectors, in
     /// order (two registers of 8), summing the two 128-bit lanes (the two sub-quantizers of
     /// each pair).
@@ -330,47 +321,230 @@ mod x86 {
         }
     }
 
-    /// Stores the 32 scores of a block and returns the mask of those above `thr` (AVX2).
-    ///
-    /// # Safety
-    /// AVX2 available; `out` writable for 32 u16.
-    #[inline(always)]
-    unsafe fn store_v3(r: [__m128i; 4], thr: u16, out: *mut u16) -> u32 {
-        // SAFETY: as stated; unsigned compare through the signed one with flipped sign bits.
-        unsafe {
-            let flip = _mm_set1_epi16(i16::MIN);
-            let t = _mm_xor_si128(_mm_set1_epi16(thr as i16), flip);
-            let mut mask = 0u32;
-            for h in 0..2 {
-                let (a, b) = (r[2 * h], r[2 * h + 1]);
-                _mm_storeu_si128(out.add(16 * h) as *mut __m128i, a);
-                _mm_storeu_si128(out.add(16 * h + 8) as *mut __m128i, b);
-                let ga = _mm_cmpgt_epi16(_mm_xor_si128(a, flip), t);
-                let gb = _mm_cmpgt_epi16(_mm_xor_si128(b, flip), t);
-                mask |= (_mm_movemask_epi8(_mm_packs_epi16(ga, gb)) as u32) << (16 * h);
+    /// One register width of the shuffle kernel ([`block_shuffle`]): AVX2 takes one pair of
+    /// sub-quantizers (32 bytes of codes and tables) per instruction, AVX-512BW two. Every
+    /// method needs its width's features enabled in the caller and inlines into it.
+    trait ShuffleWidth {
+        /// Pairs of sub-quantizers per register.
+        const PAIRS: usize;
+        type V: Copy;
+        unsafe fn splat8(x: i8) -> Self::V;
+        unsafe fn zero() -> Self::V;
+        /// `PAIRS * 32` bytes at `p`, or only the first 32 (the rest zero) when not `full`.
+        unsafe fn load(p: *const u8, full: bool) -> Self::V;
+        unsafe fn and(a: Self::V, b: Self::V) -> Self::V;
+        /// Each u16 lane shifted right by 4 (the high nibbles into place).
+        unsafe fn srli4(a: Self::V) -> Self::V;
+        /// Each u16 lane shifted right by 8 (the odd bytes).
+        unsafe fn srli8(a: Self::V) -> Self::V;
+        /// Per 128-bit lane, `t[idx & 15]` (every index below 16).
+        unsafe fn shuffle(t: Self::V, idx: Self::V) -> Self::V;
+        unsafe fn add16(a: Self::V, b: Self::V) -> Self::V;
+        /// The register's pairs summed into one 256-bit accumulator.
+        unsafe fn to256(a: Self::V) -> __m256i;
+        /// Stores the 32 scores of a block at `out` (writable for 32 u16) and returns the
+        /// mask of those above `thr`.
+        unsafe fn store(r: [__m128i; 4], thr: u16, out: *mut u16) -> u32;
+    }
+
+    /// AVX2.
+    struct Shuffle256;
+
+    impl ShuffleWidth for Shuffle256 {
+        const PAIRS: usize = 1;
+        type V = __m256i;
+        #[inline(always)]
+        unsafe fn splat8(x: i8) -> __m256i {
+            // SAFETY: register operation; AVX2 available (the trait's contract), as below.
+            unsafe { _mm256_set1_epi8(x) }
+        }
+        #[inline(always)]
+        unsafe fn zero() -> __m256i {
+            // SAFETY: register operation.
+            unsafe { _mm256_setzero_si256() }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const u8, _full: bool) -> __m256i {
+            // SAFETY: one pair per register: every load is full, 32 readable bytes.
+            unsafe { _mm256_loadu_si256(p as *const __m256i) }
+        }
+        #[inline(always)]
+        unsafe fn and(a: __m256i, b: __m256i) -> __m256i {
+            // SAFETY: register operation.
+            unsafe { _mm256_and_si256(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn srli4(a: __m256i) -> __m256i {
+            // SAFETY: register operation.
+            unsafe { _mm256_srli_epi16::<4>(a) }
+        }
+        #[inline(always)]
+        unsafe fn srli8(a: __m256i) -> __m256i {
+            // SAFETY: register operation.
+            unsafe { _mm256_srli_epi16::<8>(a) }
+        }
+        #[inline(always)]
+        unsafe fn shuffle(t: __m256i, idx: __m256i) -> __m256i {
+            // SAFETY: register operation.
+            unsafe { _mm256_shuffle_epi8(t, idx) }
+        }
+        #[inline(always)]
+        unsafe fn add16(a: __m256i, b: __m256i) -> __m256i {
+            // SAFETY: register operation.
+            unsafe { _mm256_add_epi16(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn to256(a: __m256i) -> __m256i {
+            a
+        }
+        #[inline(always)]
+        unsafe fn store(r: [__m128i; 4], thr: u16, out: *mut u16) -> u32 {
+            // SAFETY: as stated; unsigned compare through the signed one with flipped sign
+            // bits.
+            unsafe {
+                let flip = _mm_set1_epi16(i16::MIN);
+                let t = _mm_xor_si128(_mm_set1_epi16(thr as i16), flip);
+                let mut mask = 0u32;
+                for h in 0..2 {
+                    let (a, b) = (r[2 * h], r[2 * h + 1]);
+                    _mm_storeu_si128(out.add(16 * h) as *mut __m128i, a);
+                    _mm_storeu_si128(out.add(16 * h + 8) as *mut __m128i, b);
+                    let ga = _mm_cmpgt_epi16(_mm_xor_si128(a, flip), t);
+                    let gb = _mm_cmpgt_epi16(_mm_xor_si128(b, flip), t);
+                    mask |= (_mm_movemask_epi8(_mm_packs_epi16(ga, gb)) as u32) << (16 * h);
+                }
+                mask
             }
-            mask
         }
     }
 
-    /// As [`store_v3`] with AVX-512BW/VL unsigned compares.
-    ///
-    /// # Safety
-    /// AVX-512BW and VL available; `out` writable for 32 u16.
-    #[inline(always)]
-    unsafe fn store_v4(r: [__m128i; 4], thr: u16, out: *mut u16) -> u32 {
-        // SAFETY: as stated.
-        unsafe {
-            let t = _mm_set1_epi16(thr as i16);
-            let mut mask = 0u32;
-            for (i, v) in r.iter().enumerate() {
-                _mm_storeu_si128(out.add(8 * i) as *mut __m128i, *v);
-                mask |= (_mm_cmpgt_epu16_mask(*v, t) as u32) << (8 * i);
+    /// AVX-512BW/VL: the odd last pair is read with a 32-byte masked load, so nothing past
+    /// the block or the tables is touched.
+    struct Shuffle512;
+
+    impl ShuffleWidth for Shuffle512 {
+        const PAIRS: usize = 2;
+        type V = __m512i;
+        #[inline(always)]
+        unsafe fn splat8(x: i8) -> __m512i {
+            // SAFETY: register operation; AVX-512BW available (the trait's contract), as below.
+            unsafe { _mm512_set1_epi8(x) }
+        }
+        #[inline(always)]
+        unsafe fn zero() -> __m512i {
+            // SAFETY: register operation.
+            unsafe { _mm512_setzero_si512() }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const u8, full: bool) -> __m512i {
+            // SAFETY: 64 readable bytes when full, else 32: the masked-off bytes are not read
+            // (AVX-512BW fault suppression).
+            unsafe {
+                if full {
+                    _mm512_loadu_si512(p as *const __m512i)
+                } else {
+                    _mm512_maskz_loadu_epi8(0xffff_ffff, p as *const i8)
+                }
             }
-            mask
+        }
+        #[inline(always)]
+        unsafe fn and(a: __m512i, b: __m512i) -> __m512i {
+            // SAFETY: register operation.
+            unsafe { _mm512_and_si512(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn srli4(a: __m512i) -> __m512i {
+            // SAFETY: register operation.
+            unsafe { _mm512_srli_epi16::<4>(a) }
+        }
+        #[inline(always)]
+        unsafe fn srli8(a: __m512i) -> __m512i {
+            // SAFETY: register operation.
+            unsafe { _mm512_srli_epi16::<8>(a) }
+        }
+        #[inline(always)]
+        unsafe fn shuffle(t: __m512i, idx: __m512i) -> __m512i {
+            // SAFETY: register operation.
+            unsafe { _mm512_shuffle_epi8(t, idx) }
+        }
+        #[inline(always)]
+        unsafe fn add16(a: __m512i, b: __m512i) -> __m512i {
+            // SAFETY: register operation.
+            unsafe { _mm512_add_epi16(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn to256(a: __m512i) -> __m256i {
+            // SAFETY: register operation: pairs p and p + 1 folded.
+            unsafe {
+                _mm256_add_epi16(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64::<1>(a))
+            }
+        }
+        #[inline(always)]
+        unsafe fn store(r: [__m128i; 4], thr: u16, out: *mut u16) -> u32 {
+            // SAFETY: as stated; AVX-512BW/VL unsigned compares.
+            unsafe {
+                let t = _mm_set1_epi16(thr as i16);
+                let mut mask = 0u32;
+                for (i, v) in r.iter().enumerate() {
+                    _mm_storeu_si128(out.add(8 * i) as *mut __m128i, *v);
+                    mask |= (_mm_cmpgt_epu16_mask(*v, t) as u32) << (8 * i);
+                }
+                mask
+            }
         }
     }
 
+    /// The shuffle block kernel: per code load and query, two byte shuffles look up the
+    /// nibbles in the pair's tables and four u16 additions accumulate them (see the module
+    /// doc); per query four accumulators (lo, lo odd, hi, hi odd).
+    ///
+    /// # Safety
+    /// `W`'s features available; block has m2 * 16 readable bytes, each lut m2 * 16, out 32
+    /// u16 and masks one u32 per query (guaranteed by the driver).
+    #[inline(always)]
+    unsafe fn block_shuffle<W: ShuffleWidth, const NQ: usize>(
+        block: *const u8,
+        m2: usize,
+        luts: *const u8,
+        thr: &[u16; NQ],
+        out: &[*mut u16; NQ],
+        masks: &[*mut u32; NQ],
+    ) {
+        // SAFETY: as stated; a load that is not full reads the last pair only.
+        unsafe {
+            let mask = W::splat8(0x0f);
+            let zero = W::zero();
+            let mut acc = [[zero; 4]; NQ];
+            let pairs = m2 / 2;
+            let mut p = 0;
+            while p < pairs {
+                let full = p + W::PAIRS <= pairs;
+                let c = W::load(block.add(p * 32), full);
+                let lo = W::and(c, mask);
+                let hi = W::and(W::srli4(c), mask);
+                for (q, a) in acc.iter_mut().enumerate() {
+                    let t = W::load(luts.add(q * m2 * 16 + p * 32), full);
+                    let rl = W::shuffle(t, lo);
+                    let rh = W::shuffle(t, hi);
+                    a[0] = W::add16(a[0], rl);
+                    a[1] = W::add16(a[1], W::srli8(rl));
+                    a[2] = W::add16(a[2], rh);
+                    a[3] = W::add16(a[3], W::srli8(rh));
+                }
+                p += W::PAIRS;
+            }
+            for (q, a) in acc.iter().enumerate() {
+                let (r0, r1) = finish256(W::to256(a[0]), W::to256(a[1]));
+                let (r2, r3) = finish256(W::to256(a[2]), W::to256(a[3]));
+                *masks[q] = W::store([r0, r1, r2, r3], thr[q], out[q]);
+            }
+        }
+    }
+
+    /// [`block_shuffle`] on AVX2.
+    ///
+    /// # Safety
+    /// As [`block_shuffle`].
     #[inline(always)]
     unsafe fn block_v3<const NQ: usize>(
         block: *const u8,
@@ -380,39 +554,14 @@ mod x86 {
         out: &[*mut u16; NQ],
         masks: &[*mut u32; NQ],
     ) {
-        // SAFETY: block has m2 * 16 readable bytes, each lut m2 * 16, out 32 u16 and masks one
-        // u32 per query (guaranteed by the driver); AVX2 enabled by the entry point.
-        unsafe {
-            let mask = _mm256_set1_epi8(0x0f);
-            let zero = _mm256_setzero_si256();
-            let mut acc = [Acc256 {
-                lo: zero,
-                lo_odd: zero,
-                hi: zero,
-                hi_odd: zero,
-            }; NQ];
-            for p in 0..m2 / 2 {
-                let c = _mm256_loadu_si256(block.add(p * 32) as *const __m256i);
-                let lo = _mm256_and_si256(c, mask);
-                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(c), mask);
-                for (q, a) in acc.iter_mut().enumerate() {
-                    let t = _mm256_loadu_si256(luts.add(q * m2 * 16 + p * 32) as *const __m256i);
-                    let rl = _mm256_shuffle_epi8(t, lo);
-                    let rh = _mm256_shuffle_epi8(t, hi);
-                    a.lo = _mm256_add_epi16(a.lo, rl);
-                    a.lo_odd = _mm256_add_epi16(a.lo_odd, _mm256_srli_epi16::<8>(rl));
-                    a.hi = _mm256_add_epi16(a.hi, rh);
-                    a.hi_odd = _mm256_add_epi16(a.hi_odd, _mm256_srli_epi16::<8>(rh));
-                }
-            }
-            for (q, a) in acc.iter().enumerate() {
-                let (r0, r1) = finish256(a.lo, a.lo_odd);
-                let (r2, r3) = finish256(a.hi, a.hi_odd);
-                *masks[q] = store_v3([r0, r1, r2, r3], thr[q], out[q]);
-            }
-        }
+        // SAFETY: as stated.
+        unsafe { block_shuffle::<Shuffle256, NQ>(block, m2, luts, thr, out, masks) }
     }
 
+    /// [`block_shuffle`] on AVX-512BW.
+    ///
+    /// # Safety
+    /// As [`block_shuffle`].
     #[inline(always)]
     unsafe fn block_v4<const NQ: usize>(
         block: *const u8,
@@ -422,55 +571,8 @@ mod x86 {
         out: &[*mut u16; NQ],
         masks: &[*mut u32; NQ],
     ) {
-        // SAFETY: as in block_v3; the odd last pair is read with a 32-byte masked load, so
-        // nothing past the block or the tables is touched. AVX-512BW enabled by the entry point.
-        unsafe {
-            let mask = _mm512_set1_epi8(0x0f);
-            let zero = _mm512_setzero_si512();
-            // Per query: lo, lo_odd, hi, hi_odd.
-            let mut acc = [[zero; 4]; NQ];
-            let pairs = m2 / 2;
-            let mut p = 0;
-            while p < pairs {
-                let (c, full) = if p + 2 <= pairs {
-                    (
-                        _mm512_loadu_si512(block.add(p * 32) as *const __m512i),
-                        true,
-                    )
-                } else {
-                    (
-                        _mm512_maskz_loadu_epi8(0xffff_ffff, block.add(p * 32) as *const i8),
-                        false,
-                    )
-                };
-                let lo = _mm512_and_si512(c, mask);
-                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(c), mask);
-                for (q, a) in acc.iter_mut().enumerate() {
-                    let tp = luts.add(q * m2 * 16 + p * 32);
-                    let t = if full {
-                        _mm512_loadu_si512(tp as *const __m512i)
-                    } else {
-                        _mm512_maskz_loadu_epi8(0xffff_ffff, tp as *const i8)
-                    };
-                    let rl = _mm512_shuffle_epi8(t, lo);
-                    let rh = _mm512_shuffle_epi8(t, hi);
-                    a[0] = _mm512_add_epi16(a[0], rl);
-                    a[1] = _mm512_add_epi16(a[1], _mm512_srli_epi16::<8>(rl));
-                    a[2] = _mm512_add_epi16(a[2], rh);
-                    a[3] = _mm512_add_epi16(a[3], _mm512_srli_epi16::<8>(rh));
-                }
-                p += 2;
-            }
-            for (q, a) in acc.iter().enumerate() {
-                // Fold the two 256-bit halves (pairs p and p + 1), then finish as AVX2 does.
-                let fold = |v: __m512i| {
-                    _mm256_add_epi16(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v))
-                };
-                let (r0, r1) = finish256(fold(a[0]), fold(a[1]));
-                let (r2, r3) = finish256(fold(a[2]), fold(a[3]));
-                *masks[q] = store_v4([r0, r1, r2, r3], thr[q], out[q]);
-            }
-        }
+        // SAFETY: as stated.
+        unsafe { block_shuffle::<Shuffle512, NQ>(block, m2, luts, thr, out, masks) }
     }
 
     /// `vpermb` indices that regroup a 64-byte code load (two pairs, four sub-quantizers)
