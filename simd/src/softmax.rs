@@ -172,12 +172,8 @@ impl SoftmaxKernel {
         span: u16,
         exp: &ExpTables,
     ) -> f32 {
-        let top = at.iter().copied().max();
-        assert!(
-            top.is_none_or(|t| (t as usize) < row.len()),
-            "weight_sum_at: index out of the row"
-        );
-        // The SIMD levels gather with signed 32-bit indices.
+        // Every level checks the indices as it reads them. The SIMD levels gather with signed
+        // 32-bit indices.
         if row.len() > i32::MAX as usize {
             return weight_sum_at_scalar(row, at, hi, span, exp);
         }
@@ -286,12 +282,21 @@ fn weight_sum_at_from(
     from: usize,
 ) -> f32 {
     for (j, &i) in at.iter().enumerate().skip(from) {
-        lanes[j % LANES] += weight(row[i as usize], hi, span, exp);
+        let Some(&v) = row.get(i as usize) else {
+            out_of_the_row()
+        };
+        lanes[j % LANES] += weight(v, hi, span, exp);
     }
     combine_lanes(&lanes)
 }
 
-/// Scalar reference of [`SoftmaxKernel::weight_sum_at`] (indices inside `row`).
+/// The panic of [`SoftmaxKernel::weight_sum_at`] for an index past the row.
+#[cold]
+fn out_of_the_row() -> ! {
+    panic!("weight_sum_at: index out of the row")
+}
+
+/// Scalar reference of [`SoftmaxKernel::weight_sum_at`].
 pub fn weight_sum_at_scalar(row: &[u16], at: &[u32], hi: u16, span: u16, exp: &ExpTables) -> f32 {
     weight_sum_at_from(row, at, hi, span, exp, [0.0; LANES], 0)
 }
@@ -398,16 +403,20 @@ mod x86 {
         unsafe fn store(p: *mut f32, a: Self::F);
         /// N u16 at `p` (readable for N u16), widened to the 32-bit lanes.
         unsafe fn load_u16(p: *const u16) -> Self::I;
-        /// `row[at[j]]` for the N indices at `idx` (readable for N u32, each `< len <=
-        /// i32::MAX`, `len >= 1`), in 32-bit lanes. A 32-bit gather at `2 * i` reads `row[i]`
-        /// and `row[i + 1]`: lanes at the last element (`i = len - 1`) are not gathered but
-        /// take `last`, so nothing past the row is read.
+        /// `row[at[j]]` for the N indices at `idx` (readable for N u32; `1 <= len <=
+        /// i32::MAX`), in 32-bit lanes. A 32-bit gather at `2 * i` reads `row[i]` and
+        /// `row[i + 1]`: lanes at or past the last element (`i >= len - 1`, unsigned) are not
+        /// gathered but take `last`, so nothing past the row is read whatever the indices;
+        /// `top` keeps the largest index seen per lane, for the caller to check.
         unsafe fn gather_u16(
             row: *const u16,
             idx: *const u32,
             len_m1: Self::I,
             last: Self::I,
+            top: &mut Self::I,
         ) -> Self::I;
+        /// The largest unsigned 32-bit lane.
+        unsafe fn max_u32(v: Self::I) -> u32;
         /// The weights of the N sums in the 32-bit lanes of `v` (each below 2^16): the
         /// `DIGITS` low tables looked up (see [`super::digits`]), multiplied in the module
         /// doc's order, zero where `hi - v > span`.
@@ -510,15 +519,27 @@ mod x86 {
             idx: *const u32,
             len_m1: __m256i,
             last: __m256i,
+            top: &mut __m256i,
         ) -> __m256i {
-            // SAFETY: the caller's contract: gathered lanes have i < len - 1, so the 4 bytes
-            // at 2 i lie in the row.
+            // SAFETY: the caller's contract: gathered lanes have i < len - 1 (unsigned: the
+            // signed compare of both sides with their sign bits flipped), so the 4 bytes at
+            // 2 i lie in the row.
             unsafe {
                 let i = _mm256_loadu_si256(idx as *const __m256i);
-                let inside = _mm256_cmpgt_epi32(len_m1, i);
+                *top = _mm256_max_epu32(*top, i);
+                let flip = _mm256_set1_epi32(i32::MIN);
+                let inside =
+                    _mm256_cmpgt_epi32(_mm256_xor_si256(len_m1, flip), _mm256_xor_si256(i, flip));
                 let g = _mm256_mask_i32gather_epi32::<2>(last, row as *const i32, i, inside);
                 _mm256_and_si256(g, _mm256_set1_epi32(0xFFFF))
             }
+        }
+        #[inline(always)]
+        unsafe fn max_u32(v: __m256i) -> u32 {
+            let mut lanes = [0u32; 8];
+            // SAFETY: 8 u32 written.
+            unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, v) };
+            lanes.into_iter().max().unwrap_or(0)
         }
         #[inline(always)]
         unsafe fn weights_of<const DIGITS: usize>(
@@ -598,14 +619,21 @@ mod x86 {
             idx: *const u32,
             len_m1: __m512i,
             last: __m512i,
+            top: &mut __m512i,
         ) -> __m512i {
-            // SAFETY: as in Avx2::gather_u16.
+            // SAFETY: as in Avx2::gather_u16, with an unsigned compare.
             unsafe {
                 let i = _mm512_loadu_si512(idx as *const __m512i);
-                let inside = _mm512_cmplt_epi32_mask(i, len_m1);
+                *top = _mm512_max_epu32(*top, i);
+                let inside = _mm512_cmplt_epu32_mask(i, len_m1);
                 let g = _mm512_mask_i32gather_epi32::<2>(last, inside, i, row as *const i32);
                 _mm512_and_si512(g, _mm512_set1_epi32(0xFFFF))
             }
+        }
+        #[inline(always)]
+        unsafe fn max_u32(v: __m512i) -> u32 {
+            // SAFETY: register operation.
+            unsafe { _mm512_reduce_max_epu32(v) }
         }
         #[inline(always)]
         unsafe fn weights_of<const DIGITS: usize>(
@@ -682,10 +710,11 @@ mod x86 {
         }
     }
 
-    /// [`super::SoftmaxKernel::weight_sum_at`]: as [`weight_sum`] over `at`, gathering.
+    /// [`super::SoftmaxKernel::weight_sum_at`]: as [`weight_sum`] over `at`, gathering; the
+    /// indices are checked on the way (the largest gathered, then the tail's one by one).
     ///
     /// # Safety
-    /// `W`'s features available; every index `< row.len() <= i32::MAX`.
+    /// `W`'s features available; `row.len() <= i32::MAX`.
     #[inline(always)]
     unsafe fn weight_sum_at<W: Width, const DIGITS: usize>(
         row: &[u16],
@@ -698,25 +727,32 @@ mod x86 {
         if full == 0 {
             return super::weight_sum_at_scalar(row, at, hi, span, exp);
         }
-        // SAFETY: as stated (so row is not empty); index loads read at[j .. j + 64] with
-        // j + 64 <= at.len().
-        unsafe {
+        let Some(&last) = row.last() else {
+            super::out_of_the_row()
+        };
+        // SAFETY: as stated, and row is not empty; index loads read at[j .. j + 64] with
+        // j + 64 <= at.len(); the gathers read inside the row whatever the indices.
+        let lanes = unsafe {
             let t = W::tables(exp);
             let (h, s) = (W::splat_i(hi as i32), W::splat_i(span as i32));
             let len_m1 = W::splat_i((row.len() - 1) as i32);
-            let last = W::splat_i(row[row.len() - 1] as i32);
-            let mut acc = W::acc();
+            let last = W::splat_i(last as i32);
+            let (mut acc, mut top) = (W::acc(), W::splat_i(0));
             let mut j = 0;
             while j < full {
                 for (l, a) in acc.as_mut().iter_mut().enumerate() {
-                    let v =
-                        W::gather_u16(row.as_ptr(), at.as_ptr().add(j + W::N * l), len_m1, last);
+                    let idx = at.as_ptr().add(j + W::N * l);
+                    let v = W::gather_u16(row.as_ptr(), idx, len_m1, last, &mut top);
                     *a = W::add(*a, W::weights_of::<DIGITS>(&t, v, h, s));
                 }
                 j += LANES;
             }
-            super::weight_sum_at_from(row, at, hi, span, exp, lanes_of::<W>(&acc), full)
-        }
+            if W::max_u32(top) as usize >= row.len() {
+                super::out_of_the_row()
+            }
+            lanes_of::<W>(&acc)
+        };
+        super::weight_sum_at_from(row, at, hi, span, exp, lanes, full)
     }
 
     /// The combined weights of elements `0..len / N * N` (every row `len` long), N at a time
@@ -1151,6 +1187,40 @@ mod tests {
             let s = k.weight_sum(&row, 100, 2, &exp);
             let want = 1.0 + 1.0 + exp.weight(1) + exp.weight(2);
             assert!((s - want).abs() < 1e-6, "{level}: {s} vs {want}");
+        }
+    }
+
+    /// An index past the row panics on every level, wherever it stands (in a gathered block
+    /// or in the scalar tail) and however large (sign bit set: a signed compare would let
+    /// the gather read before the row); the last element itself is read, not refused.
+    #[test]
+    fn weight_sum_at_refuses_an_index_past_the_row() {
+        let exp = ExpTables::new(0.05);
+        let row: Vec<u16> = (0..300u16).map(|i| 1000 - i).collect();
+        let valid: Vec<u32> = (0..130u32).map(|j| (j * 37) % 300).collect();
+        for level in Level::all_supported() {
+            let k = SoftmaxKernel::for_level(level);
+            let mut at = valid.clone();
+            at[70] = 299;
+            at[129] = 299;
+            assert_eq!(
+                k.weight_sum_at(&row, &at, 1000, 200, &exp).to_bits(),
+                weight_sum_at_scalar(&row, &at, 1000, 200, &exp).to_bits(),
+                "{level}"
+            );
+            for (j, bad) in [(5, 300u32), (63, u32::MAX), (127, 1 << 31), (129, 300)] {
+                let mut at = valid.clone();
+                at[j] = bad;
+                let r = std::panic::catch_unwind(|| k.weight_sum_at(&row, &at, 1000, 200, &exp));
+                let msg = r.expect_err("an index past the row was read");
+                let msg = msg.downcast_ref::<&str>().copied().unwrap_or_default();
+                assert_eq!(
+                    msg, "weight_sum_at: index out of the row",
+                    "{level} at[{j}]"
+                );
+            }
+            let r = std::panic::catch_unwind(|| k.weight_sum_at(&[], &valid, 1000, 200, &exp));
+            assert!(r.is_err(), "{level}: an empty row");
         }
     }
 }
