@@ -7,7 +7,7 @@
 //! reference (`../shared/tools/qkdump/gemma3_qk.py`), for checking the forward pass to f16
 //! rounding.
 
-use crate::error::{LlmError, Result};
+use crate::error::{candle_message, LlmError, Result};
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Tensor};
@@ -157,7 +157,7 @@ impl GgufFile {
         let mut file = pqcache::io::open_regular(path).map_err(io)?;
         let content = Content::read(&mut file).map_err(|e| LlmError::Gguf {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            reason: candle_message(&e),
         })?;
         Ok(GgufFile {
             content,
@@ -190,7 +190,7 @@ impl GgufFile {
             .tensor(&mut self.file, name, &Device::Cpu)
             .map_err(|e| LlmError::Gguf {
                 path: self.path.clone(),
-                reason: format!("{name}: {e}"),
+                reason: format!("{name}: {}", candle_message(&e)),
             })?;
         Ok(Arc::new(t))
     }
