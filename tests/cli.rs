@@ -283,6 +283,104 @@ fn build_search_info_round_trip_and_damage_exits_2() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("truncated"));
 }
 
+/// `search --nprobe / --rerank` change this search's settings, not the file's, and are
+/// refused where the kind has no such setting or the index lacks what it needs.
+#[test]
+fn search_settings_override_the_files() {
+    let data = common::ann_data();
+    let dir = common::TempDir::new("cli-search-settings");
+    let build = |name: &str, extra: &[&str]| {
+        let file = dir.join(name);
+        let out = pqcache()
+            .args(["build", "--metric", "l2", "--threads", "1"])
+            .args(extra)
+            .arg("--out")
+            .arg(&file)
+            .arg("--base")
+            .arg(data.join("bigann-10k-128_base.fvecs"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        file
+    };
+    let ivf_args = [
+        "--index", "ivfpqfs", "--nlist", "16", "--nprobe", "16", "--m", "32",
+    ];
+    let ivf = build("ivf.pqc", &[&ivf_args[..], &["--rerank", "2"]].concat());
+    let bare = build("bare.pqc", &ivf_args);
+    let flat = build("flat.pqc", &["--index", "flat"]);
+    let search = |file: &std::path::Path, extra: &[&str]| {
+        pqcache()
+            .arg("search")
+            .arg("--index")
+            .arg(file)
+            .arg("--queries")
+            .arg(data.join("bigann-10k-128_query.fvecs"))
+            .args(["--k", "10", "--json"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let (_, gk, gt) =
+        pqcache::io::load_groundtruth(&data.join("bigann-10k-128_groundtruth.ivecs")).unwrap();
+    let run = |file: &std::path::Path, extra: &[&str]| {
+        let out = search(file, extra);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut hits = 0;
+        for (q, row) in v["ids"].as_array().unwrap().iter().enumerate() {
+            for id in row.as_array().unwrap() {
+                hits += gt[q * gk..q * gk + 10].contains(&id.as_i64().unwrap()) as usize;
+            }
+        }
+        (hits as f64 / 1000.0, v)
+    };
+    // The file's settings: every list probed, re-ranking 2 x 10 candidates.
+    let (file_recall, _) = run(&ivf, &[]);
+    // One list of 16: a quarter of the true neighbours sit in other lists (measured 0.59
+    // against 0.82); a search that kept the file's nprobe would give the same 0.82.
+    let (one_list, _) = run(&ivf, &["--nprobe", "1"]);
+    assert!(one_list < file_recall - 0.15, "{one_list} vs {file_recall}");
+    // More than nlist probes every list: the file's answer.
+    assert_eq!(run(&ivf, &["--nprobe", "99999999999"]).1, run(&ivf, &[]).1);
+    // Re-ranking 8 x 10 candidates exactly: measured 0.98 (the file's 2 x 10: 0.82), and
+    // every distance is the exact squared L2 of u8 vectors, an integer (the codes'
+    // estimates are not).
+    let (reranked, v) = run(&ivf, &["--rerank", "8"]);
+    assert!(reranked >= 0.95, "{reranked} vs {file_recall}");
+    for row in v["distances"].as_array().unwrap() {
+        for d in row.as_array().unwrap() {
+            let d = d.as_f64().unwrap();
+            assert_eq!(d, d.round(), "{d}");
+        }
+    }
+    // Refusals: exit 1 with what is wrong.
+    for (file, extra, says) in [
+        (&ivf, &["--nprobe", "0"][..], "at least 1"),
+        (&flat, &["--nprobe", "4"][..], "applies to an IVF index"),
+        (
+            &flat,
+            &["--rerank", "4"][..],
+            "applies to a fast-scan or IVF index",
+        ),
+        (&bare, &["--rerank", "4"][..], "built without them"),
+        (&ivf, &["--rerank", "99999999"][..], "over the limit"),
+    ] {
+        let out = search(file, extra);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{extra:?}: {err}");
+    }
+}
+
 /// A writer killed (SIGKILL) at random points of `build` never leaves a file that opens but
 /// differs from the old or the new index: the destination always verifies and holds one of
 /// the two sizes.

@@ -6,8 +6,9 @@ use super::progress::Progress;
 use super::with_threads;
 use crate::error::{Error, Result};
 use crate::index::Index;
-use crate::io::file;
+use crate::io::file::{self, AnyIndex};
 use crate::io::load_vectors;
+use crate::limits;
 use clap::Args;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -50,6 +51,15 @@ pub struct SearchArgs {
     /// Query head of a 4-d .npy.
     #[arg(long, default_value_t = 0)]
     pub head: usize,
+    /// IVF: lists probed per query, for this search (the file's setting otherwise; more
+    /// than nlist probes every list).
+    #[arg(long)]
+    pub nprobe: Option<usize>,
+    /// Fast-scan and IVF: re-rank the best k * F candidates exactly, for this search (the
+    /// file's setting otherwise; 0 or 1: off). Needs an index built with its originals
+    /// (`build --rerank`).
+    #[arg(long)]
+    pub rerank: Option<usize>,
     /// Read the file into memory instead of mapping it.
     #[arg(long)]
     pub load: bool,
@@ -98,11 +108,12 @@ pub fn build(a: &BuildArgs) -> Result<()> {
 
 /// Runs `pqcache search`.
 pub fn search(a: &SearchArgs) -> Result<()> {
-    let index = if a.load {
+    let mut index = if a.load {
         file::load(&a.index)?
     } else {
         file::open(&a.index)?
     };
+    search_settings(&mut index, a.nprobe, a.rerank)?;
     let q = load_vectors(&a.queries, a.layer, a.head)?;
     if q.dim != index.dim() {
         return Err(Error::DimensionMismatch {
@@ -126,6 +137,59 @@ pub fn search(a: &SearchArgs) -> Result<()> {
                 .collect();
             outln!("{qi}\t{}", line.join(" "));
         }
+    }
+    Ok(())
+}
+
+/// Applies `search --nprobe / --rerank` to an opened index: refused where the kind has no
+/// such setting, or out of range.
+fn search_settings(
+    index: &mut AnyIndex,
+    nprobe: Option<usize>,
+    rerank: Option<usize>,
+) -> Result<()> {
+    let kind = index.kind();
+    if let Some(n) = nprobe {
+        let AnyIndex::IvfPqFastScan(ivf) = index else {
+            return Err(Error::InvalidArgument(format!(
+                "--nprobe applies to an IVF index; this file holds {kind:?}"
+            )));
+        };
+        if n == 0 {
+            return Err(Error::InvalidArgument("--nprobe must be at least 1".into()));
+        }
+        ivf.nprobe = n.min(ivf.nlist());
+    }
+    if let Some(f) = rerank {
+        if f > limits::MAX_RERANK_FACTOR {
+            return Err(Error::InvalidArgument(format!(
+                "--rerank {f} is over the limit of {}",
+                limits::MAX_RERANK_FACTOR
+            )));
+        }
+        let (factor, kept) = match index {
+            AnyIndex::PqFastScan(fs) => {
+                let kept = fs.originals().is_some();
+                (&mut fs.rerank_factor, kept)
+            }
+            AnyIndex::IvfPqFastScan(ivf) => {
+                let kept = ivf.originals_storage().is_some();
+                (&mut ivf.rerank_factor, kept)
+            }
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "--rerank applies to a fast-scan or IVF index; this file holds {kind:?}"
+                )))
+            }
+        };
+        if f > 1 && !kept {
+            return Err(Error::InvalidArgument(
+                "--rerank needs the original vectors, and this index was built without them \
+                 (build it with --rerank)"
+                    .into(),
+            ));
+        }
+        *factor = f;
     }
     Ok(())
 }
