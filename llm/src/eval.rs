@@ -68,6 +68,14 @@ pub fn perplexity(
             ids.len().saturating_sub(1)
         )));
     }
+    // Refused now, not when decoding reaches the end of the model's context hours later.
+    if ids.len() > model.cfg.context_length {
+        return Err(LlmError::InvalidArgument(format!(
+            "{} tokens exceed the model's context of {}",
+            ids.len(),
+            model.cfg.context_length
+        )));
+    }
     let mut backends = vec![Backend::Dense];
     backends.extend(methods.iter().filter(|b| **b != Backend::Dense).cloned());
     // One dense prefill; every method continues a fork of it.

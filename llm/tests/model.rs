@@ -307,6 +307,14 @@ fn perplexity_protocol_dense_reference_and_exact_at_full_budget() {
         Backend::parse("exact", 1.0).unwrap(),
         Backend::parse("window", 0.05).unwrap(),
     ];
+    // Past the model's context (32,768 tokens): refused before any prefill, not when the
+    // decode reaches the end of the context.
+    let long: Vec<u32> = ids.iter().copied().cycle().take(32_769).collect();
+    let err = pqcache_llm::eval::perplexity(m, &long, 600, &methods, None).unwrap_err();
+    assert!(
+        err.to_string().contains("exceed the model's context"),
+        "{err}"
+    );
     let rows = pqcache_llm::eval::perplexity(m, ids, 600, &methods, None).unwrap();
     assert_eq!(rows.len(), 3);
     let (dense, exact, window) = (&rows[0], &rows[1], &rows[2]);
