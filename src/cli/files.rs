@@ -161,12 +161,7 @@ fn search_settings(
         ivf.nprobe = n.min(ivf.nlist());
     }
     if let Some(f) = rerank {
-        if f > limits::MAX_RERANK_FACTOR {
-            return Err(Error::InvalidArgument(format!(
-                "--rerank {f} is over the limit of {}",
-                limits::MAX_RERANK_FACTOR
-            )));
-        }
+        limits::at_most(f, limits::MAX_RERANK_FACTOR, "--rerank")?;
         let (factor, kept) = match index {
             AnyIndex::PqFastScan(fs) => {
                 let kept = fs.originals().is_some();
