@@ -51,8 +51,8 @@ pub struct SearchArgs {
     /// Query head of a 4-d .npy.
     #[arg(long, default_value_t = 0)]
     pub head: usize,
-    /// IVF: lists probed per query, for this search (the file's setting otherwise; more
-    /// than nlist probes every list).
+    /// IVF: lists probed per query, for this search (the file's setting otherwise; at most
+    /// nlist).
     #[arg(long)]
     pub nprobe: Option<usize>,
     /// Fast-scan and IVF: re-rank the best k * F candidates exactly, for this search (the
@@ -158,7 +158,8 @@ fn search_settings(
         if n == 0 {
             return Err(Error::InvalidArgument("--nprobe must be at least 1".into()));
         }
-        ivf.nprobe = n.min(ivf.nlist());
+        // As the Python binding's setter: more lists than the index has is refused.
+        ivf.nprobe = limits::at_most(n, ivf.nlist(), "--nprobe")?;
     }
     if let Some(f) = rerank {
         limits::at_most(f, limits::MAX_RERANK_FACTOR, "--rerank")?;
