@@ -54,3 +54,8 @@ fn read_npy_corpus() {
 fn fastscan_diff_corpus() {
     replay("fastscan_diff", checks::fastscan_diff, 70);
 }
+
+#[test]
+fn softmax_diff_corpus() {
+    replay("softmax_diff", checks::softmax_diff, 48);
+}

@@ -10,6 +10,10 @@ use pqcache::{Index, IndexFlat, IndexPQ, IndexPQFastScan, Metric, Nbits, RerankS
 use pqcache_simd::fastscan::{
     accumulate_scalar, block_bytes, masks_scalar, FastScanKernel, BBS, MAX_QBS,
 };
+use pqcache_simd::softmax::{
+    combine_at_least_scalar, combine_scalar, weight_sum_at_scalar, weight_sum_scalar, ExpTables,
+    HeadRow, SoftmaxKernel,
+};
 use pqcache_simd::Level;
 
 /// Arbitrary bytes through the index-file reader: an error or an index, never a panic or UB.
@@ -187,5 +191,120 @@ pub fn fastscan_diff(data: &[u8]) {
         );
         assert_eq!(got, want, "level {level}");
         assert_eq!(masks, want_masks, "level {level}");
+    }
+}
+
+/// SIMD vs scalar differential of the softmax-weight kernels: fuzzed rows (mostly within a
+/// span of their maximum, some anywhere), maxima, spans, steps and factors (any f32 bits:
+/// NaN, infinities and subnormals included), floors and gather indices; on every supported
+/// level, `weight_sum`, `weight_sum_at`, `combine` (sum and max) and `combine_at_least` must
+/// give the scalar reference's bits.
+pub fn softmax_diff(data: &[u8]) {
+    if data.len() < 8 {
+        return;
+    }
+    let n = u16::from_le_bytes([data[0], data[1]]) as usize % 1200;
+    let nh = 1 + data[2] as usize % 4;
+    let max = data[3] & 1 == 1;
+    let body = &data[4..];
+    let byte = |i: usize| body[i % body.len()] ^ (i as u8).wrapping_mul(29);
+    let word = |i: usize| u16::from_le_bytes([byte(2 * i), byte(2 * i + 1)]);
+    let float =
+        |i: usize| f32::from_bits(u32::from(word(2 * i)) | u32::from(word(2 * i + 1)) << 16);
+    // Per head: hi, span, a step (half the time a plain one, else any bits) and a factor.
+    let rows: Vec<Vec<u16>> = (0..nh)
+        .map(|h| {
+            let (hi, span) = (word(7 * h), word(7 * h + 1));
+            (0..n)
+                .map(|i| {
+                    let w = word(100 + h * 1200 + i);
+                    if w & 3 == 0 {
+                        w
+                    } else {
+                        hi.saturating_sub(w % span.saturating_add(3).max(1))
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let heads: Vec<HeadRow<'_>> = rows
+        .iter()
+        .enumerate()
+        .map(|(h, row)| {
+            let step = if byte(50 + h) & 1 == 0 {
+                (1 + byte(60 + h) as u32) as f32 * 1e-4
+            } else {
+                float(20 + h)
+            };
+            let factor = if byte(70 + h) & 1 == 0 {
+                (1 + byte(80 + h) as u32) as f32 / 256.0
+            } else {
+                float(30 + h)
+            };
+            HeadRow {
+                row,
+                hi: word(7 * h),
+                span: word(7 * h + 1),
+                exp: ExpTables::new(step),
+                factor,
+            }
+        })
+        .collect();
+    // Gather indices inside the rows (the last element among them when there is one).
+    let at: Vec<u32> = if n == 0 {
+        Vec::new()
+    } else {
+        let count = word(5) as usize % (2 * n + 1);
+        (0..count)
+            .map(|j| {
+                if j % 7 == 3 {
+                    n as u32 - 1
+                } else {
+                    u32::from(word(3000 + j)) % n as u32
+                }
+            })
+            .collect()
+    };
+    let mut combined = vec![0.0f32; n];
+    combine_scalar(&heads, &mut combined, max);
+    // A floor that some weights equal exactly, or any bits.
+    let floor = match byte(90) % 3 {
+        0 if n > 0 => combined[word(91) as usize % n],
+        1 => 0.0,
+        _ => float(40),
+    };
+    let (mut want_at, mut want_values) = (Vec::new(), Vec::new());
+    combine_at_least_scalar(&heads, max, floor, &mut want_at, &mut want_values);
+    for level in Level::all_supported() {
+        let k = SoftmaxKernel::for_level(level);
+        for h in &heads {
+            let want = weight_sum_scalar(h.row, h.hi, h.span, &h.exp);
+            let got = k.weight_sum(h.row, h.hi, h.span, &h.exp);
+            assert_eq!(got.to_bits(), want.to_bits(), "weight_sum, level {level}");
+            let want = weight_sum_at_scalar(h.row, &at, h.hi, h.span, &h.exp);
+            let got = k.weight_sum_at(h.row, &at, h.hi, h.span, &h.exp);
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "weight_sum_at, level {level}"
+            );
+        }
+        let mut got = vec![0.0f32; n];
+        k.combine(&heads, &mut got, max);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&combined), "combine, level {level}");
+        let (mut at_got, mut values_got) = (vec![7u32], vec![7.0f32]);
+        k.combine_at_least(&heads, max, floor, &mut at_got, &mut values_got);
+        assert_eq!(at_got[1..], want_at[..], "combine_at_least, level {level}");
+        assert_eq!(
+            bits(&values_got[1..]),
+            bits(&want_values),
+            "combine_at_least, level {level}"
+        );
+        assert_eq!(
+            (at_got[0], values_got[0]),
+            (7, 7.0),
+            "combine_at_least appends"
+        );
     }
 }
