@@ -9,7 +9,7 @@ cd "$(dirname "$0")/../fuzz"
 seconds=${1:-20}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(open_index roundtrip read_npy fastscan_diff)
+[ ${#targets[@]} -gt 0 ] || targets=(open_index roundtrip read_npy fastscan_diff softmax_diff)
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
 for target in "${targets[@]}"; do
   # cargo-fuzz needs -Zsanitizer: RUSTC_BOOTSTRAP=1 lets a stable toolchain accept it.
