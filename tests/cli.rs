@@ -2,10 +2,69 @@
 //! sample; errors exit non-zero with a message.
 mod common;
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Output};
 
 fn pqcache() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pqcache"))
+}
+
+/// `pqcache build --metric l2 --threads 1 ARGS --out FILE` over the shipped SIFT base; panics
+/// with the command's message if it fails.
+fn build_sift(file: &Path, args: &[&str]) {
+    let out = pqcache()
+        .args(["build", "--metric", "l2", "--threads", "1"])
+        .args(args)
+        .arg("--out")
+        .arg(file)
+        .arg("--base")
+        .arg(common::ann_data().join("bigann-10k-128_base.fvecs"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `pqcache search --index FILE --queries Q --k 10 --json ARGS` with the shipped SIFT queries.
+fn search_sift(file: &Path, args: &[&str]) -> Output {
+    pqcache()
+        .arg("search")
+        .arg("--index")
+        .arg(file)
+        .arg("--queries")
+        .arg(common::ann_data().join("bigann-10k-128_query.fvecs"))
+        .args(["--k", "10", "--json"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The JSON answer of a [`search_sift`] that must succeed.
+fn searched_sift(file: &Path, args: &[&str]) -> serde_json::Value {
+    let out = search_sift(file, args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Recall at 10 of a [`search_sift`] answer against the shipped ground truth.
+fn sift_recall(answer: &serde_json::Value) -> f64 {
+    let (_, gk, gt) =
+        pqcache::io::load_groundtruth(&common::ann_data().join("bigann-10k-128_groundtruth.ivecs"))
+            .unwrap();
+    let mut hits = 0;
+    for (q, row) in answer["ids"].as_array().unwrap().iter().enumerate() {
+        for id in row.as_array().unwrap() {
+            hits += gt[q * gk..q * gk + 10].contains(&id.as_i64().unwrap()) as usize;
+        }
+    }
+    hits as f64 / 1000.0
 }
 
 #[test]
@@ -193,23 +252,13 @@ fn eval_attention_json_rows() {
 
 #[test]
 fn build_search_info_round_trip_and_damage_exits_2() {
-    let data = common::ann_data();
     let dir = common::TempDir::new("cli-files");
     let file = dir.join("bigann.pqc");
-    let out = pqcache()
-        .args([
-            "build", "--index", "ivfpqfs", "--nlist", "16", "--nprobe", "16", "--m", "32",
-        ])
-        .args(["--metric", "l2", "--threads", "1", "--out"])
-        .arg(&file)
-        .arg("--base")
-        .arg(data.join("bigann-10k-128_base.fvecs"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    build_sift(
+        &file,
+        &[
+            "--index", "ivfpqfs", "--nlist", "16", "--nprobe", "16", "--m", "32",
+        ],
     );
     let info = pqcache()
         .arg("info")
@@ -226,43 +275,13 @@ fn build_search_info_round_trip_and_damage_exits_2() {
     assert_eq!(v["kind"], "ivfpqfs");
     assert_eq!(v["ntotal"], "9900");
     assert_eq!(v["verified"], true);
-    let search = |extra: &[&str]| {
-        let out = pqcache()
-            .arg("search")
-            .arg("--index")
-            .arg(&file)
-            .arg("--queries")
-            .arg(data.join("bigann-10k-128_query.fvecs"))
-            .args(["--k", "10", "--json"])
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-    };
-    let mapped = search(&[]);
-    assert_eq!(mapped, search(&["--load"]));
-    let ids = mapped["ids"].as_array().unwrap();
-    assert_eq!(ids.len(), 100);
+    let mapped = searched_sift(&file, &[]);
+    assert_eq!(mapped, searched_sift(&file, &["--load"]));
+    assert_eq!(mapped["ids"].as_array().unwrap().len(), 100);
     // Recall against the shipped ground truth: full probe of 32 x 4-bit codes (measured 0.63
     // at nlist 64 / nprobe 16 in tests/ivf.rs; FAISS 0.62): >= 0.55.
-    let (_, gk, gt) =
-        pqcache::io::load_groundtruth(&data.join("bigann-10k-128_groundtruth.ivecs")).unwrap();
-    let mut hits = 0;
-    for (q, row) in ids.iter().enumerate() {
-        for id in row.as_array().unwrap() {
-            hits += gt[q * gk..q * gk + 10].contains(&id.as_i64().unwrap()) as usize;
-        }
-    }
-    assert!(
-        hits as f64 / 1000.0 >= 0.55,
-        "recall {}",
-        hits as f64 / 1000.0
-    );
+    let recall = sift_recall(&mapped);
+    assert!(recall >= 0.55, "recall {recall}");
     // Damage: one flipped byte in the codes is found by --verify (exit 2, a message).
     let mut bytes = std::fs::read(&file).unwrap();
     let at = bytes.len() / 2;
@@ -287,24 +306,10 @@ fn build_search_info_round_trip_and_damage_exits_2() {
 /// refused where the kind has no such setting or the index lacks what it needs.
 #[test]
 fn search_settings_override_the_files() {
-    let data = common::ann_data();
     let dir = common::TempDir::new("cli-search-settings");
-    let build = |name: &str, extra: &[&str]| {
+    let build = |name: &str, args: &[&str]| {
         let file = dir.join(name);
-        let out = pqcache()
-            .args(["build", "--metric", "l2", "--threads", "1"])
-            .args(extra)
-            .arg("--out")
-            .arg(&file)
-            .arg("--base")
-            .arg(data.join("bigann-10k-128_base.fvecs"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        build_sift(&file, args);
         file
     };
     let ivf_args = [
@@ -313,35 +318,9 @@ fn search_settings_override_the_files() {
     let ivf = build("ivf.pqc", &[&ivf_args[..], &["--rerank", "2"]].concat());
     let bare = build("bare.pqc", &ivf_args);
     let flat = build("flat.pqc", &["--index", "flat"]);
-    let search = |file: &std::path::Path, extra: &[&str]| {
-        pqcache()
-            .arg("search")
-            .arg("--index")
-            .arg(file)
-            .arg("--queries")
-            .arg(data.join("bigann-10k-128_query.fvecs"))
-            .args(["--k", "10", "--json"])
-            .args(extra)
-            .output()
-            .unwrap()
-    };
-    let (_, gk, gt) =
-        pqcache::io::load_groundtruth(&data.join("bigann-10k-128_groundtruth.ivecs")).unwrap();
-    let run = |file: &std::path::Path, extra: &[&str]| {
-        let out = search(file, extra);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let mut hits = 0;
-        for (q, row) in v["ids"].as_array().unwrap().iter().enumerate() {
-            for id in row.as_array().unwrap() {
-                hits += gt[q * gk..q * gk + 10].contains(&id.as_i64().unwrap()) as usize;
-            }
-        }
-        (hits as f64 / 1000.0, v)
+    let run = |file: &Path, args: &[&str]| {
+        let v = searched_sift(file, args);
+        (sift_recall(&v), v)
     };
     // The file's settings: every list probed, re-ranking 2 x 10 candidates.
     let (file_recall, _) = run(&ivf, &[]);
@@ -379,7 +358,7 @@ fn search_settings_override_the_files() {
         (&bare, &["--rerank", "4"][..], "built without them"),
         (&ivf, &["--rerank", "99999999"][..], "over the limit"),
     ] {
-        let out = search(file, extra);
+        let out = search_sift(file, extra);
         assert_eq!(out.status.code(), Some(1), "{extra:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(says), "{extra:?}: {err}");
