@@ -347,51 +347,68 @@ mod x86 {
         unsafe fn store(r: [__m128i; 4], thr: u16, out: *mut u16) -> u32;
     }
 
+    /// The [`ShuffleWidth`] methods that are one register instruction each, for register type
+    /// `$v` and the intrinsics named.
+    macro_rules! shuffle_ops {
+        ($v:ty, $set1:ident, $zero:ident, $and:ident, $srli:ident, $shuffle:ident, $add:ident) => {
+            #[inline(always)]
+            unsafe fn splat8(x: i8) -> $v {
+                // SAFETY: register operation; the width's features are available (the
+                // trait's contract), as in every method here.
+                unsafe { $set1(x) }
+            }
+            #[inline(always)]
+            unsafe fn zero() -> $v {
+                // SAFETY: register operation.
+                unsafe { $zero() }
+            }
+            #[inline(always)]
+            unsafe fn and(a: $v, b: $v) -> $v {
+                // SAFETY: register operation.
+                unsafe { $and(a, b) }
+            }
+            #[inline(always)]
+            unsafe fn srli4(a: $v) -> $v {
+                // SAFETY: register operation.
+                unsafe { $srli::<4>(a) }
+            }
+            #[inline(always)]
+            unsafe fn srli8(a: $v) -> $v {
+                // SAFETY: register operation.
+                unsafe { $srli::<8>(a) }
+            }
+            #[inline(always)]
+            unsafe fn shuffle(t: $v, idx: $v) -> $v {
+                // SAFETY: register operation.
+                unsafe { $shuffle(t, idx) }
+            }
+            #[inline(always)]
+            unsafe fn add16(a: $v, b: $v) -> $v {
+                // SAFETY: register operation.
+                unsafe { $add(a, b) }
+            }
+        };
+    }
+
     /// AVX2.
     struct Shuffle256;
 
     impl ShuffleWidth for Shuffle256 {
         const PAIRS: usize = 1;
         type V = __m256i;
-        #[inline(always)]
-        unsafe fn splat8(x: i8) -> __m256i {
-            // SAFETY: register operation; AVX2 available (the trait's contract), as below.
-            unsafe { _mm256_set1_epi8(x) }
-        }
-        #[inline(always)]
-        unsafe fn zero() -> __m256i {
-            // SAFETY: register operation.
-            unsafe { _mm256_setzero_si256() }
-        }
+        shuffle_ops!(
+            __m256i,
+            _mm256_set1_epi8,
+            _mm256_setzero_si256,
+            _mm256_and_si256,
+            _mm256_srli_epi16,
+            _mm256_shuffle_epi8,
+            _mm256_add_epi16
+        );
         #[inline(always)]
         unsafe fn load(p: *const u8, _full: bool) -> __m256i {
             // SAFETY: one pair per register: every load is full, 32 readable bytes.
             unsafe { _mm256_loadu_si256(p as *const __m256i) }
-        }
-        #[inline(always)]
-        unsafe fn and(a: __m256i, b: __m256i) -> __m256i {
-            // SAFETY: register operation.
-            unsafe { _mm256_and_si256(a, b) }
-        }
-        #[inline(always)]
-        unsafe fn srli4(a: __m256i) -> __m256i {
-            // SAFETY: register operation.
-            unsafe { _mm256_srli_epi16::<4>(a) }
-        }
-        #[inline(always)]
-        unsafe fn srli8(a: __m256i) -> __m256i {
-            // SAFETY: register operation.
-            unsafe { _mm256_srli_epi16::<8>(a) }
-        }
-        #[inline(always)]
-        unsafe fn shuffle(t: __m256i, idx: __m256i) -> __m256i {
-            // SAFETY: register operation.
-            unsafe { _mm256_shuffle_epi8(t, idx) }
-        }
-        #[inline(always)]
-        unsafe fn add16(a: __m256i, b: __m256i) -> __m256i {
-            // SAFETY: register operation.
-            unsafe { _mm256_add_epi16(a, b) }
         }
         #[inline(always)]
         unsafe fn to256(a: __m256i) -> __m256i {
@@ -425,16 +442,15 @@ mod x86 {
     impl ShuffleWidth for Shuffle512 {
         const PAIRS: usize = 2;
         type V = __m512i;
-        #[inline(always)]
-        unsafe fn splat8(x: i8) -> __m512i {
-            // SAFETY: register operation; AVX-512BW available (the trait's contract), as below.
-            unsafe { _mm512_set1_epi8(x) }
-        }
-        #[inline(always)]
-        unsafe fn zero() -> __m512i {
-            // SAFETY: register operation.
-            unsafe { _mm512_setzero_si512() }
-        }
+        shuffle_ops!(
+            __m512i,
+            _mm512_set1_epi8,
+            _mm512_setzero_si512,
+            _mm512_and_si512,
+            _mm512_srli_epi16,
+            _mm512_shuffle_epi8,
+            _mm512_add_epi16
+        );
         #[inline(always)]
         unsafe fn load(p: *const u8, full: bool) -> __m512i {
             // SAFETY: 64 readable bytes when full, else 32: the masked-off bytes are not read
@@ -446,31 +462,6 @@ mod x86 {
                     _mm512_maskz_loadu_epi8(0xffff_ffff, p as *const i8)
                 }
             }
-        }
-        #[inline(always)]
-        unsafe fn and(a: __m512i, b: __m512i) -> __m512i {
-            // SAFETY: register operation.
-            unsafe { _mm512_and_si512(a, b) }
-        }
-        #[inline(always)]
-        unsafe fn srli4(a: __m512i) -> __m512i {
-            // SAFETY: register operation.
-            unsafe { _mm512_srli_epi16::<4>(a) }
-        }
-        #[inline(always)]
-        unsafe fn srli8(a: __m512i) -> __m512i {
-            // SAFETY: register operation.
-            unsafe { _mm512_srli_epi16::<8>(a) }
-        }
-        #[inline(always)]
-        unsafe fn shuffle(t: __m512i, idx: __m512i) -> __m512i {
-            // SAFETY: register operation.
-            unsafe { _mm512_shuffle_epi8(t, idx) }
-        }
-        #[inline(always)]
-        unsafe fn add16(a: __m512i, b: __m512i) -> __m512i {
-            // SAFETY: register operation.
-            unsafe { _mm512_add_epi16(a, b) }
         }
         #[inline(always)]
         unsafe fn to256(a: __m512i) -> __m256i {
