@@ -532,40 +532,6 @@ mod x86 {
         }
     }
 
-    /// [`block_shuffle`] on AVX2.
-    ///
-    /// # Safety
-    /// As [`block_shuffle`].
-    #[inline(always)]
-    unsafe fn block_v3<const NQ: usize>(
-        block: *const u8,
-        m2: usize,
-        luts: *const u8,
-        thr: &[u16; NQ],
-        out: &[*mut u16; NQ],
-        masks: &[*mut u32; NQ],
-    ) {
-        // SAFETY: as stated.
-        unsafe { block_shuffle::<Shuffle256, NQ>(block, m2, luts, thr, out, masks) }
-    }
-
-    /// [`block_shuffle`] on AVX-512BW.
-    ///
-    /// # Safety
-    /// As [`block_shuffle`].
-    #[inline(always)]
-    unsafe fn block_v4<const NQ: usize>(
-        block: *const u8,
-        m2: usize,
-        luts: *const u8,
-        thr: &[u16; NQ],
-        out: &[*mut u16; NQ],
-        masks: &[*mut u32; NQ],
-    ) {
-        // SAFETY: as stated.
-        unsafe { block_shuffle::<Shuffle512, NQ>(block, m2, luts, thr, out, masks) }
-    }
-
     /// `vpermb` indices that regroup a 64-byte code load (two pairs, four sub-quantizers)
     /// vector-major: byte `4 i + j` of the result is byte `16 j + i` of the load, i.e. the
     /// codes of vector `i` (low nibble) and `16 + i` (high nibble) for sub-quantizer `j`.
@@ -594,7 +560,7 @@ mod x86 {
     /// vectors) and query: two `vpermb` look up all 64-entry tables (four sub-quantizers'
     /// 16 entries each) at once, the codes regrouped vector-major so that the four bytes of
     /// each vector lie side by side, and two `vpdpbusd` against ones add them into i32 lanes,
-    /// one per vector. Half the per-query instructions of [`block_v4`]'s shuffle / widening
+    /// one per vector. Half the per-query instructions of [`block_shuffle`]'s shuffle / widening
     /// adds, split evenly between the two vector ports. Two accumulator sets (even and odd
     /// loads) hide the dot product's latency when few queries share the pass.
     #[inline(always)]
@@ -606,7 +572,7 @@ mod x86 {
         out: &[*mut u16; NQ],
         masks: &[*mut u32; NQ],
     ) {
-        // SAFETY: as in block_v3; the odd last pair is read with a 32-byte masked load (codes
+        // SAFETY: as in block_shuffle; the odd last pair is read with a 32-byte masked load (codes
         // and tables), so nothing past the block or the tables is touched, and the missing
         // tables read as zeros. AVX-512 BW, VBMI and VNNI enabled by the entry point.
         unsafe {
@@ -683,7 +649,7 @@ mod x86 {
     }
 
     macro_rules! driver {
-        ($name:ident, $block:ident, $feat:literal) => {
+        ($name:ident, $block:ident $(::<$w:ty>)?, $feat:literal) => {
             #[target_feature(enable = $feat)]
             unsafe fn $name(args: super::Args<'_>) {
                 #[inline(always)]
@@ -707,7 +673,7 @@ mod x86 {
                         // SAFETY: block b lies inside codes (len nblocks * bb, checked by the
                         // public entry); luts holds NQ tables of m2 * 16 bytes.
                         unsafe {
-                            $block::<NQ>(
+                            $block::<$($w,)? NQ>(
                                 a.codes.as_ptr().add(b * bb),
                                 a.m2,
                                 a.luts.as_ptr(),
@@ -800,10 +766,10 @@ mod x86 {
         unsafe { collect_above_v4_imp(scores, threshold, base, out) }
     }
 
-    driver!(accumulate_v3_imp, block_v3, "avx2,fma");
+    driver!(accumulate_v3_imp, block_shuffle::<Shuffle256>, "avx2,fma");
     driver!(
         accumulate_v4_imp,
-        block_v4,
+        block_shuffle::<Shuffle512>,
         "avx512f,avx512bw,avx512vl,avx2,fma"
     );
 
