@@ -9,6 +9,15 @@ fn pqcache() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pqcache"))
 }
 
+/// Panics with the command's error output unless it exited 0.
+fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `pqcache build --metric l2 --threads 1 ARGS --out FILE` over the shipped SIFT base; panics
 /// with the command's message if it fails.
 fn build_sift(file: &Path, args: &[&str]) {
@@ -21,11 +30,7 @@ fn build_sift(file: &Path, args: &[&str]) {
         .arg(common::ann_data().join("bigann-10k-128_base.fvecs"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
 }
 
 /// `pqcache search --index FILE --queries Q --k 10 --json ARGS` with the shipped SIFT queries.
@@ -45,11 +50,7 @@ fn search_sift(file: &Path, args: &[&str]) -> Output {
 /// The JSON answer of a [`search_sift`] that must succeed.
 fn searched_sift(file: &Path, args: &[&str]) -> serde_json::Value {
     let out = search_sift(file, args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -83,11 +84,7 @@ fn eval_json_has_exactly_the_peer_keys() {
         .arg(data.join("bigann-10k-128_groundtruth.ivecs"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let text = String::from_utf8(out.stdout).unwrap();
     let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
     let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(|s| s.as_str()).collect();
@@ -127,11 +124,7 @@ fn demo_runs_on_bundled_data() {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("2048 tokens"), "{text}");
 }
@@ -202,11 +195,7 @@ fn eval_attention_json_rows() {
         .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/persuasion-2048-layer5"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 6);
@@ -266,11 +255,7 @@ fn build_search_info_round_trip_and_damage_exits_2() {
         .args(["--verify", "--json"])
         .output()
         .unwrap();
-    assert!(
-        info.status.success(),
-        "{}",
-        String::from_utf8_lossy(&info.stderr)
-    );
+    assert_success(&info);
     let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(v["kind"], "ivfpqfs");
     assert_eq!(v["ntotal"], "9900");
