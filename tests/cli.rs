@@ -18,10 +18,9 @@ fn assert_success(out: &Output) {
     );
 }
 
-/// `pqcache build --metric l2 --threads 1 ARGS --out FILE` over the shipped SIFT base; panics
-/// with the command's message if it fails.
-fn build_sift(file: &Path, args: &[&str]) {
-    let out = pqcache()
+/// `pqcache build --metric l2 --threads 1 ARGS --out FILE` over the shipped SIFT base.
+fn build_sift_output(file: &Path, args: &[&str]) -> Output {
+    pqcache()
         .args(["build", "--metric", "l2", "--threads", "1"])
         .args(args)
         .arg("--out")
@@ -29,8 +28,12 @@ fn build_sift(file: &Path, args: &[&str]) {
         .arg("--base")
         .arg(common::ann_data().join("bigann-10k-128_base.fvecs"))
         .output()
-        .unwrap();
-    assert_success(&out);
+        .unwrap()
+}
+
+/// [`build_sift_output`] that must succeed: panics with the command's message if it fails.
+fn build_sift(file: &Path, args: &[&str]) {
+    assert_success(&build_sift_output(file, args));
 }
 
 /// `pqcache search --index FILE --queries Q --k 10 --json ARGS` with the shipped SIFT queries.
@@ -288,7 +291,8 @@ fn build_search_info_round_trip_and_damage_exits_2() {
 }
 
 /// `search --nprobe / --rerank` change this search's settings, not the file's, and are
-/// refused where the kind has no such setting or the index lacks what it needs.
+/// refused where the kind has no such setting or the index lacks what it needs; `build`
+/// refuses the `--nprobe` that `search` refuses (it stored 0 as 1 and kept one over nlist).
 #[test]
 fn search_settings_override_the_files() {
     let dir = common::TempDir::new("cli-search-settings");
@@ -347,6 +351,19 @@ fn search_settings_override_the_files() {
         assert_eq!(out.status.code(), Some(1), "{extra:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(says), "{extra:?}: {err}");
+    }
+    for (nprobe, says) in [
+        ("0", "at least 1"),
+        ("17", "--nprobe 17 is over the limit of 16"),
+    ] {
+        let file = dir.join("refused.pqc");
+        let mut args = ivf_args.to_vec();
+        args[5] = nprobe;
+        let out = build_sift_output(&file, &args);
+        assert_eq!(out.status.code(), Some(1), "build --nprobe {nprobe}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "build --nprobe {nprobe}: {err}");
+        assert!(!file.exists(), "build --nprobe {nprobe} wrote a file");
     }
 }
 

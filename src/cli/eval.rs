@@ -131,7 +131,7 @@ impl IndexOptions {
             IndexKind::Ivfpqfs => {
                 let mut ivf = IndexIVFPQFastScan::new(d, self.nlist, self.m, metric)?;
                 ivf.train_config = self.kmeans_config()?;
-                ivf.nprobe = self.nprobe;
+                ivf.nprobe = checked_nprobe(self.nprobe, self.nlist)?;
                 if self.rerank > 1 {
                     ivf.keep_originals(RerankStorage::F32)?;
                     ivf.rerank_factor = self.rerank;
@@ -149,6 +149,16 @@ impl IndexOptions {
             _ => (0, 0),
         }
     }
+}
+
+/// `--nprobe` as `build`, `eval` and `search` take it: at least 1 and at most `nlist` (as the
+/// Python binding's setter; FAISS's C++ quietly probes every list). Before this check,
+/// `build --nprobe 0` stored 1 and `build --nprobe 100 --nlist 16` stored 100.
+pub(super) fn checked_nprobe(nprobe: usize, nlist: usize) -> Result<usize> {
+    if nprobe == 0 {
+        return Err(Error::InvalidArgument("--nprobe must be at least 1".into()));
+    }
+    crate::limits::at_most(nprobe, nlist, "--nprobe")
 }
 
 /// Arguments of `pqcache eval`.

@@ -1,6 +1,6 @@
 //! `pqcache build`, `search` and `info`: index files from the command line.
 
-use super::eval::IndexOptions;
+use super::eval::{checked_nprobe, IndexOptions};
 use super::outln;
 use super::progress::Progress;
 use super::with_threads;
@@ -155,11 +155,7 @@ fn search_settings(
                 "--nprobe applies to an IVF index; this file holds {kind:?}"
             )));
         };
-        if n == 0 {
-            return Err(Error::InvalidArgument("--nprobe must be at least 1".into()));
-        }
-        // As the Python binding's setter: more lists than the index has is refused.
-        ivf.nprobe = limits::at_most(n, ivf.nlist(), "--nprobe")?;
+        ivf.nprobe = checked_nprobe(n, ivf.nlist())?;
     }
     if let Some(f) = rerank {
         limits::at_most(f, limits::MAX_RERANK_FACTOR, "--rerank")?;
