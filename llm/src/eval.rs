@@ -216,7 +216,9 @@ fn passkey_answer(
     question: &[u32],
     key: u32,
 ) -> Result<(bool, String)> {
-    let answer = s.continue_greedy(last, question, ANSWER_TOKENS, |_| Ok(()))?;
+    let answer = s
+        .continue_greedy(last, question, ANSWER_TOKENS, |_| Ok(()))?
+        .ids;
     let tok = &s.model().tokenizer;
     let text = tok.decode(&answer)?;
     let digits: String = text

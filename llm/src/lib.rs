@@ -36,5 +36,7 @@ pub mod weights;
 
 pub use config::{Gemma3Config, LayerKind};
 pub use error::{LlmError, Result};
-pub use model::{Backend, Capture, Gemma3, Logits, PrefillOptions, Profile, Session};
+pub use model::{
+    Backend, Capture, Gemma3, Generated, Logits, PrefillOptions, Profile, Session, Stop,
+};
 pub use weights::Precision;

@@ -11,7 +11,9 @@ use pqcache::io::npy::{self, NpyData};
 use pqcache_llm::context::Access;
 use pqcache_llm::model::{argmax, nll};
 use pqcache_llm::tokenizer::GemmaTokenizer;
-use pqcache_llm::{Backend, Gemma3, LlmError, Logits, Precision, PrefillOptions, Result, Session};
+use pqcache_llm::{
+    Backend, Gemma3, LlmError, Logits, Precision, PrefillOptions, Result, Session, Stop,
+};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -364,7 +366,12 @@ impl IoCounters {
 struct Stream<'t> {
     tok: &'t GemmaTokenizer,
     ids: Vec<u32>,
-    shown: usize,
+    /// `ids[prefix..read]` were shown last time; text is decoded from `prefix` on, so that
+    /// a token's text is what it adds to the one before it (spaces and merged bytes right),
+    /// and each step decodes a few tokens, not all of them (a 30K-token generation decoded
+    /// its whole text at every token).
+    prefix: usize,
+    read: usize,
     quiet: bool,
 }
 
@@ -373,21 +380,41 @@ impl<'t> Stream<'t> {
         Stream {
             tok,
             ids: Vec::new(),
-            shown: 0,
+            prefix: 0,
+            read: 0,
             quiet,
         }
     }
 
+    /// Shows the text `id` adds, once it is whole (a token that ends inside a UTF-8
+    /// character waits for the next).
     fn push(&mut self, id: u32) -> Result<()> {
         self.ids.push(id);
         if !self.quiet {
-            let text = self.tok.decode(&self.ids)?;
-            if !text.ends_with('\u{fffd}') && text.len() > self.shown {
-                out(&text[self.shown..]);
-                self.shown = text.len();
+            let shown = self.tok.decode(&self.ids[self.prefix..self.read])?;
+            let text = self.tok.decode(&self.ids[self.prefix..])?;
+            if !text.ends_with('\u{fffd}') && text.len() > shown.len() {
+                // The decoder (`'▁'` to space, byte fallback, fuse) concatenates the pieces'
+                // texts, so the text from `prefix` on starts with what was shown of it.
+                if let Some(new) = text.strip_prefix(shown.as_str()) {
+                    out(new);
+                }
+                self.prefix = self.read;
+                self.read = self.ids.len();
             }
         }
         Ok(())
+    }
+}
+
+/// A line on stderr when a generation stopped because the context was full (it is not an
+/// error: the tokens generated are the answer).
+fn context_full_note(model: &Gemma3, stop: Stop) {
+    if stop == Stop::ContextFull {
+        eprintln!(
+            "stopped: the model's context of {} positions is full",
+            model.cfg.context_length
+        );
     }
 }
 
@@ -448,16 +475,18 @@ fn generate(a: &GenerateArgs) -> Result<()> {
     let logits = prefill_with_progress(&mut session, &prompt, a.model.chunk)?;
     let mut stream = Stream::new(&model.tokenizer, a.json);
     let mut first: Option<f64> = None;
-    let new_ids = session.continue_greedy(logits, &question, a.max_new, |t| {
+    let generated = session.continue_greedy(logits, &question, a.max_new, |t| {
         first.get_or_insert_with(|| t0.elapsed().as_secs_f64() * 1e3);
         stream.push(t)
     })?;
+    let new_ids = &generated.ids;
     let p = session.profile();
-    let new_text = model.tokenizer.decode(&new_ids)?;
+    let new_text = model.tokenizer.decode(new_ids)?;
     if a.json {
         let v = serde_json::json!({
             "new_ids": new_ids,
             "new_text": new_text,
+            "stop": generated.stop.name(),
             "prompt_tokens": prompt.len(),
             "question_tokens": question.len(),
             "time_to_first_token_ms": first,
@@ -473,6 +502,7 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         out(&format!("{v}\n"));
     } else {
         out("\n");
+        context_full_note(&model, generated.stop);
         eprintln!(
             "prompt {} tokens: prefill {:.1} tokens/s; decode {} tokens: {:.2} tokens/s ({}, attended {:.1} % of the context)",
             prompt.len(),
@@ -586,21 +616,23 @@ fn ask(a: &AskArgs) -> Result<()> {
     let mut first: Option<f64> = None;
     let mut io_first = io_open;
     let mut stream = Stream::new(&model.tokenizer, a.json);
-    let new_ids = session.continue_greedy(logits, &question, a.max_new, |t| {
+    let generated = session.continue_greedy(logits, &question, a.max_new, |t| {
         if first.is_none() {
             first = Some(t0.elapsed().as_secs_f64() * 1e3);
             io_first = IoCounters::now();
         }
         stream.push(t)
     })?;
+    let new_ids = &generated.ids;
     let io_end = IoCounters::now();
     let p = session.profile();
-    let new_text = model.tokenizer.decode(&new_ids)?;
+    let new_text = model.tokenizer.decode(new_ids)?;
     let name = session.backend().name();
     if a.json {
         let v = serde_json::json!({
             "new_ids": new_ids,
             "new_text": new_text,
+            "stop": generated.stop.name(),
             "context_tokens": context_tokens,
             "question_tokens": question.len(),
             "load_ms": load_ms,
@@ -619,6 +651,7 @@ fn ask(a: &AskArgs) -> Result<()> {
         out(&format!("{v}\n"));
     } else {
         out("\n");
+        context_full_note(&model, generated.stop);
         eprintln!(
             "context {context_tokens} tokens opened in {open_ms:.1} ms; first token after {:.0} ms; decode {} tokens: {:.2} tokens/s ({name}, attended {:.1} % of the context)",
             first.unwrap_or(0.0),

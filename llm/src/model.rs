@@ -56,6 +56,37 @@ struct Block {
     post_ffn_norm: Vec<f32>,
 }
 
+/// Why [`Session::continue_greedy`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// The model produced its end-of-sequence token (the last of the new tokens).
+    EndOfSequence,
+    /// `max_new` tokens were produced.
+    MaxNew,
+    /// The model's context is full: the last new token was predicted at its last position.
+    ContextFull,
+}
+
+impl Stop {
+    /// The name in `--json` output: `eos`, `max_new` or `context_full`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stop::EndOfSequence => "eos",
+            Stop::MaxNew => "max_new",
+            Stop::ContextFull => "context_full",
+        }
+    }
+}
+
+/// The tokens of a greedy continuation and why it ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Generated {
+    /// The new tokens, in order.
+    pub ids: Vec<u32>,
+    /// Why there are no more.
+    pub stop: Stop,
+}
+
 /// A Gemma-3 model: weights, hyper-parameters and tokenizer.
 pub struct Gemma3 {
     /// Hyper-parameters.
@@ -628,32 +659,45 @@ impl<'m> Session<'m> {
 
     /// Greedy continuation of the prompt whose last logits are `logits`: decodes `question`
     /// token by token through the backend, then up to `max_new` tokens greedily (each fed
-    /// back), stopping after the end of sequence; `each` sees every new token as it comes.
-    /// Returns the new tokens. What `generate`, `ask` and the passkey test do.
+    /// back), stopping after the end of sequence, or once the model's context is full (the
+    /// token predicted at its last position is the last one: llama.cpp's "context full"
+    /// stop without context shifting); `each` sees every new token as it comes. What
+    /// `generate`, `ask` and the passkey test do. A question that does not fit in the
+    /// context is an error.
     pub fn continue_greedy(
         &mut self,
         mut logits: Vec<f32>,
         question: &[u32],
         max_new: usize,
         mut each: impl FnMut(u32) -> Result<()>,
-    ) -> Result<Vec<u32>> {
+    ) -> Result<Generated> {
         if let Some((&last, before)) = question.split_last() {
+            self.check_ids(question)?;
             for &t in before {
                 self.feed(t)?;
             }
             logits = self.decode(last)?;
         }
-        let mut new = Vec::new();
+        let mut ids = Vec::new();
+        let mut stop = Stop::MaxNew;
         for i in 0..max_new {
             let next = argmax(&logits);
-            new.push(next);
+            ids.push(next);
             each(next)?;
-            if next == self.model.tokenizer.eos || i + 1 == max_new {
+            if next == self.model.tokenizer.eos {
+                stop = Stop::EndOfSequence;
+                break;
+            }
+            if i + 1 == max_new {
+                break;
+            }
+            if self.pos >= self.model.cfg.context_length {
+                stop = Stop::ContextFull;
                 break;
             }
             logits = self.decode(next)?;
         }
-        Ok(new)
+        Ok(Generated { ids, stop })
     }
 
     /// Decodes one token (the next input) and returns the logits of the position after it.

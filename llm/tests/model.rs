@@ -299,6 +299,51 @@ fn greedy_generation_is_deterministic_and_short_prompts_decode() {
     assert_eq!(b, gen(Backend::parse("fastscan:64x4", 0.5).unwrap()));
 }
 
+/// A generation that reaches the end of the model's context stops there with the tokens it
+/// made (the last one predicted at the last position), as llama.cpp stops on a full context;
+/// it ran into the context error before. A question that does not fit is refused before any
+/// of it is decoded. The model's context is cut to a few positions past the prompt.
+#[test]
+fn generation_stops_at_a_full_context_with_what_it_made() {
+    use pqcache_llm::Stop;
+    let prompt = &ids("persuasion-2048-ids.npy")[..64];
+    let generate = |m: &Gemma3, question: &[u32], max_new: usize| {
+        let mut s = Session::new(m, Backend::Dense).unwrap();
+        let logits = s.prefill(prompt, PrefillOptions::default()).unwrap();
+        let mut seen = Vec::new();
+        let out = s.continue_greedy(logits, question, max_new, |t| {
+            seen.push(t);
+            Ok(())
+        });
+        out.map(|g| {
+            assert_eq!(g.ids, seen, "each token handed out as it comes");
+            (g, s.position())
+        })
+    };
+    let (free, _) = generate(model(), &[], 12).unwrap();
+    assert_eq!((free.ids.len(), free.stop), (12, Stop::MaxNew));
+    assert!(!free.ids.contains(&model().tokenizer.eos));
+    let mut short = Gemma3::load(&gguf(), Precision::Mixed).unwrap();
+    short.cfg.context_length = prompt.len() + 7;
+    // 7 positions left: 7 tokens decoded and the 8th predicted at the last position.
+    let (full, pos) = generate(&short, &[], 100).unwrap();
+    assert_eq!(full.stop, Stop::ContextFull);
+    assert_eq!(pos, short.cfg.context_length);
+    assert_eq!(full.ids, free.ids[..8]);
+    // Exactly as many as asked: the limit asked for is the reason.
+    assert_eq!(generate(&short, &[], 8).unwrap().0.stop, Stop::MaxNew);
+    // A 5-token question leaves 2 positions: 3 tokens.
+    let question = &prompt[1..6];
+    let (asked, _) = generate(&short, question, 100).unwrap();
+    assert_eq!((asked.ids.len(), asked.stop), (3, Stop::ContextFull));
+    // An 8-token question does not fit.
+    let err = generate(&short, &prompt[1..9], 100).unwrap_err();
+    assert!(
+        err.to_string().contains("exceed the model's context"),
+        "{err}"
+    );
+}
+
 #[test]
 fn perplexity_protocol_dense_reference_and_exact_at_full_budget() {
     let m = model();
@@ -399,7 +444,8 @@ mod context {
         let live = LIVE.get_or_init(|| {
             let answer = s
                 .continue_greedy(logits, &question(), 12, |_| Ok(()))
-                .unwrap();
+                .unwrap()
+                .ids;
             let next = s.decode(*answer.last().unwrap()).unwrap();
             (answer, next)
         });
@@ -411,7 +457,8 @@ mod context {
         assert_eq!(s.position(), 600);
         let answer = s
             .continue_greedy(logits, &question(), 12, |_| Ok(()))
-            .unwrap();
+            .unwrap()
+            .ids;
         let next = s.decode(*answer.last().unwrap()).unwrap();
         (answer, next)
     }
@@ -432,7 +479,8 @@ mod context {
                 .unwrap();
         let a = s
             .continue_greedy(logits, &question(), 12, |_| Ok(()))
-            .unwrap();
+            .unwrap()
+            .ids;
         assert_eq!(a, answer);
         assert_eq!(s.decode(*a.last().unwrap()).unwrap(), next);
         // Naming the saved selector and budget changes nothing; another budget keeps the
