@@ -62,10 +62,19 @@ pub fn perplexity(
     methods: &[Backend],
     mut progress: Progress<'_>,
 ) -> Result<Vec<PerplexityRow>> {
+    if ids.len() < 3 {
+        return Err(LlmError::InvalidArgument(format!(
+            "{} tokens given: the protocol needs at least 3 (a dense prefill, then at least \
+             one token decoded)",
+            ids.len()
+        )));
+    }
     if prefill == 0 || prefill + 1 >= ids.len() {
         return Err(LlmError::InvalidArgument(format!(
-            "prefill {prefill} must be in 1..{} (tokens - 1)",
-            ids.len().saturating_sub(1)
+            "prefill {prefill} must leave at least one token to decode: 1 to {} for the {} \
+             tokens given",
+            ids.len().saturating_sub(2),
+            ids.len()
         )));
     }
     // Refused now, not when decoding reaches the end of the model's context hours later.
@@ -186,15 +195,22 @@ fn passkey_prompt(
     let tok = &model.tokenizer;
     let needle = tok.encode(&needle(key))?;
     let question = tok.encode(QUESTION)?;
+    let fixed = 1 + needle.len() + question.len();
     let room = length
-        .checked_sub(1 + needle.len() + question.len())
-        .filter(|&r| r > 0 && r <= haystack.len())
+        .checked_sub(fixed)
+        .filter(|&r| r > 0)
         .ok_or_else(|| {
             LlmError::InvalidArgument(format!(
-                "length {length} leaves no room for a haystack of at most {} tokens",
-                haystack.len()
+                "length {length} leaves no room for the haystack: the BOS, the needle and the \
+             question take {fixed} tokens"
             ))
         })?;
+    if room > haystack.len() {
+        return Err(LlmError::InvalidArgument(format!(
+            "length {length} needs {room} haystack tokens; the haystack has {}",
+            haystack.len()
+        )));
+    }
     if !(0.0..=1.0).contains(&depth) {
         return Err(LlmError::InvalidArgument(format!(
             "depth {depth} not in [0, 1]"
@@ -272,6 +288,23 @@ pub fn passkey(
     seed: u64,
     mut progress: Progress<'_>,
 ) -> Result<Vec<PasskeyRow>> {
+    // Every setting checked before the first trial, not hours into the run.
+    if trials == 0 || lengths.is_empty() || depths.is_empty() {
+        return Err(LlmError::InvalidArgument(
+            "a passkey run needs at least one trial, length and depth".into(),
+        ));
+    }
+    for &length in lengths {
+        if length > model.cfg.context_length {
+            return Err(LlmError::InvalidArgument(format!(
+                "length {length} is over the model's context of {}",
+                model.cfg.context_length
+            )));
+        }
+        for &depth in depths {
+            passkey_prompt(model, haystack, length, depth, 10_000)?;
+        }
+    }
     // rows[method][length][depth], filled trial by trial: one dense prefill per trial, every
     // method answers from a fork of it.
     let mut passed = vec![vec![vec![0usize; depths.len()]; lengths.len()]; methods.len()];

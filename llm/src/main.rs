@@ -684,6 +684,13 @@ fn perplexity(a: &PerplexityArgs) -> Result<()> {
     let methods = backends(&a.attention, &a.budgets)?;
     let model = load(&a.model)?;
     let ids = text_or_ids(&model, &a.input, a.tokens)?;
+    if ids.len() < a.tokens {
+        eprintln!(
+            "the input gives {} tokens, fewer than --tokens {}",
+            ids.len(),
+            a.tokens
+        );
+    }
     let mut report = |done: usize, total: usize| {
         if done.is_multiple_of(64) || done == total {
             eprintln!(

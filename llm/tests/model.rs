@@ -410,6 +410,53 @@ fn passkey_dense_finds_the_key_and_a_small_window_does_not() {
     );
 }
 
+/// A passkey run whose settings cannot all run is refused before its first trial (each
+/// refusal here would otherwise have come after the earlier settings' trials, or never:
+/// zero trials printed a table of 0/0).
+#[test]
+fn passkey_settings_are_checked_before_any_trial() {
+    let m = model();
+    let text = std::fs::read_to_string(data("prideprejudice-64k-chars.txt")).unwrap();
+    let haystack = m.tokenizer.encode(&text).unwrap();
+    let dense = [Backend::Dense];
+    let run = |lengths: &[usize], depths: &[f64], trials: usize| {
+        let mut calls = 0;
+        let mut count = |_: usize, _: usize| calls += 1;
+        let r = pqcache_llm::eval::passkey(
+            m,
+            &haystack,
+            lengths,
+            depths,
+            trials,
+            &dense,
+            1,
+            Some(&mut count),
+        );
+        assert_eq!(calls, 0, "a trial ran before the refusal");
+        r.unwrap_err().to_string()
+    };
+    for (lengths, depths, trials, says) in [
+        (&[512][..], &[0.5][..], 0, "at least one trial"),
+        (
+            &[512, 40_000],
+            &[0.5],
+            1,
+            "length 40000 is over the model's context of 32768",
+        ),
+        (
+            &[512, 10],
+            &[0.5],
+            1,
+            "length 10 leaves no room for the haystack",
+        ),
+        (&[512, 30_000], &[0.5], 1, "the haystack has"),
+        (&[512], &[0.5, 1.5], 1, "depth 1.5 not in [0, 1]"),
+    ] {
+        let err = run(lengths, depths, trials);
+        assert!(err.contains(says), "{lengths:?} {depths:?} {trials}: {err}");
+    }
+}
+
 /// Saved contexts (`Session::save` / `Session::open`, `prefill` / `ask`).
 mod context {
     use super::*;
