@@ -181,6 +181,49 @@ impl<T: Ord + Copy> TopK<T> {
     }
 }
 
+impl TopK<u64> {
+    /// Offers `scores[i]` at position `first + i`, as [`f32_key`]s, for every `i`: what
+    /// [`select_topk`] does over a whole row, here for a row that comes a block at a time
+    /// (the exact search's GEMM blocks). Positions must ascend across the calls, so that an
+    /// equal score never displaces a kept one and a strict `>` against the threshold
+    /// suffices.
+    ///
+    /// Until the selection has a threshold ([`TopK::worst`]) every score is offered; then
+    /// blocks of 16 are first tested as a whole against it (a branch-free fold that the
+    /// compiler vectorises): in the common case the whole block is rejected.
+    pub fn push_f32_run(&mut self, scores: &[f32], first: u32) {
+        let threshold_of = |t: &TopK<u64>| t.worst().map(|w| from_f32_key(w).0);
+        let mut at = 0;
+        while at < scores.len() && self.worst().is_none() {
+            self.push(f32_key(scores[at], first + at as u32));
+            at += 1;
+        }
+        let Some(mut threshold) = threshold_of(self) else {
+            return;
+        };
+        let rest = &scores[at..];
+        let mut base = first + at as u32;
+        let mut blocks = rest.chunks_exact(FILTER_BLOCK);
+        for block in &mut blocks {
+            if block.iter().fold(false, |any, &s| any | (s > threshold)) {
+                for (j, &s) in block.iter().enumerate() {
+                    if s > threshold {
+                        self.push(f32_key(s, base + j as u32));
+                        threshold = threshold_of(self).unwrap_or(threshold);
+                    }
+                }
+            }
+            base += FILTER_BLOCK as u32;
+        }
+        for (j, &s) in blocks.remainder().iter().enumerate() {
+            if s > threshold {
+                self.push(f32_key(s, base + j as u32));
+                threshold = threshold_of(self).unwrap_or(threshold);
+            }
+        }
+    }
+}
+
 /// A fast-scan (u16 sum, position) as a [`TopK`] key: `score << 32 | !position`, so that the
 /// greater key is the better pair (higher score, then smaller position).
 #[inline(always)]
@@ -224,37 +267,7 @@ pub fn select_topk(scores: &[f32], k: usize) -> Vec<(f32, u32)> {
     }
     if n / k >= HEAP_MIN_RATIO {
         let mut heap = TopK::new(k);
-        for (i, &s) in scores[..k].iter().enumerate() {
-            heap.push(f32_key(s, i as u32));
-        }
-        let threshold_of = |heap: &TopK<u64>| {
-            heap.worst()
-                .map_or(f32::NEG_INFINITY, |w| from_f32_key(w).0)
-        };
-        let mut threshold = threshold_of(&heap);
-        // Blocks of 16 are first tested as a whole against the threshold (a branch-free fold
-        // that the compiler vectorises); in the common case the whole block is rejected.
-        // Positions ascend, so an equal score never displaces the root: `>` suffices.
-        let rest = &scores[k..];
-        let mut blocks = rest.chunks_exact(FILTER_BLOCK);
-        let mut base = k;
-        for block in &mut blocks {
-            if block.iter().fold(false, |any, &s| any | (s > threshold)) {
-                for (j, &s) in block.iter().enumerate() {
-                    if s > threshold {
-                        heap.push(f32_key(s, (base + j) as u32));
-                        threshold = threshold_of(&heap);
-                    }
-                }
-            }
-            base += FILTER_BLOCK;
-        }
-        for (j, &s) in blocks.remainder().iter().enumerate() {
-            if s > threshold {
-                heap.push(f32_key(s, (base + j) as u32));
-                threshold = threshold_of(&heap);
-            }
-        }
+        heap.push_f32_run(scores, 0);
         heap.into_sorted().into_iter().map(from_f32_key).collect()
     } else {
         let mut all: Vec<(f32, u32)> = scores
@@ -619,6 +632,29 @@ mod tests {
             let scores: Vec<f32> = (0..n).map(|_| rng.random_range(0..20) as f32).collect();
             for k in [1usize, 2, 5, 10, 31, 100, 500, 1000, 5000] {
                 assert_eq!(select_topk(&scores, k), naive(&scores, k), "n {n} k {k}");
+            }
+        }
+    }
+
+    /// A row offered in runs of any length (the exact search's GEMM blocks) selects what the
+    /// whole row selects, ties to the smaller position included, in heap and reservoir mode.
+    #[test]
+    fn runs_of_a_row_select_as_the_whole_row() {
+        let mut rng = StdRng::seed_from_u64(6);
+        for n in [1usize, 17, 1000, 5000] {
+            let scores: Vec<f32> = (0..n).map(|_| rng.random_range(0..50) as f32).collect();
+            for k in [1usize, 10, 47, 48, 300, n] {
+                let k = k.min(n);
+                let mut top = TopK::new(k);
+                let mut at = 0;
+                while at < n {
+                    let len = rng.random_range(1..=1100).min(n - at);
+                    top.push_f32_run(&scores[at..at + len], at as u32);
+                    at += len;
+                }
+                let got: Vec<(f32, u32)> =
+                    top.into_sorted().into_iter().map(from_f32_key).collect();
+                assert_eq!(got, naive(&scores, k), "n {n} k {k}");
             }
         }
     }
