@@ -16,6 +16,22 @@ use half::f16;
 /// Group dot products over every row (`None`) or the rows at the given positions.
 type GroupDotFn = fn(&[f32], usize, &[f16], Option<&[u32]>, &mut [f32]);
 
+/// One query against every row: `out[i] = f(q, row_i)`, in one loop that calls no function
+/// per row. The caller checked `q.len() > 0` and `rows.len() == out.len() * q.len()`.
+type RowsFn<T> = fn(&[f32], &[T], &mut [f32]);
+
+/// A [`RowsFn`] that applies `$one` to each row (its calls inline into the loop): the row
+/// loops of the levels without target features of their own.
+macro_rules! rows_of {
+    ($name:ident, $one:path, $elem:ty) => {
+        pub(super) fn $name(q: &[f32], rows: &[$elem], out: &mut [f32]) {
+            for (o, row) in out.iter_mut().zip(rows.chunks_exact(q.len())) {
+                *o = $one(q, row);
+            }
+        }
+    };
+}
+
 /// A table of distance kernels resolved for one [`Level`].
 #[derive(Clone, Copy)]
 pub struct DistanceKernels {
@@ -27,6 +43,10 @@ pub struct DistanceKernels {
     axpy: fn(f32, &[f32], &mut [f32]),
     axpy_cols16: Cols16Fn,
     dot_group_f16: GroupDotFn,
+    dot_rows_f32: RowsFn<f32>,
+    l2sq_rows_f32: RowsFn<f32>,
+    dot_rows_f16: RowsFn<f16>,
+    l2sq_rows_f16: RowsFn<f16>,
 }
 
 type Cols16Fn = fn(f32, &[f32], &[f32], &mut [f32; 16]);
@@ -54,6 +74,10 @@ impl DistanceKernels {
                 axpy: x86::axpy_v4,
                 axpy_cols16: x86::axpy_cols16_v4,
                 dot_group_f16: x86::dot_group_f16_v4,
+                dot_rows_f32: x86::dot_rows_f32_v4,
+                l2sq_rows_f32: x86::l2sq_rows_f32_v4,
+                dot_rows_f16: x86::dot_rows_f16_v4,
+                l2sq_rows_f16: x86::l2sq_rows_f16_v4,
             },
             #[cfg(target_arch = "x86_64")]
             Level::V3 => DistanceKernels {
@@ -65,6 +89,10 @@ impl DistanceKernels {
                 axpy: x86::axpy_v3,
                 axpy_cols16: x86::axpy_cols16_v3,
                 dot_group_f16: x86::dot_group_f16_v3,
+                dot_rows_f32: x86::dot_rows_f32_v3,
+                l2sq_rows_f32: x86::l2sq_rows_f32_v3,
+                dot_rows_f16: x86::dot_rows_f16_v3,
+                l2sq_rows_f16: x86::l2sq_rows_f16_v3,
             },
             #[cfg(target_arch = "aarch64")]
             Level::Neon => DistanceKernels {
@@ -76,6 +104,10 @@ impl DistanceKernels {
                 axpy: scalar::axpy,
                 axpy_cols16: scalar::axpy_cols16,
                 dot_group_f16: scalar::dot_group_f16,
+                dot_rows_f32: neon::dot_rows_f32,
+                l2sq_rows_f32: neon::l2sq_rows_f32,
+                dot_rows_f16: portable_rows::dot_rows_f16,
+                l2sq_rows_f16: portable_rows::l2sq_rows_f16,
             },
             _ => DistanceKernels {
                 level: Level::Scalar,
@@ -86,6 +118,10 @@ impl DistanceKernels {
                 axpy: scalar::axpy,
                 axpy_cols16: scalar::axpy_cols16,
                 dot_group_f16: scalar::dot_group_f16,
+                dot_rows_f32: portable_rows::dot_rows_f32,
+                l2sq_rows_f32: portable_rows::l2sq_rows_f32,
+                dot_rows_f16: portable_rows::dot_rows_f16,
+                l2sq_rows_f16: portable_rows::l2sq_rows_f16,
             },
         }
     }
@@ -148,22 +184,22 @@ impl DistanceKernels {
     /// Scores of one query against `out.len()` rows of `rows` (row-major, `q.len()` wide):
     /// `out[i] = dot(q, row_i)`. Panics unless `rows.len() == out.len() * q.len()`.
     pub fn dot_rows_f32(&self, q: &[f32], rows: &[f32], out: &mut [f32]) {
-        rows_apply(q, rows, out, self.dot_f32);
+        rows_apply(q, rows, out, self.dot_rows_f32);
     }
 
     /// `out[i] = ||q - row_i||^2`, as [`DistanceKernels::dot_rows_f32`].
     pub fn l2sq_rows_f32(&self, q: &[f32], rows: &[f32], out: &mut [f32]) {
-        rows_apply(q, rows, out, self.l2sq_f32);
+        rows_apply(q, rows, out, self.l2sq_rows_f32);
     }
 
     /// `out[i] = dot(q, row_i)` with binary16 rows.
     pub fn dot_rows_f16(&self, q: &[f32], rows: &[f16], out: &mut [f32]) {
-        rows_apply(q, rows, out, self.dot_f16);
+        rows_apply(q, rows, out, self.dot_rows_f16);
     }
 
     /// `out[i] = ||q - row_i||^2` with binary16 rows.
     pub fn l2sq_rows_f16(&self, q: &[f32], rows: &[f16], out: &mut [f32]) {
-        rows_apply(q, rows, out, self.l2sq_f16);
+        rows_apply(q, rows, out, self.l2sq_rows_f16);
     }
 
     /// Dot products of a group of `g` queries (`queries`: `g * d`, `d = queries.len() / g`)
@@ -214,16 +250,24 @@ impl DistanceKernels {
     }
 }
 
-fn rows_apply<T>(q: &[f32], rows: &[T], out: &mut [f32], f: fn(&[f32], &[T]) -> f32) {
+/// Checks the shapes of a row kernel's call and runs it (`d == 0`: every score 0).
+fn rows_apply<T>(q: &[f32], rows: &[T], out: &mut [f32], f: RowsFn<T>) {
     let d = q.len();
     assert_eq!(rows.len(), out.len() * d, "rows length must be n * d");
     if d == 0 {
         out.fill(0.0);
         return;
     }
-    for (o, row) in out.iter_mut().zip(rows.chunks_exact(d)) {
-        *o = f(q, row);
-    }
+    f(q, rows, out)
+}
+
+/// The row loops of the scalar level (and NEON's f16 rows).
+mod portable_rows {
+    use half::f16;
+    rows_of!(dot_rows_f32, super::scalar::dot_f32, f32);
+    rows_of!(l2sq_rows_f32, super::scalar::l2sq_f32, f32);
+    rows_of!(dot_rows_f16, super::scalar::dot_f16, f16);
+    rows_of!(l2sq_rows_f16, super::scalar::l2sq_f16, f16);
 }
 
 /// Scalar reference kernels: the fallback on any CPU and the oracle of the tests.
@@ -816,7 +860,7 @@ mod x86 {
     }
 
     macro_rules! entry {
-        ($name:ident, $raw:ident, $elem:ty, $feat:literal, $lvl:literal) => {
+        ($name:ident, $rows:ident, $raw:ident, $elem:ty, $feat:literal) => {
             /// Safe entry point, reachable only through a kernel table built for a level the
             /// CPU supports.
             pub(super) fn $name(a: &[f32], b: &[$elem]) -> f32 {
@@ -830,40 +874,57 @@ mod x86 {
                 // confirmed the CPU supports the level named in the function's suffix.
                 unsafe { imp(a, b) }
             }
+
+            /// The row loop of the same kernel (a [`super::RowsFn`]): every row's score in
+            /// one function with the features on, the same bits as one call per row. Against
+            /// a call per row through the table: 4-10 % faster over 128-wide rows in cache,
+            /// 26 % over 37-wide ones, 6 % from memory (`examples`-style probe, this Zen 4).
+            pub(super) fn $rows(q: &[f32], rows: &[$elem], out: &mut [f32]) {
+                #[target_feature(enable = $feat)]
+                unsafe fn imp(q: &[f32], rows: &[$elem], out: &mut [f32]) {
+                    for (o, row) in out.iter_mut().zip(rows.chunks_exact(q.len())) {
+                        // SAFETY: the features are enabled on this function.
+                        *o = unsafe { $raw(q, row) };
+                    }
+                }
+                debug_assert!(crate::Level::detected() >= crate::Level::V3);
+                // SAFETY: as for the single kernel above.
+                unsafe { imp(q, rows, out) }
+            }
         };
     }
 
-    entry!(dot_f32_v3, dot_v3, f32, "avx2,fma,f16c", "v3");
-    entry!(l2sq_f32_v3, l2sq_v3, f32, "avx2,fma,f16c", "v3");
-    entry!(dot_f16_v3, dot_v3, f16, "avx2,fma,f16c", "v3");
-    entry!(l2sq_f16_v3, l2sq_v3, f16, "avx2,fma,f16c", "v3");
+    entry!(dot_f32_v3, dot_rows_f32_v3, dot_v3, f32, "avx2,fma,f16c");
+    entry!(l2sq_f32_v3, l2sq_rows_f32_v3, l2sq_v3, f32, "avx2,fma,f16c");
+    entry!(dot_f16_v3, dot_rows_f16_v3, dot_v3, f16, "avx2,fma,f16c");
+    entry!(l2sq_f16_v3, l2sq_rows_f16_v3, l2sq_v3, f16, "avx2,fma,f16c");
     entry!(
         dot_f32_v4,
+        dot_rows_f32_v4,
         dot_v4,
         f32,
-        "avx512f,avx512bw,avx512vl,avx2,fma,f16c",
-        "v4"
+        "avx512f,avx512bw,avx512vl,avx2,fma,f16c"
     );
     entry!(
         l2sq_f32_v4,
+        l2sq_rows_f32_v4,
         l2sq_v4,
         f32,
-        "avx512f,avx512bw,avx512vl,avx2,fma,f16c",
-        "v4"
+        "avx512f,avx512bw,avx512vl,avx2,fma,f16c"
     );
     entry!(
         dot_f16_v4,
+        dot_rows_f16_v4,
         dot_v4,
         f16,
-        "avx512f,avx512bw,avx512vl,avx2,fma,f16c",
-        "v4"
+        "avx512f,avx512bw,avx512vl,avx2,fma,f16c"
     );
     entry!(
         l2sq_f16_v4,
+        l2sq_rows_f16_v4,
         l2sq_v4,
         f16,
-        "avx512f,avx512bw,avx512vl,avx2,fma,f16c",
-        "v4"
+        "avx512f,avx512bw,avx512vl,avx2,fma,f16c"
     );
 }
 
@@ -910,6 +971,9 @@ mod neon {
     pub(super) fn l2sq_f32(a: &[f32], b: &[f32]) -> f32 {
         fold(a, b, true)
     }
+
+    rows_of!(dot_rows_f32, dot_f32, f32);
+    rows_of!(l2sq_rows_f32, l2sq_f32, f32);
 }
 
 #[cfg(test)]
@@ -1098,22 +1162,40 @@ mod tests {
 
     #[test]
     fn rows_kernels_match_single_kernels() {
+        // Each level's row loops (one function over every row) against its single kernels
+        // called per row: the same bits, for widths with and without a tail.
         let mut rng = StdRng::seed_from_u64(3);
-        let d = 37;
-        let n = 11;
-        let q: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let rows: Vec<f32> = (0..n * d).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let rows_h: Vec<f16> = rows.iter().map(|&x| f16::from_f32(x)).collect();
-        for level in Level::all_supported() {
-            let k = DistanceKernels::for_level(level);
-            let mut out = vec![0.0; n];
-            k.dot_rows_f32(&q, &rows, &mut out);
-            for i in 0..n {
-                assert_eq!(out[i], k.dot_f32(&q, &rows[i * d..(i + 1) * d]));
-            }
-            k.l2sq_rows_f16(&q, &rows_h, &mut out);
-            for i in 0..n {
-                assert_eq!(out[i], k.l2sq_f16(&q, &rows_h[i * d..(i + 1) * d]));
+        for d in [1usize, 16, 37, 64, 128, 200] {
+            let n = 11;
+            let q: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let rows: Vec<f32> = (0..n * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let rows_h: Vec<f16> = rows.iter().map(|&x| f16::from_f32(x)).collect();
+            for level in Level::all_supported() {
+                let k = DistanceKernels::for_level(level);
+                let mut out = vec![0.0; n];
+                let same = |out: &[f32], one: &dyn Fn(usize) -> f32| {
+                    (0..n).all(|i| out[i].to_bits() == one(i).to_bits())
+                };
+                k.dot_rows_f32(&q, &rows, &mut out);
+                assert!(
+                    same(&out, &|i| k.dot_f32(&q, &rows[i * d..(i + 1) * d])),
+                    "{level} {d}"
+                );
+                k.l2sq_rows_f32(&q, &rows, &mut out);
+                assert!(
+                    same(&out, &|i| k.l2sq_f32(&q, &rows[i * d..(i + 1) * d])),
+                    "{level} {d}"
+                );
+                k.dot_rows_f16(&q, &rows_h, &mut out);
+                assert!(
+                    same(&out, &|i| k.dot_f16(&q, &rows_h[i * d..(i + 1) * d])),
+                    "{level} {d}"
+                );
+                k.l2sq_rows_f16(&q, &rows_h, &mut out);
+                assert!(
+                    same(&out, &|i| k.l2sq_f16(&q, &rows_h[i * d..(i + 1) * d])),
+                    "{level} {d}"
+                );
             }
         }
     }
