@@ -543,6 +543,7 @@ impl Index for IndexPQFastScan {
         self.pq.train(x, &self.train_config)
     }
     fn add(&mut self, x: &[f32]) -> Result<()> {
+        crate::limits::check_capacity(self.ntotal(), x.len() / self.pq.dim().max(1))?;
         if let Some(orig) = &self.originals {
             check_vectors(x, self.pq.dim(), "vectors")?;
             orig.check(x, self.pq.dim())?;

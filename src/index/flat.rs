@@ -234,6 +234,7 @@ impl IndexFlat {
         if !x.len().is_multiple_of(self.d) {
             return Err(Error::rows("vectors", x.len(), self.d));
         }
+        crate::limits::check_capacity(self.ntotal(), x.len() / self.d)?;
         if let Some(i) = x.iter().position(|v| !v.is_finite()) {
             return Err(Error::NonFinite {
                 what: "vectors",
@@ -352,6 +353,7 @@ impl Index for IndexFlat {
     }
     fn add(&mut self, x: &[f32]) -> Result<()> {
         let n = check_vectors(x, self.d, "vectors")?;
+        crate::limits::check_capacity(self.ntotal(), n)?;
         self.storage.check(x, self.d)?;
         self.storage.extend(x);
         self.update_norms(n);

@@ -152,6 +152,7 @@ impl Index for IndexPQ {
         self.pq.train(x, &self.train_config)
     }
     fn add(&mut self, x: &[f32]) -> Result<()> {
+        crate::limits::check_capacity(self.ntotal(), x.len() / self.pq.dim().max(1))?;
         // compute_codes answers NotTrained for an untrained quantizer.
         let codes = self.pq.compute_codes(x)?;
         self.codes.to_mut().extend_from_slice(&codes);
