@@ -20,14 +20,56 @@ type GroupDotFn = fn(&[f32], usize, &[f16], Option<&[u32]>, &mut [f32]);
 /// per row. The caller checked `q.len() > 0` and `rows.len() == out.len() * q.len()`.
 type RowsFn<T> = fn(&[f32], &[T], &mut [f32]);
 
-/// A [`RowsFn`] that applies `$one` to each row (its calls inline into the loop): the row
-/// loops of the levels without target features of their own.
+/// From this many bytes of rows on, [`rows_in_streams`] reads four streams (a few L2s'
+/// worth: below it the rows are likely cached).
+const STREAMS_MIN_BYTES: usize = 4 << 20;
+
+/// `out[i] = one(q, row_i)` for every row (`q.len()` wide, `out.len()` of them), the rows
+/// taken as four interleaved streams: row `i` of each quarter in turn, then the last
+/// `n % 4`. Each score is `one`'s, bit for bit; only the order of the reads changes. From
+/// memory four sequential streams read faster than one: 67 MB of 128-wide f32 rows at
+/// 31 GB/s against 20-24 GB/s on this Zen 4 (the prefetchers keep more lines in flight),
+/// and a single query's exact search is bound by that read.
+/// Rows under [`STREAMS_MIN_BYTES`] (likely cached) are read in order: over 2.4 MB of
+/// 37-wide rows in cache the interleaving cost 15 % (46.7 against 53.8 us), and within
+/// 3 % either way at 128 wide; from memory it gains 1.4x (1,113 against 785 us over 33.6 MB).
+#[inline(always)]
+fn rows_in_streams<T>(q: &[f32], rows: &[T], out: &mut [f32], one: impl Fn(&[f32], &[T]) -> f32) {
+    let d = q.len();
+    if std::mem::size_of_val(rows) < STREAMS_MIN_BYTES {
+        for (o, row) in out.iter_mut().zip(rows.chunks_exact(d)) {
+            *o = one(q, row);
+        }
+        return;
+    }
+    let quarter = out.len() / 4;
+    let (heads, tail) = out.split_at_mut(4 * quarter);
+    let (o01, o23) = heads.split_at_mut(2 * quarter);
+    let ((o0, o1), (o2, o3)) = (o01.split_at_mut(quarter), o23.split_at_mut(quarter));
+    let span = quarter * d;
+    let r = |s: usize| rows[s * span..(s + 1) * span].chunks_exact(d);
+    let scores = o0
+        .iter_mut()
+        .zip(o1.iter_mut())
+        .zip(o2.iter_mut().zip(o3.iter_mut()));
+    let streams = r(0).zip(r(1)).zip(r(2).zip(r(3)));
+    for (((a, b), (c, e)), ((ra, rb), (rc, re))) in scores.zip(streams) {
+        *a = one(q, ra);
+        *b = one(q, rb);
+        *c = one(q, rc);
+        *e = one(q, re);
+    }
+    for (o, row) in tail.iter_mut().zip(rows[4 * span..].chunks_exact(d)) {
+        *o = one(q, row);
+    }
+}
+
+/// A [`RowsFn`] that applies `$one` to each row through [`rows_in_streams`] (its calls
+/// inline into the loop): the row loops of the levels without target features of their own.
 macro_rules! rows_of {
     ($name:ident, $one:path, $elem:ty) => {
         pub(super) fn $name(q: &[f32], rows: &[$elem], out: &mut [f32]) {
-            for (o, row) in out.iter_mut().zip(rows.chunks_exact(q.len())) {
-                *o = $one(q, row);
-            }
+            super::rows_in_streams(q, rows, out, $one)
         }
     };
 }
@@ -882,10 +924,11 @@ mod x86 {
             pub(super) fn $rows(q: &[f32], rows: &[$elem], out: &mut [f32]) {
                 #[target_feature(enable = $feat)]
                 unsafe fn imp(q: &[f32], rows: &[$elem], out: &mut [f32]) {
-                    for (o, row) in out.iter_mut().zip(rows.chunks_exact(q.len())) {
-                        // SAFETY: the features are enabled on this function.
-                        *o = unsafe { $raw(q, row) };
-                    }
+                    super::rows_in_streams(q, rows, out, |q, row| {
+                        // SAFETY: the features are enabled on this function, whose closures
+                        // inherit them.
+                        unsafe { $raw(q, row) }
+                    })
                 }
                 debug_assert!(crate::Level::detected() >= crate::Level::V3);
                 // SAFETY: as for the single kernel above.
@@ -1165,8 +1208,17 @@ mod tests {
         // Each level's row loops (one function over every row) against its single kernels
         // called per row: the same bits, for widths with and without a tail.
         let mut rng = StdRng::seed_from_u64(3);
-        for d in [1usize, 16, 37, 64, 128, 200] {
-            let n = 11;
+        // 11 rows are read in order; 16,387 rows of 128 (8.4 MB of f32, 4.2 MB of f16) as
+        // four streams with a tail of 3 (`STREAMS_MIN_BYTES`).
+        for (d, n) in [
+            (1usize, 11usize),
+            (16, 11),
+            (37, 11),
+            (64, 11),
+            (128, 11),
+            (200, 11),
+            (128, 16_387),
+        ] {
             let q: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
             let rows: Vec<f32> = (0..n * d).map(|_| rng.random_range(-1.0..1.0)).collect();
             let rows_h: Vec<f16> = rows.iter().map(|&x| f16::from_f32(x)).collect();
