@@ -3,7 +3,7 @@
 # settings, in the same run; prints both figures and the ratios (FAISS time / ours: > 1 means
 # we are faster).
 #
-#   benches/vs_faiss.sh                       # PQ and flat on the shared data
+#   benches/vs_faiss.sh                       # PQ (8-bit ADC) and exact search
 #   benches/vs_faiss.sh fastscan [full]       # the 4-bit fast-scan matrix (full: n up to 1M)
 #   benches/vs_faiss.sh ivf                   # IVF fast-scan: add, batch search at 1 and 2 threads
 #   benches/vs_faiss.sh --base B --queries Q --index pq --m 16 --nbits 8 --k 10 --metric l2
@@ -125,8 +125,16 @@ fi
 gemma128
 ann=$shared/data/ann
 gemma=$shared/data/gemma3-270m/prideprejudice-8192
-for m in 8 16 32; do
+for m in 8 16 32 64; do
   compare --base "$work/gemma128_65k.npy" --queries "$work/gemma128_q1k.npy" --index pq --m $m --nbits 8 --k 10 --metric ip --reps 1
+done
+# Exact search over 65,536 x 128: one query at a time (the rows read from memory per query)
+# and batches of 1,000 (GEMM blocks), on one and two threads.
+for metric in ip l2; do
+  compare --base "$work/gemma128_65k.npy" --queries "$work/gemma128_q1k.npy" --index flat --k 10 --metric $metric --qbs 1 --reps 2
+  for threads in 1 2; do
+    compare --base "$work/gemma128_65k.npy" --queries "$work/gemma128_q1k.npy" --index flat --k 10 --metric $metric --qbs 1000 --threads $threads --reps 3
+  done
 done
 compare --base $ann/bigann-10k-128_base.fvecs --queries $ann/bigann-10k-128_query.fvecs --index pq --m 16 --nbits 8 --k 10 --metric l2
 compare --base $ann/bigann-10k-128_base.fvecs --queries $ann/bigann-10k-128_query.fvecs --index flat --k 10 --metric l2
