@@ -1,12 +1,13 @@
 //! Exact (brute-force) search over f32 or f16 vectors.
 //!
 //! * **Few queries** (`nq < GEMM_MIN_QUERIES`): each query is scored against every row with the
-//!   SIMD dot / L2 kernels of `pqcache-simd` (f16 rows are widened in registers), the rows split
-//!   across the rayon pool, then top-k selection.
-//! * **Batches**: queries are taken [`QUERY_GROUP`] at a time (fewer when that leaves a
-//!   thread without a group), and the rows [`ROW_BLOCK`] at a time: one faer GEMM (`Q · Xᵀ`;
-//!   f16 blocks are widened first) scores the group against the block into a small matrix
-//!   (1 MB, cache-resident), which each query's top-k consumes at once (FAISS's blocked
+//!   SIMD dot / L2 row loops of `pqcache-simd` (f16 rows are widened in registers; from memory
+//!   the rows are read as four interleaved streams), the rows split across the rayon pool,
+//!   then top-k selection.
+//! * **Batches**: queries are taken `QUERY_GROUP` (256) at a time (fewer when that leaves a
+//!   thread without a group), and the rows `ROW_BLOCK` (1,024) at a time: one faer GEMM
+//!   (`Q · Xᵀ`; f16 blocks are widened first) scores the group against the block into a small
+//!   matrix (1 MB, cache-resident), which each query's top-k consumes at once (FAISS's blocked
 //!   `exhaustive_inner_product_blas`). For L2, `||q - x||² = ||q||² + ||x||² - 2 q·x`, with
 //!   the row norms kept from `add`, clamped at 0. The group amortises reading each block
 //!   (256 queries per row read); the small matrix keeps the GEMM's output in cache where a
