@@ -30,6 +30,7 @@ const STREAMS_MIN_BYTES: usize = 4 << 20;
 /// memory four sequential streams read faster than one: 67 MB of 128-wide f32 rows at
 /// 31 GB/s against 20-24 GB/s on this Zen 4 (the prefetchers keep more lines in flight),
 /// and a single query's exact search is bound by that read.
+///
 /// Rows under [`STREAMS_MIN_BYTES`] (likely cached) are read in order: over 2.4 MB of
 /// 37-wide rows in cache the interleaving cost 15 % (46.7 against 53.8 us), and within
 /// 3 % either way at 128 wide; from memory it gains 1.4x (1,113 against 785 us over 33.6 MB).
@@ -918,9 +919,9 @@ mod x86 {
             }
 
             /// The row loop of the same kernel (a [`super::RowsFn`]): every row's score in
-            /// one function with the features on, the same bits as one call per row. Against
-            /// a call per row through the table: 4-10 % faster over 128-wide rows in cache,
-            /// 26 % over 37-wide ones, 6 % from memory (`examples`-style probe, this Zen 4).
+            /// one function with the features on, the rows read by
+            /// [`super::rows_in_streams`]; the same bits as one call per row. A call per row
+            /// through the table was 4-10 % slower over 128-wide rows in cache.
             pub(super) fn $rows(q: &[f32], rows: &[$elem], out: &mut [f32]) {
                 #[target_feature(enable = $feat)]
                 unsafe fn imp(q: &[f32], rows: &[$elem], out: &mut [f32]) {

@@ -488,17 +488,12 @@ impl IndexPQFastScan {
                         let v = orig.metric_value(&self.kernels, self.metric, q, p as usize);
                         self.metric.to_score(v)
                     });
-                    for ((dv, iv), (s, p)) in dist.iter_mut().zip(ids.iter_mut()).zip(scored) {
-                        *dv = self.metric.from_score(s);
-                        *iv = p as i64;
-                    }
+                    super::write_best(scored, self.metric, dist, ids);
                 }
                 // The candidates are the top k already, in order: straight into the result.
                 _ => {
-                    for ((dv, iv), &(s, p)) in dist.iter_mut().zip(ids.iter_mut()).zip(&cand) {
-                        *dv = self.metric.from_score(lut.score(s));
-                        *iv = p as i64;
-                    }
+                    let best = cand.iter().map(|&(s, p)| (lut.score(s), p));
+                    super::write_best(best, self.metric, dist, ids);
                 }
             }
         }

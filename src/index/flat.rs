@@ -18,7 +18,7 @@
 //! Selection never sorts all `n` scores: see the crate's `select` module. Memory: `n * d` values
 //! (4 or 2 bytes each) and, for L2, `n` f32 squared norms.
 
-use super::{check_k, check_vectors, write_row, Index};
+use super::{check_k, check_vectors, write_best, write_row, Index};
 use crate::buf::Buf;
 use crate::error::{Error, Result};
 use crate::linalg::gemm_abt;
@@ -295,8 +295,8 @@ impl IndexFlat {
         }
     }
 
-    /// The best `k` rows of each of the `nq` queries of `queries`, as [`f32_key`](crate::select::f32_key)s, best first:
-    /// the batch path of the module doc.
+    /// The best `k` rows of each query of `queries`, as
+    /// [`f32_key`](crate::select::f32_key)s, best first: the batch path of the module doc.
     fn best_of_group(&self, queries: &[f32], k: usize) -> Vec<Vec<u64>> {
         let (d, n) = (self.d, self.ntotal());
         let nq = queries.len() / d;
@@ -389,11 +389,7 @@ impl Index for IndexFlat {
         let one_group = |((dist, ids), qs): ((&mut [f32], &mut [i64]), &[f32])| {
             let best = self.best_of_group(qs, k);
             for ((keys, dist), ids) in best.iter().zip(dist.chunks_mut(k)).zip(ids.chunks_mut(k)) {
-                for ((&key, dist), id) in keys.iter().zip(dist).zip(ids) {
-                    let (score, pos) = from_f32_key(key);
-                    *dist = metric.from_score(score);
-                    *id = pos as i64;
-                }
+                write_best(keys.iter().map(|&key| from_f32_key(key)), metric, dist, ids);
             }
         };
         if super::worth_parallel(nq.div_ceil(group)) {

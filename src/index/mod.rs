@@ -100,10 +100,20 @@ pub(crate) fn write_row(
     dist: &mut [f32],
     ids: &mut [i64],
 ) {
-    let best = crate::select::select_topk(scores, k);
-    for (slot, (s, pos)) in best.into_iter().enumerate() {
-        dist[slot] = metric.from_score(s);
-        ids[slot] = pos as i64;
+    write_best(crate::select::select_topk(scores, k), metric, dist, ids);
+}
+
+/// Writes ranked (score, position) pairs, best first, into one result row: the scores as the
+/// metric's distances, the positions as ids.
+pub(crate) fn write_best(
+    best: impl IntoIterator<Item = (f32, u32)>,
+    metric: Metric,
+    dist: &mut [f32],
+    ids: &mut [i64],
+) {
+    for (((s, pos), dist), id) in best.into_iter().zip(dist).zip(ids) {
+        *dist = metric.from_score(s);
+        *id = pos as i64;
     }
 }
 
