@@ -299,13 +299,15 @@ mod x86 {
     unsafe fn level2<const MAX: bool>(v: &[__m512; 8]) -> [__m512; 4] {
         // SAFETY: as stated.
         unsafe {
-            std::array::from_fn(|i| {
+            let mut out = [_mm512_setzero_ps(); 4];
+            for (i, o) in out.iter_mut().enumerate() {
                 let (a, b) = (v[2 * i], v[2 * i + 1]);
-                fold16::<MAX>(
+                *o = fold16::<MAX>(
                     _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
                     _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
-                )
-            })
+                );
+            }
+            out
         }
     }
 
@@ -318,13 +320,15 @@ mod x86 {
     unsafe fn level3<const MAX: bool>(v: [__m512; 4]) -> [__m512; 2] {
         // SAFETY: as stated.
         unsafe {
-            std::array::from_fn(|i| {
+            let mut out = [_mm512_setzero_ps(); 2];
+            for (i, o) in out.iter_mut().enumerate() {
                 let (a, b) = (v[2 * i], v[2 * i + 1]);
-                fold16::<MAX>(
+                *o = fold16::<MAX>(
                     _mm512_shuffle_ps::<0b01_00_01_00>(a, b),
                     _mm512_shuffle_ps::<0b11_10_11_10>(a, b),
-                )
-            })
+                );
+            }
+            out
         }
     }
 
@@ -354,7 +358,13 @@ mod x86 {
     unsafe fn min_max16(rows: Rows, j0: usize) -> (__m512, __m512) {
         // SAFETY: as stated.
         unsafe {
-            let r: [__m512; 16] = std::array::from_fn(|i| rows.row16(j0 + i));
+            // Plain loops, not `std::array::from_fn`: its closure is not always inlined, and
+            // out of line it runs without the caller's target features, each intrinsic a call
+            // (that made this table's quantisation 2x slower after an unrelated change).
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (i, row) in r.iter_mut().enumerate() {
+                *row = rows.row16(j0 + i);
+            }
             // Level 1: rows 2i and 2i + 1 share a register, 8 partials each (128-bit quarters
             // 0-1: row 2i, 2-3: row 2i + 1).
             let (mut lo1, mut hi1) = ([_mm512_setzero_ps(); 8], [_mm512_setzero_ps(); 8]);

@@ -491,11 +491,18 @@ mod x86 {
 
         #[inline(always)]
         unsafe fn tables(exp: &ExpTables) -> Self::Tables {
-            // SAFETY: each table has 16 floats: halves at 0 and 8.
-            std::array::from_fn(|l| unsafe {
-                let t = exp.t[l].as_ptr();
-                [_mm256_loadu_ps(t), _mm256_loadu_ps(t.add(8))]
-            })
+            // A plain loop (an out-of-line `from_fn` closure would run without the features).
+            // SAFETY: the caller's features; each table has 16 floats: halves at 0 and 8.
+            unsafe {
+                let mut out = [[_mm256_setzero_ps(); 2]; 4];
+                for (o, t) in out.iter_mut().zip(&exp.t) {
+                    *o = [
+                        _mm256_loadu_ps(t.as_ptr()),
+                        _mm256_loadu_ps(t.as_ptr().add(8)),
+                    ];
+                }
+                out
+            }
         }
         register_ops!(
             __m256,
@@ -594,8 +601,15 @@ mod x86 {
 
         #[inline(always)]
         unsafe fn tables(exp: &ExpTables) -> Self::Tables {
-            // SAFETY: each table has 16 floats.
-            std::array::from_fn(|l| unsafe { _mm512_loadu_ps(exp.t[l].as_ptr()) })
+            // A plain loop (an out-of-line `from_fn` closure would run without the features).
+            // SAFETY: the caller's features; each table has 16 floats.
+            unsafe {
+                let mut out = [_mm512_setzero_ps(); 4];
+                for (o, t) in out.iter_mut().zip(&exp.t) {
+                    *o = _mm512_loadu_ps(t.as_ptr());
+                }
+                out
+            }
         }
         register_ops!(
             __m512,
@@ -770,18 +784,18 @@ mod x86 {
         let full = len / W::N * W::N;
         // SAFETY: as stated; full blocks only.
         unsafe {
-            let prep: Vec<_> = heads
-                .iter()
-                .map(|h| {
-                    (
-                        W::tables(&h.exp),
-                        W::splat_i(h.hi as i32),
-                        W::splat_i(h.span as i32),
-                        W::splat(h.factor),
-                        h.row.as_ptr(),
-                    )
-                })
-                .collect();
+            // A loop, not `map(..).collect()`: the closure ran out of line, without the
+            // features, its intrinsics calls.
+            let mut prep = Vec::with_capacity(heads.len());
+            for h in heads {
+                prep.push((
+                    W::tables(&h.exp),
+                    W::splat_i(h.hi as i32),
+                    W::splat_i(h.span as i32),
+                    W::splat(h.factor),
+                    h.row.as_ptr(),
+                ));
+            }
             let mut i = 0;
             while i < full {
                 let mut a = W::zero();
