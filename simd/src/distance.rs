@@ -92,7 +92,7 @@ pub struct DistanceKernels {
     l2sq_rows_f16: RowsFn<f16>,
 }
 
-type Cols16Fn = fn(f32, &[f32], &[f32], &mut [f32; 16]);
+type Cols16Fn = fn(f32, &[f32], &[f32], &mut [f32]);
 
 impl std::fmt::Debug for DistanceKernels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -215,13 +215,23 @@ impl DistanceKernels {
         (self.axpy)(alpha, x, y)
     }
 
-    /// `row[c] += (alpha * q[t]) * cols[16 t + c]` for `t` in order, each a multiplication
-    /// then an addition (no fused multiply-add): the same bits on every level. A 4-bit
-    /// product quantizer's table row (`cols`: the sub-codebook transposed, `q.len()` columns of
-    /// 16). Panics unless `cols.len() == 16 * q.len()`.
-    pub fn axpy_cols16(&self, alpha: f32, q: &[f32], cols: &[f32], row: &mut [f32; 16]) {
-        assert_eq!(cols.len(), 16 * q.len(), "axpy_cols16: length mismatch");
-        (self.axpy_cols16)(alpha, q, cols, row)
+    /// For each of the `m = rows.len() / 16` rows of 16 (`dsub = q.len() / m` elements of `q`
+    /// and `dsub` columns of 16 of `cols` each): `row_j[c] += (alpha * q_j[t]) * cols_j[16 t +
+    /// c]` for `t` in order, each a multiplication then an addition (no fused multiply-add):
+    /// the same bits on every level. A 4-bit product quantizer's table (`cols`: each
+    /// sub-codebook transposed), every row in one call: the rows' addition chains overlap,
+    /// where a call per row waited on each. Panics unless `rows.len()` is a multiple of 16,
+    /// `q.len()` of `m` and `cols.len() == 16 * q.len()`.
+    pub fn axpy_cols16(&self, alpha: f32, q: &[f32], cols: &[f32], rows: &mut [f32]) {
+        let m = rows.len() / 16;
+        assert!(
+            rows.len().is_multiple_of(16)
+                && q.len() == m * (q.len() / m.max(1))
+                && (m > 0 || q.is_empty())
+                && cols.len() == 16 * q.len(),
+            "axpy_cols16: length mismatch"
+        );
+        (self.axpy_cols16)(alpha, q, cols, rows)
     }
 
     /// Scores of one query against `out.len()` rows of `rows` (row-major, `q.len()` wide):
@@ -360,12 +370,17 @@ pub mod scalar {
         }
     }
 
-    /// Reference of `DistanceKernels::axpy_cols16`.
-    pub fn axpy_cols16(alpha: f32, q: &[f32], cols: &[f32], row: &mut [f32; 16]) {
-        for (&qt, col) in q.iter().zip(cols.chunks_exact(16)) {
-            let a = alpha * qt;
-            for (r, &c) in row.iter_mut().zip(col) {
-                *r += a * c;
+    /// Reference of `DistanceKernels::axpy_cols16` (shapes checked there).
+    pub fn axpy_cols16(alpha: f32, q: &[f32], cols: &[f32], rows: &mut [f32]) {
+        let m = rows.len() / 16;
+        let dsub = q.len() / m.max(1);
+        for (j, row) in rows.chunks_exact_mut(16).enumerate() {
+            let (qj, cj) = (&q[j * dsub..(j + 1) * dsub], &cols[j * dsub * 16..]);
+            for (&qt, col) in qj.iter().zip(cj.chunks_exact(16)) {
+                let a = alpha * qt;
+                for (r, &c) in row.iter_mut().zip(col) {
+                    *r += a * c;
+                }
             }
         }
     }
@@ -658,45 +673,53 @@ mod x86 {
         }
     }
 
-    pub(super) fn axpy_cols16_v3(alpha: f32, q: &[f32], cols: &[f32], row: &mut [f32; 16]) {
+    pub(super) fn axpy_cols16_v3(alpha: f32, q: &[f32], cols: &[f32], rows: &mut [f32]) {
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn imp(alpha: f32, q: &[f32], cols: &[f32], row: &mut [f32; 16]) {
-            // SAFETY: cols holds 16 floats per element of q (checked by the caller); row 16.
-            unsafe {
-                let p = cols.as_ptr();
-                let (mut lo, mut hi) = (
-                    _mm256_loadu_ps(row.as_ptr()),
-                    _mm256_loadu_ps(row.as_ptr().add(8)),
-                );
-                for (t, &qt) in q.iter().enumerate() {
-                    let a = _mm256_set1_ps(alpha * qt);
-                    lo = _mm256_add_ps(lo, _mm256_mul_ps(a, _mm256_loadu_ps(p.add(16 * t))));
-                    hi = _mm256_add_ps(hi, _mm256_mul_ps(a, _mm256_loadu_ps(p.add(16 * t + 8))));
+        unsafe fn imp(alpha: f32, q: &[f32], cols: &[f32], rows: &mut [f32]) {
+            let dsub = q.len() / (rows.len() / 16).max(1);
+            for (j, row) in rows.chunks_exact_mut(16).enumerate() {
+                // SAFETY: row j's dsub columns of 16 lie inside cols (16 per element of q,
+                // checked by the caller); the row holds 16 floats, as two halves.
+                unsafe {
+                    let p = cols.as_ptr().add(16 * dsub * j);
+                    let (mut lo, mut hi) = (
+                        _mm256_loadu_ps(row.as_ptr()),
+                        _mm256_loadu_ps(row.as_ptr().add(8)),
+                    );
+                    for (t, &qt) in q[dsub * j..dsub * (j + 1)].iter().enumerate() {
+                        let a = _mm256_set1_ps(alpha * qt);
+                        lo = _mm256_add_ps(lo, _mm256_mul_ps(a, _mm256_loadu_ps(p.add(16 * t))));
+                        hi =
+                            _mm256_add_ps(hi, _mm256_mul_ps(a, _mm256_loadu_ps(p.add(16 * t + 8))));
+                    }
+                    _mm256_storeu_ps(row.as_mut_ptr(), lo);
+                    _mm256_storeu_ps(row.as_mut_ptr().add(8), hi);
                 }
-                _mm256_storeu_ps(row.as_mut_ptr(), lo);
-                _mm256_storeu_ps(row.as_mut_ptr().add(8), hi);
             }
         }
         // SAFETY: only reachable through a table built for a level >= V3 the CPU supports.
-        unsafe { imp(alpha, q, cols, row) }
+        unsafe { imp(alpha, q, cols, rows) }
     }
 
-    pub(super) fn axpy_cols16_v4(alpha: f32, q: &[f32], cols: &[f32], row: &mut [f32; 16]) {
+    pub(super) fn axpy_cols16_v4(alpha: f32, q: &[f32], cols: &[f32], rows: &mut [f32]) {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-        unsafe fn imp(alpha: f32, q: &[f32], cols: &[f32], row: &mut [f32; 16]) {
-            // SAFETY: as in axpy_cols16_v3, one register per row.
-            unsafe {
-                let p = cols.as_ptr();
-                let mut r = _mm512_loadu_ps(row.as_ptr());
-                for (t, &qt) in q.iter().enumerate() {
-                    let a = _mm512_set1_ps(alpha * qt);
-                    r = _mm512_add_ps(r, _mm512_mul_ps(a, _mm512_loadu_ps(p.add(16 * t))));
+        unsafe fn imp(alpha: f32, q: &[f32], cols: &[f32], rows: &mut [f32]) {
+            let dsub = q.len() / (rows.len() / 16).max(1);
+            for (j, row) in rows.chunks_exact_mut(16).enumerate() {
+                // SAFETY: as in axpy_cols16_v3, one register per row.
+                unsafe {
+                    let p = cols.as_ptr().add(16 * dsub * j);
+                    let mut r = _mm512_loadu_ps(row.as_ptr());
+                    for (t, &qt) in q[dsub * j..dsub * (j + 1)].iter().enumerate() {
+                        let a = _mm512_set1_ps(alpha * qt);
+                        r = _mm512_add_ps(r, _mm512_mul_ps(a, _mm512_loadu_ps(p.add(16 * t))));
+                    }
+                    _mm512_storeu_ps(row.as_mut_ptr(), r);
                 }
-                _mm512_storeu_ps(row.as_mut_ptr(), r);
             }
         }
         // SAFETY: only reachable through a table built for V4 or above, which the CPU supports.
-        unsafe { imp(alpha, q, cols, row) }
+        unsafe { imp(alpha, q, cols, rows) }
     }
 
     pub(super) fn axpy_v3(alpha: f32, x: &[f32], y: &mut [f32]) {
@@ -1082,21 +1105,34 @@ mod tests {
     #[test]
     fn axpy_cols16_is_bit_exact_on_every_level() {
         let mut rng = StdRng::seed_from_u64(21);
-        for dsub in [0usize, 1, 2, 3, 8, 33] {
-            let q: Vec<f32> = (0..dsub).map(|_| rng.random_range(-2.0..2.0)).collect();
-            let cols: Vec<f32> = (0..16 * dsub)
+        for (m, dsub) in [
+            (1usize, 0usize),
+            (1, 1),
+            (1, 2),
+            (1, 3),
+            (1, 8),
+            (1, 33),
+            (7, 4),
+            (98, 8),
+        ] {
+            let q: Vec<f32> = (0..m * dsub).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let cols: Vec<f32> = (0..16 * m * dsub)
                 .map(|_| rng.random_range(-1e3..1e3))
                 .collect();
-            let start: [f32; 16] = std::array::from_fn(|_| rng.random_range(-5.0..5.0));
-            let mut want = start;
-            scalar::axpy_cols16(-2.0, &q, &cols, &mut want);
+            let start: Vec<f32> = (0..16 * m).map(|_| rng.random_range(-5.0..5.0)).collect();
+            // The rows one at a time: each row depends only on its own slices.
+            let mut want = start.clone();
+            for (j, row) in want.chunks_exact_mut(16).enumerate() {
+                let cj = &cols[16 * dsub * j..16 * dsub * (j + 1)];
+                scalar::axpy_cols16(-2.0, &q[dsub * j..dsub * (j + 1)], cj, row);
+            }
             for level in Level::all_supported() {
-                let mut got = start;
+                let mut got = start.clone();
                 DistanceKernels::for_level(level).axpy_cols16(-2.0, &q, &cols, &mut got);
                 assert_eq!(
-                    got.map(f32::to_bits),
-                    want.map(f32::to_bits),
-                    "{level} dsub {dsub}"
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{level} m {m} dsub {dsub}"
                 );
             }
         }

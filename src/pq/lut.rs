@@ -28,32 +28,31 @@ impl ProductQuantizer {
         let (m, ksub, dsub) = (self.m, self.ksub(), self.dsub());
         debug_assert_eq!(q.len(), self.d);
         debug_assert_eq!(lut.len(), m * ksub);
-        for j in 0..m {
-            let qj = &q[j * dsub..(j + 1) * dsub];
-            let row = &mut lut[j * ksub..(j + 1) * ksub];
-            let (alpha, base) = match metric {
-                Metric::InnerProduct => {
-                    row.fill(0.0);
-                    (1.0, 0.0)
-                }
-                Metric::L2 => {
-                    row.copy_from_slice(&self.centroid_norms[j * ksub..(j + 1) * ksub]);
-                    (-2.0, qj.iter().map(|v| v * v).sum::<f32>())
-                }
-            };
-            if ksub == 16 {
-                // 4-bit tables: the row stays in one register (two on AVX2) for the whole
-                // sub-vector: one kernel call per row, not per (row, dimension).
-                let row16: &mut [f32; 16] = row.try_into().expect("ksub == 16");
-                let cols = &self.centroids_t[j * dsub * 16..(j + 1) * dsub * 16];
-                kernels.axpy_cols16(alpha, qj, cols, row16);
-            } else {
-                for (t, &qt) in qj.iter().enumerate() {
+        let alpha = match metric {
+            Metric::InnerProduct => {
+                lut.fill(0.0);
+                1.0
+            }
+            Metric::L2 => {
+                lut.copy_from_slice(&self.centroid_norms[..m * ksub]);
+                -2.0
+            }
+        };
+        if ksub == 16 {
+            // 4-bit tables: each row stays in one register (two on AVX2) for its whole
+            // sub-vector, every row in one kernel call.
+            kernels.axpy_cols16(alpha, q, &self.centroids_t[..m * dsub * 16], lut);
+        } else {
+            for (j, row) in lut.chunks_exact_mut(ksub).enumerate() {
+                for (t, &qt) in q[j * dsub..(j + 1) * dsub].iter().enumerate() {
                     let col = &self.centroids_t[(j * dsub + t) * ksub..(j * dsub + t + 1) * ksub];
                     kernels.axpy(alpha * qt, col, row);
                 }
             }
-            if metric == Metric::L2 {
+        }
+        if metric == Metric::L2 {
+            for (qj, row) in q.chunks_exact(dsub.max(1)).zip(lut.chunks_exact_mut(ksub)) {
+                let base = qj.iter().map(|v| v * v).sum::<f32>();
                 row.iter_mut().for_each(|v| *v = (*v + base).max(0.0));
             }
         }
