@@ -75,9 +75,12 @@ pub struct IndexOptions {
     /// Train on the first N base vectors.
     #[arg(long, default_value_t = 65536)]
     pub train_n: usize,
-    /// k-means iterations.
+    /// k-means iterations of the codebooks.
     #[arg(long, default_value_t = 25)]
     pub niter: usize,
+    /// ivfpqfs: k-means iterations of the coarse quantizer (FAISS's IndexIVF runs 10).
+    #[arg(long, default_value_t = crate::index::ivf::COARSE_NITER)]
+    pub coarse_niter: usize,
     /// Seed of k-means sampling and initialisation.
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
@@ -131,6 +134,7 @@ impl IndexOptions {
             IndexKind::Ivfpqfs => {
                 let mut ivf = IndexIVFPQFastScan::new(d, self.nlist, self.m, metric)?;
                 ivf.train_config = self.kmeans_config()?;
+                ivf.coarse_niter = self.coarse_niter;
                 ivf.nprobe = checked_nprobe(self.nprobe, self.nlist)?;
                 if self.rerank > 1 {
                     ivf.keep_originals(RerankStorage::F32)?;

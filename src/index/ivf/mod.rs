@@ -6,6 +6,9 @@
 //! their original vectors (f32 or f16) for exact re-ranking and for [`refresh`]. Memory per
 //! vector: `m / 2` bytes of codes, 8 bytes of id, plus the originals if kept.
 //!
+//! **Train.** k-means for the coarse centroids ([`COARSE_NITER`] iterations), then for the
+//! codebooks on the training vectors' residuals.
+//!
 //! **Add.** Vectors are assigned to their best list (one GEMM per 1,024 rows), encoded (the
 //! residual `x - c_l` when `by_residual`), and appended into the list's last block: `O(m)`
 //! per vector after encoding, nothing is repacked.
@@ -48,6 +51,12 @@ use std::sync::Arc;
 /// At most this many training vectors are re-encoded to measure the training error.
 const DRIFT_SAMPLE: usize = 16_384;
 
+/// Lloyd iterations of the coarse quantizer by default (the codebooks run
+/// [`KMeansConfig`]'s 25): FAISS's `IndexIVF` clusters its lists with 10. The coarse k-means
+/// is most of the training (`nlist` centroids over every training vector at full dimension:
+/// 85 % of a Fashion-MNIST 784-d training at nlist 256).
+pub const COARSE_NITER: usize = 10;
+
 mod lists;
 mod refresh;
 mod search;
@@ -77,8 +86,11 @@ pub struct IndexIVFPQFastScan {
     /// Re-rank the best `k * rerank_factor` candidates exactly (0 or 1: off). Needs the
     /// originals ([`IndexIVFPQFastScan::keep_originals`]).
     pub rerank_factor: usize,
-    /// k-means settings of the coarse quantizer and of the codebooks.
+    /// k-means settings of the codebooks, and of the coarse quantizer but for its
+    /// iterations ([`IndexIVFPQFastScan::coarse_niter`]).
     pub train_config: KMeansConfig,
+    /// Lloyd iterations of the coarse quantizer ([`COARSE_NITER`] by default).
+    pub coarse_niter: usize,
     /// Vectors sampled for a [`IndexIVFPQFastScan::refreshed`] re-training.
     pub refresh_sample: usize,
     pool: Option<Arc<rayon::ThreadPool>>,
@@ -131,6 +143,7 @@ impl IndexIVFPQFastScan {
             nprobe: 1,
             rerank_factor: 0,
             train_config: KMeansConfig::default(),
+            coarse_niter: COARSE_NITER,
             refresh_sample: 65_536,
             pool: None,
             scan: FastScanKernel::best(),
@@ -360,7 +373,11 @@ impl Index for IndexIVFPQFastScan {
                 need: self.coarse.nlist(),
             });
         }
-        self.coarse.train(x, &self.train_config)?;
+        let coarse = KMeansConfig {
+            niter: self.coarse_niter,
+            ..self.train_config.clone()
+        };
+        self.coarse.train(x, &coarse)?;
         let labels = self.coarse.assign(x);
         let mut enc = x.to_vec();
         self.to_encoded(&mut enc, &labels);

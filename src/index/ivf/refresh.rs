@@ -143,6 +143,7 @@ impl IndexIVFPQFastScan {
             self.by_residual,
         )?;
         fresh_index.train_config = self.train_config.clone();
+        fresh_index.coarse_niter = self.coarse_niter;
         fresh_index.refresh_sample = self.refresh_sample;
         fresh_index.nprobe = self.nprobe;
         fresh_index.rerank_factor = self.rerank_factor;
