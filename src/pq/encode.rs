@@ -7,12 +7,13 @@ use crate::error::{Error, Result};
 use crate::kmeans::assign;
 use crate::linalg::row_norms_sq;
 use pqcache_simd::argmin::NearestKernel;
+use pqcache_simd::distance::DistanceKernels;
 use rayon::prelude::*;
 
 /// Rows encoded per parallel task.
 const ENCODE_CHUNK: usize = 4096;
-/// Codebooks up to this size are searched directly rather than through GEMM.
-const DIRECT_MAX_KSUB: usize = 16;
+/// Codebooks of this size (4-bit) are searched directly rather than through GEMM.
+const DIRECT_KSUB: usize = 16;
 
 impl ProductQuantizer {
     /// Encodes `x` (`n * d`) into `n * m` bytes, one centroid index per sub-quantizer.
@@ -28,29 +29,31 @@ impl ProductQuantizer {
 
     /// Encodes validated, finite rows into `codes` (`rows * m`). The quantizer must be trained.
     ///
-    /// Small codebooks (`ksub <= DIRECT_MAX_KSUB`, the fast-scan case) are searched directly,
-    /// row by row: `x_j . c` for all `ksub` centroids as `dsub` AXPYs over the transposed
-    /// codebook, then the argmin kernel. One row costs `d * ksub` multiply-adds and no GEMM
-    /// set-up, so appending one decoded token is cheap, and a row gets the same code whether
-    /// it comes alone or in a batch. Larger codebooks go through the batched GEMM assignment.
+    /// 4-bit codebooks (`ksub == DIRECT_KSUB`, the fast-scan case) are searched directly, row
+    /// by row: `x_j . c` for all 16 centroids of every sub-quantizer as `dsub` AXPYs over the
+    /// transposed codebooks (one `axpy_cols16` call per row: 1.3-1.4x faster IVF adds than a
+    /// call per sub-quantizer), then the argmin kernel. One row costs `d * ksub`
+    /// multiply-adds and no GEMM set-up, so appending one decoded token is cheap, and a row
+    /// gets the same code whether it comes alone or in a batch. Larger codebooks go through
+    /// the batched GEMM assignment.
     pub(crate) fn encode_into(&self, x: &[f32], codes: &mut [u8]) {
         let (d, m, dsub, ksub) = (self.d, self.m, self.dsub(), self.ksub());
         let nearest = NearestKernel::best();
-        if ksub <= DIRECT_MAX_KSUB {
+        if ksub == DIRECT_KSUB {
+            let kernels = DistanceKernels::best();
             let encode_rows = |(out, rows): (&mut [u8], &[f32])| {
-                let mut dots = vec![0.0f32; ksub];
+                let mut dots = vec![0.0f32; m * ksub];
                 for (code, row) in out.chunks_exact_mut(m).zip(rows.chunks_exact(d)) {
-                    for (j, c) in code.iter_mut().enumerate() {
-                        dots.fill(0.0);
-                        for (t, &xt) in row[j * dsub..(j + 1) * dsub].iter().enumerate() {
-                            let col =
-                                &self.centroids_t[(j * dsub + t) * ksub..(j * dsub + t + 1) * ksub];
-                            for (acc, &cv) in dots.iter_mut().zip(col) {
-                                *acc += xt * cv;
-                            }
-                        }
-                        let norms = &self.centroid_norms[j * ksub..(j + 1) * ksub];
-                        *c = nearest.nearest(&dots, norms).0 as u8;
+                    // Every sub-quantizer's dot products in one kernel call (`x_jt * c` added
+                    // in `t` order, at alpha 1), then the argmin per sub-quantizer.
+                    dots.fill(0.0);
+                    kernels.axpy_cols16(1.0, row, &self.centroids_t, &mut dots);
+                    for ((c, dots), norms) in code
+                        .iter_mut()
+                        .zip(dots.chunks_exact(ksub))
+                        .zip(self.centroid_norms.chunks_exact(ksub))
+                    {
+                        *c = nearest.nearest(dots, norms).0 as u8;
                     }
                 }
             };
