@@ -89,6 +89,11 @@ pub fn kmeans(data: &[f32], d: usize, k: usize, cfg: &KMeansConfig) -> Result<KM
             "k-means needs d > 0 and k > 0".into(),
         ));
     }
+    crate::limits::at_most(
+        cfg.niter,
+        crate::limits::MAX_KMEANS_ITERATIONS,
+        "k-means iterations",
+    )?;
     if !data.len().is_multiple_of(d) {
         return Err(Error::rows("training set", data.len(), d));
     }
@@ -361,6 +366,19 @@ mod tests {
             })
         ));
         assert!(kmeans(&[1.0; 4], 2, 0, &KMeansConfig::default()).is_err());
+        // An iteration count past the limit is refused before anything is sized from it (a
+        // count of 10^14 asked the allocator for 800 TB and aborted).
+        for niter in [
+            crate::limits::MAX_KMEANS_ITERATIONS + 1,
+            100_000_000_000_000,
+        ] {
+            let cfg = KMeansConfig {
+                niter,
+                ..KMeansConfig::default()
+            };
+            let err = kmeans(&[1.0; 8], 2, 2, &cfg).unwrap_err().to_string();
+            assert!(err.contains("k-means iterations"), "{err}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! | [`MAX_THREADS`] | 1024 | worker threads of one pool |
 //! | [`MAX_QUEST_PAGE`] | 2^20 | positions per Quest page |
 //! | [`MAX_NTOTAL`] | 2^32 - 1 | vectors of a flat, PQ or fast-scan index (positions are u32) |
+//! | [`MAX_KMEANS_ITERATIONS`] | 1,000 | Lloyd iterations of one k-means |
 
 use crate::error::{Error, Result};
 
@@ -26,6 +27,11 @@ pub const MAX_QUEST_PAGE: usize = 1 << 20;
 /// Most vectors in one flat, PQ or fast-scan index: their selections rank `u32` positions
 /// (FAISS's `idx_t` is 64-bit; a larger collection is split, or an IVF, whose ids are i64).
 pub const MAX_NTOTAL: usize = u32::MAX as usize;
+
+/// Most Lloyd iterations of one k-means (codebooks, coarse quantizer): Lloyd's algorithm has
+/// long converged by then (FAISS trains 10-25), and a count from a typo must not run for days
+/// or size an allocation (the objective's history).
+pub const MAX_KMEANS_ITERATIONS: usize = 1000;
 
 /// Checks that `adding` more vectors fit an index of `ntotal` ([`MAX_NTOTAL`]): past it the
 /// positions the selections rank would wrap and answer other vectors' ids.

@@ -157,6 +157,25 @@ fn bad_input_exits_non_zero_with_a_message() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not divide"));
+    // An iteration count from a typo is refused, not run for days or sized into an
+    // allocation (10^14 aborted in the allocator).
+    for flag in ["--niter", "--coarse-niter"] {
+        let out = pqcache()
+            .args(["eval", "--index", "ivfpqfs", "--nlist", "16", "--m", "16"])
+            .args([flag, "100000000000000"])
+            .arg("--base")
+            .arg(data.join("bigann-10k-128_base.fvecs"))
+            .arg("--queries")
+            .arg(data.join("bigann-10k-128_query.fvecs"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!("{flag} 100000000000000 is over the limit")),
+            "{stderr}"
+        );
+    }
     // A NaN in query row 5, searched in batches of 2: the error names row 5 of the file.
     let dir = common::TempDir::new("cli-nan");
     let base = common::uniform(300, 8, 1);

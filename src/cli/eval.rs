@@ -100,8 +100,12 @@ impl IndexOptions {
                 )))
             }
         };
+        let iterations = |n: usize, what: &str| {
+            crate::limits::at_most(n, crate::limits::MAX_KMEANS_ITERATIONS, what)
+        };
+        iterations(self.coarse_niter, "--coarse-niter")?;
         Ok(KMeansConfig {
-            niter: self.niter,
+            niter: iterations(self.niter, "--niter")?,
             seed: self.seed,
             init,
             ..KMeansConfig::default()
