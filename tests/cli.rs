@@ -157,9 +157,9 @@ fn bad_input_exits_non_zero_with_a_message() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not divide"));
-    // An iteration count from a typo is refused, not run for days or sized into an
-    // allocation (10^14 aborted in the allocator).
-    for flag in ["--niter", "--coarse-niter"] {
+    // An iteration or repetition count from a typo is refused, not run for days or sized
+    // into an allocation (--niter 10^14 aborted in the allocator).
+    for flag in ["--niter", "--coarse-niter", "--reps"] {
         let out = pqcache()
             .args(["eval", "--index", "ivfpqfs", "--nlist", "16", "--m", "16"])
             .args([flag, "100000000000000"])

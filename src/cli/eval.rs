@@ -193,7 +193,7 @@ pub struct EvalArgs {
     /// Worker threads (0: all cores).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
-    /// Timed repetitions of the search (the best is reported).
+    /// Timed repetitions of the search (the best is reported; at most 10,000).
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
     /// Layer of a 4-d .npy.
@@ -263,6 +263,9 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// Most timed repetitions of one `eval`.
+const MAX_REPS: usize = 10_000;
+
 /// Builds, times and scores the index described by `a` on the current thread pool.
 pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
     let metric: Metric = a.opts.metric.parse()?;
@@ -271,6 +274,9 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport> {
             "qbs and reps must be at least 1".into(),
         ));
     }
+    // Timed repetitions are a benchmark's count: past this a run would not end in a working
+    // day whatever the index (and `reps + 1` would wrap at usize::MAX).
+    crate::limits::at_most(a.reps, MAX_REPS, "--reps")?;
     let show = !a.json;
     let base = load_vectors(&a.base, a.layer, 0)?;
     let queries = load_vectors(&a.queries, a.layer, a.head)?;
