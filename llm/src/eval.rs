@@ -275,6 +275,10 @@ fn passkey_key(seed: u64, length: usize, depth: f64, trial: usize) -> u32 {
     10_000 + (z ^ (z >> 31)) as u32 % 90_000
 }
 
+/// Most trials per (length, depth) of one passkey run: each is a dense prefill of the
+/// length, seconds to minutes; a count from a typo must not run for years.
+pub const MAX_PASSKEY_TRIALS: usize = 1000;
+
 /// Every (method, length, depth) over `trials` seeded five-digit keys. `progress` hears of
 /// every trial (one dense prefill, every method answering from a fork of it).
 #[allow(clippy::too_many_arguments)]
@@ -293,6 +297,11 @@ pub fn passkey(
         return Err(LlmError::InvalidArgument(
             "a passkey run needs at least one trial, length and depth".into(),
         ));
+    }
+    if trials > MAX_PASSKEY_TRIALS {
+        return Err(LlmError::InvalidArgument(format!(
+            "{trials} trials is over the limit of {MAX_PASSKEY_TRIALS} (each is a prefill)"
+        )));
     }
     for &length in lengths {
         if length > model.cfg.context_length {

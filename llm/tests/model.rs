@@ -438,6 +438,12 @@ fn passkey_settings_are_checked_before_any_trial() {
     for (lengths, depths, trials, says) in [
         (&[512][..], &[0.5][..], 0, "at least one trial"),
         (
+            &[512],
+            &[0.5],
+            usize::MAX,
+            "trials is over the limit of 1000",
+        ),
+        (
             &[512, 40_000],
             &[0.5],
             1,
