@@ -44,6 +44,19 @@ pub fn check_capacity(ntotal: usize, adding: usize) -> Result<()> {
     }
 }
 
+/// `d` if it is a vector dimension an index may have (`1..=`[`MAX_DIM`]), else an error:
+/// every index constructor checks it, so that no index is built (and saved) that its file
+/// reader would refuse.
+pub fn check_dim(d: usize) -> Result<usize> {
+    if (1..=MAX_DIM).contains(&d) {
+        Ok(d)
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "dimension {d} is out of range (1 to {MAX_DIM})"
+        )))
+    }
+}
+
 /// `value` if it is at most `max`, else an error naming `what` and the limit.
 pub fn at_most(value: usize, max: usize, what: &str) -> Result<usize> {
     if value <= max {

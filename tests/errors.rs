@@ -54,6 +54,31 @@ fn m_must_divide_d_and_nbits_must_be_4_or_8() {
 }
 
 #[test]
+fn no_index_is_built_that_its_file_could_not_hold() {
+    // The file reader refuses d past limits::MAX_DIM and nlist past MAX_NLIST: every
+    // constructor refuses them too. An IndexFlat of d 2^20 + 1 used to be built and saved,
+    // and its file then refused on open.
+    let d = pqcache::limits::MAX_DIM;
+    assert!(IndexFlat::new(d, Metric::L2).is_ok());
+    for make in [
+        &(|d| IndexFlat::new(d, Metric::L2).map(drop)) as &dyn Fn(usize) -> pqcache::Result<()>,
+        &|d| IndexFlat::new_f16(d, Metric::InnerProduct).map(drop),
+        &|d| IndexPQ::new(d, 1, Nbits::Eight, Metric::L2).map(drop),
+        &|d| pqcache::IndexPQFastScan::new(d, 1, Metric::L2).map(drop),
+        &|d| pqcache::IndexIVFPQFastScan::new(d, 4, 1, Metric::L2).map(drop),
+    ] {
+        for bad in [d + 1, usize::MAX] {
+            let err = make(bad).unwrap_err().to_string();
+            assert!(err.contains("out of range (1 to 1048576)"), "{bad}: {err}");
+        }
+    }
+    let err = pqcache::IndexIVFPQFastScan::new(8, pqcache::limits::MAX_NLIST + 1, 2, Metric::L2)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nlist 16777217 is too large"), "{err}");
+}
+
+#[test]
 fn non_finite_values_are_rejected_with_their_position() {
     let mut idx = IndexFlat::new(2, Metric::InnerProduct).unwrap();
     let e = idx.add(&[1.0, 2.0, f32::NAN, 0.0]).unwrap_err();

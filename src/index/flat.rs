@@ -169,9 +169,7 @@ impl IndexFlat {
     }
 
     fn with_storage(d: usize, metric: Metric, storage: FlatStorage) -> Result<IndexFlat> {
-        if d == 0 {
-            return Err(Error::InvalidArgument("dimension must be positive".into()));
-        }
+        crate::limits::check_dim(d)?;
         Ok(IndexFlat {
             d,
             metric,

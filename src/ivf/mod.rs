@@ -43,11 +43,13 @@ impl CoarseQuantizer {
                 "an IVF needs d > 0 and nlist > 0 (got d = {d}, nlist = {nlist})"
             )));
         }
-        if nlist > u32::MAX as usize {
+        if nlist > crate::limits::MAX_NLIST {
             return Err(Error::InvalidArgument(format!(
-                "nlist {nlist} is too large"
+                "nlist {nlist} is too large (at most {})",
+                crate::limits::MAX_NLIST
             )));
         }
+        crate::limits::check_dim(d)?;
         Ok(CoarseQuantizer {
             d,
             nlist,

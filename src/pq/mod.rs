@@ -96,6 +96,7 @@ impl ProductQuantizer {
                 "m = {m} does not divide d = {d}"
             )));
         }
+        crate::limits::check_dim(d)?;
         Ok(ProductQuantizer {
             d,
             m,
