@@ -270,13 +270,20 @@ pub fn select_topk(scores: &[f32], k: usize) -> Vec<(f32, u32)> {
         heap.push_f32_run(scores, 0);
         heap.into_sorted().into_iter().map(from_f32_key).collect()
     } else {
-        let mut all: Vec<(f32, u32)> = scores
+        // Packed keys (the same order as `rank`: the score's total order, then the smaller
+        // position), compared as integers: a selection over (f32, u32) pairs through `rank`
+        // was 9 % of an IVF batch search (its coarse probe, 16 of 256 lists).
+        let mut keys: Vec<u64> = scores
             .iter()
             .enumerate()
-            .map(|(i, &s)| (s, i as u32))
+            .map(|(i, &s)| f32_key(s, i as u32))
             .collect();
-        select_sorted(&mut all, k);
-        all
+        if k < n {
+            keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+            keys.truncate(k);
+        }
+        keys.sort_unstable_by(|a, b| b.cmp(a));
+        keys.into_iter().map(from_f32_key).collect()
     }
 }
 
