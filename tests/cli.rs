@@ -147,33 +147,34 @@ fn bad_input_exits_non_zero_with_a_message() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("error:"));
     let data = common::ann_data();
-    let out = pqcache()
-        .args(["eval", "--m", "7", "--json"])
-        .arg("--base")
-        .arg(data.join("bigann-10k-128_base.fvecs"))
-        .arg("--queries")
-        .arg(data.join("bigann-10k-128_query.fvecs"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("does not divide"));
-    // An iteration or repetition count from a typo is refused, not run for days or sized
-    // into an allocation (--niter 10^14 aborted in the allocator).
-    for flag in ["--niter", "--coarse-niter", "--reps"] {
+    // `eval` over `base` and `queries` with `args`: refused with exit code 1 and `says`.
+    let refused = |base: &Path, queries: &Path, args: &[&str], says: &str| {
         let out = pqcache()
-            .args(["eval", "--index", "ivfpqfs", "--nlist", "16", "--m", "16"])
-            .args([flag, "100000000000000"])
+            .arg("eval")
+            .args(args)
             .arg("--base")
-            .arg(data.join("bigann-10k-128_base.fvecs"))
+            .arg(base)
             .arg("--queries")
-            .arg(data.join("bigann-10k-128_query.fvecs"))
+            .arg(queries)
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{stderr}");
-        assert!(
-            stderr.contains(&format!("{flag} 100000000000000 is over the limit")),
-            "{stderr}"
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    };
+    let (sift_base, sift_queries) = (
+        data.join("bigann-10k-128_base.fvecs"),
+        data.join("bigann-10k-128_query.fvecs"),
+    );
+    let sift = |args: &[&str], says: &str| refused(&sift_base, &sift_queries, args, says);
+    sift(&["--m", "7", "--json"], "does not divide");
+    // An iteration or repetition count from a typo is refused, not run for days or sized
+    // into an allocation (--niter 10^14 aborted in the allocator).
+    for flag in ["--niter", "--coarse-niter", "--reps"] {
+        let ivf = ["--index", "ivfpqfs", "--nlist", "16", "--m", "16"];
+        sift(
+            &[&ivf[..], &[flag, "100000000000000"]].concat(),
+            &format!("{flag} 100000000000000 is over the limit"),
         );
     }
     // A NaN in query row 5, searched in batches of 2: the error names row 5 of the file.
@@ -183,17 +184,12 @@ fn bad_input_exits_non_zero_with_a_message() {
     queries[5 * 8 + 3] = f32::NAN;
     pqcache::io::vecs::write_fvecs(&dir.join("b.fvecs"), 8, &base).unwrap();
     pqcache::io::vecs::write_fvecs(&dir.join("q.fvecs"), 8, &queries).unwrap();
-    let out = pqcache()
-        .args(["eval", "--index", "flat", "--qbs", "2", "--k", "3"])
-        .arg("--base")
-        .arg(dir.join("b.fvecs"))
-        .arg("--queries")
-        .arg(dir.join("q.fvecs"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("in queries at row 5, column 3"), "{stderr}");
+    refused(
+        &dir.join("b.fvecs"),
+        &dir.join("q.fvecs"),
+        &["--index", "flat", "--qbs", "2", "--k", "3"],
+        "in queries at row 5, column 3",
+    );
     for sub in ["eval", "demo"] {
         let out = pqcache().args([sub, "--help"]).output().unwrap();
         assert!(out.status.success());

@@ -133,18 +133,7 @@ fn lut_kernel() -> &'static LutKernel {
 }
 
 /// `sum(x)` in f64, rounded once to f32: four independent lanes (`lane = i % 4`, folded
-/// `(l0 + l1) + (l2 + l3)`), so that the additions do not wait on each other.
+/// `(l0 + l1) + (l2 + l3)`, [`crate::linalg::lane_sum`]).
 fn sum_f64(x: &[f32]) -> f32 {
-    let mut lanes = [0.0f64; 4];
-    let chunks = x.chunks_exact(4);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (l, &v) in lanes.iter_mut().zip(c) {
-            *l += v as f64;
-        }
-    }
-    for (l, &v) in lanes.iter_mut().zip(rest) {
-        *l += v as f64;
-    }
-    ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) as f32
+    crate::linalg::lane_sum::<f64, 4>(x, f64::from) as f32
 }
