@@ -17,6 +17,9 @@ use std::cmp::Ordering;
 /// From this many queries on, a search scans each list once per group of queries.
 pub(super) const BATCH_MIN_QUERIES: usize = 8;
 
+/// The most queries one task of a batch search scans (its probes sorted by list).
+const MAX_TASK_QUERIES: usize = 1024;
+
 /// A query's table material: one u8 table for every list, or (L2 with residuals) the
 /// `q . r_jc` terms from which each list's table is built.
 enum QueryPrep {
@@ -269,61 +272,71 @@ impl IndexIVFPQFastScan {
     pub(super) fn search_batch(&self, queries: &[f32], k: usize) -> Vec<Vec<Cand>> {
         let d = self.pq.dim();
         let nq = queries.len() / d;
-        let c = self.pool_size(k);
         // One parallel region: each task probes (one GEMM), prepares and scans its own
         // queries (a small batch on two threads spent as long waking the pool for three
-        // regions as scanning). Inside a task, lists are scanned for the task's queries that
-        // probe them.
+        // regions as scanning).
         let per_task = nq
             .div_ceil(rayon::current_num_threads() * 2)
-            .clamp(16, 1024);
+            .clamp(16, MAX_TASK_QUERIES);
         queries
             .par_chunks(per_task * d)
-            .flat_map_iter(|qs| {
-                let probes = self.coarse.probe_rows(qs, self.nprobe);
-                let preps: Vec<QueryPrep> = qs.chunks(d).map(|q| self.prepare(q)).collect();
-                let mut by_list: Vec<Vec<(usize, f32)>> = Vec::new();
-                let mut touched: Vec<usize> = Vec::new();
-                for (local, probes) in probes.iter().enumerate() {
-                    for &(coarse, l) in probes {
-                        let l = l as usize;
-                        if self.lists[l].live() == 0 {
-                            continue;
-                        }
-                        if by_list.len() <= l {
-                            by_list.resize(self.nlist(), Vec::new());
-                        }
-                        if by_list[l].is_empty() {
-                            touched.push(l);
-                        }
-                        by_list[l].push((local, coarse));
+            .flat_map_iter(|qs| self.search_task(qs, k))
+            .collect()
+    }
+
+    /// One task of [`Self::search_batch`]. Its queries' probes are scanned list by list, in
+    /// two passes: first every query's best list (coarse rank 0), then the rest. Lists in
+    /// list order share code loads between queries but reach each query in no useful order;
+    /// the first pass fills every heap from the list likeliest to hold its best vectors, so
+    /// the floors of the second are tight from its first block (bigann-10k at nprobe 16:
+    /// 7.3 to 6.1 us/query; the results are the same in any order).
+    fn search_task(&self, qs: &[f32], k: usize) -> Vec<Vec<Cand>> {
+        let d = self.pq.dim();
+        let probes = self.coarse.probe_rows(qs, self.nprobe);
+        let preps: Vec<QueryPrep> = qs.chunks(d).map(|q| self.prepare(q)).collect();
+        let c = self.pool_size(k);
+        let mut heaps: Vec<TopK<Cand>> = preps.iter().map(|_| TopK::new(c)).collect();
+        let mut scratch = ListScratch::default();
+        let mut slots: Vec<LutSlot> = (0..MAX_QBS).map(|_| LutSlot::default()).collect();
+        // (list, query, coarse rank) packed so that sorting groups a list's probes, in
+        // query order: list << 40 | query << 24 | rank (list and rank < MAX_NLIST = 2^24, a
+        // task's query < MAX_TASK_QUERIES).
+        debug_assert!(qs.len() / d <= MAX_TASK_QUERIES && crate::limits::MAX_NLIST <= 1 << 24);
+        let mut order: Vec<u64> = Vec::with_capacity(qs.len() / d * self.nprobe);
+        let mut members = Vec::with_capacity(MAX_QBS);
+        for ranks in [0..1, 1..usize::MAX] {
+            order.clear();
+            for (query, probes) in probes.iter().enumerate() {
+                let take = probes.len().min(ranks.end);
+                for (rank, &(_, l)) in probes.iter().enumerate().take(take).skip(ranks.start) {
+                    if self.lists[l as usize].live() > 0 {
+                        order.push(u64::from(l) << 40 | (query as u64) << 24 | rank as u64);
                     }
                 }
-                touched.sort_unstable();
-                let mut heaps: Vec<TopK<Cand>> = preps.iter().map(|_| TopK::new(c)).collect();
-                let mut scratch = ListScratch::default();
-                let mut slots: Vec<LutSlot> = (0..MAX_QBS).map(|_| LutSlot::default()).collect();
-                let mut members = Vec::with_capacity(MAX_QBS);
-                for &l in &touched {
-                    for group in by_list[l].chunks(MAX_QBS) {
-                        members.clear();
-                        members.extend(group.iter().map(|&(local, _)| local));
-                        let tables: Vec<(&QuantizedLut, f32)> = group
-                            .iter()
-                            .zip(slots.iter_mut())
-                            .map(|(&(local, coarse), slot)| {
-                                self.list_table(&preps[local], l, coarse, slot)
-                            })
-                            .collect();
-                        self.scan_list_group(l, &tables, &mut heaps, &members, &mut scratch);
-                    }
+            }
+            order.sort_unstable();
+            for run in order.chunk_by(|a, b| a >> 40 == b >> 40) {
+                let l = (run[0] >> 40) as usize;
+                for group in run.chunks(MAX_QBS) {
+                    members.clear();
+                    members.extend(group.iter().map(|&e| (e >> 24 & 0xffff) as usize));
+                    let tables: Vec<(&QuantizedLut, f32)> = group
+                        .iter()
+                        .zip(&members)
+                        .zip(slots.iter_mut())
+                        .map(|((&e, &query), slot)| {
+                            let coarse = probes[query][(e & 0xff_ffff) as usize].0;
+                            self.list_table(&preps[query], l, coarse, slot)
+                        })
+                        .collect();
+                    self.scan_list_group(l, &tables, &mut heaps, &members, &mut scratch);
                 }
-                heaps
-                    .into_iter()
-                    .zip(qs.chunks(d))
-                    .map(|(h, q)| self.finish(q, k, h.into_sorted()))
-                    .collect::<Vec<_>>()
-            })
+            }
+        }
+        heaps
+            .into_iter()
+            .zip(qs.chunks(d))
+            .map(|(h, q)| self.finish(q, k, h.into_sorted()))
             .collect()
     }
 
