@@ -68,6 +68,7 @@ pub struct Args<'a> {
 
 type AccumulateFn = fn(Args<'_>);
 type CollectFn = fn(&[u16], u16, u32, &mut Vec<u32>);
+type CountFn = fn(&[u16], u16) -> usize;
 
 /// A resolved fast-scan kernel: block accumulation, and the threshold filter of selection.
 #[derive(Clone, Copy)]
@@ -75,6 +76,7 @@ pub struct FastScanKernel {
     level: Level,
     accumulate: AccumulateFn,
     collect: CollectFn,
+    count: CountFn,
 }
 
 impl std::fmt::Debug for FastScanKernel {
@@ -95,29 +97,34 @@ impl FastScanKernel {
                 level,
                 accumulate: x86::accumulate_v4icl,
                 collect: x86::collect_above_v4,
+                count: x86::count_above_v4,
             },
             #[cfg(target_arch = "x86_64")]
             Level::V4 => FastScanKernel {
                 level,
                 accumulate: x86::accumulate_v4,
                 collect: x86::collect_above_v4,
+                count: x86::count_above_v4,
             },
             #[cfg(target_arch = "x86_64")]
             Level::V3 => FastScanKernel {
                 level,
                 accumulate: x86::accumulate_v3,
                 collect: x86::collect_above_v3,
+                count: x86::count_above_v3,
             },
             #[cfg(target_arch = "aarch64")]
             Level::Neon => FastScanKernel {
                 level,
                 accumulate: neon::accumulate_neon,
                 collect: collect_above_scalar,
+                count: count_above_scalar,
             },
             _ => FastScanKernel {
                 level: Level::Scalar,
                 accumulate: accumulate_scalar_args,
                 collect: collect_above_scalar,
+                count: count_above_scalar,
             },
         }
     }
@@ -210,6 +217,44 @@ impl FastScanKernel {
     pub fn collect_above(&self, scores: &[u16], threshold: u16, base: u32, out: &mut Vec<u32>) {
         (self.collect)(scores, threshold, base, out)
     }
+}
+
+impl FastScanKernel {
+    /// How many of `scores` are `> threshold`: the count that a bisection over thresholds
+    /// turns into an exact k-th largest score without sorting.
+    pub fn count_above(&self, scores: &[u16], threshold: u16) -> usize {
+        (self.count)(scores, threshold)
+    }
+
+    /// The largest `t` with more than `rank` of `scores` above it, i.e. the `(rank + 1)`-th
+    /// largest score minus one; `None` when no `t` has (`rank + 1` or fewer scores, or the
+    /// `(rank + 1)`-th largest is 0). A bisection over the u16 range by
+    /// [`FastScanKernel::count_above`]: at most 16 counting passes, no data-dependent branch
+    /// per score (a `select_nth_unstable` of 256 sums was a tenth of an IVF batch search).
+    pub fn below_rank(&self, scores: &[u16], rank: usize) -> Option<u16> {
+        // Invariant: count_above(lo) > rank >= count_above(hi).
+        if self.count_above(scores, 0) <= rank {
+            return None;
+        }
+        let (mut lo, mut hi) = (0u16, u16::MAX);
+        if self.count_above(scores, hi) > rank {
+            return Some(hi);
+        }
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if self.count_above(scores, mid) > rank {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        Some(lo)
+    }
+}
+
+/// Scalar reference of [`FastScanKernel::count_above`].
+pub fn count_above_scalar(scores: &[u16], threshold: u16) -> usize {
+    scores.iter().filter(|&&s| s > threshold).count()
 }
 
 /// Scalar reference of [`FastScanKernel::collect_above`].
@@ -756,6 +801,63 @@ mod x86 {
         }
     }
 
+    #[target_feature(enable = "avx2")]
+    unsafe fn count_above_v3_imp(scores: &[u16], threshold: u16) -> usize {
+        let n = scores.len();
+        let p = scores.as_ptr();
+        let mut i = 0;
+        let mut count = 0;
+        // SAFETY: loads read 16 u16 at i with i + 16 <= n; AVX2 enabled on this function.
+        unsafe {
+            // Unsigned compare through the signed one: flip the sign bits of both sides.
+            let flip = _mm256_set1_epi16(i16::MIN);
+            let thr = _mm256_xor_si256(_mm256_set1_epi16(threshold as i16), flip);
+            while i + 16 <= n {
+                let a = _mm256_xor_si256(_mm256_loadu_si256(p.add(i) as *const __m256i), flip);
+                // Two mask bits per u16 lane.
+                count += (_mm256_movemask_epi8(_mm256_cmpgt_epi16(a, thr)) as u32).count_ones()
+                    as usize
+                    / 2;
+                i += 16;
+            }
+        }
+        count + super::count_above_scalar(&scores[i..], threshold)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,popcnt")]
+    unsafe fn count_above_v4_imp(scores: &[u16], threshold: u16) -> usize {
+        let n = scores.len();
+        let p = scores.as_ptr();
+        let mut i = 0;
+        let mut count = 0;
+        // SAFETY: full loads read 32 u16 with i + 32 <= n; the tail load is masked to the
+        // remaining lanes. AVX-512BW enabled on this function.
+        unsafe {
+            let thr = _mm512_set1_epi16(threshold as i16);
+            while i + 32 <= n {
+                let v = _mm512_loadu_si512(p.add(i) as *const __m512i);
+                count += _mm512_cmpgt_epu16_mask(v, thr).count_ones() as usize;
+                i += 32;
+            }
+            if i < n {
+                let lanes: u32 = ((1u64 << (n - i)) - 1) as u32;
+                let v = _mm512_maskz_loadu_epi16(lanes, p.add(i) as *const i16);
+                count += _mm512_mask_cmpgt_epu16_mask(lanes, v, thr).count_ones() as usize;
+            }
+        }
+        count
+    }
+
+    pub(super) fn count_above_v3(scores: &[u16], threshold: u16) -> usize {
+        // SAFETY: only reachable through a kernel built for V3 or above.
+        unsafe { count_above_v3_imp(scores, threshold) }
+    }
+
+    pub(super) fn count_above_v4(scores: &[u16], threshold: u16) -> usize {
+        // SAFETY: only reachable through a kernel built for V4.
+        unsafe { count_above_v4_imp(scores, threshold) }
+    }
+
     pub(super) fn collect_above_v3(scores: &[u16], threshold: u16, base: u32, out: &mut Vec<u32>) {
         // SAFETY: only reachable through a kernel built for V3 or above.
         unsafe { collect_above_v3_imp(scores, threshold, base, out) }
@@ -964,6 +1066,35 @@ mod tests {
                     let mut got = vec![99];
                     FastScanKernel::for_level(level).collect_above(&scores[1..], thr, 7, &mut got);
                     assert_eq!(got[1..], want[..], "level {level} n {n} thr {thr}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn count_above_and_below_rank_match_scalar() {
+        let mut rng = StdRng::seed_from_u64(5);
+        for n in 0usize..=97 {
+            // Narrow ranges give ties; the full one the bisection's extremes.
+            for (lo, hi) in [(0u16, 3u16), (65000, 65535), (0, 65535)] {
+                let scores: Vec<u16> = (0..n).map(|_| rng.random_range(lo..=hi)).collect();
+                let mut sorted = scores.clone();
+                sorted.sort_unstable_by(|a, b| b.cmp(a));
+                for rank in [0, 1, n / 2, n.saturating_sub(1), n, n + 1] {
+                    // The (rank + 1)-th largest minus one, if it is above 0.
+                    let want = sorted.get(rank).and_then(|&s| s.checked_sub(1));
+                    for level in Level::all_supported() {
+                        let kernel = FastScanKernel::for_level(level);
+                        let at = format!("level {level} n {n} rank {rank} range {lo}..={hi}");
+                        assert_eq!(kernel.below_rank(&scores, rank), want, "{at}");
+                    }
+                }
+                for thr in [0u16, 1, 2, 65000, 65534, 65535] {
+                    let want = count_above_scalar(&scores, thr);
+                    for level in Level::all_supported() {
+                        let got = FastScanKernel::for_level(level).count_above(&scores, thr);
+                        assert_eq!(got, want, "level {level} n {n} thr {thr}");
+                    }
                 }
             }
         }

@@ -406,7 +406,9 @@ impl ScanHandler for ListHandler<'_> {
             // A heap that is not full (the first lists of a query) took every score from
             // the kernel: the chunk's own cap-th best live sum bounds what can enter.
             let cut = match self.floors[j] {
-                None if !heap.is_reservoir() => chunk_floor(self.live, sums, ids, heap.cap()),
+                None if !heap.is_reservoir() => {
+                    chunk_floor(self.kernel, self.live, sums, ids, heap.cap())
+                }
                 _ => None,
             };
             // The floor follows the heap through the chunk: once a candidate enters, the sums
@@ -454,7 +456,13 @@ impl ScanHandler for ListHandler<'_> {
 /// below it can be among the best `cap` (at least `cap` live sums of the chunk are higher by
 /// more than one step, the margin for the float conversion's rounding); `None` when the
 /// chunk holds `cap` live sums or fewer.
-fn chunk_floor(live: &mut Vec<u16>, sums: &[u16], ids: &[i64], cap: usize) -> Option<u16> {
+fn chunk_floor(
+    kernel: &FastScanKernel,
+    live: &mut Vec<u16>,
+    sums: &[u16],
+    ids: &[i64],
+    cap: usize,
+) -> Option<u16> {
     // Copied without a branch or a push per sum (a removed vector, id < 0, is overwritten
     // by the next): an `extend` over a filter kept its count in memory, one store-forwarding
     // round trip per sum, and was a tenth of a batch search.
@@ -469,7 +477,8 @@ fn chunk_floor(live: &mut Vec<u16>, sums: &[u16], ids: &[i64], cap: usize) -> Op
     if live.len() <= cap || cap == 0 {
         return None;
     }
-    let (_, &mut kth, _) = live.select_nth_unstable_by(cap - 1, |a, b| b.cmp(a));
-    // Offer sums > kth - 2, i.e. >= kth - 1.
-    kth.checked_sub(2)
+    // Offer sums > kth - 2, i.e. >= kth - 1, for the cap-th largest `kth`.
+    kernel
+        .below_rank(live, cap - 1)
+        .and_then(|kth_less_one| kth_less_one.checked_sub(1))
 }
