@@ -112,7 +112,7 @@ fn recall_matches_faiss_on_gemma_keys() {
 }
 
 /// The batch path (lists in list order, each query's best list in a first pass) and the
-/// one-query path (lists in coarse order) keep the same candidates: the same ids, ties
+/// one-query path (lists in coarse order), on any number of threads, keep the same candidates: the same ids, ties
 /// included (integer vectors give many), with removed vectors among them. The distances
 /// agree to rounding: a batch's coarse scores come from a GEMM, one query's from dot
 /// products, summed in another order.
@@ -130,14 +130,22 @@ fn a_batch_equals_its_queries_one_at_a_time() {
             idx.nprobe = nprobe;
             for k in [1, 10, 100] {
                 let batch = idx.search(&queries, k).unwrap();
-                for (i, q) in queries.chunks(d).enumerate() {
-                    let one = idx.search(q, k).unwrap();
-                    let row = i * k..(i + 1) * k;
-                    let at = format!("{metric:?} nprobe {nprobe} k {k} query {i}");
-                    assert_eq!(one.ids, batch.ids[row.clone()], "{at}");
-                    for (a, b) in one.distances.iter().zip(&batch.distances[row]) {
-                        let close = a == b || (a - b).abs() <= 1e-5 * a.abs().max(1.0);
-                        assert!(close, "{at}: {a} {b}");
+                // The caller's thread (1), the index's own pool (2) and the caller's pool (0)
+                // give the same rows, bit for bit; one query alone the same ids, its lists
+                // scanned in parallel or not.
+                for (threads, parallel_min) in [(1, 0), (2, 0), (2, usize::MAX), (0, 0)] {
+                    idx.set_threads(threads).unwrap();
+                    idx.parallel_min_code_bytes = parallel_min;
+                    let at = format!("{metric:?} nprobe {nprobe} k {k} threads {threads}");
+                    assert_eq!(idx.search(&queries, k).unwrap(), batch, "{at}");
+                    for (i, q) in queries.chunks(d).enumerate() {
+                        let one = idx.search(q, k).unwrap();
+                        let row = i * k..(i + 1) * k;
+                        assert_eq!(one.ids, batch.ids[row.clone()], "{at} query {i}");
+                        for (a, b) in one.distances.iter().zip(&batch.distances[row]) {
+                            let close = a == b || (a - b).abs() <= 1e-5 * a.abs().max(1.0);
+                            assert!(close, "{at} query {i}: {a} {b}");
+                        }
                     }
                 }
             }

@@ -17,9 +17,11 @@
 //! inner product, where the list's term `q . c_l` is a per-list bias; one table per list for
 //! L2 with residuals, built on `q - c_l`); scan each list with the fast-scan kernel, whose
 //! threshold masks skip the vectors that cannot enter the heap of the best `k` (or `k *
-//! rerank_factor`) float scores; re-rank the survivors exactly when asked. A batch runs its
-//! queries in parallel; a single query runs its probed lists in parallel. Both use the
-//! index's own pool when [`IndexIVFPQFastScan::set_threads`] was called.
+//! rerank_factor`) float scores; re-rank the survivors exactly when asked. A batch scans list
+//! by list, each list once per group of the queries that probe it, every query's best list
+//! in a first pass (so its heap's floor is tight for the rest); its queries run in parallel.
+//! A single query runs its probed lists in coarse order, in parallel when threads are idle.
+//! Both use the index's own pool when [`IndexIVFPQFastScan::set_threads`] was called.
 //!
 //! **Streaming.** `add` never repacks; [`IndexIVFPQFastScan::remove_ids`] writes tombstones
 //! (skipped by the scan's selection) and compacts a list once half of it is dead;
@@ -57,6 +59,13 @@ const DRIFT_SAMPLE: usize = 16_384;
 /// 85 % of a Fashion-MNIST 784-d training at nlist 256).
 pub const COARSE_NITER: usize = 10;
 
+/// Code bytes a search of a few queries must scan before it uses more than the caller's
+/// thread ([`IndexIVFPQFastScan::parallel_min_code_bytes`]): about 8 MB is 0.3 ms of
+/// scanning on one core here, against 20-50 us to hand the lists to a pool and wake the
+/// caller after (one bigann-10k query at nprobe 16, 2,500 codes: 6.5 us on the caller's
+/// thread, 30-38 us through a pool of two).
+pub const PARALLEL_MIN_CODE_BYTES: usize = 8 << 20;
+
 mod lists;
 mod refresh;
 mod search;
@@ -93,6 +102,10 @@ pub struct IndexIVFPQFastScan {
     pub coarse_niter: usize,
     /// Vectors sampled for a [`IndexIVFPQFastScan::refreshed`] re-training.
     pub refresh_sample: usize,
+    /// A search of fewer than eight queries uses more than the caller's thread only when its
+    /// probed lists hold about this many bytes of codes ([`PARALLEL_MIN_CODE_BYTES`] by
+    /// default; 0: whenever threads are idle).
+    pub parallel_min_code_bytes: usize,
     pool: Option<Arc<rayon::ThreadPool>>,
     scan: FastScanKernel,
     kernels: DistanceKernels,
@@ -145,6 +158,7 @@ impl IndexIVFPQFastScan {
             train_config: KMeansConfig::default(),
             coarse_niter: COARSE_NITER,
             refresh_sample: 65_536,
+            parallel_min_code_bytes: PARALLEL_MIN_CODE_BYTES,
             pool: None,
             scan: FastScanKernel::best(),
             kernels: DistanceKernels::best(),
@@ -220,7 +234,8 @@ impl IndexIVFPQFastScan {
         Ok(())
     }
 
-    /// Runs searches on a pool of `threads` workers (0: the caller's rayon pool).
+    /// Runs searches on a pool of `threads` workers (0: the caller's rayon pool; 1: the
+    /// caller's thread, with no hand-off).
     pub fn set_threads(&mut self, threads: usize) -> Result<()> {
         crate::limits::at_most(threads, crate::limits::MAX_THREADS, "threads")?;
         self.pool = if threads == 0 {
@@ -418,11 +433,19 @@ impl Index for IndexIVFPQFastScan {
         let nq = self.check_search(queries, k)?;
         let d = self.pq.dim();
         let mut res = SearchResult::empty(nq, k, self.metric);
-        self.run(|| {
+        let threads = if nq >= BATCH_MIN_QUERIES {
+            self.threads()
+        } else {
+            self.threads_for_few(nq)
+        };
+        self.run(threads, || {
             let rows = if nq >= BATCH_MIN_QUERIES {
-                self.search_batch(queries, k)
+                self.search_batch(queries, k, threads)
+            } else if threads == 1 {
+                let one = |q| self.search_one(q, k, false);
+                queries.chunks(d).map(one).collect()
             } else {
-                let parallel_lists = nq < rayon::current_num_threads();
+                let parallel_lists = nq < threads;
                 queries
                     .par_chunks(d)
                     .map(|q| self.search_one(q, k, parallel_lists))

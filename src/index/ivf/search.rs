@@ -269,15 +269,19 @@ impl IndexIVFPQFastScan {
     /// A batch of queries (`nq * d`), each row's best `k`: the probed lists are scanned once
     /// per group of up to `MAX_QBS` queries of the batch that probe them (FAISS's batch
     /// order), so a code block is loaded once for the group.
-    pub(super) fn search_batch(&self, queries: &[f32], k: usize) -> Vec<Vec<Cand>> {
+    pub(super) fn search_batch(&self, queries: &[f32], k: usize, threads: usize) -> Vec<Vec<Cand>> {
         let d = self.pq.dim();
         let nq = queries.len() / d;
         // One parallel region: each task probes (one GEMM), prepares and scans its own
         // queries (a small batch on two threads spent as long waking the pool for three
         // regions as scanning).
-        let per_task = nq
-            .div_ceil(rayon::current_num_threads() * 2)
-            .clamp(16, MAX_TASK_QUERIES);
+        let per_task = nq.div_ceil(threads * 2).clamp(16, MAX_TASK_QUERIES);
+        if threads == 1 {
+            return queries
+                .chunks(per_task * d)
+                .flat_map(|qs| self.search_task(qs, k))
+                .collect();
+        }
         queries
             .par_chunks(per_task * d)
             .flat_map_iter(|qs| self.search_task(qs, k))
@@ -340,10 +344,37 @@ impl IndexIVFPQFastScan {
             .collect()
     }
 
-    pub(super) fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+    /// How many threads a search may use: the index's pool's, or the caller's.
+    pub(super) fn threads(&self) -> usize {
         match &self.pool {
-            Some(pool) => pool.install(f),
-            None => f(),
+            Some(pool) => pool.current_num_threads(),
+            None => rayon::current_num_threads(),
+        }
+    }
+
+    /// Threads for a search of `nq < BATCH_MIN_QUERIES` queries: one (the caller's) when
+    /// their probed lists hold, on average, fewer than `parallel_min_code_bytes` of codes
+    /// ([`super::PARALLEL_MIN_CODE_BYTES`]).
+    pub(super) fn threads_for_few(&self, nq: usize) -> usize {
+        let nlist = self.nlist().max(1);
+        let per_query = (self.ntotal / nlist).saturating_mul(self.nprobe.clamp(1, nlist));
+        let bytes = per_query
+            .saturating_mul(nq)
+            .saturating_mul(self.pq.m().div_ceil(2));
+        if bytes < self.parallel_min_code_bytes {
+            1
+        } else {
+            self.threads()
+        }
+    }
+
+    /// Runs `f` on the index's pool (if it has one) when `threads > 1`; on one thread, on
+    /// the caller's: handing a search to a pool's one worker and waking the caller after
+    /// cost 20-50 us per call here, more than a one-query search takes.
+    pub(super) fn run<R: Send>(&self, threads: usize, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(pool) if threads > 1 => pool.install(f),
+            _ => f(),
         }
     }
 }
