@@ -40,20 +40,26 @@ impl IndexIVFPQFastScan {
     /// Sum of squared reconstruction errors of `enc` (the encoded vectors) given `codes`.
     pub(super) fn reconstruction_error(&self, enc: &[f32], codes: &[u8]) -> f64 {
         let (d, m) = (self.pq.dim(), self.pq.m());
-        let dsub = self.pq.dsub();
-        enc.par_chunks(d)
-            .zip(codes.par_chunks(m))
-            .map(|(row, code)| {
-                let mut e = 0.0f64;
-                for (j, &c) in code.iter().enumerate() {
-                    let cent = self.pq.centroid(j, c as usize);
-                    for (a, b) in row[j * dsub..(j + 1) * dsub].iter().zip(cent) {
-                        e += ((a - b) * (a - b)) as f64;
-                    }
-                }
-                e
-            })
+        enc.par_chunks(d * 256)
+            .zip(codes.par_chunks(m * 256))
+            .map(|(rows, codes)| self.sq_error_rows(rows, codes))
             .sum()
+    }
+
+    /// [`Self::reconstruction_error`] of a few rows, on this thread.
+    pub(super) fn sq_error_rows(&self, enc: &[f32], codes: &[u8]) -> f64 {
+        let (d, m) = (self.pq.dim(), self.pq.m());
+        let dsub = self.pq.dsub();
+        let mut e = 0.0f64;
+        for (row, code) in enc.chunks(d).zip(codes.chunks(m)) {
+            for (j, &c) in code.iter().enumerate() {
+                let cent = self.pq.centroid(j, c as usize);
+                for (a, b) in row[j * dsub..(j + 1) * dsub].iter().zip(cent) {
+                    e += ((a - b) * (a - b)) as f64;
+                }
+            }
+        }
+        e
     }
 
     /// Removes every vector whose id is in `ids`; returns how many were removed. Tombstones
