@@ -1,7 +1,10 @@
 //! Search of [`IndexIVFPQFastScan`]: per query the probed lists' tables, one pass of the
 //! shared block loop ([`Scan::blocks`]) per list and group of queries with [`ListHandler`]
-//! as its result handler, then the exact re-rank; batches in parallel over queries, single
-//! queries over lists.
+//! as its result handler, then the exact re-rank. Batches run in parallel over tasks of
+//! queries, each task list by list with every query's best list first
+//! ([`IndexIVFPQFastScan::search_task`]); a few queries run on the caller's thread, or over
+//! their lists in parallel when those hold enough codes
+//! ([`IndexIVFPQFastScan::threads_for_few`]).
 
 use super::IndexIVFPQFastScan;
 use crate::error::{Error, Result};
