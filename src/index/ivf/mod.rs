@@ -63,11 +63,12 @@ pub const COARSE_NITER: usize = 10;
 const ENCODE_ROWS: usize = 256;
 
 /// Code bytes a search of a few queries must scan before it uses more than the caller's
-/// thread ([`IndexIVFPQFastScan::parallel_min_code_bytes`]): about 8 MB is 0.3 ms of
-/// scanning on one core here, against 20-50 us to hand the lists to a pool and wake the
-/// caller after (one bigann-10k query at nprobe 16, 2,500 codes: 6.5 us on the caller's
-/// thread, 30-38 us through a pool of two).
-pub const PARALLEL_MIN_CODE_BYTES: usize = 8 << 20;
+/// thread ([`IndexIVFPQFastScan::parallel_min_code_bytes`]). Handing the lists to a pool and
+/// waking the caller after costs 20-50 us here, so one query on two threads (strided shares
+/// of its lists) against one: 256 KB of codes (Gemma, nprobe 64) 33 against 25 us, 0.73 MB
+/// (Fashion-MNIST, nprobe 64) 59-85 against 62 us, 1 MB (Gemma, all lists) 63 against 89
+/// us, 2.9 MB (Fashion-MNIST, all lists) 128-152 against 197 us.
+pub const PARALLEL_MIN_CODE_BYTES: usize = 1 << 20;
 
 mod lists;
 mod refresh;
