@@ -293,12 +293,11 @@ impl IndexIVFPQFastScan {
         self.drift
     }
 
-    /// Writes into `out` the vectors the codes of `rows` (in lists `labels`) stand for:
-    /// `x - c_l` with residuals, `x` otherwise.
-    fn encoded_rows(&self, rows: &[f32], labels: &[u32], out: &mut Vec<f32>) {
+    /// Writes into `out` (as long as `rows`) the vectors the codes of `rows` (in lists
+    /// `labels`) stand for: `x - c_l` with residuals, `x` otherwise.
+    fn encoded_rows(&self, rows: &[f32], labels: &[u32], out: &mut [f32]) {
         let d = self.pq.dim();
-        out.clear();
-        out.extend_from_slice(rows);
+        out.copy_from_slice(rows);
         if self.by_residual {
             for (o, &l) in out.chunks_mut(d).zip(labels) {
                 for (v, c) in o.iter_mut().zip(self.coarse.centroid(l as usize)) {
@@ -315,10 +314,7 @@ impl IndexIVFPQFastScan {
         enc.par_chunks_mut(ENCODE_ROWS * d)
             .zip(x.par_chunks(ENCODE_ROWS * d))
             .zip(labels.par_chunks(ENCODE_ROWS))
-            .for_each_init(Vec::new, |buf, ((out, rows), labels)| {
-                self.encoded_rows(rows, labels, buf);
-                out.copy_from_slice(buf);
-            });
+            .for_each(|((out, rows), labels)| self.encoded_rows(rows, labels, out));
         enc
     }
 
@@ -333,7 +329,8 @@ impl IndexIVFPQFastScan {
             .par_chunks_mut(ENCODE_ROWS * m)
             .zip(x.par_chunks(ENCODE_ROWS * d))
             .zip(labels.par_chunks(ENCODE_ROWS))
-            .map_init(Vec::new, |buf, ((out, rows), labels)| {
+            .map_init(Vec::new, |buf: &mut Vec<f32>, ((out, rows), labels)| {
+                buf.resize(rows.len(), 0.0);
                 self.encoded_rows(rows, labels, buf);
                 self.pq.encode_into(buf, out);
                 self.sq_error_rows(buf, out)
