@@ -227,19 +227,16 @@ impl FastScanKernel {
     }
 
     /// The largest `t` with more than `rank` of `scores` above it, i.e. the `(rank + 1)`-th
-    /// largest score minus one; `None` when no `t` has (`rank + 1` or fewer scores, or the
+    /// largest score minus one; `None` when there is none (at most `rank` scores, or the
     /// `(rank + 1)`-th largest is 0). A bisection over the u16 range by
     /// [`FastScanKernel::count_above`]: at most 16 counting passes, no data-dependent branch
     /// per score (a `select_nth_unstable` of 256 sums was a tenth of an IVF batch search).
     pub fn below_rank(&self, scores: &[u16], rank: usize) -> Option<u16> {
-        // Invariant: count_above(lo) > rank >= count_above(hi).
         if self.count_above(scores, 0) <= rank {
             return None;
         }
+        // Invariant: count_above(lo) > rank >= count_above(hi) (nothing is above u16::MAX).
         let (mut lo, mut hi) = (0u16, u16::MAX);
-        if self.count_above(scores, hi) > rank {
-            return Some(hi);
-        }
         while hi - lo > 1 {
             let mid = lo + (hi - lo) / 2;
             if self.count_above(scores, mid) > rank {
