@@ -59,7 +59,7 @@ const DRIFT_SAMPLE: usize = 16_384;
 /// 85 % of a Fashion-MNIST 784-d training at nlist 256).
 pub const COARSE_NITER: usize = 10;
 
-/// Rows a task of an add encodes.
+/// Rows a task of an add encodes (and of a reconstruction-error sum).
 const ENCODE_ROWS: usize = 256;
 
 /// Code bytes a search of a few queries must scan before it uses more than the caller's

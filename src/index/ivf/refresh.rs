@@ -40,8 +40,8 @@ impl IndexIVFPQFastScan {
     /// Sum of squared reconstruction errors of `enc` (the encoded vectors) given `codes`.
     pub(super) fn reconstruction_error(&self, enc: &[f32], codes: &[u8]) -> f64 {
         let (d, m) = (self.pq.dim(), self.pq.m());
-        enc.par_chunks(d * 256)
-            .zip(codes.par_chunks(m * 256))
+        enc.par_chunks(d * super::ENCODE_ROWS)
+            .zip(codes.par_chunks(m * super::ENCODE_ROWS))
             .map(|(rows, codes)| self.sq_error_rows(rows, codes))
             .sum()
     }
