@@ -6,9 +6,14 @@
 //!    `delta = span / 255` (1 if the span is 0), `inv = 1 / delta`.
 //! 2. `table[j][c] = clamp(trunc((s[j][c] - min_j) * inv + 0.5), 0, 255)` (round half up).
 //!
-//! [`LutKernel::quantize_residual`] quantizes the rows `2 * dots - pre` without writing them
-//! out (the IVF tables of L2 search with residuals, one per probed list): `2 * d` is exact, so
-//! the fused multiply-subtract rounds once per element, as `2.0 * d - p` does.
+//! [`LutKernel::quantize_residual_blocked`] quantizes the rows `2 * dots - pre` without
+//! writing them out (the IVF tables of L2 search with residuals, one per query and probed
+//! list): `2 * d` is exact, so the fused multiply-subtract rounds once per element, as
+//! `2.0 * d - p` does. Its inputs are in a blocked layout ([`to_blocked`]): 16 rows to a
+//! block, entry `c` of the block's rows contiguous, so one register holds one entry of 16
+//! rows and the per-row minima and maxima are lane-wise, with no shuffles (a row-major pass
+//! spent 3 shuffles a row on its transposing reductions). It also sums the row minima
+//! ([`bias_of`]).
 //!
 //! Every level does the same operations in the same order per element (a subtraction, a
 //! multiplication and an addition, each rounded; no fused multiply-add there), and min / max
@@ -18,14 +23,14 @@
 use crate::level::Level;
 
 type QuantizeFn = fn(&[f32], &mut [f32], &mut [u8]) -> f32;
-type ResidualFn = fn(&[f32], &[f32], &mut [f32], &mut [u8]) -> f32;
+type BlockedFn = fn(&[f32], &[f32], &mut [f32], &mut [u8]) -> (f32, f32);
 
 /// A resolved table-quantization kernel.
 #[derive(Clone, Copy)]
 pub struct LutKernel {
     level: Level,
     quantize: QuantizeFn,
-    residual: ResidualFn,
+    blocked: BlockedFn,
 }
 
 impl std::fmt::Debug for LutKernel {
@@ -45,18 +50,18 @@ impl LutKernel {
             Level::V4 | Level::V4Icl => LutKernel {
                 level: Level::V4,
                 quantize: x86::quantize_v4,
-                residual: x86::quantize_residual_v4,
+                blocked: x86::quantize_blocked_v4,
             },
             #[cfg(target_arch = "x86_64")]
             Level::V3 => LutKernel {
                 level: Level::V3,
                 quantize: x86::quantize_v3,
-                residual: x86::quantize_residual_v3,
+                blocked: x86::quantize_blocked_v3,
             },
             _ => LutKernel {
                 level: Level::Scalar,
                 quantize: quantize_scalar,
-                residual: quantize_residual_scalar,
+                blocked: quantize_residual_blocked_scalar,
             },
         }
     }
@@ -84,36 +89,97 @@ impl LutKernel {
     }
 }
 
+/// Rows per block of the blocked layout of [`LutKernel::quantize_residual_blocked`].
+pub const BLOCK_ROWS: usize = 16;
+
+/// Floats of `m` rows of 16 in the blocked layout: whole blocks of [`BLOCK_ROWS`] rows.
+pub fn blocked_len(m: usize) -> usize {
+    m.div_ceil(BLOCK_ROWS) * BLOCK_ROWS * 16
+}
+
+/// Writes `rows` (row-major, `m * 16`) into `out` ([`blocked_len`]`(m)`) in the blocked
+/// layout: row `j`, entry `c` at `(j / 16) * 256 + c * 16 + j % 16`, the padding rows zero.
+/// Panics if the lengths disagree.
+pub fn to_blocked(rows: &[f32], out: &mut [f32]) {
+    let m = rows.len() / 16;
+    assert!(
+        rows.len() == m * 16 && out.len() == blocked_len(m),
+        "to_blocked: shapes disagree"
+    );
+    out.fill(0.0);
+    for (j, row) in rows.chunks_exact(16).enumerate() {
+        let base = (j / BLOCK_ROWS) * BLOCK_ROWS * 16 + j % BLOCK_ROWS;
+        for (c, &v) in row.iter().enumerate() {
+            out[base + c * BLOCK_ROWS] = v;
+        }
+    }
+}
+
+/// The sum of a table's row minima, as the offset of its scores: in f64, over 16 lanes
+/// (`lane = j % 16`, rows in order), folded `lane[i] += lane[i + w]` for `w` = 8, 4, 2, 1,
+/// then rounded once to f32. The blocked kernels sum in this order, one register lane per
+/// row of a block.
+pub fn bias_of(mins: &[f32]) -> f32 {
+    let mut lanes = [0.0f64; 16];
+    for (i, &v) in mins.iter().enumerate() {
+        lanes[i % 16] += f64::from(v);
+    }
+    for w in [8, 4, 2, 1] {
+        for i in 0..w {
+            lanes[i] += lanes[i + w];
+        }
+    }
+    lanes[0] as f32
+}
+
 impl LutKernel {
-    /// [`LutKernel::quantize`] of the rows `2 * dots - pre` (both `m * 16`), computed on the
-    /// fly. Panics if the lengths disagree.
-    pub fn quantize_residual(
+    /// [`LutKernel::quantize`] of the rows `2 * dots - pre`, computed on the fly from both
+    /// inputs in the blocked layout ([`to_blocked`]): per block, entry `c` of its 16 rows is one register, so the row
+    /// minima and maxima are lane-wise (no shuffles) and so is the quantization; the bytes
+    /// are transposed back to rows on the way out. Writes the first `table.len() / 16` rows
+    /// (whole rows, at most the blocks'), fills `mins` (one per row of the blocks, scratch)
+    /// and returns `(delta, bias)` with `bias` = [`bias_of`]`(mins)`. Rows past the table's
+    /// must be zero in both inputs (as [`to_blocked`] leaves them), so that they widen no
+    /// span. Panics if the lengths disagree.
+    pub fn quantize_residual_blocked(
         &self,
         dots: &[f32],
         pre: &[f32],
         mins: &mut [f32],
         table: &mut [u8],
-    ) -> f32 {
+    ) -> (f32, f32) {
         assert!(
             dots.len() == pre.len()
-                && dots.len().is_multiple_of(16)
+                && dots.len().is_multiple_of(BLOCK_ROWS * 16)
                 && mins.len() == dots.len() / 16
-                && table.len() >= dots.len(),
-            "quantize_residual: shapes disagree"
+                && table.len().is_multiple_of(16)
+                && table.len() <= dots.len(),
+            "quantize_residual_blocked: shapes disagree"
         );
-        (self.residual)(dots, pre, mins, table)
+        (self.blocked)(dots, pre, mins, table)
     }
 }
 
-/// Scalar reference of [`LutKernel::quantize_residual`]: the rows, then [`quantize_scalar`].
-pub fn quantize_residual_scalar(
+/// Scalar reference of [`LutKernel::quantize_residual_blocked`]: the rows in row-major
+/// order, [`quantize_scalar`] over all of the blocks' rows, then [`bias_of`].
+pub fn quantize_residual_blocked_scalar(
     dots: &[f32],
     pre: &[f32],
     mins: &mut [f32],
     table: &mut [u8],
-) -> f32 {
-    let scores: Vec<f32> = dots.iter().zip(pre).map(|(&d, &p)| 2.0 * d - p).collect();
-    quantize_scalar(&scores, mins, table)
+) -> (f32, f32) {
+    let rows = dots.len() / 16;
+    let scores: Vec<f32> = (0..rows)
+        .flat_map(|j| {
+            let base = (j / BLOCK_ROWS) * BLOCK_ROWS * 16 + j % BLOCK_ROWS;
+            (0..16).map(move |c| 2.0 * dots[base + c * BLOCK_ROWS] - pre[base + c * BLOCK_ROWS])
+        })
+        .collect();
+    let mut bytes = vec![0u8; rows * 16];
+    let delta = quantize_scalar(&scores, mins, &mut bytes);
+    let n = table.len();
+    table.copy_from_slice(&bytes[..n]);
+    (delta, bias_of(mins))
 }
 
 #[inline(always)]
@@ -186,59 +252,34 @@ mod x86 {
         }
     }
 
-    /// Where the rows come from: a float table, or `2 * dots - pre` computed in registers.
+    /// A float table of rows of 16.
     #[derive(Clone, Copy)]
-    enum Rows {
-        Plain(*const f32),
-        Residual(*const f32, *const f32),
-    }
+    struct Rows(*const f32);
 
     impl Rows {
         /// Row `j` as two halves of 8.
         ///
         /// # Safety
-        /// AVX2 available; the pointers readable for row `j`.
+        /// AVX available; row `j` readable.
         #[inline(always)]
         unsafe fn row8(self, j: usize) -> (__m256, __m256) {
             // SAFETY: as stated.
             unsafe {
-                match self {
-                    Rows::Plain(p) => (
-                        _mm256_loadu_ps(p.add(16 * j)),
-                        _mm256_loadu_ps(p.add(16 * j + 8)),
-                    ),
-                    Rows::Residual(d, p) => {
-                        let two = _mm256_set1_ps(2.0);
-                        let f = |o: usize| {
-                            _mm256_sub_ps(
-                                _mm256_mul_ps(two, _mm256_loadu_ps(d.add(o))),
-                                _mm256_loadu_ps(p.add(o)),
-                            )
-                        };
-                        (f(16 * j), f(16 * j + 8))
-                    }
-                }
+                (
+                    _mm256_loadu_ps(self.0.add(16 * j)),
+                    _mm256_loadu_ps(self.0.add(16 * j + 8)),
+                )
             }
         }
 
         /// Row `j` as one register.
         ///
         /// # Safety
-        /// AVX-512F available; the pointers readable for row `j`.
+        /// AVX-512F available; row `j` readable.
         #[inline(always)]
         unsafe fn row16(self, j: usize) -> __m512 {
             // SAFETY: as stated.
-            unsafe {
-                match self {
-                    Rows::Plain(p) => _mm512_loadu_ps(p.add(16 * j)),
-                    // One rounding, as the scalar's `2.0 * d - p`: 2 d is exact.
-                    Rows::Residual(d, p) => _mm512_fmsub_ps(
-                        _mm512_set1_ps(2.0),
-                        _mm512_loadu_ps(d.add(16 * j)),
-                        _mm512_loadu_ps(p.add(16 * j)),
-                    ),
-                }
-            }
+            unsafe { _mm512_loadu_ps(self.0.add(16 * j)) }
         }
     }
 
@@ -431,7 +472,9 @@ mod x86 {
             // does, so only the clamp at 255 is needed (it keeps x < 2^31 and the lanes out of
             // the packs' signed 16-bit range). One instruction fewer per row: 7 % of a
             // Fashion-MNIST IVF batch at nprobe 32.
-            let quant_packed = |j: usize| _mm512_cvttps_epi32(_mm512_min_ps(x_of(j), top));
+            // min(top, x), not min(x, top): vminps returns its second operand when one is NaN, and a
+            // NaN x (0 times an infinite step) must reach the packs as NaN to give 0.
+            let quant_packed = |j: usize| _mm512_cvttps_epi32(_mm512_min_ps(top, x_of(j)));
             // Row j as 16 i32 lanes in 0..=255, for a truncating narrow: as quant8, max(x, 0)
             // gives 0 for NaN, then the clamp at 255 and truncation.
             let quant = |j: usize| {
@@ -460,36 +503,304 @@ mod x86 {
         }
     }
 
+    /// Pairwise min (or max if `MAX`) of `N` registers, in place, down to `v[0]`.
+    ///
+    /// # Safety
+    /// AVX-512F available.
+    #[inline(always)]
+    unsafe fn tree16<const MAX: bool>(v: &mut [__m512; 16]) -> __m512 {
+        // SAFETY: as stated.
+        unsafe {
+            let mut w = 8;
+            while w > 0 {
+                for i in 0..w {
+                    v[i] = fold16::<MAX>(v[i], v[i + w]);
+                }
+                w /= 2;
+            }
+            v[0]
+        }
+    }
+
+    /// The 4x4 transpose of 4-byte (and of 32-bit) elements within each 16: position
+    /// `4 r + i` takes `4 i + r`.
+    const T4X4: [i8; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15];
+
+    /// The blocked kernel (AVX-512): per block, register `c` holds entry `c` of its 16 rows.
+    ///
+    /// # Safety
+    /// AVX-512F/BW available; shapes as checked by `quantize_residual_blocked`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    unsafe fn quantize_blocked_v4_imp(
+        dots: &[f32],
+        pre: &[f32],
+        mins: &mut [f32],
+        table: &mut [u8],
+    ) -> (f32, f32) {
+        // SAFETY: dots and pre hold nb * 256 floats, mins nb * 16; the stores write the rows
+        // below table.len() / 16 only (masked in the last group of four).
+        unsafe {
+            let nb = mins.len() / 16;
+            let (d, p) = (dots.as_ptr(), pre.as_ptr());
+            let two = _mm512_set1_ps(2.0);
+            // One rounding, as the scalar's `2.0 * d - p`: 2 d is exact.
+            let entry = |b: usize, c: usize| {
+                let o = b * 256 + c * 16;
+                _mm512_fmsub_ps(two, _mm512_loadu_ps(d.add(o)), _mm512_loadu_ps(p.add(o)))
+            };
+            let mut spans = _mm512_setzero_ps();
+            let (mut acc_lo, mut acc_hi) = (_mm512_setzero_pd(), _mm512_setzero_pd());
+            for b in 0..nb {
+                let mut lo = [_mm512_setzero_ps(); 16];
+                for (c, v) in lo.iter_mut().enumerate() {
+                    *v = entry(b, c);
+                }
+                let mut hi = lo;
+                let (lo, hi) = (tree16::<false>(&mut lo), tree16::<true>(&mut hi));
+                _mm512_storeu_ps(mins.as_mut_ptr().add(16 * b), lo);
+                spans = _mm512_max_ps(spans, _mm512_sub_ps(hi, lo));
+                acc_lo = _mm512_add_pd(acc_lo, _mm512_cvtps_pd(_mm512_castps512_ps256(lo)));
+                acc_hi = _mm512_add_pd(
+                    acc_hi,
+                    _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                        _mm512_castps_pd(lo),
+                    ))),
+                );
+            }
+            // bias_of's fold: w = 8, then 4, 2, 1.
+            let s8 = _mm512_add_pd(acc_lo, acc_hi);
+            let s4 = _mm256_add_pd(_mm512_castpd512_pd256(s8), _mm512_extractf64x4_pd::<1>(s8));
+            let s2 = _mm_add_pd(_mm256_castpd256_pd128(s4), _mm256_extractf128_pd::<1>(s4));
+            let s1 = _mm_add_sd(s2, _mm_unpackhi_pd(s2, s2));
+            let bias = _mm_cvtsd_f64(s1) as f32;
+            // Max is exact: any order gives the scalar's span.
+            let span = _mm512_reduce_max_ps(spans);
+            let delta = super::delta_of(span);
+            let inv_s = 1.0 / delta;
+            // Every x = (v - lo) inv + 0.5 is at most span inv + 0.5 (rounding is monotonic
+            // and v - lo <= span): about 255.5 for any normal span. Below 2^15 the packs'
+            // saturation is the clamp at 255, so the min is needed only for degenerate spans
+            // (subnormal: infinite steps; infinite: NaN), where it keeps NaN as its result.
+            let bounded = span * inv_s < 30_000.0;
+            let inv = _mm512_set1_ps(inv_s);
+            let half = _mm512_set1_ps(0.5);
+            let top = _mm512_set1_ps(255.0);
+            let t4 = _mm512_broadcast_i32x4(_mm_loadu_si128(T4X4.as_ptr() as *const __m128i));
+            let t4d = _mm512_cvtepi8_epi32(_mm_loadu_si128(T4X4.as_ptr() as *const __m128i));
+            let rows = table.len() / 16;
+            let out = table.as_mut_ptr();
+            for b in 0..nb.min(rows.div_ceil(16)) {
+                let lo = _mm512_loadu_ps(mins.as_ptr().add(16 * b));
+                // Entry c of the block's rows as i32 lanes, at most 255, for the saturating
+                // packs (negative x and NaN become 0 there, as the scalar clamp does).
+                let q = |c: usize| {
+                    let x = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(entry(b, c), lo), inv), half);
+                    _mm512_cvttps_epi32(if bounded { x } else { _mm512_min_ps(top, x) })
+                };
+                // packs: in 128-bit lane l, byte 4 i + r of bytes[g] is entry 4 g + i of row
+                // 4 l + r.
+                let mut bytes = [_mm512_setzero_si512(); 4];
+                for (g, out) in bytes.iter_mut().enumerate() {
+                    let w0 = _mm512_packus_epi32(q(4 * g), q(4 * g + 1));
+                    let w1 = _mm512_packus_epi32(q(4 * g + 2), q(4 * g + 3));
+                    *out = _mm512_packus_epi16(w0, w1);
+                }
+                // Lane transpose: lane g of rows4[l] is lane l of bytes[g].
+                let t0 = _mm512_shuffle_i64x2::<0b01_00_01_00>(bytes[0], bytes[1]);
+                let t1 = _mm512_shuffle_i64x2::<0b11_10_11_10>(bytes[0], bytes[1]);
+                let t2 = _mm512_shuffle_i64x2::<0b01_00_01_00>(bytes[2], bytes[3]);
+                let t3 = _mm512_shuffle_i64x2::<0b11_10_11_10>(bytes[2], bytes[3]);
+                let rows4 = [
+                    _mm512_shuffle_i64x2::<0b10_00_10_00>(t0, t2),
+                    _mm512_shuffle_i64x2::<0b11_01_11_01>(t0, t2),
+                    _mm512_shuffle_i64x2::<0b10_00_10_00>(t1, t3),
+                    _mm512_shuffle_i64x2::<0b11_01_11_01>(t1, t3),
+                ];
+                for (l, &v) in rows4.iter().enumerate() {
+                    // In lane g, dword r: entries 4 g .. 4 g + 4 of row r; then dword 4 r + g.
+                    let v = _mm512_permutexvar_epi32(t4d, _mm512_shuffle_epi8(v, t4));
+                    let row = 16 * b + 4 * l;
+                    if row + 4 <= rows {
+                        _mm512_storeu_si512(out.add(16 * row) as *mut __m512i, v);
+                    } else if row < rows {
+                        let mask = (1u64 << (16 * (rows - row))) - 1;
+                        _mm512_mask_storeu_epi8(out.add(16 * row) as *mut i8, mask, v);
+                    }
+                }
+            }
+            (delta, bias)
+        }
+    }
+
+    pub(super) fn quantize_blocked_v4(
+        dots: &[f32],
+        pre: &[f32],
+        mins: &mut [f32],
+        table: &mut [u8],
+    ) -> (f32, f32) {
+        // SAFETY: only reachable through a kernel built for V4, which the CPU supports;
+        // shapes checked by LutKernel::quantize_residual_blocked.
+        unsafe { quantize_blocked_v4_imp(dots, pre, mins, table) }
+    }
+
+    /// Pairwise min (or max if `MAX`) of 16 registers, in place, down to `v[0]`.
+    ///
+    /// # Safety
+    /// AVX available.
+    #[inline(always)]
+    unsafe fn tree8<const MAX: bool>(v: &mut [__m256; 16]) -> __m256 {
+        // SAFETY: as stated.
+        unsafe {
+            let mut w = 8;
+            while w > 0 {
+                for i in 0..w {
+                    v[i] = if MAX {
+                        _mm256_max_ps(v[i], v[i + w])
+                    } else {
+                        _mm256_min_ps(v[i], v[i + w])
+                    };
+                }
+                w /= 2;
+            }
+            v[0]
+        }
+    }
+
+    /// The blocked kernel (AVX2): each block as two halves of 8 rows, register `c` of a half
+    /// holding entry `c` of its rows.
+    ///
+    /// # Safety
+    /// AVX2 and FMA available; shapes as checked by `quantize_residual_blocked`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn quantize_blocked_v3_imp(
+        dots: &[f32],
+        pre: &[f32],
+        mins: &mut [f32],
+        table: &mut [u8],
+    ) -> (f32, f32) {
+        // SAFETY: dots and pre hold nb * 256 floats, mins nb * 16; the stores write the rows
+        // below table.len() / 16 only.
+        unsafe {
+            let nb = mins.len() / 16;
+            let (d, p) = (dots.as_ptr(), pre.as_ptr());
+            let two = _mm256_set1_ps(2.0);
+            // Entry c of the rows of half h of block b; one rounding, as `2.0 * d - p`.
+            let entry = |b: usize, h: usize, c: usize| {
+                let o = b * 256 + c * 16 + 8 * h;
+                _mm256_fmsub_ps(two, _mm256_loadu_ps(d.add(o)), _mm256_loadu_ps(p.add(o)))
+            };
+            let mut spans = _mm256_setzero_ps();
+            // acc[q]: rows 4 q .. 4 q + 4 of each block (bias_of's lanes).
+            let mut acc = [_mm256_setzero_pd(); 4];
+            for b in 0..nb {
+                for h in 0..2 {
+                    let mut lo = [_mm256_setzero_ps(); 16];
+                    for (c, v) in lo.iter_mut().enumerate() {
+                        *v = entry(b, h, c);
+                    }
+                    let mut hi = lo;
+                    let (lo, hi) = (tree8::<false>(&mut lo), tree8::<true>(&mut hi));
+                    _mm256_storeu_ps(mins.as_mut_ptr().add(16 * b + 8 * h), lo);
+                    spans = _mm256_max_ps(spans, _mm256_sub_ps(hi, lo));
+                    acc[2 * h] =
+                        _mm256_add_pd(acc[2 * h], _mm256_cvtps_pd(_mm256_castps256_ps128(lo)));
+                    acc[2 * h + 1] = _mm256_add_pd(
+                        acc[2 * h + 1],
+                        _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(lo)),
+                    );
+                }
+            }
+            // bias_of's fold: w = 8 (acc 0 + 2, 1 + 3), then 4, 2, 1.
+            let s4 = _mm256_add_pd(_mm256_add_pd(acc[0], acc[2]), _mm256_add_pd(acc[1], acc[3]));
+            let s2 = _mm_add_pd(_mm256_castpd256_pd128(s4), _mm256_extractf128_pd::<1>(s4));
+            let s1 = _mm_add_sd(s2, _mm_unpackhi_pd(s2, s2));
+            let bias = _mm_cvtsd_f64(s1) as f32;
+            let mut lanes = [0.0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), spans);
+            // Max is exact: any order gives the scalar's span.
+            let span = lanes.iter().fold(0.0f32, |a, &v| if v > a { v } else { a });
+            let delta = super::delta_of(span);
+            let inv = _mm256_set1_ps(1.0 / delta);
+            let half = _mm256_set1_ps(0.5);
+            let top = _mm256_set1_ps(255.0);
+            let t4 = _mm256_broadcastsi128_si256(_mm_loadu_si128(T4X4.as_ptr() as *const __m128i));
+            let rows = table.len() / 16;
+            let out = table.as_mut_ptr();
+            for b in 0..nb.min(rows.div_ceil(16)) {
+                for h in 0..2 {
+                    let row0 = 16 * b + 8 * h;
+                    if row0 >= rows {
+                        break;
+                    }
+                    let lo = _mm256_loadu_ps(mins.as_ptr().add(row0));
+                    let q = |c: usize| {
+                        let x = _mm256_add_ps(
+                            _mm256_mul_ps(_mm256_sub_ps(entry(b, h, c), lo), inv),
+                            half,
+                        );
+                        // As quant8: max(x, 0) gives 0 for NaN, then the clamp at 255.
+                        _mm256_cvttps_epi32(_mm256_min_ps(
+                            _mm256_max_ps(x, _mm256_setzero_ps()),
+                            top,
+                        ))
+                    };
+                    // In 128-bit lane l, byte 4 i + r of bytes[g] is entry 4 g + i of row
+                    // row0 + 4 l + r; after the in-lane transpose, dword r holds row
+                    // row0 + 4 l + r's entries 4 g .. 4 g + 4.
+                    let mut bytes = [_mm256_setzero_si256(); 4];
+                    for (g, out) in bytes.iter_mut().enumerate() {
+                        let w0 = _mm256_packus_epi32(q(4 * g), q(4 * g + 1));
+                        let w1 = _mm256_packus_epi32(q(4 * g + 2), q(4 * g + 3));
+                        *out = _mm256_shuffle_epi8(_mm256_packus_epi16(w0, w1), t4);
+                    }
+                    let u01lo = _mm256_unpacklo_epi32(bytes[0], bytes[1]);
+                    let u01hi = _mm256_unpackhi_epi32(bytes[0], bytes[1]);
+                    let u23lo = _mm256_unpacklo_epi32(bytes[2], bytes[3]);
+                    let u23hi = _mm256_unpackhi_epi32(bytes[2], bytes[3]);
+                    // Register r: row row0 + r in lane 0, row row0 + 4 + r in lane 1.
+                    let per_row = [
+                        _mm256_unpacklo_epi64(u01lo, u23lo),
+                        _mm256_unpackhi_epi64(u01lo, u23lo),
+                        _mm256_unpacklo_epi64(u01hi, u23hi),
+                        _mm256_unpackhi_epi64(u01hi, u23hi),
+                    ];
+                    for (r, &v) in per_row.iter().enumerate() {
+                        if row0 + r < rows {
+                            let at = out.add(16 * (row0 + r)) as *mut __m128i;
+                            _mm_storeu_si128(at, _mm256_castsi256_si128(v));
+                        }
+                        if row0 + 4 + r < rows {
+                            let at = out.add(16 * (row0 + 4 + r)) as *mut __m128i;
+                            _mm_storeu_si128(at, _mm256_extracti128_si256::<1>(v));
+                        }
+                    }
+                }
+            }
+            (delta, bias)
+        }
+    }
+
+    pub(super) fn quantize_blocked_v3(
+        dots: &[f32],
+        pre: &[f32],
+        mins: &mut [f32],
+        table: &mut [u8],
+    ) -> (f32, f32) {
+        // SAFETY: only reachable through a kernel built for V3, which the CPU supports;
+        // shapes checked by LutKernel::quantize_residual_blocked.
+        unsafe { quantize_blocked_v3_imp(dots, pre, mins, table) }
+    }
+
     pub(super) fn quantize_v3(scores: &[f32], mins: &mut [f32], table: &mut [u8]) -> f32 {
         // SAFETY: only reachable through a kernel built for V3, which the CPU supports;
         // shapes checked by LutKernel::quantize.
-        unsafe { quantize_v3_imp(Rows::Plain(scores.as_ptr()), mins, table) }
+        unsafe { quantize_v3_imp(Rows(scores.as_ptr()), mins, table) }
     }
 
     pub(super) fn quantize_v4(scores: &[f32], mins: &mut [f32], table: &mut [u8]) -> f32 {
         // SAFETY: only reachable through a kernel built for V4, which the CPU supports;
         // shapes checked by LutKernel::quantize.
-        unsafe { quantize_v4_imp(Rows::Plain(scores.as_ptr()), mins, table) }
-    }
-
-    pub(super) fn quantize_residual_v3(
-        dots: &[f32],
-        pre: &[f32],
-        mins: &mut [f32],
-        table: &mut [u8],
-    ) -> f32 {
-        // SAFETY: as quantize_v3; shapes checked by LutKernel::quantize_residual.
-        unsafe { quantize_v3_imp(Rows::Residual(dots.as_ptr(), pre.as_ptr()), mins, table) }
-    }
-
-    pub(super) fn quantize_residual_v4(
-        dots: &[f32],
-        pre: &[f32],
-        mins: &mut [f32],
-        table: &mut [u8],
-    ) -> f32 {
-        // SAFETY: as quantize_v4; shapes checked by LutKernel::quantize_residual.
-        unsafe { quantize_v4_imp(Rows::Residual(dots.as_ptr(), pre.as_ptr()), mins, table) }
+        unsafe { quantize_v4_imp(Rows(scores.as_ptr()), mins, table) }
     }
 }
 
@@ -499,10 +810,56 @@ mod tests {
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     #[test]
+    fn blocked_residual_levels_are_bit_exact_with_the_row_major_reference() {
+        let mut rng = StdRng::seed_from_u64(6);
+        for m in [1usize, 2, 15, 16, 17, 31, 98, 130] {
+            for trial in 0..8 {
+                let mut gen = |i: usize| match trial {
+                    0 => rng.random_range(-3.0..3.0),
+                    1 => rng.random_range(-1e6..1e6),
+                    2 => (i % 5) as f32,
+                    3 => 7.25,
+                    4 => rng.random_range(0..512) as f32 / 2.0,
+                    5 => rng.random_range(-1e-30..1e-30),
+                    // Degenerate scales, where the clamp at 255 decides: a subnormal span
+                    // (delta rounds to 0, every step infinite) and an infinite one.
+                    6 => rng.random_range(-1e-43..1e-43),
+                    _ => rng.random_range(-1e38..1e38),
+                };
+                let dots: Vec<f32> = (0..m * 16).map(&mut gen).collect();
+                let pre: Vec<f32> = (0..m * 16).map(|i| gen(i + 3) * 0.37).collect();
+                let (mut bd, mut bp) = (vec![0.0; blocked_len(m)], vec![0.0; blocked_len(m)]);
+                to_blocked(&dots, &mut bd);
+                to_blocked(&pre, &mut bp);
+                // The row-major reference is the reference for the bytes and delta.
+                let rows: Vec<f32> = dots.iter().zip(&pre).map(|(d, p)| 2.0 * d - p).collect();
+                let (mut wm, mut wt) = (vec![0.0; m], vec![0u8; m * 16]);
+                let wd = quantize_scalar(&rows, &mut wm, &mut wt);
+                for m2 in [m, m + m % 2] {
+                    let mut want_table = wt.clone();
+                    want_table.resize(m2 * 16, 0);
+                    for level in Level::all_supported() {
+                        let mut mins = vec![1.0; bd.len() / 16];
+                        let mut table = vec![9u8; m2 * 16];
+                        let k = LutKernel::for_level(level);
+                        let (delta, bias) =
+                            k.quantize_residual_blocked(&bd, &bp, &mut mins, &mut table);
+                        let at = format!("level {level} m {m} m2 {m2} trial {trial}");
+                        assert_eq!(delta.to_bits(), wd.to_bits(), "{at}");
+                        assert_eq!(table, want_table, "{at}");
+                        assert_eq!(mins[..m], wm[..], "{at}");
+                        assert_eq!(bias.to_bits(), bias_of(&wm).to_bits(), "{at}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn every_level_is_bit_exact_with_scalar() {
         let mut rng = StdRng::seed_from_u64(5);
         for m in [1usize, 2, 3, 16, 17, 64, 130] {
-            for trial in 0..6 {
+            for trial in 0..8 {
                 let scores: Vec<f32> = (0..m * 16)
                     .map(|i| match trial {
                         0 => rng.random_range(-3.0..3.0),
@@ -510,7 +867,9 @@ mod tests {
                         2 => (i % 5) as f32, // many ties, exact halves
                         3 => 7.25,           // zero span
                         4 => rng.random_range(0..512) as f32 / 2.0, // x.5 boundaries
-                        _ => rng.random_range(-1e-30..1e-30),
+                        5 => rng.random_range(-1e-30..1e-30),
+                        6 => rng.random_range(-1e-43..1e-43), // subnormal span: infinite steps
+                        _ => rng.random_range(-1e38..1e38),   // infinite span: zero steps
                     })
                     .collect();
                 let (mut wm, mut wt) = (vec![0.0; m], vec![0u8; m * 16 + 16]);
@@ -525,23 +884,6 @@ mod tests {
                     );
                     assert_eq!(gm, wm, "level {level} m {m} trial {trial}");
                     assert_eq!(gt, wt, "level {level} m {m} trial {trial}");
-                }
-                // The fused residual rows 2 d - p, against the reference.
-                let pre: Vec<f32> = scores.iter().map(|v| v * 0.37 - 1.5).collect();
-                let dots: Vec<f32> = scores.iter().rev().copied().collect();
-                let (mut wm, mut wt) = (vec![0.0; m], vec![0u8; m * 16 + 16]);
-                let wd = quantize_residual_scalar(&dots, &pre, &mut wm, &mut wt);
-                for level in Level::all_supported() {
-                    let (mut gm, mut gt) = (vec![0.0; m], vec![0u8; m * 16 + 16]);
-                    let k = LutKernel::for_level(level);
-                    let gd = k.quantize_residual(&dots, &pre, &mut gm, &mut gt);
-                    assert_eq!(
-                        gd.to_bits(),
-                        wd.to_bits(),
-                        "residual {level} m {m} trial {trial}"
-                    );
-                    assert_eq!(gm, wm, "residual {level} m {m} trial {trial}");
-                    assert_eq!(gt, wt, "residual {level} m {m} trial {trial}");
                 }
             }
         }

@@ -97,32 +97,26 @@ impl QuantizedLut {
         self.bias = sum_f64(mins);
     }
 
-    /// [`QuantizedLut::requantize`] of the rows `2 * dots - pre` (the IVF tables of L2
-    /// search with residuals), quantized without writing the float rows.
-    pub fn requantize_residual(
-        &mut self,
-        dots: &[f32],
-        pre: &[f32],
-        m: usize,
-        m2: usize,
-        mins: &mut Vec<f32>,
-    ) {
-        let kernel = lut_kernel();
-        debug_assert_eq!(dots.len(), m * 16);
-        mins.resize(m, 0.0);
-        // The kernel writes every byte of the first m rows: only the padding rows need zeros
-        // (this runs once per probed list and query).
-        self.table.resize(m2 * 16, 0);
-        self.table[m * 16..].fill(0);
-        self.delta = kernel.quantize_residual(dots, pre, mins, &mut self.table);
-        self.bias = sum_f64(mins);
-    }
-
     /// The float score of a u16 sum.
     #[inline(always)]
     pub fn score(&self, sum: u16) -> f32 {
         self.bias + self.delta * sum as f32
     }
+}
+
+/// The u8 table of the rows `2 * dots - pre` (the IVF tables of L2 search with residuals,
+/// one per query and probed list), both in the blocked layout
+/// ([`pqcache_simd::lut::to_blocked`]), written into `table` (`m2 * 16` bytes, padding rows
+/// zero) without making the float rows; `mins` is scratch. Returns `(delta, bias)` as in
+/// [`QuantizedLut`] ([`pqcache_simd::lut::bias_of`] sums the minima).
+pub fn quantize_residual_blocked(
+    dots: &[f32],
+    pre: &[f32],
+    mins: &mut Vec<f32>,
+    table: &mut [u8],
+) -> (f32, f32) {
+    mins.resize(dots.len() / 16, 0.0);
+    lut_kernel().quantize_residual_blocked(dots, pre, mins, table)
 }
 
 /// The table-quantization kernel, resolved once per process (every level gives the same

@@ -46,6 +46,7 @@ use crate::pq::{Nbits, ProductQuantizer};
 use crate::result::SearchResult;
 use pqcache_simd::distance::DistanceKernels;
 use pqcache_simd::fastscan::FastScanKernel;
+use pqcache_simd::lut::{blocked_len, to_blocked};
 use pqcache_simd::Level;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -90,8 +91,9 @@ pub struct IndexIVFPQFastScan {
     ntotal: usize,
     next_id: i64,
     drift: DriftStats,
-    /// L2 with residuals: `nlist * m * 16` terms `||r_jc||² + 2 c_l,j . r_jc` (list `l`,
-    /// sub-quantizer `j`, code `c`), so that a list's table is `2 q . r - term` plus the
+    /// L2 with residuals: per list `l`, the `m * 16` terms `||r_jc||² + 2 c_l,j . r_jc`
+    /// (sub-quantizer `j`, code `c`) in the blocked layout of the table kernel
+    /// ([`blocked_len`]`(m)` floats, [`to_blocked`]), so that a list's table is `2 q . r - term` plus the
     /// constant `-||q - c_l||²`: no table is rebuilt from the codebooks per probed list.
     precomputed: Vec<f32>,
     /// Lists visited per query (clamped to `1..=nlist`).
@@ -406,16 +408,19 @@ impl IndexIVFPQFastScan {
             return;
         }
         let (m, dsub, nlist) = (self.pq.m(), self.pq.dsub(), self.coarse.nlist());
-        let mut out = vec![0.0f32; nlist * m * 16];
-        out.par_chunks_mut(m * 16).enumerate().for_each(|(l, t)| {
+        let stride = blocked_len(m);
+        let mut out = vec![0.0f32; nlist * stride];
+        out.par_chunks_mut(stride).enumerate().for_each(|(l, t)| {
             let c = self.coarse.centroid(l);
+            let mut rows = vec![0.0f32; m * 16];
             for j in 0..m {
                 for code in 0..16 {
                     let r = self.pq.centroid(j, code);
                     let cj = &c[j * dsub..(j + 1) * dsub];
-                    t[j * 16 + code] = r.iter().zip(cj).map(|(a, b)| a * a + 2.0 * a * b).sum();
+                    rows[j * 16 + code] = r.iter().zip(cj).map(|(a, b)| a * a + 2.0 * a * b).sum();
                 }
             }
+            to_blocked(&rows, t);
         });
         self.precomputed = out;
     }

@@ -14,6 +14,7 @@ use crate::metric::Metric;
 use crate::pq::lut::QuantizedLut;
 use crate::select::TopK;
 use pqcache_simd::fastscan::{FastScanKernel, BBS, MAX_QBS};
+use pqcache_simd::lut::{blocked_len, to_blocked};
 use rayon::prelude::*;
 use std::cmp::Ordering;
 
@@ -24,28 +25,70 @@ pub(super) const BATCH_MIN_QUERIES: usize = 8;
 const MAX_TASK_QUERIES: usize = 1024;
 
 /// A query's table material: one u8 table for every list, or (L2 with residuals) the
-/// `q . r_jc` terms from which each list's table is built.
+/// `q . r_jc` terms from which each list's table is built, in the table kernel's blocked
+/// layout (as the lists' precomputed terms).
 enum QueryPrep {
     Shared(QuantizedLut),
     ResidualL2 { dots: Vec<f32>, norm: f32 },
 }
 
+/// The map of one table's u16 sums back to float scores in one list: `bias + (lut_bias +
+/// delta * sum)`, [`QuantizedLut::score`] offset by the list's `bias`.
+#[derive(Clone, Copy, Debug)]
+struct TableScale {
+    delta: f32,
+    lut_bias: f32,
+    bias: f32,
+}
+
+impl TableScale {
+    #[inline(always)]
+    fn score(&self, sum: u16) -> f32 {
+        self.bias + (self.lut_bias + self.delta * sum as f32)
+    }
+}
+
+/// The tables of the queries of a group that scan one list: side by side, as the block loop
+/// reads them (a per-list table is quantized in place), with each one's scale.
+#[derive(Default)]
+struct GroupTables {
+    /// The tables in its first `scales.len()` table lengths; the rest is stale, kept so that
+    /// a table is written without zeroing its place first.
+    bytes: Vec<u8>,
+    scales: Vec<TableScale>,
+    /// Scratch of the table kernel.
+    mins: Vec<f32>,
+}
+
+impl GroupTables {
+    fn clear(&mut self) {
+        self.scales.clear();
+    }
+
+    /// The place of the next table, of `len` bytes (every table of a group has the same),
+    /// and the kernel's scratch.
+    fn next_table(&mut self, len: usize) -> (&mut [u8], &mut Vec<f32>) {
+        let at = self.scales.len() * len;
+        if self.bytes.len() < at + len {
+            self.bytes.resize(at + len, 0);
+        }
+        (&mut self.bytes[at..at + len], &mut self.mins)
+    }
+
+    /// The tables, side by side, each `len` bytes.
+    fn tables(&self, len: usize) -> &[u8] {
+        &self.bytes[..self.scales.len() * len]
+    }
+}
+
 /// Buffers reused across list scans.
 #[derive(Default)]
 struct ListScratch {
-    bytes: Vec<u8>,
     scan: scan::ScanScratch,
     /// A chunk's live sums, for [`chunk_floor`].
     live: Vec<u16>,
     /// The offsets of a chunk's sums above a query's floor.
     marked: Vec<u32>,
-}
-
-/// A per-list table under construction (L2 with residuals), reused across lists.
-#[derive(Default)]
-struct LutSlot {
-    mins: Vec<f32>,
-    lut: QuantizedLut,
 }
 
 /// A candidate: float score, id, and where it lives.
@@ -107,9 +150,12 @@ impl IndexIVFPQFastScan {
     fn prepare(&self, q: &[f32]) -> QueryPrep {
         if self.by_residual && self.metric == Metric::L2 {
             // L2 with residuals: q . r_jc for every (j, c), shared by the lists.
-            let mut dots = vec![0.0f32; self.pq.m() * 16];
+            let m = self.pq.m();
+            let mut rows = vec![0.0f32; m * 16];
             self.pq
-                .compute_lut(q, Metric::InnerProduct, &self.kernels, &mut dots);
+                .compute_lut(q, Metric::InnerProduct, &self.kernels, &mut rows);
+            let mut dots = vec![0.0f32; blocked_len(m)];
+            to_blocked(&rows, &mut dots);
             QueryPrep::ResidualL2 {
                 dots,
                 norm: crate::linalg::norm_sq(q),
@@ -119,59 +165,66 @@ impl IndexIVFPQFastScan {
         }
     }
 
-    /// The table of list `l` for a prepared query with coarse score `coarse`, and the bias
-    /// added to every float score of the list; a per-list table is built in `slot`.
-    fn list_table<'a>(
-        &self,
-        prep: &'a QueryPrep,
-        l: usize,
-        coarse: f32,
-        slot: &'a mut LutSlot,
-    ) -> (&'a QuantizedLut, f32) {
-        match prep {
+    /// Appends to `group` the table of list `l` for a prepared query with coarse score
+    /// `coarse`, and its scale with the bias added to every float score of the list.
+    fn push_list_table(&self, group: &mut GroupTables, prep: &QueryPrep, l: usize, coarse: f32) {
+        let m = self.pq.m();
+        let scale = match prep {
             // Inner product with residuals: q . x = q . c_l + q . r.
-            QueryPrep::Shared(lut) => (lut, if self.by_residual { coarse } else { 0.0 }),
+            QueryPrep::Shared(lut) => {
+                group
+                    .next_table(lut.table.len())
+                    .0
+                    .copy_from_slice(&lut.table);
+                TableScale {
+                    delta: lut.delta,
+                    lut_bias: lut.bias,
+                    bias: if self.by_residual { coarse } else { 0.0 },
+                }
+            }
             QueryPrep::ResidualL2 { dots, norm } => {
                 // -||q - c_l - r||² = -||q - c_l||² + sum_j (2 q_j . r_jc - term_ljc), and
                 // -||q - c_l||² = coarse - ||q||².
-                let m = self.pq.m();
-                let pre = &self.precomputed[l * m * 16..(l + 1) * m * 16];
-                slot.lut
-                    .requantize_residual(dots, pre, m, m + m % 2, &mut slot.mins);
-                (&slot.lut, coarse - norm)
+                let stride = blocked_len(m);
+                let pre = &self.precomputed[l * stride..(l + 1) * stride];
+                let (table, mins) = group.next_table((m + m % 2) * 16);
+                let (delta, lut_bias) =
+                    crate::pq::lut::quantize_residual_blocked(dots, pre, mins, table);
+                TableScale {
+                    delta,
+                    lut_bias,
+                    bias: coarse - norm,
+                }
             }
-        }
+        };
+        group.scales.push(scale);
     }
 
-    /// Scans list `l` once for a group of up to `MAX_QBS` queries: `tables[j]` (table, bias)
+    /// Scans list `l` once for a group of up to `MAX_QBS` queries: table `j` of `group`
     /// belongs to the query whose heap is `heaps[members[j]]`. Each query's kernel threshold
     /// is its heap's floor, so blocks no query can use are skipped in-kernel.
     fn scan_list_group(
         &self,
         l: usize,
-        tables: &[(&QuantizedLut, f32)],
+        group: &GroupTables,
         heaps: &mut [TopK<Cand>],
         members: &[usize],
         scratch: &mut ListScratch,
     ) {
         let list = &self.lists[l];
-        scratch.bytes.clear();
-        for (t, _) in tables {
-            scratch.bytes.extend_from_slice(&t.table);
-        }
         let scan = Scan {
             kernel: &self.scan,
             block_bytes: list.codes.block_bytes(),
             m2: list.codes.m2(),
-            tables: &scratch.bytes,
-            nq: tables.len(),
+            tables: group.tables(list.codes.m2() * 16),
+            nq: group.scales.len(),
         };
         let mut handler = ListHandler {
             list: l as u32,
             // One slice for the whole scan (a mapped id array resolves its view once).
             ids: list.ids.as_slice(),
             n: list.len(),
-            tables,
+            scales: &group.scales,
             heaps,
             members,
             floors: [None; MAX_QBS],
@@ -229,15 +282,16 @@ impl IndexIVFPQFastScan {
         let c = self.pool_size(k);
         let prep = self.prepare(q);
         let scan_probe = |heaps: &mut [TopK<Cand>],
-                          scratch: &mut (ListScratch, LutSlot),
+                          scratch: &mut (ListScratch, GroupTables),
                           &(coarse, l): &(f32, u32)| {
             let l = l as usize;
             if self.lists[l].live() == 0 {
                 return;
             }
-            let (scan, slot) = scratch;
-            let table = self.list_table(&prep, l, coarse, slot);
-            self.scan_list_group(l, &[table], heaps, &[0], scan);
+            let (scan, group) = scratch;
+            group.clear();
+            self.push_list_table(group, &prep, l, coarse);
+            self.scan_list_group(l, group, heaps, &[0], scan);
         };
         let heap = if parallel_lists && probes.len() > 1 {
             // One share of the probes per thread, strided (share t takes ranks t, t + T, ..),
@@ -311,7 +365,7 @@ impl IndexIVFPQFastScan {
         let c = self.pool_size(k);
         let mut heaps: Vec<TopK<Cand>> = preps.iter().map(|_| TopK::new(c)).collect();
         let mut scratch = ListScratch::default();
-        let mut slots: Vec<LutSlot> = (0..MAX_QBS).map(|_| LutSlot::default()).collect();
+        let mut tables = GroupTables::default();
         // (list, query, coarse rank) packed so that sorting groups a list's probes, in
         // query order: list << 40 | query << 24 | rank (list and rank < MAX_NLIST = 2^24, a
         // task's query < MAX_TASK_QUERIES).
@@ -333,16 +387,13 @@ impl IndexIVFPQFastScan {
                 let l = (run[0] >> 40) as usize;
                 for group in run.chunks(MAX_QBS) {
                     members.clear();
-                    members.extend(group.iter().map(|&e| (e >> 24 & 0xffff) as usize));
-                    let tables: Vec<(&QuantizedLut, f32)> = group
-                        .iter()
-                        .zip(&members)
-                        .zip(slots.iter_mut())
-                        .map(|((&e, &query), slot)| {
-                            let coarse = probes[query][(e & 0xff_ffff) as usize].0;
-                            self.list_table(&preps[query], l, coarse, slot)
-                        })
-                        .collect();
+                    tables.clear();
+                    for &e in group {
+                        let query = (e >> 24 & 0xffff) as usize;
+                        let coarse = probes[query][(e & 0xff_ffff) as usize].0;
+                        self.push_list_table(&mut tables, &preps[query], l, coarse);
+                        members.push(query);
+                    }
                     self.scan_list_group(l, &tables, &mut heaps, &members, &mut scratch);
                 }
             }
@@ -397,8 +448,8 @@ struct ListHandler<'a> {
     ids: &'a [i64],
     /// Vectors in the list (the last block's padding is past it).
     n: usize,
-    /// Per query of the group: its table and the bias of its float scores in this list.
-    tables: &'a [(&'a QuantizedLut, f32)],
+    /// Per query of the group: the scale of its table's sums in this list.
+    scales: &'a [TableScale],
     heaps: &'a mut [TopK<Cand>],
     /// `heaps[members[j]]` is query `j`'s.
     members: &'a [usize],
@@ -411,12 +462,12 @@ struct ListHandler<'a> {
 }
 
 impl ListHandler<'_> {
-    /// A u16 floor below every sum of table `lut` (scores offset by `bias`) whose float score
-    /// can beat `worst` (one step of margin for the float conversion's rounding); `None`
-    /// when every sum may.
+    /// A u16 floor below every sum of a table with scale `t` whose float score can beat
+    /// `worst` (one step of margin for the float conversion's rounding); `None` when every
+    /// sum may.
     #[inline]
-    fn floor_for(worst: &Cand, lut: &QuantizedLut, bias: f32) -> Option<u16> {
-        let x = (worst.score - bias - lut.bias) / lut.delta;
+    fn floor_for(worst: &Cand, t: &TableScale) -> Option<u16> {
+        let x = (worst.score - t.bias - t.lut_bias) / t.delta;
         // floor(x) - 1 capped at u16::MAX: for x >= 2 the truncating (saturating) cast is
         // the floor; `f32::floor` is a libm call on baseline x86-64 (no SSE4.1 `roundss`),
         // 2 % of a batch search.
@@ -428,10 +479,10 @@ impl ScanHandler for ListHandler<'_> {
     /// Per query, [`ListHandler::floor_for`] its heap's worst; 0 (and every sum offered)
     /// while the heap is not full.
     fn thresholds(&mut self, out: &mut [u16]) -> bool {
-        for (j, ((lut, bias), &h)) in self.tables.iter().zip(self.members).enumerate() {
+        for (j, (t, &h)) in self.scales.iter().zip(self.members).enumerate() {
             self.floors[j] = self.heaps[h]
                 .worst()
-                .and_then(|worst| Self::floor_for(&worst, lut, *bias));
+                .and_then(|worst| Self::floor_for(&worst, t));
             out[j] = self.floors[j].unwrap_or(0);
         }
         true
@@ -440,8 +491,7 @@ impl ScanHandler for ListHandler<'_> {
     fn chunk(&mut self, base: usize, nb: usize, sums: &[u16], masks: &[u32]) {
         let valid = (self.n - base).min(nb * BBS);
         let ids = &self.ids[base..base + valid];
-        for (j, ((lut, bias), &h)) in self.tables.iter().zip(self.members).enumerate() {
-            let (lut, bias) = (*lut, *bias);
+        for (j, (&t, &h)) in self.scales.iter().zip(self.members).enumerate() {
             let heap = &mut self.heaps[h];
             let sums = of_query(sums, j, nb * BBS);
             // A heap that is not full (the first lists of a query) took every score from
@@ -465,14 +515,14 @@ impl ScanHandler for ListHandler<'_> {
                     return;
                 }
                 let cand = Cand {
-                    score: bias + lut.score(s),
+                    score: t.score(s),
                     id,
                     list,
                     offset: (base + i) as u32,
                 };
                 heap.push(cand);
                 if let Some(worst) = heap.worst() {
-                    floor = floor.max(as_floor(Self::floor_for(&worst, lut, bias)));
+                    floor = floor.max(as_floor(Self::floor_for(&worst, &t)));
                 }
             };
             if self.floors[j].is_none() {
