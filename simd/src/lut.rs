@@ -9,7 +9,7 @@
 //! [`LutKernel::quantize_residual_blocked`] quantizes the rows `2 * dots - pre` without
 //! writing them out (the IVF tables of L2 search with residuals, one per query and probed
 //! list): `2 * d` is exact, so the fused multiply-subtract rounds once per element, as
-//! `2.0 * d - p` does. Its inputs are in a blocked layout ([`to_blocked`]): 16 rows to a
+//! `2.0 * d - p` does. Its inputs are in a blocked layout ([`LutKernel::extend_blocked`]): 16 rows to a
 //! block, entry `c` of the block's rows contiguous, so one register holds one entry of 16
 //! rows and the per-row minima and maxima are lane-wise, with no shuffles (a row-major pass
 //! spent 3 shuffles a row on its transposing reductions). It also sums the row minima
@@ -24,6 +24,7 @@ use crate::level::Level;
 
 type QuantizeFn = fn(&[f32], &mut [f32], &mut [u8]) -> f32;
 type BlockedFn = fn(&[f32], &[f32], &mut [f32], &mut [u8]) -> (f32, f32);
+type ExtendFn = fn(&[f32], &mut Vec<f32>);
 
 /// A resolved table-quantization kernel.
 #[derive(Clone, Copy)]
@@ -31,6 +32,7 @@ pub struct LutKernel {
     level: Level,
     quantize: QuantizeFn,
     blocked: BlockedFn,
+    extend: ExtendFn,
 }
 
 impl std::fmt::Debug for LutKernel {
@@ -51,17 +53,20 @@ impl LutKernel {
                 level: Level::V4,
                 quantize: x86::quantize_v4,
                 blocked: x86::quantize_blocked_v4,
+                extend: x86::extend_blocked_v4,
             },
             #[cfg(target_arch = "x86_64")]
             Level::V3 => LutKernel {
                 level: Level::V3,
                 quantize: x86::quantize_v3,
                 blocked: x86::quantize_blocked_v3,
+                extend: extend_blocked_scalar,
             },
             _ => LutKernel {
                 level: Level::Scalar,
                 quantize: quantize_scalar,
                 blocked: quantize_residual_blocked_scalar,
+                extend: extend_blocked_scalar,
             },
         }
     }
@@ -97,18 +102,13 @@ pub fn blocked_len(m: usize) -> usize {
     m.div_ceil(BLOCK_ROWS) * BLOCK_ROWS * 16
 }
 
-/// Writes `rows` (row-major, `m * 16`) into `out` ([`blocked_len`]`(m)`) in the blocked
-/// layout: row `j`, entry `c` at `(j / 16) * 256 + c * 16 + j % 16`, the padding rows zero.
-/// Panics if the lengths disagree.
-pub fn to_blocked(rows: &[f32], out: &mut [f32]) {
+/// Scalar [`LutKernel::extend_blocked`].
+pub fn extend_blocked_scalar(rows: &[f32], out: &mut Vec<f32>) {
     let m = rows.len() / 16;
-    assert!(
-        rows.len() == m * 16 && out.len() == blocked_len(m),
-        "to_blocked: shapes disagree"
-    );
-    out.fill(0.0);
+    let at = out.len();
+    out.resize(at + blocked_len(m), 0.0);
     for (j, row) in rows.chunks_exact(16).enumerate() {
-        let base = (j / BLOCK_ROWS) * BLOCK_ROWS * 16 + j % BLOCK_ROWS;
+        let base = at + (j / BLOCK_ROWS) * BLOCK_ROWS * 16 + j % BLOCK_ROWS;
         for (c, &v) in row.iter().enumerate() {
             out[base + c * BLOCK_ROWS] = v;
         }
@@ -133,13 +133,22 @@ pub fn bias_of(mins: &[f32]) -> f32 {
 }
 
 impl LutKernel {
+    /// Appends `rows` (row-major, `m * 16`) to `out` in the blocked layout of
+    /// [`LutKernel::quantize_residual_blocked`], [`blocked_len`]`(m)` floats: row `j`, entry
+    /// `c` at `(j / 16) * 256 + c * 16 + j % 16`, the padding rows zero. Panics unless `rows`
+    /// holds whole rows.
+    pub fn extend_blocked(&self, rows: &[f32], out: &mut Vec<f32>) {
+        assert!(rows.len().is_multiple_of(16), "extend_blocked: partial row");
+        (self.extend)(rows, out)
+    }
+
     /// [`LutKernel::quantize`] of the rows `2 * dots - pre`, computed on the fly from both
-    /// inputs in the blocked layout ([`to_blocked`]): per block, entry `c` of its 16 rows is one register, so the row
+    /// inputs in the blocked layout ([`LutKernel::extend_blocked`]): per block, entry `c` of its 16 rows is one register, so the row
     /// minima and maxima are lane-wise (no shuffles) and so is the quantization; the bytes
     /// are transposed back to rows on the way out. Writes the first `table.len() / 16` rows
     /// (whole rows, at most the blocks'), fills `mins` (one per row of the blocks, scratch)
     /// and returns `(delta, bias)` with `bias` = [`bias_of`]`(mins)`. Rows past the table's
-    /// must be zero in both inputs (as [`to_blocked`] leaves them), so that they widen no
+    /// must be zero in both inputs (as [`LutKernel::extend_blocked`] leaves them), so that they widen no
     /// span. Panics if the lengths disagree.
     pub fn quantize_residual_blocked(
         &self,
@@ -632,6 +641,69 @@ mod x86 {
         }
     }
 
+    /// [`super::LutKernel::extend_blocked`] (AVX-512): each block of 16 rows is a 16 x 16
+    /// transpose in registers (unpacks, then 128-bit lane shuffles), the last block's missing
+    /// rows zero.
+    ///
+    /// # Safety
+    /// AVX-512F available.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    unsafe fn extend_blocked_v4_imp(rows: &[f32], out: &mut Vec<f32>) {
+        // SAFETY: each load reads row jj < 16 of `block`, 256 floats.
+        unsafe {
+            let m = rows.len() / 16;
+            out.reserve(super::blocked_len(m));
+            for first in (0..m).step_by(16) {
+                let real = (m - first).min(16);
+                let mut padded = [0.0f32; 256];
+                let block = if real == 16 {
+                    &rows[first * 16..(first + 16) * 16]
+                } else {
+                    padded[..real * 16].copy_from_slice(&rows[first * 16..(first + real) * 16]);
+                    &padded[..]
+                };
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (jj, v) in r.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(block.as_ptr().add(16 * jj));
+                }
+                // t[2i], t[2i + 1]: rows 2i and 2i + 1 interleaved (low, high pairs per lane).
+                let mut t = [_mm512_setzero_ps(); 16];
+                for i in 0..8 {
+                    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+                    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+                }
+                // u[4i + k], 128-bit lane l: entry 4 l + k of rows 4i .. 4i + 4.
+                let mut u = [_mm512_setzero_ps(); 16];
+                for i in 0..4 {
+                    u[4 * i] = _mm512_shuffle_ps::<0x44>(t[4 * i], t[4 * i + 2]);
+                    u[4 * i + 1] = _mm512_shuffle_ps::<0xEE>(t[4 * i], t[4 * i + 2]);
+                    u[4 * i + 2] = _mm512_shuffle_ps::<0x44>(t[4 * i + 1], t[4 * i + 3]);
+                    u[4 * i + 3] = _mm512_shuffle_ps::<0xEE>(t[4 * i + 1], t[4 * i + 3]);
+                }
+                // Entry 4 l + k of the 16 rows: lane l of u[k], u[4 + k], u[8 + k], u[12 + k].
+                let mut cols = [0.0f32; 256];
+                for k in 0..4 {
+                    let v0 = _mm512_shuffle_f32x4::<0x88>(u[k], u[4 + k]);
+                    let v1 = _mm512_shuffle_f32x4::<0xDD>(u[k], u[4 + k]);
+                    let w0 = _mm512_shuffle_f32x4::<0x88>(u[8 + k], u[12 + k]);
+                    let w1 = _mm512_shuffle_f32x4::<0xDD>(u[8 + k], u[12 + k]);
+                    let base = cols.as_mut_ptr();
+                    let at = |c: usize| base.add(16 * c);
+                    _mm512_storeu_ps(at(k), _mm512_shuffle_f32x4::<0x88>(v0, w0));
+                    _mm512_storeu_ps(at(4 + k), _mm512_shuffle_f32x4::<0x88>(v1, w1));
+                    _mm512_storeu_ps(at(8 + k), _mm512_shuffle_f32x4::<0xDD>(v0, w0));
+                    _mm512_storeu_ps(at(12 + k), _mm512_shuffle_f32x4::<0xDD>(v1, w1));
+                }
+                out.extend_from_slice(&cols);
+            }
+        }
+    }
+
+    pub(super) fn extend_blocked_v4(rows: &[f32], out: &mut Vec<f32>) {
+        // SAFETY: only reachable through a kernel built for V4, which the CPU supports.
+        unsafe { extend_blocked_v4_imp(rows, out) }
+    }
+
     pub(super) fn quantize_blocked_v4(
         dots: &[f32],
         pre: &[f32],
@@ -828,9 +900,23 @@ mod tests {
                 };
                 let dots: Vec<f32> = (0..m * 16).map(&mut gen).collect();
                 let pre: Vec<f32> = (0..m * 16).map(|i| gen(i + 3) * 0.37).collect();
-                let (mut bd, mut bp) = (vec![0.0; blocked_len(m)], vec![0.0; blocked_len(m)]);
-                to_blocked(&dots, &mut bd);
-                to_blocked(&pre, &mut bp);
+                let (mut bd, mut bp) = (Vec::new(), Vec::new());
+                extend_blocked_scalar(&dots, &mut bd);
+                extend_blocked_scalar(&pre, &mut bp);
+                assert_eq!(bd.len(), blocked_len(m));
+                // The layout, by definition, and the same from every level, appended.
+                for (j, c) in [(0, 0), (0, 15), (m - 1, 3), (m / 2, 7)] {
+                    assert_eq!(bd[(j / 16) * 256 + c * 16 + j % 16], dots[j * 16 + c]);
+                }
+                for j in m..m.div_ceil(16) * 16 {
+                    assert!((0..16).all(|c| bd[(j / 16) * 256 + c * 16 + j % 16] == 0.0));
+                }
+                for level in Level::all_supported() {
+                    let mut got = vec![5.0];
+                    LutKernel::for_level(level).extend_blocked(&dots, &mut got);
+                    assert_eq!(got[0], 5.0);
+                    assert_eq!(got[1..], bd[..], "level {level} m {m}");
+                }
                 // The row-major reference is the reference for the bytes and delta.
                 let rows: Vec<f32> = dots.iter().zip(&pre).map(|(d, p)| 2.0 * d - p).collect();
                 let (mut wm, mut wt) = (vec![0.0; m], vec![0u8; m * 16]);

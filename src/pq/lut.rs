@@ -106,7 +106,7 @@ impl QuantizedLut {
 
 /// The u8 table of the rows `2 * dots - pre` (the IVF tables of L2 search with residuals,
 /// one per query and probed list), both in the blocked layout
-/// ([`pqcache_simd::lut::to_blocked`]), written into `table` (`m2 * 16` bytes, padding rows
+/// ([`extend_blocked`]), written into `table` (`m2 * 16` bytes, padding rows
 /// zero) without making the float rows; `mins` is scratch. Returns `(delta, bias)` as in
 /// [`QuantizedLut`] ([`pqcache_simd::lut::bias_of`] sums the minima).
 pub fn quantize_residual_blocked(
@@ -117,6 +117,12 @@ pub fn quantize_residual_blocked(
 ) -> (f32, f32) {
     mins.resize(dots.len() / 16, 0.0);
     lut_kernel().quantize_residual_blocked(dots, pre, mins, table)
+}
+
+/// Appends `rows` (`m * 16`, row-major) to `out` in the blocked layout of
+/// [`quantize_residual_blocked`] ([`pqcache_simd::lut::LutKernel::extend_blocked`]).
+pub fn extend_blocked(rows: &[f32], out: &mut Vec<f32>) {
+    lut_kernel().extend_blocked(rows, out);
 }
 
 /// The table-quantization kernel, resolved once per process (every level gives the same

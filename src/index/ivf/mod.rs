@@ -42,11 +42,12 @@ use crate::error::{Error, Result};
 use crate::ivf::CoarseQuantizer;
 use crate::kmeans::KMeansConfig;
 use crate::metric::Metric;
+use crate::pq::lut::extend_blocked;
 use crate::pq::{Nbits, ProductQuantizer};
 use crate::result::SearchResult;
 use pqcache_simd::distance::DistanceKernels;
 use pqcache_simd::fastscan::FastScanKernel;
-use pqcache_simd::lut::{blocked_len, to_blocked};
+use pqcache_simd::lut::blocked_len;
 use pqcache_simd::Level;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -93,7 +94,7 @@ pub struct IndexIVFPQFastScan {
     drift: DriftStats,
     /// L2 with residuals: per list `l`, the `m * 16` terms `||r_jc||² + 2 c_l,j . r_jc`
     /// (sub-quantizer `j`, code `c`) in the blocked layout of the table kernel
-    /// ([`blocked_len`]`(m)` floats, [`to_blocked`]), so that a list's table is `2 q . r - term` plus the
+    /// ([`blocked_len`]`(m)` floats, [`extend_blocked`]), so that a list's table is `2 q . r - term` plus the
     /// constant `-||q - c_l||²`: no table is rebuilt from the codebooks per probed list.
     precomputed: Vec<f32>,
     /// Lists visited per query (clamped to `1..=nlist`).
@@ -408,20 +409,26 @@ impl IndexIVFPQFastScan {
             return;
         }
         let (m, dsub, nlist) = (self.pq.m(), self.pq.dsub(), self.coarse.nlist());
-        let stride = blocked_len(m);
-        let mut out = vec![0.0f32; nlist * stride];
-        out.par_chunks_mut(stride).enumerate().for_each(|(l, t)| {
-            let c = self.coarse.centroid(l);
-            let mut rows = vec![0.0f32; m * 16];
-            for j in 0..m {
-                for code in 0..16 {
-                    let r = self.pq.centroid(j, code);
+        let per_list: Vec<Vec<f32>> = (0..nlist)
+            .into_par_iter()
+            .map(|l| {
+                let c = self.coarse.centroid(l);
+                let mut rows = vec![0.0f32; m * 16];
+                for j in 0..m {
                     let cj = &c[j * dsub..(j + 1) * dsub];
-                    rows[j * 16 + code] = r.iter().zip(cj).map(|(a, b)| a * a + 2.0 * a * b).sum();
+                    for code in 0..16 {
+                        let r = self.pq.centroid(j, code);
+                        rows[j * 16 + code] =
+                            r.iter().zip(cj).map(|(a, b)| a * a + 2.0 * a * b).sum();
+                    }
                 }
-            }
-            to_blocked(&rows, t);
-        });
+                let mut blocked = Vec::new();
+                extend_blocked(&rows, &mut blocked);
+                blocked
+            })
+            .collect();
+        let out = per_list.concat();
+        debug_assert_eq!(out.len(), nlist * blocked_len(m));
         self.precomputed = out;
     }
 }
