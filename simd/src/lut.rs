@@ -16,8 +16,9 @@
 //! ([`bias_of`]).
 //!
 //! Every level does the same operations in the same order per element (a subtraction, a
-//! multiplication and an addition, each rounded; no fused multiply-add there), and min / max
-//! are exact, so every level matches the scalar reference bit for bit. Rows must be finite
+//! multiplication and an addition, each rounded; the blocked kernel fuses the last two, one
+//! instruction fewer per register, and its scalar reference uses `f32::mul_add`), and min /
+//! max are exact, so every level matches its scalar reference bit for bit. Rows must be finite
 //! (the callers check their queries); a NaN entry gives 0.
 
 use crate::level::Level;
@@ -170,7 +171,8 @@ impl LutKernel {
 }
 
 /// Scalar reference of [`LutKernel::quantize_residual_blocked`]: the rows in row-major
-/// order, [`quantize_scalar`] over all of the blocks' rows, then [`bias_of`].
+/// order, pass 1 of [`quantize_scalar`] over all of the blocks' rows, pass 2 with one fused
+/// multiply-add, `trunc(fma(s - min_j, inv, 0.5))` clamped, then [`bias_of`].
 pub fn quantize_residual_blocked_scalar(
     dots: &[f32],
     pre: &[f32],
@@ -184,10 +186,18 @@ pub fn quantize_residual_blocked_scalar(
             (0..16).map(move |c| 2.0 * dots[base + c * BLOCK_ROWS] - pre[base + c * BLOCK_ROWS])
         })
         .collect();
-    let mut bytes = vec![0u8; rows * 16];
-    let delta = quantize_scalar(&scores, mins, &mut bytes);
-    let n = table.len();
-    table.copy_from_slice(&bytes[..n]);
+    let delta = row_ranges(&scores, mins);
+    let inv = 1.0 / delta;
+    for ((row, out), &lo) in scores
+        .chunks_exact(16)
+        .zip(table.chunks_exact_mut(16))
+        .zip(mins.iter())
+    {
+        for (o, &v) in out.iter_mut().zip(row) {
+            // A fused multiply-add: one rounding (f32::mul_add is exact on every target).
+            *o = ((v - lo).mul_add(inv, 0.5) as i32).clamp(0, 255) as u8;
+        }
+    }
     (delta, bias_of(mins))
 }
 
@@ -202,18 +212,7 @@ fn delta_of(span: f32) -> f32 {
 
 /// Scalar reference of [`LutKernel::quantize`].
 pub fn quantize_scalar(scores: &[f32], mins: &mut [f32], table: &mut [u8]) -> f32 {
-    let mut span = 0.0f32;
-    for (row, lo_out) in scores.chunks_exact(16).zip(mins.iter_mut()) {
-        let (mut lo, mut hi) = (row[0], row[0]);
-        for &v in &row[1..] {
-            lo = if v < lo { v } else { lo };
-            hi = if v > hi { v } else { hi };
-        }
-        *lo_out = lo;
-        let s = hi - lo;
-        span = if s > span { s } else { span };
-    }
-    let delta = delta_of(span);
+    let delta = row_ranges(scores, mins);
     let inv = 1.0 / delta;
     for ((row, out), &lo) in scores
         .chunks_exact(16)
@@ -225,6 +224,22 @@ pub fn quantize_scalar(scores: &[f32], mins: &mut [f32], table: &mut [u8]) -> f3
         }
     }
     delta
+}
+
+/// Pass 1 of the quantization: each row's minimum into `mins`, and `delta`.
+fn row_ranges(scores: &[f32], mins: &mut [f32]) -> f32 {
+    let mut span = 0.0f32;
+    for (row, lo_out) in scores.chunks_exact(16).zip(mins.iter_mut()) {
+        let (mut lo, mut hi) = (row[0], row[0]);
+        for &v in &row[1..] {
+            lo = if v < lo { v } else { lo };
+            hi = if v > hi { v } else { hi };
+        }
+        *lo_out = lo;
+        let s = hi - lo;
+        span = if s > span { s } else { span };
+    }
+    delta_of(span)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -603,7 +618,7 @@ mod x86 {
                 // Entry c of the block's rows as i32 lanes, at most 255, for the saturating
                 // packs (negative x and NaN become 0 there, as the scalar clamp does).
                 let q = |c: usize| {
-                    let x = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(entry(b, c), lo), inv), half);
+                    let x = _mm512_fmadd_ps(_mm512_sub_ps(entry(b, c), lo), inv, half);
                     _mm512_cvttps_epi32(if bounded { x } else { _mm512_min_ps(top, x) })
                 };
                 // packs: in 128-bit lane l, byte 4 i + r of bytes[g] is entry 4 g + i of row
@@ -806,10 +821,7 @@ mod x86 {
                     }
                     let lo = _mm256_loadu_ps(mins.as_ptr().add(row0));
                     let q = |c: usize| {
-                        let x = _mm256_add_ps(
-                            _mm256_mul_ps(_mm256_sub_ps(entry(b, h, c), lo), inv),
-                            half,
-                        );
+                        let x = _mm256_fmadd_ps(_mm256_sub_ps(entry(b, h, c), lo), inv, half);
                         // As quant8: max(x, 0) gives 0 for NaN, then the clamp at 255.
                         _mm256_cvttps_epi32(_mm256_min_ps(
                             _mm256_max_ps(x, _mm256_setzero_ps()),
@@ -917,10 +929,24 @@ mod tests {
                     assert_eq!(got[0], 5.0);
                     assert_eq!(got[1..], bd[..], "level {level} m {m}");
                 }
-                // The row-major reference is the reference for the bytes and delta.
+                // The row-major reference gives the minima and delta, and the bytes but for
+                // the rounding of x.5 (one step at most: the blocked kernels fuse the
+                // multiply-add).
                 let rows: Vec<f32> = dots.iter().zip(&pre).map(|(d, p)| 2.0 * d - p).collect();
-                let (mut wm, mut wt) = (vec![0.0; m], vec![0u8; m * 16]);
-                let wd = quantize_scalar(&rows, &mut wm, &mut wt);
+                let (mut wm, mut rt) = (vec![0.0; m], vec![0u8; m * 16]);
+                let wd = quantize_scalar(&rows, &mut wm, &mut rt);
+                let mut scratch = vec![0.0; bd.len() / 16];
+                let mut wt = vec![0u8; m * 16];
+                let (sd, sb) = quantize_residual_blocked_scalar(&bd, &bp, &mut scratch, &mut wt);
+                assert_eq!(
+                    (sd.to_bits(), sb.to_bits()),
+                    (wd.to_bits(), bias_of(&wm).to_bits())
+                );
+                assert!(wt.iter().zip(&rt).all(|(&a, &b)| a.abs_diff(b) <= 1));
+                if trial == 0 {
+                    let same = wt.iter().zip(&rt).filter(|(a, b)| a == b).count();
+                    assert!(same * 100 >= wt.len() * 99, "{same} of {}", wt.len());
+                }
                 for m2 in [m, m + m % 2] {
                     let mut want_table = wt.clone();
                     want_table.resize(m2 * 16, 0);
