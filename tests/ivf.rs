@@ -2,7 +2,7 @@
 //! figures, streaming (concurrent add / search / remove / refresh), drift and refresh.
 mod common;
 
-use pqcache::index::ivf::IndexIVFPQFastScan;
+use pqcache::index::ivf::{self, IndexIVFPQFastScan};
 use pqcache::io::load_vectors;
 use pqcache::ivf::CoarseQuantizer;
 use pqcache::{
@@ -148,6 +148,21 @@ fn a_batch_equals_its_queries_one_at_a_time() {
                         }
                     }
                 }
+                // L2's per-list terms made as lists are scanned (too large to keep) give the
+                // same rows, bit for bit.
+                assert_eq!(idx.has_precomputed_terms(), metric == Metric::L2);
+                let one: Vec<_> = queries
+                    .chunks(d)
+                    .map(|q| idx.search(q, k).unwrap())
+                    .collect();
+                idx.set_precomputed_max_bytes(0);
+                assert!(!idx.has_precomputed_terms());
+                let at = format!("{metric:?} nprobe {nprobe} k {k}, terms made");
+                assert_eq!(idx.search(&queries, k).unwrap(), batch, "{at}");
+                for (q, want) in queries.chunks(d).zip(&one) {
+                    assert_eq!(&idx.search(q, k).unwrap(), want, "{at}");
+                }
+                idx.set_precomputed_max_bytes(ivf::PRECOMPUTED_MAX_BYTES);
             }
         }
     }

@@ -72,6 +72,11 @@ const ENCODE_ROWS: usize = 256;
 /// us, 2.9 MB (Fashion-MNIST, all lists) 128-152 against 197 us.
 pub const PARALLEL_MIN_CODE_BYTES: usize = 1 << 20;
 
+/// The default of [`IndexIVFPQFastScan::set_precomputed_max_bytes`]: the most bytes of L2
+/// per-list terms kept in memory (FAISS's `precomputed_table_max_bytes` is 2 GiB). The terms
+/// take `nlist * 64 * ceil(m / 16) * 16` bytes, `16 / dsub` times the coarse centroids.
+pub const PRECOMPUTED_MAX_BYTES: usize = 1 << 30;
+
 mod lists;
 mod refresh;
 mod search;
@@ -92,11 +97,13 @@ pub struct IndexIVFPQFastScan {
     ntotal: usize,
     next_id: i64,
     drift: DriftStats,
-    /// L2 with residuals: per list `l`, the `m * 16` terms `||r_jc||² + 2 c_l,j . r_jc`
+    /// L2 with residuals, when they fit `precomputed_max_bytes` (else empty, and each list's
+    /// terms are made when a group of queries scans it): per list `l`, the `m * 16` terms `||r_jc||² + 2 c_l,j . r_jc`
     /// (sub-quantizer `j`, code `c`) in the blocked layout of the table kernel
     /// ([`blocked_len`]`(m)` floats, [`extend_blocked`]), so that a list's table is `2 q . r - term` plus the
     /// constant `-||q - c_l||²`: no table is rebuilt from the codebooks per probed list.
     precomputed: Vec<f32>,
+    precomputed_max_bytes: usize,
     /// Lists visited per query (clamped to `1..=nlist`).
     pub nprobe: usize,
     /// Re-rank the best `k * rerank_factor` candidates exactly (0 or 1: off). Needs the
@@ -160,6 +167,7 @@ impl IndexIVFPQFastScan {
             next_id: 0,
             drift: DriftStats::default(),
             precomputed: Vec::new(),
+            precomputed_max_bytes: PRECOMPUTED_MAX_BYTES,
             nprobe: 1,
             rerank_factor: 0,
             train_config: KMeansConfig::default(),
@@ -402,34 +410,63 @@ impl IndexIVFPQFastScan {
         Ok(())
     }
 
-    /// Fills [`IndexIVFPQFastScan::precomputed`] (L2 with residuals only).
+    /// Fills [`IndexIVFPQFastScan::precomputed`] (L2 with residuals only), when it fits
+    /// `precomputed_max_bytes`.
     fn precompute(&mut self) {
-        self.precomputed.clear();
-        if !(self.by_residual && self.metric == Metric::L2 && self.is_trained()) {
+        self.precomputed = Vec::new();
+        if !self.residual_l2_terms() {
             return;
         }
-        let (m, dsub, nlist) = (self.pq.m(), self.pq.dsub(), self.coarse.nlist());
-        let per_list: Vec<Vec<f32>> = (0..nlist)
-            .into_par_iter()
-            .map(|l| {
-                let c = self.coarse.centroid(l);
-                let mut rows = vec![0.0f32; m * 16];
-                for j in 0..m {
-                    let cj = &c[j * dsub..(j + 1) * dsub];
-                    for code in 0..16 {
-                        let r = self.pq.centroid(j, code);
-                        rows[j * 16 + code] =
-                            r.iter().zip(cj).map(|(a, b)| a * a + 2.0 * a * b).sum();
-                    }
-                }
-                let mut blocked = Vec::new();
-                extend_blocked(&rows, &mut blocked);
-                blocked
-            })
-            .collect();
-        let out = per_list.concat();
-        debug_assert_eq!(out.len(), nlist * blocked_len(m));
+        let (stride, nlist) = (blocked_len(self.pq.m()), self.coarse.nlist());
+        let fits = nlist
+            .checked_mul(stride * 4)
+            .is_some_and(|bytes| bytes <= self.precomputed_max_bytes);
+        if !fits {
+            return;
+        }
+        let mut out = vec![0.0f32; nlist * stride];
+        out.par_chunks_mut(stride).enumerate().for_each(|(l, t)| {
+            let mut terms = Vec::with_capacity(stride);
+            self.list_terms(l, &mut terms);
+            t.copy_from_slice(&terms);
+        });
         self.precomputed = out;
+    }
+
+    /// Whether search builds each probed list's table from per-list terms: L2 with residuals,
+    /// trained.
+    fn residual_l2_terms(&self) -> bool {
+        self.by_residual && self.metric == Metric::L2 && self.is_trained()
+    }
+
+    /// Appends list `l`'s terms `||r_jc||² + 2 c_l,j . r_jc` to `out`, blocked
+    /// ([`extend_blocked`]).
+    pub(super) fn list_terms(&self, l: usize, out: &mut Vec<f32>) {
+        let (m, dsub) = (self.pq.m(), self.pq.dsub());
+        let c = self.coarse.centroid(l);
+        let mut rows = vec![0.0f32; m * 16];
+        for j in 0..m {
+            let cj = &c[j * dsub..(j + 1) * dsub];
+            for code in 0..16 {
+                let r = self.pq.centroid(j, code);
+                rows[j * 16 + code] = r.iter().zip(cj).map(|(a, b)| a * a + 2.0 * a * b).sum();
+            }
+        }
+        extend_blocked(&rows, out);
+    }
+
+    /// Keeps the L2 per-list terms in memory when they take at most `bytes` (default
+    /// [`PRECOMPUTED_MAX_BYTES`]); past it, a list's terms are made each time a group of
+    /// queries scans it (`d * 16` multiply-adds), with the same results.
+    pub fn set_precomputed_max_bytes(&mut self, bytes: usize) {
+        self.precomputed_max_bytes = bytes;
+        self.precompute();
+    }
+
+    /// Whether the L2 per-list terms are held in memory
+    /// ([`IndexIVFPQFastScan::set_precomputed_max_bytes`]).
+    pub fn has_precomputed_terms(&self) -> bool {
+        !self.precomputed.is_empty()
     }
 }
 

@@ -152,6 +152,7 @@ impl IndexIVFPQFastScan {
         fresh_index.coarse_niter = self.coarse_niter;
         fresh_index.refresh_sample = self.refresh_sample;
         fresh_index.parallel_min_code_bytes = self.parallel_min_code_bytes;
+        fresh_index.precomputed_max_bytes = self.precomputed_max_bytes;
         fresh_index.nprobe = self.nprobe;
         fresh_index.rerank_factor = self.rerank_factor;
         fresh_index.pool = self.pool.clone();

@@ -59,6 +59,9 @@ struct GroupTables {
     scales: Vec<TableScale>,
     /// Scratch of the table kernel.
     mins: Vec<f32>,
+    /// The per-list terms of list `terms_of`, when the index keeps none in memory.
+    terms: Vec<f32>,
+    terms_of: Option<usize>,
 }
 
 impl GroupTables {
@@ -187,10 +190,21 @@ impl IndexIVFPQFastScan {
                 // -||q - c_l - r||² = -||q - c_l||² + sum_j (2 q_j . r_jc - term_ljc), and
                 // -||q - c_l||² = coarse - ||q||².
                 let stride = blocked_len(m);
-                let pre = &self.precomputed[l * stride..(l + 1) * stride];
+                let mut made = std::mem::take(&mut group.terms);
+                let pre = if self.precomputed.is_empty() {
+                    if group.terms_of != Some(l) {
+                        made.clear();
+                        self.list_terms(l, &mut made);
+                        group.terms_of = Some(l);
+                    }
+                    &made[..]
+                } else {
+                    &self.precomputed[l * stride..(l + 1) * stride]
+                };
                 let (table, mins) = group.next_table((m + m % 2) * 16);
                 let (delta, lut_bias) =
                     crate::pq::lut::quantize_residual_blocked(dots, pre, mins, table);
+                group.terms = made;
                 TableScale {
                     delta,
                     lut_bias,
