@@ -25,6 +25,9 @@ pub(super) const BATCH_MIN_QUERIES: usize = 8;
 /// The most queries one task of a batch search scans (its probes sorted by list).
 const MAX_TASK_QUERIES: usize = 1024;
 
+/// The most bytes of coarse scores and table material one task of a batch search holds.
+const TASK_MAX_BYTES: usize = 256 << 20;
+
 /// A query's table material: one u8 table for every list, or (L2 with residuals) the
 /// `q . r_jc` terms from which each list's table is built, in the table kernel's blocked
 /// layout (as the lists' precomputed terms).
@@ -354,7 +357,14 @@ impl IndexIVFPQFastScan {
         // One parallel region: each task probes (one GEMM), prepares and scans its own
         // queries (a small batch on two threads spent as long waking the pool for three
         // regions as scanning).
-        let per_task = nq.div_ceil(threads * 2).clamp(16, MAX_TASK_QUERIES);
+        // A task holds each of its queries' coarse scores and table material at once: fewer
+        // queries a task where those would pass TASK_MAX_BYTES (nlist up to 2^24, or m up to
+        // d, could ask for tens of GB).
+        let per_query = 4 * (self.coarse.nlist() + blocked_len(self.pq.m()));
+        let per_task = nq
+            .div_ceil(threads * 2)
+            .clamp(16, MAX_TASK_QUERIES)
+            .min((TASK_MAX_BYTES / per_query).max(1));
         if threads == 1 {
             return queries
                 .chunks(per_task * d)
