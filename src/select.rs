@@ -310,33 +310,36 @@ const SMALL_SORT: usize = 32;
 /// row in cache); longer ones stream through a heap once.
 const BOUNDED_MAX_N: usize = 1 << 16;
 
-/// [`select_topk`] for `k <= n / 16` in two passes: the maxima of blocks of 16 (branch-free,
-/// vectorised), whose `k`-th largest `t` bounds the `k`-th best score from below (`k` distinct
-/// positions reach it); then the scores `>= t` (10 on average for the top 8 of 256 real
-/// coarse scores), from which the `k` best are selected. The candidates are few whatever the
-/// order of the row, where a heap's pushes depend on it (every score, for a row in ascending
-/// order); on an IVF probe's coarse scores (8 of 256 lists, Fashion-MNIST) the heap took
-/// 0.91 us a row and this takes 0.56.
+/// [`select_topk`] for `k <= n / 16` in two passes: the maxima of blocks of 16, whose `k`-th
+/// largest `t` bounds the `k`-th best score from below (`k` distinct positions reach it);
+/// then the scores `>= t` (10 on average for the top 8 of 256 real coarse scores), from which
+/// the `k` best are selected. The candidates are few whatever the order of the row, where a
+/// heap's pushes depend on it (every score, for a row in ascending order). Both passes are
+/// [`FilterKernel`]'s (this crate is built for baseline x86-64, where the plain loops ran at
+/// SSE2's width). An IVF probe's top 8 of 256 real coarse scores (Fashion-MNIST): the heap
+/// 0.91 us a row, these passes in plain loops 0.56; the top 4 of 256 (Gemma): 11-12 % of a
+/// batch in plain loops, 5.4 % with the kernels.
 fn select_topk_bounded(scores: &[f32], k: usize) -> Vec<(f32, u32)> {
-    let ordered = ordered_bits;
     let block_len = BOUND_BLOCK;
-    let mut maxima: Vec<u32> = scores
-        .chunks_exact(block_len)
-        .map(|block| block.iter().fold(0, |m, &s| m.max(ordered(s))))
-        .collect();
-    let (_, &mut bound, _) = maxima.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
-    // The candidates, block by block: a compare mask (vectorised), then its set bits.
     let mut keys: Vec<u64> = Vec::with_capacity(2 * k);
-    for (b, block) in scores.chunks(block_len).enumerate() {
-        let mut mask = block
-            .iter()
-            .enumerate()
-            .fold(0u32, |m, (i, &s)| m | (u32::from(ordered(s) >= bound) << i));
-        while mask != 0 {
-            let i = mask.trailing_zeros() as usize;
-            mask &= mask - 1;
-            keys.push(f32_key(block[i], (b * block_len + i) as u32));
-        }
+    // Where no score is NaN, the SIMD kernels: float maxima and compares (-0.0 and 0.0
+    // compare equal there, which only adds candidates: the final order is the keys'). A NaN
+    // ranks first by `total_cmp`: such rows compare the ordered bits.
+    if !scores.iter().fold(false, |any, s| any | s.is_nan()) {
+        let filter = filter_kernel();
+        let mut maxima = Vec::new();
+        filter.block_max16(scores, &mut maxima);
+        let bound = kth_largest(maxima.into_iter(), k, f32::NEG_INFINITY, |a, b| a > b);
+        let mut at = Vec::with_capacity(2 * k);
+        filter.collect_at_least(scores, bound, 0, &mut at);
+        keys.extend(at.iter().map(|&i| f32_key(scores[i as usize], i)));
+    } else {
+        let ordered = ordered_bits;
+        let maxima = scores
+            .chunks_exact(block_len)
+            .map(|block| block.iter().fold(0, |m, &s| m.max(ordered(s))));
+        let bound = kth_largest(maxima, k, 0, |a, b| a > b);
+        collect_candidates(scores, block_len, |s| ordered(s) >= bound, &mut keys);
     }
     debug_assert!(keys.len() >= k);
     if keys.len() > SMALL_SORT {
@@ -355,6 +358,55 @@ fn select_topk_bounded(scores: &[f32], k: usize) -> Vec<(f32, u32)> {
     }
     keys.truncate(k);
     keys.into_iter().map(from_f32_key).collect()
+}
+
+/// The filter kernel, resolved once per process.
+fn filter_kernel() -> &'static FilterKernel {
+    static KERNEL: std::sync::OnceLock<FilterKernel> = std::sync::OnceLock::new();
+    KERNEL.get_or_init(FilterKernel::best)
+}
+
+/// The `k`-th largest of `values` (`k <= BOUNDED_MAX_K`, at least `k` values), by insertion
+/// into the `k` largest so far; `floor` is below every value, `gt` the order.
+fn kth_largest<T: Copy>(
+    values: impl Iterator<Item = T>,
+    k: usize,
+    floor: T,
+    gt: impl Fn(T, T) -> bool,
+) -> T {
+    let mut top = [floor; BOUNDED_MAX_K];
+    for v in values {
+        if gt(v, top[k - 1]) {
+            let mut j = k - 1;
+            while j > 0 && gt(v, top[j - 1]) {
+                top[j] = top[j - 1];
+                j -= 1;
+            }
+            top[j] = v;
+        }
+    }
+    top[k - 1]
+}
+
+/// Appends the keys of the scores that pass `keep`, block by block: a compare mask
+/// (vectorised), then its set bits.
+fn collect_candidates(
+    scores: &[f32],
+    block_len: usize,
+    keep: impl Fn(f32) -> bool,
+    keys: &mut Vec<u64>,
+) {
+    for (b, block) in scores.chunks(block_len).enumerate() {
+        let mut mask = block
+            .iter()
+            .enumerate()
+            .fold(0u32, |m, (i, &s)| m | (u32::from(keep(s)) << i));
+        while mask != 0 {
+            let i = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            keys.push(f32_key(block[i], (b * block_len + i) as u32));
+        }
+    }
 }
 
 /// Keeps the `k` best of `pairs` in `pairs[..k]`, sorted best first ([`rank`]), and truncates.

@@ -10,6 +10,7 @@ use crate::level::Level;
 
 type CollectFn = fn(&[f32], f32, u32, &mut Vec<u32>);
 type MaxFn = fn(&[u16]) -> u16;
+type BlockMaxFn = fn(&[f32], &mut Vec<f32>);
 
 /// A resolved filter kernel.
 #[derive(Clone, Copy)]
@@ -17,6 +18,7 @@ pub struct FilterKernel {
     level: Level,
     collect: CollectFn,
     max: MaxFn,
+    block_max: BlockMaxFn,
 }
 
 impl std::fmt::Debug for FilterKernel {
@@ -36,17 +38,20 @@ impl FilterKernel {
                 level: Level::V4,
                 collect: x86::collect_v4,
                 max: x86::max_v4,
+                block_max: x86::block_max16_v4,
             },
             #[cfg(target_arch = "x86_64")]
             Level::V3 => FilterKernel {
                 level: Level::V3,
                 collect: x86::collect_v3,
                 max: x86::max_v3,
+                block_max: x86::block_max16_v3,
             },
             _ => FilterKernel {
                 level: Level::Scalar,
                 collect: collect_at_least_scalar,
                 max: max_u16_scalar,
+                block_max: block_max16_scalar,
             },
         }
     }
@@ -71,6 +76,21 @@ impl FilterKernel {
     pub fn max_u16(&self, scores: &[u16]) -> u16 {
         (self.max)(scores)
     }
+
+    /// Appends the largest score of each whole block of 16 (a shorter tail is skipped).
+    /// `scores` must not hold NaN; -0.0 and 0.0 may come out as either.
+    pub fn block_max16(&self, scores: &[f32], out: &mut Vec<f32>) {
+        (self.block_max)(scores, out)
+    }
+}
+
+/// Scalar reference of [`FilterKernel::block_max16`].
+pub fn block_max16_scalar(scores: &[f32], out: &mut Vec<f32>) {
+    out.extend(
+        scores
+            .chunks_exact(16)
+            .map(|b| b[1..].iter().fold(b[0], |m, &v| if v > m { v } else { m })),
+    );
 }
 
 /// Scalar reference of [`FilterKernel::max_u16`].
@@ -209,6 +229,43 @@ mod x86 {
         unsafe { max_v4_imp(scores) }
     }
 
+    #[target_feature(enable = "avx2")]
+    unsafe fn block_max16_v3_imp(scores: &[f32], out: &mut Vec<f32>) {
+        out.reserve(scores.len() / 16);
+        for block in scores.chunks_exact(16) {
+            // SAFETY: the block holds 16 floats.
+            unsafe {
+                let p = block.as_ptr();
+                let m = _mm256_max_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
+                let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+                let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+                let m = _mm_max_ss(m, _mm_shuffle_ps::<1>(m, m));
+                out.push(_mm_cvtss_f32(m));
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+    unsafe fn block_max16_v4_imp(scores: &[f32], out: &mut Vec<f32>) {
+        out.reserve(scores.len() / 16);
+        for block in scores.chunks_exact(16) {
+            // SAFETY: the block holds 16 floats.
+            unsafe { out.push(_mm512_reduce_max_ps(_mm512_loadu_ps(block.as_ptr()))) }
+        }
+    }
+
+    pub(super) fn block_max16_v3(scores: &[f32], out: &mut Vec<f32>) {
+        // SAFETY: only reachable through a kernel built for V3 or above, which the CPU
+        // supports.
+        unsafe { block_max16_v3_imp(scores, out) }
+    }
+
+    pub(super) fn block_max16_v4(scores: &[f32], out: &mut Vec<f32>) {
+        // SAFETY: only reachable through a kernel built for V4 or above, which the CPU
+        // supports.
+        unsafe { block_max16_v4_imp(scores, out) }
+    }
+
     pub(super) fn collect_v3(scores: &[f32], floor: f32, base: u32, out: &mut Vec<u32>) {
         // SAFETY: only reachable through a kernel built for V3 or above, which the CPU
         // supports.
@@ -244,9 +301,21 @@ mod tests {
                 collect_at_least_scalar(&scores, floor, 7, &mut got);
                 assert_eq!(got[1..], want[..], "scalar n {n} floor {floor}");
                 let bits: Vec<u16> = scores.iter().map(|&v| (v * 8.0) as u16 * 3000).collect();
+                // Signed scores for the block maxima, each block's largest somewhere in it.
+                let signed: Vec<f32> = scores.iter().map(|v| v - 1.2).collect();
+                let want_max: Vec<f32> = signed
+                    .chunks_exact(16)
+                    .map(|b| b.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+                    .collect();
+                let mut got_max = vec![5.0];
+                block_max16_scalar(&signed, &mut got_max);
+                assert_eq!(got_max[1..], want_max[..], "scalar n {n}");
                 for level in Level::all_supported() {
                     let k = FilterKernel::for_level(level);
                     assert_eq!(k.max_u16(&bits), max_u16_scalar(&bits), "{level} n {n}");
+                    let mut got_max = vec![5.0];
+                    k.block_max16(&signed, &mut got_max);
+                    assert_eq!(got_max[1..], want_max[..], "{level} n {n}");
                     let mut got = vec![99];
                     FilterKernel::for_level(level).collect_at_least(&scores, floor, 7, &mut got);
                     assert_eq!(got[0], 99, "appends");
