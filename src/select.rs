@@ -320,7 +320,6 @@ const BOUNDED_MAX_N: usize = 1 << 16;
 /// 0.91 us a row, these passes in plain loops 0.56; the top 4 of 256 (Gemma): 11-12 % of a
 /// batch in plain loops, 5.4 % with the kernels.
 fn select_topk_bounded(scores: &[f32], k: usize) -> Vec<(f32, u32)> {
-    let block_len = BOUND_BLOCK;
     let mut keys: Vec<u64> = Vec::with_capacity(2 * k);
     // Where no score is NaN, the SIMD kernels: float maxima and compares (-0.0 and 0.0
     // compare equal there, which only adds candidates: the final order is the keys'). A NaN
@@ -336,10 +335,10 @@ fn select_topk_bounded(scores: &[f32], k: usize) -> Vec<(f32, u32)> {
     } else {
         let ordered = ordered_bits;
         let maxima = scores
-            .chunks_exact(block_len)
+            .chunks_exact(BOUND_BLOCK)
             .map(|block| block.iter().fold(0, |m, &s| m.max(ordered(s))));
         let bound = kth_largest(maxima, k, 0, |a, b| a > b);
-        collect_candidates(scores, block_len, |s| ordered(s) >= bound, &mut keys);
+        collect_candidates(scores, BOUND_BLOCK, |s| ordered(s) >= bound, &mut keys);
     }
     debug_assert!(keys.len() >= k);
     if keys.len() > SMALL_SORT {
@@ -360,7 +359,8 @@ fn select_topk_bounded(scores: &[f32], k: usize) -> Vec<(f32, u32)> {
     keys.into_iter().map(from_f32_key).collect()
 }
 
-/// The filter kernel, resolved once per process.
+/// The filter kernel, resolved once per process (`FilterKernel::best` reads the level's
+/// environment variable on every call).
 fn filter_kernel() -> &'static FilterKernel {
     static KERNEL: std::sync::OnceLock<FilterKernel> = std::sync::OnceLock::new();
     KERNEL.get_or_init(FilterKernel::best)
@@ -565,7 +565,7 @@ fn select_topk_sampled(scores: &[f32], k: usize) -> Option<Vec<u32>> {
             .collect()
     })?;
     let mut found: Vec<u32> = Vec::with_capacity(k + k / 2 + 64);
-    FilterKernel::best().collect_at_least(scores, floor, 0, &mut found);
+    filter_kernel().collect_at_least(scores, floor, 0, &mut found);
     let values: Vec<f32> = found.iter().map(|&i| scores[i as usize]).collect();
     nonneg_topk_of_survivors(&mut found, &values, k).then_some(found)
 }
@@ -626,7 +626,7 @@ pub fn nonneg_topk_of_survivors(found: &mut Vec<u32>, values: &[f32], k: usize) 
     // Usually exactly `k` survivors lie at or above the k-th score (no tie beyond it): one
     // SIMD filter pass finds them, in order, and they move down in place (`j >= slot`).
     let mut at = Vec::with_capacity(k + 64);
-    FilterKernel::best().collect_at_least(values, f32::from_bits(kth), 0, &mut at);
+    filter_kernel().collect_at_least(values, f32::from_bits(kth), 0, &mut at);
     if at.len() == k {
         for (slot, &j) in at.iter().enumerate() {
             found[slot] = found[j as usize];

@@ -9,11 +9,11 @@
 //! [`LutKernel::quantize_residual_blocked`] quantizes the rows `2 * dots - pre` without
 //! writing them out (the IVF tables of L2 search with residuals, one per query and probed
 //! list): `2 * d` is exact, so the fused multiply-subtract rounds once per element, as
-//! `2.0 * d - p` does. Its inputs are in a blocked layout ([`LutKernel::extend_blocked`]): 16 rows to a
-//! block, entry `c` of the block's rows contiguous, so one register holds one entry of 16
-//! rows and the per-row minima and maxima are lane-wise, with no shuffles (a row-major pass
-//! spent 3 shuffles a row on its transposing reductions). It also sums the row minima
-//! ([`bias_of`]).
+//! `2.0 * d - p` does. Its inputs are in a blocked layout ([`LutKernel::extend_blocked`]):
+//! 16 rows to a block, entry `c` of the block's rows contiguous, so one register holds one
+//! entry of 16 rows and the per-row minima and maxima are lane-wise, with no shuffles (a
+//! row-major pass spent 3 shuffles a row on its transposing reductions). It also sums the
+//! row minima ([`bias_of`]).
 //!
 //! Every level does the same operations in the same order per element (a subtraction, a
 //! multiplication and an addition, each rounded; the blocked kernel fuses the last two, one
@@ -144,13 +144,14 @@ impl LutKernel {
     }
 
     /// [`LutKernel::quantize`] of the rows `2 * dots - pre`, computed on the fly from both
-    /// inputs in the blocked layout ([`LutKernel::extend_blocked`]): per block, entry `c` of its 16 rows is one register, so the row
-    /// minima and maxima are lane-wise (no shuffles) and so is the quantization; the bytes
-    /// are transposed back to rows on the way out. Writes the first `table.len() / 16` rows
-    /// (whole rows, at most the blocks'), fills `mins` (one per row of the blocks, scratch)
-    /// and returns `(delta, bias)` with `bias` = [`bias_of`]`(mins)`. Rows past the table's
-    /// must be zero in both inputs (as [`LutKernel::extend_blocked`] leaves them), so that they widen no
-    /// span. Panics if the lengths disagree.
+    /// inputs in the blocked layout ([`LutKernel::extend_blocked`]): per block, entry `c` of
+    /// its 16 rows is one register, so the row minima and maxima are lane-wise (no shuffles)
+    /// and so is the quantization; the bytes are transposed back to rows on the way out.
+    /// Writes the first `table.len() / 16` rows (whole rows, at most the blocks'), fills
+    /// `mins` (one per row of the blocks, scratch) and returns `(delta, bias)` with `bias` =
+    /// [`bias_of`]`(mins)`. Rows past the table's must be zero in both inputs (as
+    /// [`LutKernel::extend_blocked`] leaves them), so that they widen no span. Panics if the
+    /// lengths disagree.
     pub fn quantize_residual_blocked(
         &self,
         dots: &[f32],
@@ -496,8 +497,8 @@ mod x86 {
             // does, so only the clamp at 255 is needed (it keeps x < 2^31 and the lanes out of
             // the packs' signed 16-bit range). One instruction fewer per row: 7 % of a
             // Fashion-MNIST IVF batch at nprobe 32.
-            // min(top, x), not min(x, top): vminps returns its second operand when one is NaN, and a
-            // NaN x (0 times an infinite step) must reach the packs as NaN to give 0.
+            // min(top, x), not min(x, top): vminps returns its second operand when one is
+            // NaN, and a NaN x (0 times an infinite step) must reach the packs as NaN to give 0.
             let quant_packed = |j: usize| _mm512_cvttps_epi32(_mm512_min_ps(top, x_of(j)));
             // Row j as 16 i32 lanes in 0..=255, for a truncating narrow: as quant8, max(x, 0)
             // gives 0 for NaN, then the clamp at 255 and truncation.

@@ -98,10 +98,11 @@ pub struct IndexIVFPQFastScan {
     next_id: i64,
     drift: DriftStats,
     /// L2 with residuals, when they fit `precomputed_max_bytes` (else empty, and each list's
-    /// terms are made when a group of queries scans it): per list `l`, the `m * 16` terms `||r_jc||² + 2 c_l,j . r_jc`
-    /// (sub-quantizer `j`, code `c`) in the blocked layout of the table kernel
-    /// ([`blocked_len`]`(m)` floats, [`extend_blocked`]), so that a list's table is `2 q . r - term` plus the
-    /// constant `-||q - c_l||²`: no table is rebuilt from the codebooks per probed list.
+    /// terms are made when a group of queries scans it): per list `l`, the `m * 16` terms
+    /// `||r_jc||² + 2 c_l,j . r_jc` (sub-quantizer `j`, code `c`) in the blocked layout of
+    /// the table kernel ([`blocked_len`]`(m)` floats, [`extend_blocked`]), so that a list's
+    /// table is `2 q . r - term` plus the constant `-||q - c_l||²`: no table is rebuilt from
+    /// the codebooks per probed list.
     precomputed: Vec<f32>,
     precomputed_max_bytes: usize,
     /// Lists visited per query (clamped to `1..=nlist`).

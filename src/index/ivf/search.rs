@@ -155,7 +155,7 @@ impl IndexIVFPQFastScan {
 
     /// What a query needs to build the table of any list it probes; `rows` is scratch.
     fn prepare(&self, q: &[f32], rows: &mut Vec<f32>) -> QueryPrep {
-        if self.by_residual && self.metric == Metric::L2 {
+        if self.residual_l2_terms() {
             // L2 with residuals: q . r_jc for every (j, c), shared by the lists.
             let m = self.pq.m();
             rows.resize(m * 16, 0.0);
