@@ -299,8 +299,9 @@ pub fn select_topk(scores: &[f32], k: usize) -> Vec<(f32, u32)> {
 const BOUND_BLOCK: usize = 16;
 
 /// The largest `k` [`select_topk`] selects with [`select_topk_bounded`]. Measured on real
-/// coarse scores (Fashion-MNIST, 256 lists), ns per row, bounded against the heap or the
-/// quickselect: k 4: 360 / 430; k 8: 560 / 910; k 16: 870 / 700; k 32: 1300 / 690.
+/// coarse scores (Fashion-MNIST, 256 lists), ns per row, bounded (in plain loops, before
+/// its SIMD kernels; not measured since) against the heap or the quickselect: k 4: 360 /
+/// 430; k 8: 560 / 910; k 16: 870 / 700; k 32: 1300 / 690.
 const BOUNDED_MAX_K: usize = 8;
 
 /// Up to this many candidates, [`select_topk_bounded`] sorts them all by insertion.
