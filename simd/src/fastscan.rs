@@ -690,6 +690,30 @@ mod x86 {
         }
     }
 
+    /// How far ahead of the block being scanned its codes are prefetched, when a pass scores
+    /// two or more queries. A scan reads its codes once, front to back; where they come from
+    /// DRAM or a contended L3 (the attention client: 2 MB per kv head at 128K tokens, four
+    /// query heads a pass) the hardware prefetcher alone left the kernel waiting:
+    /// `select_step` at 128K went from 4.6-4.8 to 3.9-4.1 ms with a hint for every line 2 KB
+    /// ahead (a hint every second or fourth line was slower than none). At one query a pass
+    /// the kernel spends five instructions per 64 bytes, a hint per line cost 2-8 % with the
+    /// codes in L2 or L3 and gained nothing on the 3.2 MB single-query row, so one-query
+    /// passes go without.
+    const PREFETCH_AHEAD: usize = 2048;
+
+    /// Prefetches (into every cache level) the `len` bytes from `p`, one hint per 64-byte
+    /// line. Any address: a prefetch neither faults nor reads anything the program sees.
+    #[inline(always)]
+    fn prefetch_lines(p: *const u8, len: usize) {
+        let mut off = 0;
+        while off < len {
+            // SAFETY: SSE is part of x86-64; a prefetch of any address, mapped or not, is a
+            // hint that cannot fault (the address is formed with wrapping arithmetic).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8) };
+            off += 64;
+        }
+    }
+
     macro_rules! driver {
         ($name:ident, $block:ident $(::<$w:ty>)?, $feat:literal) => {
             #[target_feature(enable = $feat)]
@@ -702,6 +726,14 @@ mod x86 {
                     let mut thr = [0u16; NQ];
                     thr.copy_from_slice(&a.thresholds[..NQ]);
                     for b in 0..a.nblocks {
+                        // Past the last block the hints fall on other memory: harmless, and
+                        // at most PREFETCH_AHEAD bytes a call.
+                        if NQ > 1 {
+                            prefetch_lines(
+                                a.codes.as_ptr().wrapping_add(b * bb + PREFETCH_AHEAD),
+                                bb,
+                            );
+                        }
                         let mut outs = [base; NQ];
                         let mut masks = [mbase; NQ];
                         for q in 0..NQ {
