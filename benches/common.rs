@@ -15,6 +15,8 @@ pub fn keys_like(n: usize, d: usize, seed: u64) -> Vec<f32> {
 }
 
 /// Forces the SIMD level of indexes built afterwards (benches run single-threaded here).
+/// The top-k selections' filter kernel (`select`'s, resolved once per process) keeps the
+/// level of its first use: a bench row's level is its index's distance and scan kernels'.
 pub fn force_level(level: pqcache::Level) {
     std::env::set_var(pqcache_simd::level::LEVEL_ENV, level.name());
 }

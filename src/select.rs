@@ -361,7 +361,9 @@ fn select_topk_bounded(scores: &[f32], k: usize) -> Vec<(f32, u32)> {
 }
 
 /// The filter kernel, resolved once per process (`FilterKernel::best` reads the level's
-/// environment variable on every call).
+/// environment variable on every call): a later change of `PQCACHE_SIMD_LEVEL` in the same
+/// process (as `benches/common.rs::force_level` makes) does not reach it, where the indexes
+/// built after it take the new level.
 fn filter_kernel() -> &'static FilterKernel {
     static KERNEL: std::sync::OnceLock<FilterKernel> = std::sync::OnceLock::new();
     KERNEL.get_or_init(FilterKernel::best)
