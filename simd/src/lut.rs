@@ -13,7 +13,13 @@
 //! 16 rows to a block, entry `c` of the block's rows contiguous, so one register holds one
 //! entry of 16 rows and the per-row minima and maxima are lane-wise, with no shuffles (a
 //! row-major pass spent 3 shuffles a row on its transposing reductions). It also sums the
-//! row minima ([`bias_of`]).
+//! row minima ([`bias_of`]). The AVX-512 kernel's pass 1 keeps each entry less its row's
+//! minimum in scratch (exactly the subtraction pass 2 would do), so pass 2 is a load, a
+//! multiply-add and a conversion per register (m 98: 232 to 216 ns a table here).
+//! [`LutKernel::dots_blocked`] makes the `dots` in that layout directly from a codebook kept
+//! blocked ([`blocked_codebook`]): the query's values gathered per block, one fused
+//! multiply-add per centroid coordinate (m 98, d 784: 0.62-0.68 us a query, against 0.91-0.93
+//! for the row-major table and its transpose).
 //!
 //! Every level does the same operations in the same order per element (a subtraction, a
 //! multiplication and an addition, each rounded; the blocked kernel fuses the last two, one
@@ -26,6 +32,7 @@ use crate::level::Level;
 type QuantizeFn = fn(&[f32], &mut [f32], &mut [u8]) -> f32;
 type BlockedFn = fn(&[f32], &[f32], &mut [f32], &mut [u8]) -> (f32, f32);
 type ExtendFn = fn(&[f32], &mut Vec<f32>);
+type DotsFn = fn(&[f32], usize, &[f32], &mut Vec<f32>);
 
 /// A resolved table-quantization kernel.
 #[derive(Clone, Copy)]
@@ -34,6 +41,7 @@ pub struct LutKernel {
     quantize: QuantizeFn,
     blocked: BlockedFn,
     extend: ExtendFn,
+    dots: DotsFn,
 }
 
 impl std::fmt::Debug for LutKernel {
@@ -55,6 +63,7 @@ impl LutKernel {
                 quantize: x86::quantize_v4,
                 blocked: x86::quantize_blocked_v4,
                 extend: x86::extend_blocked_v4,
+                dots: x86::dots_blocked_v4,
             },
             #[cfg(target_arch = "x86_64")]
             Level::V3 => LutKernel {
@@ -62,12 +71,14 @@ impl LutKernel {
                 quantize: x86::quantize_v3,
                 blocked: x86::quantize_blocked_v3,
                 extend: extend_blocked_scalar,
+                dots: x86::dots_blocked_v3,
             },
             _ => LutKernel {
                 level: Level::Scalar,
                 quantize: quantize_scalar,
                 blocked: quantize_residual_blocked_scalar,
                 extend: extend_blocked_scalar,
+                dots: dots_blocked_scalar,
             },
         }
     }
@@ -103,6 +114,12 @@ pub fn blocked_len(m: usize) -> usize {
     m.div_ceil(BLOCK_ROWS) * BLOCK_ROWS * 16
 }
 
+/// Floats of the scratch of [`LutKernel::quantize_residual_blocked`] for inputs of `len`
+/// floats (whole blocks): a minimum per row and the entries again.
+pub fn blocked_scratch_len(len: usize) -> usize {
+    len / 16 + len
+}
+
 /// Scalar [`LutKernel::extend_blocked`].
 pub fn extend_blocked_scalar(rows: &[f32], out: &mut Vec<f32>) {
     let m = rows.len() / 16;
@@ -112,6 +129,44 @@ pub fn extend_blocked_scalar(rows: &[f32], out: &mut Vec<f32>) {
         let base = at + (j / BLOCK_ROWS) * BLOCK_ROWS * 16 + j % BLOCK_ROWS;
         for (c, &v) in row.iter().enumerate() {
             out[base + c * BLOCK_ROWS] = v;
+        }
+    }
+}
+
+/// A 16-centroid codebook in the layout of [`LutKernel::dots_blocked`]: `centroids_t` is
+/// `m * dsub * 16` floats, sub-space `j`'s codebook transposed (`[j][t][c]`); the result holds
+/// [`blocked_len`]`(m) * dsub` floats, coordinate `t` of centroid `c` of row `j` at
+/// `((j / 16 * dsub + t) * 16 + c) * 16 + j % 16` (one register holds one coordinate of one
+/// centroid for the 16 rows of a block), the padding rows zero.
+pub fn blocked_codebook(centroids_t: &[f32], m: usize) -> Vec<f32> {
+    let dsub = centroids_t.len() / (16 * m.max(1));
+    let mut out = vec![0.0f32; blocked_len(m) * dsub];
+    for j in 0..m {
+        for t in 0..dsub {
+            for c in 0..16 {
+                out[((j / BLOCK_ROWS * dsub + t) * 16 + c) * BLOCK_ROWS + j % BLOCK_ROWS] =
+                    centroids_t[(j * dsub + t) * 16 + c];
+            }
+        }
+    }
+    out
+}
+
+/// Scalar [`LutKernel::dots_blocked`]: `acc = fma(q_t, c_t, acc)` from 0 in `t` order.
+pub fn dots_blocked_scalar(q: &[f32], m: usize, codebook: &[f32], out: &mut Vec<f32>) {
+    let dsub = q.len() / m;
+    let at = out.len();
+    out.resize(at + blocked_len(m), 0.0);
+    let out = &mut out[at..];
+    for j in 0..m {
+        let (b, jj) = (j / BLOCK_ROWS, j % BLOCK_ROWS);
+        for t in 0..dsub {
+            let qt = q[j * dsub + t];
+            for c in 0..16 {
+                let o = b * 256 + c * 16 + jj;
+                // A fused multiply-add: one rounding (f32::mul_add is exact on every target).
+                out[o] = qt.mul_add(codebook[((b * dsub + t) * 16 + c) * 16 + jj], out[o]);
+            }
         }
     }
 }
@@ -143,31 +198,51 @@ impl LutKernel {
         (self.extend)(rows, out)
     }
 
+    /// The inner products of `q` (`m * dsub`) with every centroid of a 16-centroid codebook
+    /// ([`blocked_codebook`]), appended to `out` ([`blocked_len`]`(m)` floats) in the blocked
+    /// layout of [`LutKernel::extend_blocked`], without making the row-major table: per block,
+    /// lane `jj` of one register holds row `j0 + jj`'s coordinate `t` of the query (gathered,
+    /// stride `dsub`), multiplied into the block's 16 centroid registers of coordinate `t`.
+    /// Each entry is `acc = fma(q_t, c_t, acc)` from 0 in `t` order, one rounding per
+    /// coordinate, at every level (bit for bit); `DistanceKernels::axpy_cols16`, which
+    /// rounds the product and the sum apart, agrees to within those roundings. Panics if the
+    /// shapes disagree.
+    pub fn dots_blocked(&self, q: &[f32], m: usize, codebook: &[f32], out: &mut Vec<f32>) {
+        let dsub = q.len().checked_div(m).unwrap_or(0);
+        assert!(
+            dsub > 0 && q.len() == m * dsub && codebook.len() == blocked_len(m) * dsub,
+            "dots_blocked: shapes disagree"
+        );
+        (self.dots)(q, m, codebook, out)
+    }
+
     /// [`LutKernel::quantize`] of the rows `2 * dots - pre`, computed on the fly from both
     /// inputs in the blocked layout ([`LutKernel::extend_blocked`]): per block, entry `c` of
     /// its 16 rows is one register, so the row minima and maxima are lane-wise (no shuffles)
     /// and so is the quantization; the bytes are transposed back to rows on the way out.
-    /// Writes the first `table.len() / 16` rows (whole rows, at most the blocks'), fills
-    /// `mins` (one per row of the blocks, scratch) and returns `(delta, bias)` with `bias` =
-    /// [`bias_of`]`(mins)`. Rows past the table's must be zero in both inputs (as
+    /// Writes the first `table.len() / 16` rows (whole rows, at most the blocks'), uses
+    /// `scratch` ([`blocked_scratch_len`]: the row minima of the blocks first, one per row,
+    /// then room for the AVX-512 kernel's pass 1 to keep every entry less its row's minimum,
+    /// so that pass 2 reloads one value instead of recomputing it from two) and returns
+    /// `(delta, bias)` with `bias` = [`bias_of`] of the minima. Rows past the table's must be zero in both inputs (as
     /// [`LutKernel::extend_blocked`] leaves them), so that they widen no span. Panics if the
     /// lengths disagree.
     pub fn quantize_residual_blocked(
         &self,
         dots: &[f32],
         pre: &[f32],
-        mins: &mut [f32],
+        scratch: &mut [f32],
         table: &mut [u8],
     ) -> (f32, f32) {
         assert!(
             dots.len() == pre.len()
                 && dots.len().is_multiple_of(BLOCK_ROWS * 16)
-                && mins.len() == dots.len() / 16
+                && scratch.len() == blocked_scratch_len(dots.len())
                 && table.len().is_multiple_of(16)
                 && table.len() <= dots.len(),
             "quantize_residual_blocked: shapes disagree"
         );
-        (self.blocked)(dots, pre, mins, table)
+        (self.blocked)(dots, pre, scratch, table)
     }
 }
 
@@ -177,10 +252,11 @@ impl LutKernel {
 pub fn quantize_residual_blocked_scalar(
     dots: &[f32],
     pre: &[f32],
-    mins: &mut [f32],
+    scratch: &mut [f32],
     table: &mut [u8],
 ) -> (f32, f32) {
     let rows = dots.len() / 16;
+    let mins = &mut scratch[..rows];
     let scores: Vec<f32> = (0..rows)
         .flat_map(|j| {
             let base = (j / BLOCK_ROWS) * BLOCK_ROWS * 16 + j % BLOCK_ROWS;
@@ -559,29 +635,34 @@ mod x86 {
     unsafe fn quantize_blocked_v4_imp(
         dots: &[f32],
         pre: &[f32],
-        mins: &mut [f32],
+        scratch: &mut [f32],
         table: &mut [u8],
     ) -> (f32, f32) {
-        // SAFETY: dots and pre hold nb * 256 floats, mins nb * 16; the stores write the rows
-        // below table.len() / 16 only (masked in the last group of four).
+        // SAFETY: dots and pre hold nb * 256 floats, scratch nb * 16 + nb * 256; the stores
+        // write the rows below table.len() / 16 only (masked in the last group of four).
         unsafe {
-            let nb = mins.len() / 16;
+            let nb = scratch.len() / 272;
+            let (mins, centered) = scratch.split_at_mut(nb * 16);
             let (d, p) = (dots.as_ptr(), pre.as_ptr());
             let two = _mm512_set1_ps(2.0);
-            // One rounding, as the scalar's `2.0 * d - p`: 2 d is exact.
-            let entry = |b: usize, c: usize| {
-                let o = b * 256 + c * 16;
-                _mm512_fmsub_ps(two, _mm512_loadu_ps(d.add(o)), _mm512_loadu_ps(p.add(o)))
-            };
             let mut spans = _mm512_setzero_ps();
             let (mut acc_lo, mut acc_hi) = (_mm512_setzero_pd(), _mm512_setzero_pd());
             for b in 0..nb {
                 let mut lo = [_mm512_setzero_ps(); 16];
                 for (c, v) in lo.iter_mut().enumerate() {
-                    *v = entry(b, c);
+                    // One rounding, as the scalar's `2.0 * d - p`: 2 d is exact.
+                    let o = b * 256 + c * 16;
+                    *v = _mm512_fmsub_ps(two, _mm512_loadu_ps(d.add(o)), _mm512_loadu_ps(p.add(o)));
                 }
+                let entries = lo;
                 let mut hi = lo;
                 let (lo, hi) = (tree16::<false>(&mut lo), tree16::<true>(&mut hi));
+                for (c, &v) in entries.iter().enumerate() {
+                    _mm512_storeu_ps(
+                        centered.as_mut_ptr().add(b * 256 + c * 16),
+                        _mm512_sub_ps(v, lo),
+                    );
+                }
                 _mm512_storeu_ps(mins.as_mut_ptr().add(16 * b), lo);
                 spans = _mm512_max_ps(spans, _mm512_sub_ps(hi, lo));
                 acc_lo = _mm512_add_pd(acc_lo, _mm512_cvtps_pd(_mm512_castps512_ps256(lo)));
@@ -606,21 +687,44 @@ mod x86 {
             // and v - lo <= span): about 255.5 for any normal span. Below 2^15 the packs'
             // saturation is the clamp at 255, so the min is needed only for degenerate spans
             // (subnormal: infinite steps; infinite: NaN), where it keeps NaN as its result.
-            let bounded = span * inv_s < 30_000.0;
+            let rows = table.len() / 16;
+            if span * inv_s < 30_000.0 {
+                write_blocked_v4::<true>(centered, inv_s, rows, table);
+            } else {
+                write_blocked_v4::<false>(centered, inv_s, rows, table);
+            }
+            (delta, bias)
+        }
+    }
+
+    /// Pass 2 of the blocked kernel: the centered entries `v - lo` (blocked) to the table's
+    /// rows; `BOUNDED`: every `x` below 2^15 (no clamp needed before the packs).
+    ///
+    /// # Safety
+    /// AVX-512F/BW available; `centered` holds whole blocks, at least `rows` rows.
+    #[inline(always)]
+    unsafe fn write_blocked_v4<const BOUNDED: bool>(
+        centered: &[f32],
+        inv_s: f32,
+        rows: usize,
+        table: &mut [u8],
+    ) {
+        // SAFETY: as stated; the stores write the rows below `rows` only.
+        unsafe {
+            let nb = centered.len() / 256;
             let inv = _mm512_set1_ps(inv_s);
             let half = _mm512_set1_ps(0.5);
             let top = _mm512_set1_ps(255.0);
             let t4 = _mm512_broadcast_i32x4(_mm_loadu_si128(T4X4.as_ptr() as *const __m128i));
             let t4d = _mm512_cvtepi8_epi32(_mm_loadu_si128(T4X4.as_ptr() as *const __m128i));
-            let rows = table.len() / 16;
             let out = table.as_mut_ptr();
+            let cp = centered.as_ptr();
             for b in 0..nb.min(rows.div_ceil(16)) {
-                let lo = _mm512_loadu_ps(mins.as_ptr().add(16 * b));
                 // Entry c of the block's rows as i32 lanes, at most 255, for the saturating
                 // packs (negative x and NaN become 0 there, as the scalar clamp does).
                 let q = |c: usize| {
-                    let x = _mm512_fmadd_ps(_mm512_sub_ps(entry(b, c), lo), inv, half);
-                    _mm512_cvttps_epi32(if bounded { x } else { _mm512_min_ps(top, x) })
+                    let x = _mm512_fmadd_ps(_mm512_loadu_ps(cp.add(b * 256 + c * 16)), inv, half);
+                    _mm512_cvttps_epi32(if BOUNDED { x } else { _mm512_min_ps(top, x) })
                 };
                 // packs: in 128-bit lane l, byte 4 i + r of bytes[g] is entry 4 g + i of row
                 // 4 l + r.
@@ -653,7 +757,6 @@ mod x86 {
                     }
                 }
             }
-            (delta, bias)
         }
     }
 
@@ -715,6 +818,119 @@ mod x86 {
         }
     }
 
+    /// [`super::LutKernel::dots_blocked`] (AVX-512): per block, 16 accumulators (one per
+    /// centroid), and per coordinate one gather of the block's query values.
+    ///
+    /// # Safety
+    /// AVX-512F available; shapes as checked by `dots_blocked`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    unsafe fn dots_blocked_v4_imp(q: &[f32], m: usize, codebook: &[f32], out: &mut Vec<f32>) {
+        // SAFETY: block b's gathers read q at (16 b + jj) * dsub + t for the rows jj that
+        // exist (masked), below m * dsub = q.len(); the loads read codebook block b's
+        // dsub * 256 floats; the stores write the nb * 256 floats reserved past out's
+        // length, which then holds them.
+        unsafe {
+            let nb = m.div_ceil(16);
+            let dsub = q.len() / m;
+            out.reserve(nb * 256);
+            let dst = out.as_mut_ptr().add(out.len());
+            let lanes = _mm512_mullo_epi32(
+                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                _mm512_set1_epi32(dsub as i32),
+            );
+            for b in 0..nb {
+                let rows = (m - 16 * b).min(16);
+                let mask = ((1u32 << rows) - 1) as __mmask16;
+                let qb = q.as_ptr().add(16 * b * dsub);
+                let cb = codebook.as_ptr().add(b * dsub * 256);
+                let mut acc = [_mm512_setzero_ps(); 16];
+                for t in 0..dsub {
+                    let idx = _mm512_add_epi32(lanes, _mm512_set1_epi32(t as i32));
+                    let qt = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, idx, qb);
+                    for (c, a) in acc.iter_mut().enumerate() {
+                        let col = _mm512_loadu_ps(cb.add((t * 16 + c) * 16));
+                        *a = _mm512_fmadd_ps(qt, col, *a);
+                    }
+                }
+                for (c, &a) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(dst.add(b * 256 + c * 16), a);
+                }
+            }
+            out.set_len(out.len() + nb * 256);
+        }
+    }
+
+    pub(super) fn dots_blocked_v4(q: &[f32], m: usize, codebook: &[f32], out: &mut Vec<f32>) {
+        // SAFETY: only reachable through a kernel built for V4, which the CPU supports;
+        // shapes checked by LutKernel::dots_blocked.
+        unsafe { dots_blocked_v4_imp(q, m, codebook, out) }
+    }
+
+    /// [`super::LutKernel::dots_blocked`] (AVX2): as the AVX-512 kernel, each block as two
+    /// halves of 8 rows.
+    ///
+    /// # Safety
+    /// AVX2 available; shapes as checked by `dots_blocked`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dots_blocked_v3_imp(q: &[f32], m: usize, codebook: &[f32], out: &mut Vec<f32>) {
+        // SAFETY: as the AVX-512 kernel's, per half of 8 rows.
+        unsafe {
+            let nb = m.div_ceil(16);
+            let dsub = q.len() / m;
+            out.reserve(nb * 256);
+            let dst = out.as_mut_ptr().add(out.len());
+            let lanes = _mm256_mullo_epi32(
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                _mm256_set1_epi32(dsub as i32),
+            );
+            for b in 0..nb {
+                let cb = codebook.as_ptr().add(b * dsub * 256);
+                for h in 0..2 {
+                    let row0 = 16 * b + 8 * h;
+                    let rows = m.saturating_sub(row0).min(8);
+                    if rows == 0 {
+                        for c in 0..16 {
+                            let at = dst.add(b * 256 + c * 16 + 8 * h);
+                            _mm256_storeu_ps(at, _mm256_setzero_ps());
+                        }
+                        continue;
+                    }
+                    // Lanes of the rows that exist: all bits set (the gather's mask is the
+                    // sign bit of each lane).
+                    let live = _mm256_cmpgt_epi32(
+                        _mm256_set1_epi32(rows as i32),
+                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                    );
+                    let qb = q.as_ptr().add(row0 * dsub);
+                    let mut acc = [_mm256_setzero_ps(); 16];
+                    for t in 0..dsub {
+                        let idx = _mm256_add_epi32(lanes, _mm256_set1_epi32(t as i32));
+                        let qt = _mm256_mask_i32gather_ps::<4>(
+                            _mm256_setzero_ps(),
+                            qb,
+                            idx,
+                            _mm256_castsi256_ps(live),
+                        );
+                        for (c, a) in acc.iter_mut().enumerate() {
+                            let col = _mm256_loadu_ps(cb.add((t * 16 + c) * 16 + 8 * h));
+                            *a = _mm256_fmadd_ps(qt, col, *a);
+                        }
+                    }
+                    for (c, &a) in acc.iter().enumerate() {
+                        _mm256_storeu_ps(dst.add(b * 256 + c * 16 + 8 * h), a);
+                    }
+                }
+            }
+            out.set_len(out.len() + nb * 256);
+        }
+    }
+
+    pub(super) fn dots_blocked_v3(q: &[f32], m: usize, codebook: &[f32], out: &mut Vec<f32>) {
+        // SAFETY: only reachable through a kernel built for V3, which the CPU supports;
+        // shapes checked by LutKernel::dots_blocked.
+        unsafe { dots_blocked_v3_imp(q, m, codebook, out) }
+    }
+
     pub(super) fn extend_blocked_v4(rows: &[f32], out: &mut Vec<f32>) {
         // SAFETY: only reachable through a kernel built for V4, which the CPU supports.
         unsafe { extend_blocked_v4_imp(rows, out) }
@@ -766,10 +982,11 @@ mod x86 {
         mins: &mut [f32],
         table: &mut [u8],
     ) -> (f32, f32) {
-        // SAFETY: dots and pre hold nb * 256 floats, mins nb * 16; the stores write the rows
-        // below table.len() / 16 only.
+        // SAFETY: dots and pre hold nb * 256 floats, scratch nb * 272 (the minima in its
+        // first nb * 16, the rest unused here); the stores write the rows below
+        // table.len() / 16 only.
         unsafe {
-            let nb = mins.len() / 16;
+            let nb = mins.len() / 272;
             let (d, p) = (dots.as_ptr(), pre.as_ptr());
             let two = _mm256_set1_ps(2.0);
             // Entry c of the rows of half h of block b; one rounding, as `2.0 * d - p`.
@@ -936,7 +1153,7 @@ mod tests {
                 let rows: Vec<f32> = dots.iter().zip(&pre).map(|(d, p)| 2.0 * d - p).collect();
                 let (mut wm, mut rt) = (vec![0.0; m], vec![0u8; m * 16]);
                 let wd = quantize_scalar(&rows, &mut wm, &mut rt);
-                let mut scratch = vec![0.0; bd.len() / 16];
+                let mut scratch = vec![0.0; blocked_scratch_len(bd.len())];
                 let mut wt = vec![0u8; m * 16];
                 let (sd, sb) = quantize_residual_blocked_scalar(&bd, &bp, &mut scratch, &mut wt);
                 assert_eq!(
@@ -952,7 +1169,7 @@ mod tests {
                     let mut want_table = wt.clone();
                     want_table.resize(m2 * 16, 0);
                     for level in Level::all_supported() {
-                        let mut mins = vec![1.0; bd.len() / 16];
+                        let mut mins = vec![1.0; blocked_scratch_len(bd.len())];
                         let mut table = vec![9u8; m2 * 16];
                         let k = LutKernel::for_level(level);
                         let (delta, bias) =
@@ -963,6 +1180,49 @@ mod tests {
                         assert_eq!(mins[..m], wm[..], "{at}");
                         assert_eq!(bias.to_bits(), bias_of(&wm).to_bits(), "{at}");
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn blocked_dots_are_bit_exact_across_levels_and_match_the_row_major_table() {
+        let mut rng = StdRng::seed_from_u64(8);
+        for m in [1usize, 2, 15, 16, 17, 31, 98, 130] {
+            for dsub in [1usize, 2, 3, 8] {
+                let q: Vec<f32> = (0..m * dsub).map(|_| rng.random_range(-4.0..4.0)).collect();
+                let cols: Vec<f32> = (0..m * dsub * 16)
+                    .map(|_| rng.random_range(-1.0f32..1.0) * 10f32.powi(rng.random_range(-3..3)))
+                    .collect();
+                // The row-major table as the distance kernels' reference makes it (a product
+                // and a sum, each rounded), blocked: the fused one agrees to within the
+                // roundings of `dsub` products and sums of terms at most `bound` (the padding
+                // rows exactly 0).
+                let mut rows = vec![0.0f32; m * 16];
+                crate::distance::scalar::axpy_cols16(1.0, &q, &cols, &mut rows);
+                let mut unfused = Vec::new();
+                extend_blocked_scalar(&rows, &mut unfused);
+                let codebook = blocked_codebook(&cols, m);
+                assert_eq!(codebook.len(), blocked_len(m) * dsub);
+                let mut want = vec![7.0f32];
+                dots_blocked_scalar(&q, m, &codebook, &mut want);
+                assert_eq!(want.remove(0), 7.0);
+                let bound = q.iter().fold(0.0f32, |a, v| a.max(v.abs()))
+                    * cols.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                let tol = 4.0 * dsub as f32 * bound * f32::EPSILON;
+                for (i, (&a, &b)) in want.iter().zip(&unfused).enumerate() {
+                    assert!((a - b).abs() <= tol, "m {m} dsub {dsub} at {i}: {a} vs {b}");
+                    if i % 256 % 16 >= m.saturating_sub(i / 256 * 16) {
+                        assert_eq!(a.to_bits(), 0, "padding row, m {m} at {i}");
+                    }
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                for level in Level::all_supported() {
+                    // Appended, as extend_blocked does.
+                    let mut got = vec![7.0f32];
+                    LutKernel::for_level(level).dots_blocked(&q, m, &codebook, &mut got);
+                    assert_eq!(got.remove(0), 7.0);
+                    assert_eq!(bits(&got), bits(&want), "level {level} m {m} dsub {dsub}");
                 }
             }
         }

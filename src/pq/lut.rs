@@ -59,6 +59,18 @@ impl ProductQuantizer {
     }
 }
 
+impl ProductQuantizer {
+    /// The inner-product table of `q` (4-bit, trained) in the blocked layout of the IVF table
+    /// kernel ([`extend_blocked`]), appended to `out` ([`pqcache_simd::lut::blocked_len`]`(m)`
+    /// floats): [`ProductQuantizer::compute_lut`] with [`Metric::InnerProduct`] passed
+    /// through [`extend_blocked`], but with one fused multiply-add per coordinate
+    /// ([`LutKernel::dots_blocked`]) and without the row-major table or its transpose.
+    pub(crate) fn dots_blocked(&self, q: &[f32], out: &mut Vec<f32>) {
+        debug_assert_eq!(self.ksub(), 16);
+        lut_kernel().dots_blocked(q, self.m, &self.centroids_blocked, out);
+    }
+}
+
 /// A lookup table quantized to u8 for fast-scan, with the map back to float scores.
 ///
 /// `table[j * 16 + c] = round((s[j][c] - min_j) / delta)`, where `s` is the float table of
@@ -115,7 +127,7 @@ pub fn quantize_residual_blocked(
     mins: &mut Vec<f32>,
     table: &mut [u8],
 ) -> (f32, f32) {
-    mins.resize(dots.len() / 16, 0.0);
+    mins.resize(pqcache_simd::lut::blocked_scratch_len(dots.len()), 0.0);
     lut_kernel().quantize_residual_blocked(dots, pre, mins, table)
 }
 

@@ -81,6 +81,11 @@ pub struct ProductQuantizer {
     pub(crate) centroids_t: Vec<f32>,
     /// Derived: `m * ksub` squared norms of the centroids (L2 tables).
     pub(crate) centroid_norms: Vec<f32>,
+    /// Derived, 4-bit only (else empty): `centroids_t` in the blocked layout of
+    /// [`pqcache_simd::lut::blocked_codebook`], from which
+    /// [`ProductQuantizer::dots_blocked`] makes a query's inner-product table in the layout
+    /// of the IVF table kernel.
+    pub(crate) centroids_blocked: Vec<f32>,
 }
 
 impl ProductQuantizer {
@@ -104,6 +109,7 @@ impl ProductQuantizer {
             centroids: Vec::new(),
             centroids_t: Vec::new(),
             centroid_norms: Vec::new(),
+            centroids_blocked: Vec::new(),
         })
     }
 
@@ -148,6 +154,11 @@ impl ProductQuantizer {
                 }
             }
         }
+        self.centroids_blocked = if ksub == 16 {
+            pqcache_simd::lut::blocked_codebook(&t, m)
+        } else {
+            Vec::new()
+        };
         self.centroids = centroids;
         self.centroids_t = t;
         self.centroid_norms = norms;

@@ -11,7 +11,6 @@ use crate::error::{Error, Result};
 use crate::index::scan::{self, of_query, Chunking, Scan, ScanHandler, CHUNK_BLOCKS};
 use crate::index::{check_k, check_vectors, for_each_marked, Index};
 use crate::metric::Metric;
-use crate::pq::lut::extend_blocked;
 use crate::pq::lut::QuantizedLut;
 use crate::select::TopK;
 use pqcache_simd::fastscan::{FastScanKernel, BBS, MAX_QBS};
@@ -153,16 +152,12 @@ impl IndexIVFPQFastScan {
         QuantizedLut::new(&lut, m, m + m % 2)
     }
 
-    /// What a query needs to build the table of any list it probes; `rows` is scratch.
-    fn prepare(&self, q: &[f32], rows: &mut Vec<f32>) -> QueryPrep {
+    /// What a query needs to build the table of any list it probes.
+    fn prepare(&self, q: &[f32]) -> QueryPrep {
         if self.residual_l2_terms() {
             // L2 with residuals: q . r_jc for every (j, c), shared by the lists.
-            let m = self.pq.m();
-            rows.resize(m * 16, 0.0);
-            self.pq
-                .compute_lut(q, Metric::InnerProduct, &self.kernels, rows);
             let mut dots = Vec::new();
-            extend_blocked(rows, &mut dots);
+            self.pq.dots_blocked(q, &mut dots);
             QueryPrep::ResidualL2 {
                 dots,
                 norm: crate::linalg::norm_sq(q),
@@ -298,7 +293,7 @@ impl IndexIVFPQFastScan {
     pub(super) fn search_one(&self, q: &[f32], k: usize, parallel_lists: bool) -> Vec<Cand> {
         let probes = self.coarse.probe(&self.kernels, q, self.nprobe);
         let c = self.pool_size(k);
-        let prep = self.prepare(q, &mut Vec::new());
+        let prep = self.prepare(q);
         let scan_probe = |heaps: &mut [TopK<Cand>],
                           scratch: &mut (ListScratch, GroupTables),
                           &(coarse, l): &(f32, u32)| {
@@ -386,8 +381,7 @@ impl IndexIVFPQFastScan {
     fn search_task(&self, qs: &[f32], k: usize) -> Vec<Vec<Cand>> {
         let d = self.pq.dim();
         let probes = self.coarse.probe_rows(qs, self.nprobe);
-        let mut rows = Vec::new();
-        let preps: Vec<QueryPrep> = qs.chunks(d).map(|q| self.prepare(q, &mut rows)).collect();
+        let preps: Vec<QueryPrep> = qs.chunks(d).map(|q| self.prepare(q)).collect();
         let c = self.pool_size(k);
         let mut heaps: Vec<TopK<Cand>> = preps.iter().map(|_| TopK::new(c)).collect();
         let mut scratch = ListScratch::default();
