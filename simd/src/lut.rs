@@ -209,8 +209,12 @@ impl LutKernel {
     /// shapes disagree.
     pub fn dots_blocked(&self, q: &[f32], m: usize, codebook: &[f32], out: &mut Vec<f32>) {
         let dsub = q.len().checked_div(m).unwrap_or(0);
+        // The gathers index a block's query values with i32 lanes: up to 16 * dsub.
         assert!(
-            dsub > 0 && q.len() == m * dsub && codebook.len() == blocked_len(m) * dsub,
+            dsub > 0
+                && q.len() == m * dsub
+                && codebook.len() == blocked_len(m) * dsub
+                && dsub <= i32::MAX as usize / 16,
             "dots_blocked: shapes disagree"
         );
         (self.dots)(q, m, codebook, out)

@@ -67,7 +67,10 @@ impl ProductQuantizer {
     /// ([`LutKernel::dots_blocked`]) and without the row-major table or its transpose.
     pub(crate) fn dots_blocked(&self, q: &[f32], out: &mut Vec<f32>) {
         debug_assert_eq!(self.ksub(), 16);
-        lut_kernel().dots_blocked(q, self.m, &self.centroids_blocked, out);
+        let codebook = self
+            .centroids_blocked
+            .get_or_init(|| pqcache_simd::lut::blocked_codebook(&self.centroids_t, self.m));
+        lut_kernel().dots_blocked(q, self.m, codebook, out);
     }
 }
 

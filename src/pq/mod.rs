@@ -81,11 +81,30 @@ pub struct ProductQuantizer {
     pub(crate) centroids_t: Vec<f32>,
     /// Derived: `m * ksub` squared norms of the centroids (L2 tables).
     pub(crate) centroid_norms: Vec<f32>,
-    /// Derived, 4-bit only (else empty): `centroids_t` in the blocked layout of
+    /// Derived on first use (IVF's L2 tables only): `centroids_t` in the blocked layout of
     /// [`pqcache_simd::lut::blocked_codebook`], from which
     /// [`ProductQuantizer::dots_blocked`] makes a query's inner-product table in the layout
     /// of the IVF table kernel.
-    pub(crate) centroids_blocked: Vec<f32>,
+    pub(crate) centroids_blocked: DerivedCache<Vec<f32>>,
+}
+
+/// A value derived from its owner's other fields on first use: cloned with it, reset when
+/// they change, and left out of comparisons (two owners with the same fields are equal
+/// whether or not either has derived it yet).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct DerivedCache<T>(std::sync::OnceLock<T>);
+
+impl<T> DerivedCache<T> {
+    /// The value, made by `make` the first time.
+    pub(crate) fn get_or_init(&self, make: impl FnOnce() -> T) -> &T {
+        self.0.get_or_init(make)
+    }
+}
+
+impl<T> PartialEq for DerivedCache<T> {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl ProductQuantizer {
@@ -109,7 +128,7 @@ impl ProductQuantizer {
             centroids: Vec::new(),
             centroids_t: Vec::new(),
             centroid_norms: Vec::new(),
-            centroids_blocked: Vec::new(),
+            centroids_blocked: DerivedCache::default(),
         })
     }
 
@@ -154,11 +173,7 @@ impl ProductQuantizer {
                 }
             }
         }
-        self.centroids_blocked = if ksub == 16 {
-            pqcache_simd::lut::blocked_codebook(&t, m)
-        } else {
-            Vec::new()
-        };
+        self.centroids_blocked = DerivedCache::default();
         self.centroids = centroids;
         self.centroids_t = t;
         self.centroid_norms = norms;
