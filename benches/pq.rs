@@ -1,8 +1,11 @@
 //! 8-bit (and unpacked 4-bit) ADC: the raw scan kernel against the one-code-at-a-time
-//! reference loop it must match bit for bit, and IndexPQ search.
+//! reference loop it must match bit for bit, and IndexPQ search; the table kernels of IVF's
+//! L2 search (a query's `q . r` terms, a probed list's u8 table).
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use pqcache::{Index, IndexPQ, Level, Metric, Nbits};
 use pqcache_simd::adc::{scan_scalar, AdcKernel};
+use pqcache_simd::distance::DistanceKernels;
+use pqcache_simd::lut::{blocked_codebook, blocked_len, blocked_scratch_len, LutKernel};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 #[path = "common.rs"]
@@ -72,5 +75,53 @@ fn bench_index_pq(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_adc_kernel, bench_index_pq);
+/// The per-query and per-probe table work of an IVF fast-scan L2 search with residuals, at
+/// Fashion-MNIST's shape (d 784, m 98) and at d 128, m 32: the query's `q . r` terms made
+/// row-major and transposed to the blocked layout (the way before `dots_blocked`) or made
+/// blocked directly, and one list's table quantized from them (once per query and probe).
+fn bench_ivf_tables(c: &mut Criterion) {
+    let mut g = c.benchmark_group("ivf_tables");
+    let mut rng = StdRng::seed_from_u64(3);
+    let lut = LutKernel::best();
+    let dist = DistanceKernels::best();
+    for (d, m) in [(784usize, 98usize), (128, 32)] {
+        let dsub = d / m;
+        let q: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let cols: Vec<f32> = (0..d * 16).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let codebook = blocked_codebook(&cols, m);
+        let mut rows = vec![0.0f32; m * 16];
+        let mut dots = Vec::new();
+        let level = lut.level();
+        let name = format!("terms/row-major+transpose/d={d}/m={m}/level={level}");
+        g.bench_function(BenchmarkId::from_parameter(name), |b| {
+            b.iter(|| {
+                rows.fill(0.0);
+                dist.axpy_cols16(1.0, &q, &cols, &mut rows);
+                dots.clear();
+                lut.extend_blocked(&rows, &mut dots);
+            })
+        });
+        let name = format!("terms/blocked/d={d}/m={m}/level={level}");
+        g.bench_function(BenchmarkId::from_parameter(name), |b| {
+            b.iter(|| {
+                dots.clear();
+                lut.dots_blocked(&q, m, &codebook, &mut dots);
+            })
+        });
+        assert_eq!(dots.len(), blocked_len(m));
+        assert_eq!(codebook.len(), blocked_len(m) * dsub);
+        let pre_rows: Vec<f32> = (0..m * 16).map(|_| rng.random_range(0.0..2.0)).collect();
+        let mut pre = Vec::new();
+        lut.extend_blocked(&pre_rows, &mut pre);
+        let mut scratch = vec![0.0f32; blocked_scratch_len(dots.len())];
+        let mut table = vec![0u8; (m + m % 2) * 16];
+        let name = format!("table/quantize/m={m}/level={level}");
+        g.bench_function(BenchmarkId::from_parameter(name), |b| {
+            b.iter(|| lut.quantize_residual_blocked(&dots, &pre, &mut scratch, &mut table))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_adc_kernel, bench_index_pq, bench_ivf_tables);
 criterion_main!(benches);

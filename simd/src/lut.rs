@@ -648,10 +648,16 @@ mod x86 {
             let nb = scratch.len() / 272;
             let (mins, centered) = scratch.split_at_mut(nb * 16);
             let (d, p) = (dots.as_ptr(), pre.as_ptr());
+            let rows = table.len() / 16;
+            // A last block whose table rows all lie in its first half (m 98: 2 of 16) is
+            // done as one half of 8 rows with the AVX2 kernel's steps (half the work: its
+            // second half is padding, zero in both inputs, of span 0 and minimum 0).
+            let short_tail = nb > 0 && rows <= 16 * (nb - 1) + 8;
+            let full = nb - usize::from(short_tail);
             let two = _mm512_set1_ps(2.0);
             let mut spans = _mm512_setzero_ps();
             let (mut acc_lo, mut acc_hi) = (_mm512_setzero_pd(), _mm512_setzero_pd());
-            for b in 0..nb {
+            for b in 0..full {
                 let mut lo = [_mm512_setzero_ps(); 16];
                 for (c, v) in lo.iter_mut().enumerate() {
                     // One rounding, as the scalar's `2.0 * d - p`: 2 d is exact.
@@ -677,6 +683,19 @@ mod x86 {
                     ))),
                 );
             }
+            let mut tail_span = 0.0f32;
+            let mut tail_lo = _mm256_setzero_ps();
+            if short_tail {
+                let (lo, hi) = half_min_max(d, p, full, 0);
+                tail_lo = lo;
+                _mm256_storeu_ps(mins.as_mut_ptr().add(16 * full), lo);
+                _mm256_storeu_ps(mins.as_mut_ptr().add(16 * full + 8), _mm256_setzero_ps());
+                tail_span = max8(_mm256_sub_ps(hi, lo));
+                acc_lo = _mm512_add_pd(acc_lo, _mm512_cvtps_pd(lo));
+                // The padding half's minima, +0 each, as bias_of adds them (a lane that
+                // summed to -0 becomes +0).
+                acc_hi = _mm512_add_pd(acc_hi, _mm512_setzero_pd());
+            }
             // bias_of's fold: w = 8, then 4, 2, 1.
             let s8 = _mm512_add_pd(acc_lo, acc_hi);
             let s4 = _mm256_add_pd(_mm512_castpd512_pd256(s8), _mm512_extractf64x4_pd::<1>(s8));
@@ -685,17 +704,22 @@ mod x86 {
             let bias = _mm_cvtsd_f64(s1) as f32;
             // Max is exact: any order gives the scalar's span.
             let span = _mm512_reduce_max_ps(spans);
+            let span = if tail_span > span { tail_span } else { span };
             let delta = super::delta_of(span);
             let inv_s = 1.0 / delta;
             // Every x = (v - lo) inv + 0.5 is at most span inv + 0.5 (rounding is monotonic
             // and v - lo <= span): about 255.5 for any normal span. Below 2^15 the packs'
             // saturation is the clamp at 255, so the min is needed only for degenerate spans
             // (subnormal: infinite steps; infinite: NaN), where it keeps NaN as its result.
-            let rows = table.len() / 16;
+            let centered = &centered[..full * 256];
             if span * inv_s < 30_000.0 {
                 write_blocked_v4::<true>(centered, inv_s, rows, table);
             } else {
                 write_blocked_v4::<false>(centered, inv_s, rows, table);
+            }
+            if short_tail {
+                let inv = _mm256_set1_ps(inv_s);
+                half_write(d, p, full, 0, tail_lo, inv, rows, table.as_mut_ptr());
             }
             (delta, bias)
         }
@@ -974,8 +998,108 @@ mod x86 {
         }
     }
 
+    /// Entry `c` of the 8 rows of half `h` of block `b` of the blocked kernels' inputs; one
+    /// rounding, as the scalar's `2.0 * d - p` (2 d is exact).
+    ///
+    /// # Safety
+    /// AVX2 and FMA available; block `b` readable in both inputs.
+    #[inline(always)]
+    unsafe fn half_entry(d: *const f32, p: *const f32, b: usize, h: usize, c: usize) -> __m256 {
+        // SAFETY: as stated.
+        unsafe {
+            let o = b * 256 + c * 16 + 8 * h;
+            _mm256_fmsub_ps(
+                _mm256_set1_ps(2.0),
+                _mm256_loadu_ps(d.add(o)),
+                _mm256_loadu_ps(p.add(o)),
+            )
+        }
+    }
+
+    /// Pass 1 of the blocked kernels on half `h` of block `b` (8 rows, one lane each): the
+    /// rows' minima and maxima.
+    ///
+    /// # Safety
+    /// As [`half_entry`].
+    #[inline(always)]
+    unsafe fn half_min_max(d: *const f32, p: *const f32, b: usize, h: usize) -> (__m256, __m256) {
+        // SAFETY: as stated.
+        unsafe {
+            let mut lo = [_mm256_setzero_ps(); 16];
+            for (c, v) in lo.iter_mut().enumerate() {
+                *v = half_entry(d, p, b, h, c);
+            }
+            let mut hi = lo;
+            (tree8::<false>(&mut lo), tree8::<true>(&mut hi))
+        }
+    }
+
+    /// Pass 2 of the blocked kernels on half `h` of block `b`: its rows below `rows` of the
+    /// table, quantized with the rows' minima `lo` and the step's inverse `inv`.
+    ///
+    /// # Safety
+    /// As [`half_entry`]; `out` holds `rows` rows of 16 bytes.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn half_write(
+        d: *const f32,
+        p: *const f32,
+        b: usize,
+        h: usize,
+        lo: __m256,
+        inv: __m256,
+        rows: usize,
+        out: *mut u8,
+    ) {
+        // SAFETY: as stated; every store is of a row below `rows`.
+        unsafe {
+            let row0 = 16 * b + 8 * h;
+            let half = _mm256_set1_ps(0.5);
+            let top = _mm256_set1_ps(255.0);
+            let t4 = _mm256_broadcastsi128_si256(_mm_loadu_si128(T4X4.as_ptr() as *const __m128i));
+            // (A loop, not a closure: a closure here would not inherit the caller's target
+            // features, and its intrinsics would be calls.)
+            let mut q = [_mm256_setzero_si256(); 16];
+            for (c, v) in q.iter_mut().enumerate() {
+                let x = _mm256_fmadd_ps(_mm256_sub_ps(half_entry(d, p, b, h, c), lo), inv, half);
+                // As quant8: max(x, 0) gives 0 for NaN, then the clamp at 255.
+                *v = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(x, _mm256_setzero_ps()), top));
+            }
+            // In 128-bit lane l, byte 4 i + r of bytes[g] is entry 4 g + i of row
+            // row0 + 4 l + r; after the in-lane transpose, dword r holds row
+            // row0 + 4 l + r's entries 4 g .. 4 g + 4.
+            let mut bytes = [_mm256_setzero_si256(); 4];
+            for (g, out) in bytes.iter_mut().enumerate() {
+                let w0 = _mm256_packus_epi32(q[4 * g], q[4 * g + 1]);
+                let w1 = _mm256_packus_epi32(q[4 * g + 2], q[4 * g + 3]);
+                *out = _mm256_shuffle_epi8(_mm256_packus_epi16(w0, w1), t4);
+            }
+            let u01lo = _mm256_unpacklo_epi32(bytes[0], bytes[1]);
+            let u01hi = _mm256_unpackhi_epi32(bytes[0], bytes[1]);
+            let u23lo = _mm256_unpacklo_epi32(bytes[2], bytes[3]);
+            let u23hi = _mm256_unpackhi_epi32(bytes[2], bytes[3]);
+            // Register r: row row0 + r in lane 0, row row0 + 4 + r in lane 1.
+            let per_row = [
+                _mm256_unpacklo_epi64(u01lo, u23lo),
+                _mm256_unpackhi_epi64(u01lo, u23lo),
+                _mm256_unpacklo_epi64(u01hi, u23hi),
+                _mm256_unpackhi_epi64(u01hi, u23hi),
+            ];
+            for (r, &v) in per_row.iter().enumerate() {
+                if row0 + r < rows {
+                    let at = out.add(16 * (row0 + r)) as *mut __m128i;
+                    _mm_storeu_si128(at, _mm256_castsi256_si128(v));
+                }
+                if row0 + 4 + r < rows {
+                    let at = out.add(16 * (row0 + 4 + r)) as *mut __m128i;
+                    _mm_storeu_si128(at, _mm256_extracti128_si256::<1>(v));
+                }
+            }
+        }
+    }
+
     /// The blocked kernel (AVX2): each block as two halves of 8 rows, register `c` of a half
-    /// holding entry `c` of its rows.
+    /// holding entry `c` of its rows ([`half_min_max`], [`half_write`]).
     ///
     /// # Safety
     /// AVX2 and FMA available; shapes as checked by `quantize_residual_blocked`.
@@ -992,23 +1116,12 @@ mod x86 {
         unsafe {
             let nb = mins.len() / 272;
             let (d, p) = (dots.as_ptr(), pre.as_ptr());
-            let two = _mm256_set1_ps(2.0);
-            // Entry c of the rows of half h of block b; one rounding, as `2.0 * d - p`.
-            let entry = |b: usize, h: usize, c: usize| {
-                let o = b * 256 + c * 16 + 8 * h;
-                _mm256_fmsub_ps(two, _mm256_loadu_ps(d.add(o)), _mm256_loadu_ps(p.add(o)))
-            };
             let mut spans = _mm256_setzero_ps();
             // acc[q]: rows 4 q .. 4 q + 4 of each block (bias_of's lanes).
             let mut acc = [_mm256_setzero_pd(); 4];
             for b in 0..nb {
                 for h in 0..2 {
-                    let mut lo = [_mm256_setzero_ps(); 16];
-                    for (c, v) in lo.iter_mut().enumerate() {
-                        *v = entry(b, h, c);
-                    }
-                    let mut hi = lo;
-                    let (lo, hi) = (tree8::<false>(&mut lo), tree8::<true>(&mut hi));
+                    let (lo, hi) = half_min_max(d, p, b, h);
                     _mm256_storeu_ps(mins.as_mut_ptr().add(16 * b + 8 * h), lo);
                     spans = _mm256_max_ps(spans, _mm256_sub_ps(hi, lo));
                     acc[2 * h] =
@@ -1024,65 +1137,35 @@ mod x86 {
             let s2 = _mm_add_pd(_mm256_castpd256_pd128(s4), _mm256_extractf128_pd::<1>(s4));
             let s1 = _mm_add_sd(s2, _mm_unpackhi_pd(s2, s2));
             let bias = _mm_cvtsd_f64(s1) as f32;
-            let mut lanes = [0.0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), spans);
             // Max is exact: any order gives the scalar's span.
-            let span = lanes.iter().fold(0.0f32, |a, &v| if v > a { v } else { a });
+            let span = max8(spans);
             let delta = super::delta_of(span);
             let inv = _mm256_set1_ps(1.0 / delta);
-            let half = _mm256_set1_ps(0.5);
-            let top = _mm256_set1_ps(255.0);
-            let t4 = _mm256_broadcastsi128_si256(_mm_loadu_si128(T4X4.as_ptr() as *const __m128i));
             let rows = table.len() / 16;
-            let out = table.as_mut_ptr();
             for b in 0..nb.min(rows.div_ceil(16)) {
                 for h in 0..2 {
-                    let row0 = 16 * b + 8 * h;
-                    if row0 >= rows {
+                    if 16 * b + 8 * h >= rows {
                         break;
                     }
-                    let lo = _mm256_loadu_ps(mins.as_ptr().add(row0));
-                    let q = |c: usize| {
-                        let x = _mm256_fmadd_ps(_mm256_sub_ps(entry(b, h, c), lo), inv, half);
-                        // As quant8: max(x, 0) gives 0 for NaN, then the clamp at 255.
-                        _mm256_cvttps_epi32(_mm256_min_ps(
-                            _mm256_max_ps(x, _mm256_setzero_ps()),
-                            top,
-                        ))
-                    };
-                    // In 128-bit lane l, byte 4 i + r of bytes[g] is entry 4 g + i of row
-                    // row0 + 4 l + r; after the in-lane transpose, dword r holds row
-                    // row0 + 4 l + r's entries 4 g .. 4 g + 4.
-                    let mut bytes = [_mm256_setzero_si256(); 4];
-                    for (g, out) in bytes.iter_mut().enumerate() {
-                        let w0 = _mm256_packus_epi32(q(4 * g), q(4 * g + 1));
-                        let w1 = _mm256_packus_epi32(q(4 * g + 2), q(4 * g + 3));
-                        *out = _mm256_shuffle_epi8(_mm256_packus_epi16(w0, w1), t4);
-                    }
-                    let u01lo = _mm256_unpacklo_epi32(bytes[0], bytes[1]);
-                    let u01hi = _mm256_unpackhi_epi32(bytes[0], bytes[1]);
-                    let u23lo = _mm256_unpacklo_epi32(bytes[2], bytes[3]);
-                    let u23hi = _mm256_unpackhi_epi32(bytes[2], bytes[3]);
-                    // Register r: row row0 + r in lane 0, row row0 + 4 + r in lane 1.
-                    let per_row = [
-                        _mm256_unpacklo_epi64(u01lo, u23lo),
-                        _mm256_unpackhi_epi64(u01lo, u23lo),
-                        _mm256_unpacklo_epi64(u01hi, u23hi),
-                        _mm256_unpackhi_epi64(u01hi, u23hi),
-                    ];
-                    for (r, &v) in per_row.iter().enumerate() {
-                        if row0 + r < rows {
-                            let at = out.add(16 * (row0 + r)) as *mut __m128i;
-                            _mm_storeu_si128(at, _mm256_castsi256_si128(v));
-                        }
-                        if row0 + 4 + r < rows {
-                            let at = out.add(16 * (row0 + 4 + r)) as *mut __m128i;
-                            _mm_storeu_si128(at, _mm256_extracti128_si256::<1>(v));
-                        }
-                    }
+                    let lo = _mm256_loadu_ps(mins.as_ptr().add(16 * b + 8 * h));
+                    half_write(d, p, b, h, lo, inv, rows, table.as_mut_ptr());
                 }
             }
             (delta, bias)
+        }
+    }
+
+    /// The largest of 8 lanes (0 if all are below it), in lane order.
+    ///
+    /// # Safety
+    /// AVX available.
+    #[inline(always)]
+    unsafe fn max8(v: __m256) -> f32 {
+        // SAFETY: as stated.
+        unsafe {
+            let mut lanes = [0.0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+            lanes.iter().fold(0.0f32, |a, &v| if v > a { v } else { a })
         }
     }
 
