@@ -59,14 +59,27 @@ impl ProductQuantizer {
     }
 }
 
+/// Sub-quantizers from which [`ProductQuantizer::dots_blocked`] uses the blocked codebook:
+/// below half a block of rows its padding would hold up to 16 times the centroids (m 1) and
+/// the kernel multiply as many zero rows.
+const BLOCKED_MIN_M: usize = pqcache_simd::lut::BLOCK_ROWS / 2;
+
 impl ProductQuantizer {
     /// The inner-product table of `q` (4-bit, trained) in the blocked layout of the IVF table
     /// kernel ([`extend_blocked`]), appended to `out` ([`pqcache_simd::lut::blocked_len`]`(m)`
-    /// floats): [`ProductQuantizer::compute_lut`] with [`Metric::InnerProduct`] passed
-    /// through [`extend_blocked`], but with one fused multiply-add per coordinate
-    /// ([`LutKernel::dots_blocked`]) and without the row-major table or its transpose.
-    pub(crate) fn dots_blocked(&self, q: &[f32], out: &mut Vec<f32>) {
+    /// floats). From [`BLOCKED_MIN_M`] sub-quantizers on it is made blocked directly
+    /// ([`LutKernel::dots_blocked`]: one fused multiply-add per coordinate, no row-major
+    /// table or transpose), below it as [`ProductQuantizer::compute_lut`] with
+    /// [`Metric::InnerProduct`] passed through [`extend_blocked`] (the two agree to within
+    /// rounding).
+    pub(crate) fn dots_blocked(&self, q: &[f32], kernels: &DistanceKernels, out: &mut Vec<f32>) {
         debug_assert_eq!(self.ksub(), 16);
+        if self.m < BLOCKED_MIN_M {
+            let mut rows = vec![0.0f32; self.m * 16];
+            self.compute_lut(q, Metric::InnerProduct, kernels, &mut rows);
+            extend_blocked(&rows, out);
+            return;
+        }
         let codebook = self
             .centroids_blocked
             .get_or_init(|| pqcache_simd::lut::blocked_codebook(&self.centroids_t, self.m));
@@ -151,4 +164,52 @@ fn lut_kernel() -> &'static LutKernel {
 /// `(l0 + l1) + (l2 + l3)`, [`crate::linalg::lane_sum`]).
 fn sum_f64(x: &[f32]) -> f32 {
     crate::linalg::lane_sum::<f64, 4>(x, f64::from) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pq::Nbits;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// Below and above `BLOCKED_MIN_M`, the blocked inner-product table is the row-major one
+    /// transposed: exactly below (the same path), within the roundings of `dsub` products
+    /// and sums above (one fused multiply-add per coordinate against a product and a sum).
+    #[test]
+    fn blocked_dots_are_the_row_major_table_blocked() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let kernels = DistanceKernels::best();
+        for (d, m) in [
+            (12usize, 1usize),
+            (28, 7),
+            (32, 8),
+            (96, 12),
+            (128, 32),
+            (784, 98),
+        ] {
+            let dsub = d / m;
+            let centroids: Vec<f32> = (0..m * 16 * dsub)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let pq = ProductQuantizer::from_centroids(d, m, Nbits::Four, centroids).unwrap();
+            let q: Vec<f32> = (0..d).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let mut rows = vec![0.0f32; m * 16];
+            pq.compute_lut(&q, Metric::InnerProduct, &kernels, &mut rows);
+            let mut want = Vec::new();
+            extend_blocked(&rows, &mut want);
+            let mut got = vec![3.0f32];
+            pq.dots_blocked(&q, &kernels, &mut got);
+            assert_eq!(got.remove(0), 3.0, "appended");
+            assert_eq!(got.len(), want.len());
+            // |q_t| <= 2, |c_t| <= 1: each partial sum below 2 dsub.
+            let tol = if m < BLOCKED_MIN_M {
+                0.0
+            } else {
+                4.0 * (dsub * dsub) as f32 * f32::EPSILON
+            };
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() <= tol, "d {d} m {m} at {i}: {a} vs {b}");
+            }
+        }
+    }
 }

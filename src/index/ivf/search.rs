@@ -157,7 +157,7 @@ impl IndexIVFPQFastScan {
         if self.residual_l2_terms() {
             // L2 with residuals: q . r_jc for every (j, c), shared by the lists.
             let mut dots = Vec::new();
-            self.pq.dots_blocked(q, &mut dots);
+            self.pq.dots_blocked(q, &self.kernels, &mut dots);
             QueryPrep::ResidualL2 {
                 dots,
                 norm: crate::linalg::norm_sq(q),
