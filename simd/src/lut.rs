@@ -15,11 +15,12 @@
 //! row-major pass spent 3 shuffles a row on its transposing reductions). It also sums the
 //! row minima ([`bias_of`]). The AVX-512 kernel's pass 1 keeps each entry less its row's
 //! minimum in scratch (exactly the subtraction pass 2 would do), so pass 2 is a load, a
-//! multiply-add and a conversion per register (m 98: 232 to 216 ns a table here).
-//! [`LutKernel::dots_blocked`] makes the `dots` in that layout directly from a codebook kept
-//! blocked ([`blocked_codebook`]): the query's values gathered per block, one fused
-//! multiply-add per centroid coordinate (m 98, d 784: 0.62-0.68 us a query, against 0.91-0.93
-//! for the row-major table and its transpose).
+//! multiply-add and a conversion per register; a last block whose rows fit its first half is
+//! done as one half of 8 rows (m 98: 251-262 to 212 ns a table, `cargo bench --bench pq --
+//! ivf_tables`). [`LutKernel::dots_blocked`] makes the `dots` in that layout directly from a
+//! codebook kept blocked ([`blocked_codebook`]): the query's values gathered per block, one
+//! fused multiply-add per centroid coordinate (m 98, d 784: 0.62 us a query, against 0.95 for
+//! the row-major table and its transpose).
 //!
 //! Every level does the same operations in the same order per element (a subtraction, a
 //! multiplication and an addition, each rounded; the blocked kernel fuses the last two, one
@@ -228,9 +229,9 @@ impl LutKernel {
     /// `scratch` ([`blocked_scratch_len`]: the row minima of the blocks first, one per row,
     /// then room for the AVX-512 kernel's pass 1 to keep every entry less its row's minimum,
     /// so that pass 2 reloads one value instead of recomputing it from two) and returns
-    /// `(delta, bias)` with `bias` = [`bias_of`] of the minima. Rows past the table's must be zero in both inputs (as
-    /// [`LutKernel::extend_blocked`] leaves them), so that they widen no span. Panics if the
-    /// lengths disagree.
+    /// `(delta, bias)` with `bias` = [`bias_of`] of the minima. Rows past the table's must be
+    /// zero in both inputs (as [`LutKernel::extend_blocked`] leaves them), so that they widen
+    /// no span. Panics if the lengths disagree.
     pub fn quantize_residual_blocked(
         &self,
         dots: &[f32],

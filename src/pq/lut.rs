@@ -135,16 +135,16 @@ impl QuantizedLut {
 /// The u8 table of the rows `2 * dots - pre` (the IVF tables of L2 search with residuals,
 /// one per query and probed list), both in the blocked layout
 /// ([`extend_blocked`]), written into `table` (`m2 * 16` bytes, padding rows
-/// zero) without making the float rows; `mins` is scratch. Returns `(delta, bias)` as in
-/// [`QuantizedLut`] ([`pqcache_simd::lut::bias_of`] sums the minima).
+/// zero) without making the float rows; `scratch` is the kernel's (resized here). Returns
+/// `(delta, bias)` as in [`QuantizedLut`] ([`pqcache_simd::lut::bias_of`] sums the minima).
 pub fn quantize_residual_blocked(
     dots: &[f32],
     pre: &[f32],
-    mins: &mut Vec<f32>,
+    scratch: &mut Vec<f32>,
     table: &mut [u8],
 ) -> (f32, f32) {
-    mins.resize(pqcache_simd::lut::blocked_scratch_len(dots.len()), 0.0);
-    lut_kernel().quantize_residual_blocked(dots, pre, mins, table)
+    scratch.resize(pqcache_simd::lut::blocked_scratch_len(dots.len()), 0.0);
+    lut_kernel().quantize_residual_blocked(dots, pre, scratch, table)
 }
 
 /// Appends `rows` (`m * 16`, row-major) to `out` in the blocked layout of
