@@ -646,7 +646,7 @@ mod x86 {
         // SAFETY: dots and pre hold nb * 256 floats, scratch nb * 16 + nb * 256; the stores
         // write the rows below table.len() / 16 only (masked in the last group of four).
         unsafe {
-            let nb = scratch.len() / 272;
+            let nb = dots.len() / 256;
             let (mins, centered) = scratch.split_at_mut(nb * 16);
             let (d, p) = (dots.as_ptr(), pre.as_ptr());
             let rows = table.len() / 16;
@@ -659,14 +659,13 @@ mod x86 {
             let mut spans = _mm512_setzero_ps();
             let (mut acc_lo, mut acc_hi) = (_mm512_setzero_pd(), _mm512_setzero_pd());
             for b in 0..full {
-                let mut lo = [_mm512_setzero_ps(); 16];
-                for (c, v) in lo.iter_mut().enumerate() {
+                let mut entries = [_mm512_setzero_ps(); 16];
+                for (c, v) in entries.iter_mut().enumerate() {
                     // One rounding, as the scalar's `2.0 * d - p`: 2 d is exact.
                     let o = b * 256 + c * 16;
                     *v = _mm512_fmsub_ps(two, _mm512_loadu_ps(d.add(o)), _mm512_loadu_ps(p.add(o)));
                 }
-                let entries = lo;
-                let mut hi = lo;
+                let (mut lo, mut hi) = (entries, entries);
                 let (lo, hi) = (tree16::<false>(&mut lo), tree16::<true>(&mut hi));
                 for (c, &v) in entries.iter().enumerate() {
                     _mm512_storeu_ps(
@@ -968,12 +967,12 @@ mod x86 {
     pub(super) fn quantize_blocked_v4(
         dots: &[f32],
         pre: &[f32],
-        mins: &mut [f32],
+        scratch: &mut [f32],
         table: &mut [u8],
     ) -> (f32, f32) {
         // SAFETY: only reachable through a kernel built for V4, which the CPU supports;
         // shapes checked by LutKernel::quantize_residual_blocked.
-        unsafe { quantize_blocked_v4_imp(dots, pre, mins, table) }
+        unsafe { quantize_blocked_v4_imp(dots, pre, scratch, table) }
     }
 
     /// Pairwise min (or max if `MAX`) of 16 registers, in place, down to `v[0]`.
@@ -1108,14 +1107,15 @@ mod x86 {
     unsafe fn quantize_blocked_v3_imp(
         dots: &[f32],
         pre: &[f32],
-        mins: &mut [f32],
+        scratch: &mut [f32],
         table: &mut [u8],
     ) -> (f32, f32) {
         // SAFETY: dots and pre hold nb * 256 floats, scratch nb * 272 (the minima in its
         // first nb * 16, the rest unused here); the stores write the rows below
         // table.len() / 16 only.
         unsafe {
-            let nb = mins.len() / 272;
+            let nb = dots.len() / 256;
+            let mins = &mut scratch[..nb * 16];
             let (d, p) = (dots.as_ptr(), pre.as_ptr());
             let mut spans = _mm256_setzero_ps();
             // acc[q]: rows 4 q .. 4 q + 4 of each block (bias_of's lanes).
@@ -1173,12 +1173,12 @@ mod x86 {
     pub(super) fn quantize_blocked_v3(
         dots: &[f32],
         pre: &[f32],
-        mins: &mut [f32],
+        scratch: &mut [f32],
         table: &mut [u8],
     ) -> (f32, f32) {
         // SAFETY: only reachable through a kernel built for V3, which the CPU supports;
         // shapes checked by LutKernel::quantize_residual_blocked.
-        unsafe { quantize_blocked_v3_imp(dots, pre, mins, table) }
+        unsafe { quantize_blocked_v3_imp(dots, pre, scratch, table) }
     }
 
     pub(super) fn quantize_v3(scores: &[f32], mins: &mut [f32], table: &mut [u8]) -> f32 {
