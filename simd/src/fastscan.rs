@@ -690,15 +690,17 @@ mod x86 {
         }
     }
 
-    /// How far ahead of the block being scanned its codes are prefetched, when a pass scores
-    /// two or more queries. A scan reads its codes once, front to back; where they come from
-    /// DRAM or a contended L3 (the attention client: 2 MB per kv head at 128K tokens, four
-    /// query heads a pass) the hardware prefetcher alone left the kernel waiting:
-    /// `select_step` at 128K went from 4.6-4.8 to 3.9-4.1 ms with a hint for every line 2 KB
-    /// ahead (a hint every second or fourth line was slower than none). At one query a pass
-    /// the kernel spends five instructions per 64 bytes, a hint per line cost 2-8 % with the
-    /// codes in L2 or L3 and gained nothing on the 3.2 MB single-query row, so one-query
-    /// passes go without.
+    /// How far ahead of the block being scanned its codes are prefetched. A scan reads its
+    /// codes once, front to back; where they come from DRAM or L3 (the attention client: 2 MB
+    /// per kv head at 128K tokens, four query heads a pass; a flat index of millions) the
+    /// hardware prefetcher alone left the kernel waiting: `select_step` at 128K went from
+    /// 4.6-4.8 to 3.9-4.1 ms with a hint for every line 2 KB ahead (a hint every second or
+    /// fourth line was slower than none). One query a pass: on the Zen 4 VM a hint per line
+    /// cost 2-8 % with the codes in L2 and gained nothing on the 3.2 MB single-query row, but
+    /// on the Xeon (Emerald Rapids, 2 MB L2) that row went from 134-154 to 114-118 us
+    /// (`cargo bench --bench fastscan -- fastscan_bandwidth`, 1 KB ahead 121-128, 4 KB
+    /// 109-114) at a cost of 0-5 % in L2 (`fastscan_kernel/m=32/n=65536/qbs=1`) and none
+    /// measurable in IVF batches, so every pass takes the hints.
     const PREFETCH_AHEAD: usize = 2048;
 
     /// Prefetches (into every cache level) the `len` bytes from `p`, one hint per 64-byte
@@ -728,12 +730,10 @@ mod x86 {
                     for b in 0..a.nblocks {
                         // Past the last block the hints fall on other memory: harmless, and
                         // at most PREFETCH_AHEAD bytes a call.
-                        if NQ > 1 {
-                            prefetch_lines(
-                                a.codes.as_ptr().wrapping_add(b * bb + PREFETCH_AHEAD),
-                                bb,
-                            );
-                        }
+                        prefetch_lines(
+                            a.codes.as_ptr().wrapping_add(b * bb + PREFETCH_AHEAD),
+                            bb,
+                        );
                         let mut outs = [base; NQ];
                         let mut masks = [mbase; NQ];
                         for q in 0..NQ {
