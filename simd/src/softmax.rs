@@ -417,7 +417,7 @@ mod x86 {
         ) -> Self::I;
         /// The largest unsigned 32-bit lane.
         unsafe fn max_u32(v: Self::I) -> u32;
-        /// The weights of the N sums in the 32-bit lanes of `v` (each below 2^16): the
+        /// The weights of the N sums in the 32-bit lanes of `v` (each below 2^16, as `hi`): the
         /// `DIGITS` low tables looked up (see [`super::digits`]), multiplied in the module
         /// doc's order, zero where `hi - v > span`.
         unsafe fn weights_of<const DIGITS: usize>(
@@ -557,7 +557,9 @@ mod x86 {
         ) -> __m256 {
             // SAFETY: register operations only.
             unsafe {
-                let d = _mm256_max_epi32(_mm256_sub_epi32(hi, v), _mm256_setzero_si256());
+                // max(hi - v, 0) in one instruction: both below 2^16, so the 16-bit
+                // saturating subtraction of the low halves is it (the high halves are 0 - 0).
+                let d = _mm256_subs_epu16(hi, v);
                 // Table l: entry (d >> 4l) & 15; vpermps reads the low 3 bits, bit 3 (moved
                 // to the sign bit) picks the half.
                 let look = |l: usize, idx: __m256i, sel: __m256i| {
@@ -658,7 +660,8 @@ mod x86 {
         ) -> __m512 {
             // SAFETY: register operations only.
             unsafe {
-                let d = _mm512_max_epi32(_mm512_sub_epi32(hi, v), _mm512_setzero_si512());
+                // max(hi - v, 0) in one instruction, as on AVX2.
+                let d = _mm512_subs_epu16(hi, v);
                 // vpermps reads the low 4 bits of each index: (d >> 4l) & 15 for free.
                 let [t0, t1, t2, t3] = *t;
                 let w1 = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(d), t1);
