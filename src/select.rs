@@ -265,34 +265,59 @@ pub fn from_f32_key(key: u64) -> (f32, u32) {
 
 /// The `k` best (score, position) pairs of `scores`, best first. `k` is clamped to `n`.
 pub fn select_topk(scores: &[f32], k: usize) -> Vec<(f32, u32)> {
+    let mut out = Vec::new();
+    select_topk_into(scores, k, &mut SelectScratch::default(), &mut out);
+    out
+}
+
+/// The buffers of [`select_topk_into`], reused from row to row.
+#[derive(Default)]
+pub struct SelectScratch {
+    keys: Vec<u64>,
+    maxima: Vec<f32>,
+    at: Vec<u32>,
+}
+
+/// [`select_topk`] appending to `out`, with its buffers in `scratch`: a row of many (an IVF
+/// batch's coarse probes) allocates nothing once the buffers have grown (the four
+/// allocations of a row were half of a bigann-10k batch's, nprobe 4).
+pub fn select_topk_into(
+    scores: &[f32],
+    k: usize,
+    scratch: &mut SelectScratch,
+    out: &mut Vec<(f32, u32)>,
+) {
     let n = scores.len();
     let k = k.min(n);
     if k == 0 {
-        return Vec::new();
+        return;
     }
+    let keys = &mut scratch.keys;
+    keys.clear();
     if n <= BOUNDED_MAX_N && k <= BOUNDED_MAX_K && n / BOUND_BLOCK >= k {
-        return select_topk_bounded(scores, k);
-    }
-    if n / k >= HEAP_MIN_RATIO {
+        select_topk_bounded(scores, k, keys, &mut scratch.maxima, &mut scratch.at);
+    } else if n / k >= HEAP_MIN_RATIO {
         let mut heap = TopK::new(k);
         heap.push_f32_run(scores, 0);
-        heap.into_sorted().into_iter().map(from_f32_key).collect()
+        out.extend(heap.into_sorted().into_iter().map(from_f32_key));
+        return;
     } else {
         // Packed keys (the same order as `rank`: the score's total order, then the smaller
         // position), compared as integers: a selection over (f32, u32) pairs through `rank`
         // was 9 % of an IVF batch search (its coarse probe, 16 of 256 lists).
-        let mut keys: Vec<u64> = scores
-            .iter()
-            .enumerate()
-            .map(|(i, &s)| f32_key(s, i as u32))
-            .collect();
+        keys.extend(
+            scores
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| f32_key(s, i as u32)),
+        );
         if k < n {
             keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
             keys.truncate(k);
         }
         keys.sort_unstable_by(|a, b| b.cmp(a));
-        keys.into_iter().map(from_f32_key).collect()
     }
+    out.extend(keys.iter().map(|&key| from_f32_key(key)));
 }
 
 /// Scores per block of [`select_topk_bounded`].
@@ -319,19 +344,25 @@ const BOUNDED_MAX_N: usize = 1 << 16;
 /// [`FilterKernel`]'s (this crate is built for baseline x86-64, where the plain loops ran at
 /// SSE2's width). An IVF probe's top 8 of 256 real coarse scores (Fashion-MNIST): the heap
 /// 0.91 us a row, these passes in plain loops 0.56; the top 4 of 256 (Gemma): 11-12 % of a
-/// batch in plain loops, 5.4 % with the kernels.
-fn select_topk_bounded(scores: &[f32], k: usize) -> Vec<(f32, u32)> {
-    let mut keys: Vec<u64> = Vec::with_capacity(2 * k);
+/// batch in plain loops, 5.4 % with the kernels. Leaves the `k` best keys in `keys` (empty
+/// on entry), best first; `maxima` and `at` are scratch.
+fn select_topk_bounded(
+    scores: &[f32],
+    k: usize,
+    keys: &mut Vec<u64>,
+    maxima: &mut Vec<f32>,
+    at: &mut Vec<u32>,
+) {
     // Where no score is NaN, the SIMD kernels: float maxima and compares (-0.0 and 0.0
     // compare equal there, which only adds candidates: the final order is the keys'). A NaN
     // ranks first by `total_cmp`: such rows compare the ordered bits.
     if !scores.iter().fold(false, |any, s| any | s.is_nan()) {
         let filter = filter_kernel();
-        let mut maxima = Vec::new();
-        filter.block_max16(scores, &mut maxima);
-        let bound = kth_largest(maxima.into_iter(), k, f32::NEG_INFINITY, |a, b| a > b);
-        let mut at = Vec::with_capacity(2 * k);
-        filter.collect_at_least(scores, bound, 0, &mut at);
+        maxima.clear();
+        filter.block_max16(scores, maxima);
+        let bound = kth_largest(maxima.iter().copied(), k, f32::NEG_INFINITY, |a, b| a > b);
+        at.clear();
+        filter.collect_at_least(scores, bound, 0, at);
         keys.extend(at.iter().map(|&i| f32_key(scores[i as usize], i)));
     } else {
         let ordered = ordered_bits;
@@ -339,7 +370,7 @@ fn select_topk_bounded(scores: &[f32], k: usize) -> Vec<(f32, u32)> {
             .chunks_exact(BOUND_BLOCK)
             .map(|block| block.iter().fold(0, |m, &s| m.max(ordered(s))));
         let bound = kth_largest(maxima, k, 0, |a, b| a > b);
-        collect_candidates(scores, BOUND_BLOCK, |s| ordered(s) >= bound, &mut keys);
+        collect_candidates(scores, BOUND_BLOCK, |s| ordered(s) >= bound, keys);
     }
     debug_assert!(keys.len() >= k);
     if keys.len() > SMALL_SORT {
@@ -357,7 +388,6 @@ fn select_topk_bounded(scores: &[f32], k: usize) -> Vec<(f32, u32)> {
         keys[j] = x;
     }
     keys.truncate(k);
-    keys.into_iter().map(from_f32_key).collect()
 }
 
 /// The filter kernel, resolved once per process (`FilterKernel::best` reads the level's

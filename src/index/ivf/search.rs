@@ -27,12 +27,33 @@ const MAX_TASK_QUERIES: usize = 1024;
 /// The most bytes of coarse scores and table material one task of a batch search holds.
 const TASK_MAX_BYTES: usize = 256 << 20;
 
-/// A query's table material: one u8 table for every list, or (L2 with residuals) the
-/// `q . r_jc` terms from which each list's table is built, in the table kernel's blocked
-/// layout (as the lists' precomputed terms).
-enum QueryPrep {
-    Shared(QuantizedLut),
-    ResidualL2 { dots: Vec<f32>, norm: f32 },
+/// The table material of a task's queries: one u8 table a query, or (L2 with residuals) the
+/// `q . r_jc` terms from which each list's table is built, every query's in one array (query
+/// `i`'s at `[i * stride, (i + 1) * stride)`, `stride = blocked_len(m)`), in the table
+/// kernel's blocked layout (as the lists' precomputed terms).
+enum Preps {
+    Shared(Vec<QuantizedLut>),
+    ResidualL2 { dots: Vec<f32>, norms: Vec<f32> },
+}
+
+/// One query's part of [`Preps`].
+#[derive(Clone, Copy)]
+enum QueryPrep<'a> {
+    Shared(&'a QuantizedLut),
+    ResidualL2 { dots: &'a [f32], norm: f32 },
+}
+
+impl Preps {
+    /// Query `i`'s material; `stride` is `blocked_len(m)`.
+    fn query(&self, i: usize, stride: usize) -> QueryPrep<'_> {
+        match self {
+            Preps::Shared(luts) => QueryPrep::Shared(&luts[i]),
+            Preps::ResidualL2 { dots, norms } => QueryPrep::ResidualL2 {
+                dots: &dots[i * stride..(i + 1) * stride],
+                norm: norms[i],
+            },
+        }
+    }
 }
 
 /// The map of one table's u16 sums back to float scores in one list: `bias + (lut_bias +
@@ -152,24 +173,25 @@ impl IndexIVFPQFastScan {
         QuantizedLut::new(&lut, m, m + m % 2)
     }
 
-    /// What a query needs to build the table of any list it probes.
-    fn prepare(&self, q: &[f32]) -> QueryPrep {
+    /// What the queries `qs` (`nq * d`) need to build the table of any list they probe.
+    fn prepare(&self, qs: &[f32]) -> Preps {
+        let d = self.pq.dim();
         if self.residual_l2_terms() {
             // L2 with residuals: q . r_jc for every (j, c), shared by the lists.
-            let mut dots = Vec::new();
-            self.pq.dots_blocked(q, &self.kernels, &mut dots);
-            QueryPrep::ResidualL2 {
-                dots,
-                norm: crate::linalg::norm_sq(q),
+            let mut dots = Vec::with_capacity(qs.len() / d * blocked_len(self.pq.m()));
+            for q in qs.chunks(d) {
+                self.pq.dots_blocked(q, &self.kernels, &mut dots);
             }
+            let norms = qs.chunks(d).map(crate::linalg::norm_sq).collect();
+            Preps::ResidualL2 { dots, norms }
         } else {
-            QueryPrep::Shared(self.table(q))
+            Preps::Shared(qs.chunks(d).map(|q| self.table(q)).collect())
         }
     }
 
     /// Appends to `group` the table of list `l` for a prepared query with coarse score
     /// `coarse`, and its scale with the bias added to every float score of the list.
-    fn push_list_table(&self, group: &mut GroupTables, prep: &QueryPrep, l: usize, coarse: f32) {
+    fn push_list_table(&self, group: &mut GroupTables, prep: QueryPrep, l: usize, coarse: f32) {
         let m = self.pq.m();
         let scale = match prep {
             // Inner product with residuals: q . x = q . c_l + q . r.
@@ -293,7 +315,8 @@ impl IndexIVFPQFastScan {
     pub(super) fn search_one(&self, q: &[f32], k: usize, parallel_lists: bool) -> Vec<Cand> {
         let probes = self.coarse.probe(&self.kernels, q, self.nprobe);
         let c = self.pool_size(k);
-        let prep = self.prepare(q);
+        let preps = self.prepare(q);
+        let prep = preps.query(0, blocked_len(self.pq.m()));
         let scan_probe = |heaps: &mut [TopK<Cand>],
                           scratch: &mut (ListScratch, GroupTables),
                           &(coarse, l): &(f32, u32)| {
@@ -303,7 +326,7 @@ impl IndexIVFPQFastScan {
             }
             let (scan, group) = scratch;
             group.clear();
-            self.push_list_table(group, &prep, l, coarse);
+            self.push_list_table(group, prep, l, coarse);
             self.scan_list_group(l, group, heaps, &[0], scan);
         };
         let heap = if parallel_lists && probes.len() > 1 {
@@ -380,10 +403,14 @@ impl IndexIVFPQFastScan {
     /// 7.3 to 6.1 us/query; the results are the same in any order).
     fn search_task(&self, qs: &[f32], k: usize) -> Vec<Vec<Cand>> {
         let d = self.pq.dim();
-        let probes = self.coarse.probe_rows(qs, self.nprobe);
-        let preps: Vec<QueryPrep> = qs.chunks(d).map(|q| self.prepare(q)).collect();
+        let nq = qs.len() / d;
+        let np = self.nprobe.clamp(1, self.coarse.nlist());
+        let probes = self.coarse.probe_rows(qs, np);
+        let probes: Vec<&[(f32, u32)]> = probes.chunks(np).collect();
+        let preps = self.prepare(qs);
+        let stride = blocked_len(self.pq.m());
         let c = self.pool_size(k);
-        let mut heaps: Vec<TopK<Cand>> = preps.iter().map(|_| TopK::new(c)).collect();
+        let mut heaps: Vec<TopK<Cand>> = (0..nq).map(|_| TopK::new(c)).collect();
         let mut scratch = ListScratch::default();
         let mut tables = GroupTables::default();
         // (list, query, coarse rank) packed so that sorting groups a list's probes, in
@@ -411,7 +438,7 @@ impl IndexIVFPQFastScan {
                     for &e in group {
                         let query = (e >> 24 & 0xffff) as usize;
                         let coarse = probes[query][(e & 0xff_ffff) as usize].0;
-                        self.push_list_table(&mut tables, &preps[query], l, coarse);
+                        self.push_list_table(&mut tables, preps.query(query, stride), l, coarse);
                         members.push(query);
                     }
                     self.scan_list_group(l, &tables, &mut heaps, &members, &mut scratch);
