@@ -29,6 +29,19 @@ pub struct PerplexityRow {
     pub ppl: f64,
     /// Mean `KL(dense || this)` of the next-token distributions (0 for dense).
     pub kl: f64,
+    /// The standard error of `kl` ([`mean_and_se`]).
+    pub kl_se: f64,
+    /// `nll` minus dense's: the mean of the paired per-position differences.
+    pub dnll: f64,
+    /// The standard error of `dnll` ([`mean_and_se`]): a perplexity gap of a few tenths of
+    /// a percent over 2,048 positions is often inside it.
+    pub dnll_se: f64,
+    /// `nll` minus the oracle's, where the run holds this method's oracle (`exact` at the
+    /// same budget and attention options, [`oracle_of`]): paired per position, so the
+    /// noise both share (which tokens are hard) cancels.
+    pub oracle_dnll: Option<f64>,
+    /// The standard error of `oracle_dnll`.
+    pub oracle_dnll_se: Option<f64>,
     /// Share of positions whose most likely token is dense's.
     pub top1: f64,
     /// Decode wall time per token.
@@ -48,6 +61,58 @@ fn kl(logp: &[f64], logq: &[f64]) -> f64 {
         .map(|(&a, &b)| a.exp() * (a - b))
         .sum::<f64>()
         .max(0.0)
+}
+
+/// Positions per batch of [`mean_and_se`].
+const SE_BATCH: usize = 32;
+
+/// The mean of `x` and its standard error by batch means: the sample deviation of the means
+/// of consecutive batches of [`SE_BATCH`] positions over the square root of their number
+/// (per-position figures are correlated along the text: a retrieval miss or a hard passage
+/// spans several tokens, and the per-position formula would understate the error). Fewer than
+/// two whole batches: per position; one position: 0.
+pub fn mean_and_se(x: &[f64]) -> (f64, f64) {
+    let n = x.len();
+    if n == 0 {
+        return (0.0, 0.0);
+    }
+    let mean = x.iter().sum::<f64>() / n as f64;
+    let batch = if n >= 2 * SE_BATCH { SE_BATCH } else { 1 };
+    let means: Vec<f64> = x
+        .chunks_exact(batch)
+        .map(|c| c.iter().sum::<f64>() / batch as f64)
+        .collect();
+    let b = means.len();
+    if b < 2 {
+        return (mean, 0.0);
+    }
+    let m = means.iter().sum::<f64>() / b as f64;
+    let var = means.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / (b - 1) as f64;
+    (mean, (var / b as f64).sqrt())
+}
+
+/// `a[i] - b[i]` for every `i`.
+fn paired(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(x, y)| x - y).collect()
+}
+
+/// The oracle of a retrieval method: exact selection at the same budget with the same
+/// attention options (`fastscan:64x4+notail` -> `exact+notail`); none for dense or exact.
+pub fn oracle_of(b: &Backend) -> Option<Backend> {
+    match b {
+        Backend::Retrieval {
+            selector,
+            budget,
+            window,
+            tail_term,
+        } if *selector != pqcache::SelectorSpec::Exact => Some(Backend::Retrieval {
+            selector: pqcache::SelectorSpec::Exact,
+            budget: *budget,
+            window: *window,
+            tail_term: *tail_term,
+        }),
+        _ => None,
+    }
 }
 
 /// A progress callback: `(done, total)` steps.
@@ -97,8 +162,11 @@ pub fn perplexity(
     sessions.insert(0, dense);
     let mut logits = vec![first; backends.len()];
     let n = backends.len();
-    let (mut nll, mut kls, mut agree) = (vec![0.0; n], vec![0.0; n], vec![0usize; n]);
     let steps = ids.len() - prefill;
+    // Per backend, per decoded position: NLL and KL (for the paired errors).
+    let mut nll = vec![Vec::with_capacity(steps); n];
+    let mut kls = vec![Vec::with_capacity(steps); n];
+    let mut agree = vec![0usize; n];
     for (i, &next) in ids[prefill..].iter().enumerate() {
         // `logits[b]` predicts `next` (position prefill + i).
         let dense = log_softmax(&logits[0]);
@@ -109,10 +177,8 @@ pub fn perplexity(
             } else {
                 log_softmax(&logits[b])
             };
-            nll[b] -= lp[next as usize];
-            if b > 0 {
-                kls[b] += kl(&dense, &lp);
-            }
+            nll[b].push(-lp[next as usize]);
+            kls[b].push(if b > 0 { kl(&dense, &lp) } else { 0.0 });
             agree[b] += usize::from(argmax(&logits[b]) == best);
         }
         if i + 1 < steps {
@@ -129,14 +195,24 @@ pub fn perplexity(
         .zip(&sessions)
         .enumerate()
         .map(|(b, (backend, s))| {
-            let mean = nll[b] / steps as f64;
+            let (mean, _) = mean_and_se(&nll[b]);
+            let (kl, kl_se) = mean_and_se(&kls[b]);
+            let (dnll, dnll_se) = mean_and_se(&paired(&nll[b], &nll[0]));
+            let oracle = oracle_of(backend)
+                .and_then(|o| backends.iter().position(|x| *x == o))
+                .map(|o| mean_and_se(&paired(&nll[b], &nll[o])));
             let decode = &s.profile().decode;
             PerplexityRow {
                 attention: backend.name(),
                 budget: budget_of(backend),
                 nll: mean,
                 ppl: mean.exp(),
-                kl: kls[b] / steps as f64,
+                kl,
+                kl_se,
+                dnll,
+                dnll_se,
+                oracle_dnll: oracle.map(|o| o.0),
+                oracle_dnll_se: oracle.map(|o| o.1),
                 top1: agree[b] as f64 / steps as f64,
                 ms_per_token: decode.total.as_secs_f64() * 1e3 / decode.tokens.max(1) as f64,
             }
@@ -353,4 +429,33 @@ pub fn passkey(
         }
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standard_errors_come_from_batch_means_when_there_are_two_batches() {
+        // Fewer than two batches: per position. Sample variance 5/3 over 4 positions.
+        let (m, se) = mean_and_se(&[1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(m, 2.5);
+        assert!((se - (5.0f64 / 3.0 / 4.0).sqrt()).abs() < 1e-15, "{se}");
+        // Two batches of 32, one all 0 and one all 1: batch means 0 and 1, so the error is
+        // sqrt(0.5 / 2) = 0.5 (per position it would read 0.063).
+        let x: Vec<f64> = (0..64).map(|i| f64::from(u8::from(i >= 32))).collect();
+        assert_eq!(mean_and_se(&x), (0.5, 0.5));
+        assert_eq!(mean_and_se(&[7.0]), (7.0, 0.0));
+        assert_eq!(mean_and_se(&[]), (0.0, 0.0));
+    }
+
+    #[test]
+    fn the_oracle_keeps_budget_and_attention_options() {
+        let fs = Backend::parse("fastscan:64x4+notail+window=8", 0.05).unwrap();
+        let want = Backend::parse("exact+notail+window=8", 0.05).unwrap();
+        assert_eq!(oracle_of(&fs), Some(want.clone()));
+        assert_eq!(oracle_of(&want), None);
+        assert_eq!(oracle_of(&Backend::Dense), None);
+        assert_ne!(oracle_of(&fs), Some(Backend::parse("exact", 0.05).unwrap()));
+    }
 }

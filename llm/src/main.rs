@@ -705,16 +705,39 @@ fn perplexity(a: &PerplexityArgs) -> Result<()> {
         out(&format!("{v}\n"));
     } else {
         out(&format!(
-            "{} tokens, {} prefilled densely, {} decoded teacher-forced\n{:>24} {:>7} {:>8} {:>8} {:>9} {:>7} {:>9}\n",
+            "{} tokens, {} prefilled densely, {} decoded teacher-forced; nll - dense and nll - \
+             oracle (exact at the same budget) are paired per position, +- one standard error\n\
+             {:>24} {:>7} {:>8} {:>8} {:>9} {:>18} {:>18} {:>7} {:>9}\n",
             ids.len(),
             a.prefill,
             ids.len() - a.prefill,
-            "attention", "budget", "nll", "ppl", "kl", "top1", "ms/token"
+            "attention",
+            "budget",
+            "nll",
+            "ppl",
+            "kl",
+            "nll - dense",
+            "nll - oracle",
+            "top1",
+            "ms/token"
         ));
+        let pm = |v: f64, se: f64| format!("{v:+.4} +- {se:.4}");
         for r in &rows {
+            let oracle = match (r.oracle_dnll, r.oracle_dnll_se) {
+                (Some(v), Some(se)) => pm(v, se),
+                _ => "-".into(),
+            };
             out(&format!(
-                "{:>24} {:>7.3} {:>8.4} {:>8.3} {:>9.5} {:>7.4} {:>9.1}\n",
-                r.attention, r.budget, r.nll, r.ppl, r.kl, r.top1, r.ms_per_token
+                "{:>24} {:>7.3} {:>8.4} {:>8.3} {:>9.5} {:>18} {:>18} {:>7.4} {:>9.1}\n",
+                r.attention,
+                r.budget,
+                r.nll,
+                r.ppl,
+                r.kl,
+                pm(r.dnll, r.dnll_se),
+                oracle,
+                r.top1,
+                r.ms_per_token
             ));
         }
     }

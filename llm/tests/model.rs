@@ -350,7 +350,8 @@ fn perplexity_protocol_dense_reference_and_exact_at_full_budget() {
     let ids = &ids("persuasion-2048-ids.npy")[..700];
     let methods = [
         Backend::parse("exact", 1.0).unwrap(),
-        Backend::parse("window", 0.05).unwrap(),
+        Backend::parse("window", 0.2).unwrap(),
+        Backend::parse("exact", 0.2).unwrap(),
     ];
     // Past the model's context (32,768 tokens): refused before any prefill, not when the
     // decode reaches the end of the context.
@@ -361,16 +362,30 @@ fn perplexity_protocol_dense_reference_and_exact_at_full_budget() {
         "{err}"
     );
     let rows = pqcache_llm::eval::perplexity(m, ids, 600, &methods, None).unwrap();
-    assert_eq!(rows.len(), 3);
-    let (dense, exact, window) = (&rows[0], &rows[1], &rows[2]);
+    assert_eq!(rows.len(), 4);
+    let (dense, exact, window, oracle) = (&rows[0], &rows[1], &rows[2], &rows[3]);
     assert_eq!(
         (dense.attention.as_str(), dense.kl, dense.top1),
         ("dense", 0.0, 1.0)
     );
     // The oracle at 100 % attends to everything: the same logits, bit for bit.
     assert_eq!((exact.nll, exact.kl, exact.top1), (dense.nll, 0.0, 1.0));
-    // A 5 % recent window (35 positions of 600-700) loses the distant context.
+    assert_eq!((exact.dnll, exact.dnll_se), (0.0, 0.0));
+    // A 20 % recent window (120-140 positions of 600-700) loses the distant context.
     assert!(window.kl > 1e-3 && window.top1 < 1.0, "{window:?}");
+    // Its paired differences: against dense, and against its oracle (exact at 20 %: sink,
+    // window and retrieved positions; the fourth row), which exact rows have none of.
+    assert!(
+        (window.dnll - (window.nll - dense.nll)).abs() < 1e-9,
+        "{window:?}"
+    );
+    assert!(window.dnll_se > 0.0 && window.kl_se > 0.0, "{window:?}");
+    let (vs, se) = (window.oracle_dnll.unwrap(), window.oracle_dnll_se.unwrap());
+    assert!(
+        (vs - (window.nll - oracle.nll)).abs() < 1e-9 && se > 0.0,
+        "{window:?}"
+    );
+    assert_eq!((exact.oracle_dnll, oracle.oracle_dnll), (None, None));
     // Dense decode against the batched prefill's loss over the same positions: the decode
     // steps run the quantized weights with 8-bit activations (Precision::Mixed), the batch the
     // f32 copy, which moves a 100-token mean NLL by well under 1 % (0.11 % over 2K tokens).
