@@ -64,7 +64,7 @@ fn kl(logp: &[f64], logq: &[f64]) -> f64 {
 }
 
 /// Positions per batch of [`mean_and_se`].
-const SE_BATCH: usize = 32;
+pub const SE_BATCH: usize = 32;
 
 /// The mean of `x` and its standard error by batch means: the sample deviation of the means
 /// of consecutive batches of [`SE_BATCH`] positions over the square root of their number
