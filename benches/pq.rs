@@ -108,6 +108,9 @@ fn bench_ivf_tables(c: &mut Criterion) {
                 lut.dots_blocked(&q, m, &codebook, &mut dots);
             })
         });
+        // Made here too: a filter or `--list` runs none of the closures above.
+        dots.clear();
+        lut.dots_blocked(&q, m, &codebook, &mut dots);
         assert_eq!(dots.len(), blocked_len(m));
         assert_eq!(codebook.len(), blocked_len(m) * dsub);
         let pre_rows: Vec<f32> = (0..m * 16).map(|_| rng.random_range(0.0..2.0)).collect();
