@@ -46,18 +46,25 @@ def ppl_table(name, d):
         f"{d['tokens'] - d['prefill']} decoded; dense ppl {dense['ppl']:.2f}, "
         f"{dense['ms_per_token']:.1f} ms/token)",
         "",
-        "| method | budget | ppl | vs dense | KL | KL / exact | top-1 | ms/token |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | budget | ppl | vs dense | KL | KL / exact | NLL - exact's | top-1 | ms/token |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     body = [r for r in rows if r["attention"] != "dense"]
     body.sort(key=lambda r: (-r["budget"], r["attention"] != "exact", r["attention"]))
     for r in body:
         ex = kl.get((oracle_of(r["attention"]), r["budget"]))
         ratio = f"{r['kl'] / ex:.2f}" if ex else "-"
+        # One standard error of the paired per-position gaps (runs since they were
+        # reported): the perplexity gap's in percent, about 100 x the NLL's.
+        se = r.get("dnll_se")
+        gap = f"{100 * (r['ppl'] / dense['ppl'] - 1):+.2f} %"
+        if se is not None:
+            gap += f" ± {100 * se:.2f}"
+        vs = r.get("oracle_dnll")
+        vs = f"{vs:+.4f} ± {r['oracle_dnll_se']:.4f}" if vs is not None else "-"
         out.append(
-            f"| {r['attention']} | {r['budget']:g} | {r['ppl']:.2f} | "
-            f"{100 * (r['ppl'] / dense['ppl'] - 1):+.2f} % | {r['kl']:.4f} | {ratio} | "
-            f"{r['top1']:.3f} | {r['ms_per_token']:.1f} |"
+            f"| {r['attention']} | {r['budget']:g} | {r['ppl']:.2f} | {gap} | "
+            f"{r['kl']:.4f} | {ratio} | {vs} | {r['top1']:.3f} | {r['ms_per_token']:.1f} |"
         )
     return "\n".join(out)
 
