@@ -195,7 +195,7 @@ pub fn perplexity(
         .zip(&sessions)
         .enumerate()
         .map(|(b, (backend, s))| {
-            let (mean, _) = mean_and_se(&nll[b]);
+            let mean = nll[b].iter().sum::<f64>() / steps as f64;
             let (kl, kl_se) = mean_and_se(&kls[b]);
             let (dnll, dnll_se) = mean_and_se(&paired(&nll[b], &nll[0]));
             let oracle = oracle_of(backend)

@@ -33,7 +33,11 @@ const TASK_MAX_BYTES: usize = 256 << 20;
 /// kernel's blocked layout (as the lists' precomputed terms).
 enum Preps {
     Shared(Vec<QuantizedLut>),
-    ResidualL2 { dots: Vec<f32>, norms: Vec<f32> },
+    ResidualL2 {
+        dots: Vec<f32>,
+        norms: Vec<f32>,
+        stride: usize,
+    },
 }
 
 /// One query's part of [`Preps`].
@@ -44,11 +48,15 @@ enum QueryPrep<'a> {
 }
 
 impl Preps {
-    /// Query `i`'s material; `stride` is `blocked_len(m)`.
-    fn query(&self, i: usize, stride: usize) -> QueryPrep<'_> {
+    /// Query `i`'s material.
+    fn query(&self, i: usize) -> QueryPrep<'_> {
         match self {
             Preps::Shared(luts) => QueryPrep::Shared(&luts[i]),
-            Preps::ResidualL2 { dots, norms } => QueryPrep::ResidualL2 {
+            Preps::ResidualL2 {
+                dots,
+                norms,
+                stride,
+            } => QueryPrep::ResidualL2 {
                 dots: &dots[i * stride..(i + 1) * stride],
                 norm: norms[i],
             },
@@ -178,12 +186,17 @@ impl IndexIVFPQFastScan {
         let d = self.pq.dim();
         if self.residual_l2_terms() {
             // L2 with residuals: q . r_jc for every (j, c), shared by the lists.
-            let mut dots = Vec::with_capacity(qs.len() / d * blocked_len(self.pq.m()));
+            let stride = blocked_len(self.pq.m());
+            let mut dots = Vec::with_capacity(qs.len() / d * stride);
             for q in qs.chunks(d) {
                 self.pq.dots_blocked(q, &self.kernels, &mut dots);
             }
             let norms = qs.chunks(d).map(crate::linalg::norm_sq).collect();
-            Preps::ResidualL2 { dots, norms }
+            Preps::ResidualL2 {
+                dots,
+                norms,
+                stride,
+            }
         } else {
             Preps::Shared(qs.chunks(d).map(|q| self.table(q)).collect())
         }
@@ -316,7 +329,7 @@ impl IndexIVFPQFastScan {
         let probes = self.coarse.probe(&self.kernels, q, self.nprobe);
         let c = self.pool_size(k);
         let preps = self.prepare(q);
-        let prep = preps.query(0, blocked_len(self.pq.m()));
+        let prep = preps.query(0);
         let scan_probe = |heaps: &mut [TopK<Cand>],
                           scratch: &mut (ListScratch, GroupTables),
                           &(coarse, l): &(f32, u32)| {
@@ -404,11 +417,10 @@ impl IndexIVFPQFastScan {
     fn search_task(&self, qs: &[f32], k: usize) -> Vec<Vec<Cand>> {
         let d = self.pq.dim();
         let nq = qs.len() / d;
-        let np = self.nprobe.clamp(1, self.coarse.nlist());
-        let probes = self.coarse.probe_rows(qs, np);
-        let probes: Vec<&[(f32, u32)]> = probes.chunks(np).collect();
+        // Every row's probes, `np` of them a row (a task has at least one query).
+        let probes = self.coarse.probe_rows(qs, self.nprobe);
+        let probes: Vec<&[(f32, u32)]> = probes.chunks(probes.len() / nq).collect();
         let preps = self.prepare(qs);
-        let stride = blocked_len(self.pq.m());
         let c = self.pool_size(k);
         let mut heaps: Vec<TopK<Cand>> = (0..nq).map(|_| TopK::new(c)).collect();
         let mut scratch = ListScratch::default();
@@ -438,7 +450,7 @@ impl IndexIVFPQFastScan {
                     for &e in group {
                         let query = (e >> 24 & 0xffff) as usize;
                         let coarse = probes[query][(e & 0xff_ffff) as usize].0;
-                        self.push_list_table(&mut tables, preps.query(query, stride), l, coarse);
+                        self.push_list_table(&mut tables, preps.query(query), l, coarse);
                         members.push(query);
                     }
                     self.scan_list_group(l, &tables, &mut heaps, &members, &mut scratch);
