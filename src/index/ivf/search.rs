@@ -428,8 +428,8 @@ impl IndexIVFPQFastScan {
         // (list, query, coarse rank) packed so that sorting groups a list's probes, in
         // query order: list << 40 | query << 24 | rank (list and rank < MAX_NLIST = 2^24, a
         // task's query < MAX_TASK_QUERIES).
-        debug_assert!(qs.len() / d <= MAX_TASK_QUERIES && crate::limits::MAX_NLIST <= 1 << 24);
-        let mut order: Vec<u64> = Vec::with_capacity(qs.len() / d * self.nprobe);
+        debug_assert!(nq <= MAX_TASK_QUERIES && crate::limits::MAX_NLIST <= 1 << 24);
+        let mut order: Vec<u64> = Vec::with_capacity(nq * self.nprobe);
         let mut members = Vec::with_capacity(MAX_QBS);
         for ranks in [0..1, 1..usize::MAX] {
             order.clear();
