@@ -654,36 +654,37 @@ mod x86 {
                 }
             }
             let consts = [low, ones, regroup, select];
-            let load = |s: usize| {
-                if 4 * s + 4 <= m2 {
-                    (
-                        _mm512_loadu_si512(block.add(s * 64) as *const __m512i),
-                        true,
-                    )
-                } else {
-                    let c = _mm512_maskz_loadu_epi8(0xffff_ffff, block.add(s * 64) as *const i8);
-                    (c, false)
-                }
-            };
+            let full = |s: usize| _mm512_loadu_si512(block.add(s * 64) as *const __m512i);
             // Per query: [vectors 0..16, vectors 16..32]; `even` takes the even loads, `odd`
-            // the odd ones (unrolled by hand, so that both sets stay in registers).
+            // the odd ones (unrolled by hand, so that both sets stay in registers). The full
+            // loads first, in a loop without a branch on their length.
             let (mut even, mut odd) = ([[zero; 2]; NQ], [[zero; 2]; NQ]);
+            let full_quads = m2 / 4;
             let mut s = 0;
-            while s + 2 <= quads {
-                let (c0, f0) = load(s);
-                quad::<NQ>(c0, luts.add(s * 64), m2 * 16, f0, consts, &mut even);
-                let (c1, f1) = load(s + 1);
-                quad::<NQ>(c1, luts.add((s + 1) * 64), m2 * 16, f1, consts, &mut odd);
+            while s + 2 <= full_quads {
+                quad::<NQ>(full(s), luts.add(s * 64), m2 * 16, true, consts, &mut even);
+                let (c1, t1) = (full(s + 1), luts.add((s + 1) * 64));
+                quad::<NQ>(c1, t1, m2 * 16, true, consts, &mut odd);
                 s += 2;
             }
-            if s < quads {
-                let (c0, f0) = load(s);
-                quad::<NQ>(c0, luts.add(s * 64), m2 * 16, f0, consts, &mut even);
+            if s < full_quads {
+                quad::<NQ>(full(s), luts.add(s * 64), m2 * 16, true, consts, &mut even);
+                s += 1;
             }
+            if s < quads {
+                // The last pair alone (m2 = 4 s + 2): a 32-byte load.
+                let c = _mm512_maskz_loadu_epi8(0xffff_ffff, block.add(s * 64) as *const i8);
+                quad::<NQ>(c, luts.add(s * 64), m2 * 16, false, consts, &mut odd);
+            }
+            // The u16 sums in vector order: the saturating pack is exact (every sum is at most
+            // 255 * m2 < 2^16), and leaves 128-bit lane l holding vectors 4 l .. 4 l + 4 (the
+            // low accumulator) then 16 + 4 l .. 20 + 4 l (the high one); one qword permute
+            // restores the order (two `vpmovdw` and an insert took five shuffle-port uops).
+            let order = _mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0);
             for (q, (e, o)) in even.iter().zip(&odd).enumerate() {
-                let lo = _mm512_cvtepi32_epi16(_mm512_add_epi32(e[0], o[0]));
-                let hi = _mm512_cvtepi32_epi16(_mm512_add_epi32(e[1], o[1]));
-                let r = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                let lo = _mm512_add_epi32(e[0], o[0]);
+                let hi = _mm512_add_epi32(e[1], o[1]);
+                let r = _mm512_permutexvar_epi64(order, _mm512_packus_epi32(lo, hi));
                 _mm512_storeu_si512(out[q] as *mut __m512i, r);
                 *masks[q] = _mm512_cmpgt_epu16_mask(r, _mm512_set1_epi16(thr[q] as i16));
             }
