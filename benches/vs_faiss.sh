@@ -84,20 +84,23 @@ if [ "${1:-}" = ivf ]; then
   ann=$shared/data/ann
   # Batch search (1,000 queries per call) at 1 and 2 threads; add_s is the add throughput.
   # Each side reports its best of N passes over the queries (one pass is 1-30 ms; bigann's
-  # 0.2-0.4 ms), N 10 (bigann 30) for both peers; a shared machine's slow phases outlast
-  # that, hence PAIRS.
+  # 0.2-0.4 ms), N 30 (bigann 1,000: 0.2-0.4 s a side) for both peers. A shared machine's
+  # slow phases last seconds: with N 30, bigann's 10 ms of passes fell within one phase and
+  # read 1.9-3.5 us/query for either peer at 2 threads where its best is 1.2 (ours) and
+  # 1.8 (FAISS); with N 10, Gemma nprobe 64 read 27.7-28.0 us/query for ours in both pairs
+  # of a run (18.1-18.5 in the next minutes); hence also PAIRS.
   for threads in 1 2; do
     for nprobe in 4 16 64; do
       compare --base "$work/gemma128_65k.npy" --queries "$work/gemma128_q1k.npy" --index ivfpqfs \
-        --nlist 256 --nprobe $nprobe --m 32 --k 10 --metric l2 --qbs 1000 --threads $threads --reps 10
+        --nlist 256 --nprobe $nprobe --m 32 --k 10 --metric l2 --qbs 1000 --threads $threads --reps 30
     done
     for nprobe in 8 32; do
       compare --base "$work/fashion-mnist-784_base.fvecs" --queries "$work/fashion-mnist-784_query.fvecs" \
-        --index ivfpqfs --nlist 256 --nprobe $nprobe --m 98 --k 10 --metric l2 --qbs 1000 --threads $threads --reps 10
+        --index ivfpqfs --nlist 256 --nprobe $nprobe --m 98 --k 10 --metric l2 --qbs 1000 --threads $threads --reps 30
     done
     for nprobe in 4 16; do
       compare --base $ann/bigann-10k-128_base.fvecs --queries $ann/bigann-10k-128_query.fvecs --index ivfpqfs \
-        --nlist 64 --nprobe $nprobe --m 32 --k 10 --metric l2 --qbs 100 --threads $threads --reps 30
+        --nlist 64 --nprobe $nprobe --m 32 --k 10 --metric l2 --qbs 100 --threads $threads --reps 1000
     done
   done
   # Recall 0.9 needs exact re-ranking of the 4-bit candidates (FAISS: IndexRefineFlat, not in
