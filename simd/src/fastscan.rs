@@ -549,22 +549,43 @@ mod x86 {
             let zero = W::zero();
             let mut acc = [[zero; 4]; NQ];
             let pairs = m2 / 2;
-            let mut p = 0;
-            while p < pairs {
-                let full = p + W::PAIRS <= pairs;
-                let c = W::load(block.add(p * 32), full);
-                let lo = W::and(c, mask);
-                let hi = W::and(W::srli4(c), mask);
-                for (q, a) in acc.iter_mut().enumerate() {
-                    let t = W::load(luts.add(q * m2 * 16 + p * 32), full);
-                    let rl = W::shuffle(t, lo);
-                    let rh = W::shuffle(t, hi);
-                    a[0] = W::add16(a[0], rl);
-                    a[1] = W::add16(a[1], W::srli8(rl));
-                    a[2] = W::add16(a[2], rh);
-                    a[3] = W::add16(a[3], W::srli8(rh));
+            // (A nested function, not a closure: a closure would be compiled without the
+            // caller's target features, every intrinsic a call.)
+            #[inline(always)]
+            unsafe fn step<W: ShuffleWidth, const NQ: usize>(
+                block: *const u8,
+                luts: *const u8,
+                m2: usize,
+                p: usize,
+                full: bool,
+                mask: W::V,
+                acc: &mut [[W::V; 4]; NQ],
+            ) {
+                // SAFETY: as in block_shuffle.
+                unsafe {
+                    let c = W::load(block.add(p * 32), full);
+                    let lo = W::and(c, mask);
+                    let hi = W::and(W::srli4(c), mask);
+                    for (q, a) in acc.iter_mut().enumerate() {
+                        let t = W::load(luts.add(q * m2 * 16 + p * 32), full);
+                        let rl = W::shuffle(t, lo);
+                        let rh = W::shuffle(t, hi);
+                        a[0] = W::add16(a[0], rl);
+                        a[1] = W::add16(a[1], W::srli8(rl));
+                        a[2] = W::add16(a[2], rh);
+                        a[3] = W::add16(a[3], W::srli8(rh));
+                    }
                 }
+            }
+            // The full loads in a loop without a branch on their length, then the last pair
+            // alone where AVX-512's two pairs a load leave one over.
+            let mut p = 0;
+            while p + W::PAIRS <= pairs {
+                step::<W, NQ>(block, luts, m2, p, true, mask, &mut acc);
                 p += W::PAIRS;
+            }
+            if p < pairs {
+                step::<W, NQ>(block, luts, m2, p, false, mask, &mut acc);
             }
             for (q, a) in acc.iter().enumerate() {
                 let (r0, r1) = finish256(W::to256(a[0]), W::to256(a[1]));
