@@ -675,7 +675,12 @@ mod x86 {
                 }
             }
             let consts = [low, ones, regroup, select];
-            let full = |s: usize| _mm512_loadu_si512(block.add(s * 64) as *const __m512i);
+            // A full load `s` (a nested function, not a closure: see block_shuffle).
+            #[inline(always)]
+            unsafe fn full(block: *const u8, s: usize) -> __m512i {
+                // SAFETY: as in block_v4icl (4 s + 4 <= m2: the load lies in the block).
+                unsafe { _mm512_loadu_si512(block.add(s * 64) as *const __m512i) }
+            }
             // Per query: [vectors 0..16, vectors 16..32]; `even` takes the even loads, `odd`
             // the odd ones (unrolled by hand, so that both sets stay in registers). The full
             // loads first, in a loop without a branch on their length.
@@ -683,13 +688,14 @@ mod x86 {
             let full_quads = m2 / 4;
             let mut s = 0;
             while s + 2 <= full_quads {
-                quad::<NQ>(full(s), luts.add(s * 64), m2 * 16, true, consts, &mut even);
-                let (c1, t1) = (full(s + 1), luts.add((s + 1) * 64));
-                quad::<NQ>(c1, t1, m2 * 16, true, consts, &mut odd);
+                let (c0, c1) = (full(block, s), full(block, s + 1));
+                quad::<NQ>(c0, luts.add(s * 64), m2 * 16, true, consts, &mut even);
+                quad::<NQ>(c1, luts.add((s + 1) * 64), m2 * 16, true, consts, &mut odd);
                 s += 2;
             }
             if s < full_quads {
-                quad::<NQ>(full(s), luts.add(s * 64), m2 * 16, true, consts, &mut even);
+                let c0 = full(block, s);
+                quad::<NQ>(c0, luts.add(s * 64), m2 * 16, true, consts, &mut even);
                 s += 1;
             }
             if s < quads {
