@@ -644,7 +644,6 @@ mod x86 {
             let regroup = _mm512_loadu_si512(VECTOR_MAJOR.as_ptr() as *const __m512i);
             let select = _mm512_loadu_si512(SUBQ_SELECT.as_ptr() as *const __m512i);
             let zero = _mm512_setzero_si512();
-            let quads = m2.div_ceil(4);
             #[inline(always)]
             unsafe fn quad<const NQ: usize>(
                 codes: __m512i,
@@ -698,7 +697,7 @@ mod x86 {
                 quad::<NQ>(c0, luts.add(s * 64), m2 * 16, true, consts, &mut even);
                 s += 1;
             }
-            if s < quads {
+            if !m2.is_multiple_of(4) {
                 // The last pair alone (m2 = 4 s + 2): a 32-byte load.
                 let c = _mm512_maskz_loadu_epi8(0xffff_ffff, block.add(s * 64) as *const i8);
                 quad::<NQ>(c, luts.add(s * 64), m2 * 16, false, consts, &mut odd);
