@@ -75,18 +75,28 @@ pub(crate) fn worth_parallel(tasks: usize) -> bool {
 
 /// Calls `f(i)` for every position `i < valid` whose bit is set in `masks` (one u32 per block
 /// of 32, as the fast-scan kernel marks the scores above a threshold), ascending.
+///
+/// Once a top-k's floor has settled almost every block is unmarked, so the masks are tested
+/// `SKIP` at a time (one OR, vectorised) before any is walked bit by bit: a block at a time,
+/// the walk's counters went through the stack (they live across `f`'s calls) and an unmarked
+/// block cost about four cycles, a tenth of the one-query scan's time.
 #[inline]
 pub(crate) fn for_each_marked(masks: &[u32], valid: usize, mut f: impl FnMut(usize)) {
     use pqcache_simd::fastscan::BBS;
-    for (b, &mask) in masks.iter().enumerate() {
-        let mut bits = mask;
-        while bits != 0 {
-            let i = b * BBS + bits.trailing_zeros() as usize;
-            bits &= bits - 1;
-            if i >= valid {
-                return;
+    const SKIP: usize = 8;
+    for (g, group) in masks.chunks(SKIP).enumerate() {
+        if group.iter().fold(0, |a, &m| a | m) != 0 {
+            for (j, &mask) in group.iter().enumerate() {
+                let mut bits = mask;
+                while bits != 0 {
+                    let i = (g * SKIP + j) * BBS + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    if i >= valid {
+                        return;
+                    }
+                    f(i);
+                }
             }
-            f(i);
         }
     }
 }
@@ -129,4 +139,35 @@ pub(crate) fn rerank<C: Ord + Copy>(
     let mut scored: Vec<(f32, C)> = cands.into_iter().map(|c| (exact(c), c)).collect();
     crate::select::select_sorted(&mut scored, k);
     scored
+}
+
+#[cfg(test)]
+mod tests {
+    use super::for_each_marked;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// Every marked position below `valid`, ascending, whatever the run of unmarked blocks
+    /// before it (the walk skips eight blocks at a time) and wherever `valid` cuts.
+    #[test]
+    fn for_each_marked_finds_every_mark_in_order() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for nblocks in [0usize, 1, 7, 8, 9, 16, 17, 40] {
+            for density in [0.0, 0.002, 0.05, 0.5] {
+                let masks: Vec<u32> = (0..nblocks)
+                    .map(|_| (0..32).fold(0, |m, b| m | (u32::from(rng.random_bool(density)) << b)))
+                    .collect();
+                for valid in [0, 1, 31, 32, 33, 8 * 32 + 5, nblocks * 32, nblocks * 32 + 9] {
+                    let want: Vec<usize> = (0..(nblocks * 32).min(valid))
+                        .filter(|&i| masks[i / 32] >> (i % 32) & 1 == 1)
+                        .collect();
+                    let mut got = Vec::new();
+                    for_each_marked(&masks, valid, |i| got.push(i));
+                    assert_eq!(
+                        got, want,
+                        "{nblocks} blocks, density {density}, valid {valid}"
+                    );
+                }
+            }
+        }
+    }
 }
