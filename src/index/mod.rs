@@ -76,26 +76,33 @@ pub(crate) fn worth_parallel(tasks: usize) -> bool {
 /// Calls `f(i)` for every position `i < valid` whose bit is set in `masks` (one u32 per block
 /// of 32, as the fast-scan kernel marks the scores above a threshold), ascending.
 ///
-/// Once a top-k's floor has settled almost every block is unmarked, so the masks are tested
-/// `SKIP` at a time (one OR, vectorised) before any is walked bit by bit: a block at a time,
-/// the walk's counters went through the stack (they live across `f`'s calls) and an unmarked
-/// block cost about four cycles, a tenth of the one-query scan's time.
+/// `RUN`: the masks are tested `RUN` at a time (one OR, vectorised) before any is walked bit by
+/// bit. A top-k whose floor has settled (small k: `scan::HeapHandler`, IVF's lists) leaves
+/// almost every block unmarked, and walking them one at a time cost about four cycles each
+/// (the walk's counters live across `f`'s calls, so they went through the stack): a tenth of
+/// a one-query scan, which `RUN = 8` cuts to a few %. Where most blocks hold a mark (a
+/// large-k floor) the extra test is pure cost (1.5 % of a k = n/10 search): `RUN = 1`.
 #[inline]
-pub(crate) fn for_each_marked(masks: &[u32], valid: usize, mut f: impl FnMut(usize)) {
+pub(crate) fn for_each_marked<const RUN: usize>(
+    masks: &[u32],
+    valid: usize,
+    mut f: impl FnMut(usize),
+) {
     use pqcache_simd::fastscan::BBS;
-    const SKIP: usize = 8;
-    for (g, group) in masks.chunks(SKIP).enumerate() {
-        if group.iter().fold(0, |a, &m| a | m) != 0 {
-            for (j, &mask) in group.iter().enumerate() {
-                let mut bits = mask;
-                while bits != 0 {
-                    let i = (g * SKIP + j) * BBS + bits.trailing_zeros() as usize;
-                    bits &= bits - 1;
-                    if i >= valid {
-                        return;
-                    }
-                    f(i);
+    const { assert!(RUN > 0) };
+    for (g, run) in masks.chunks(RUN).enumerate() {
+        if RUN > 1 && run.iter().fold(0, |a, &m| a | m) == 0 {
+            continue;
+        }
+        for (j, &mask) in run.iter().enumerate() {
+            let mut bits = mask;
+            while bits != 0 {
+                let i = (g * RUN + j) * BBS + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if i >= valid {
+                    return;
                 }
+                f(i);
             }
         }
     }
@@ -147,7 +154,7 @@ mod tests {
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     /// Every marked position below `valid`, ascending, whatever the run of unmarked blocks
-    /// before it (the walk skips eight blocks at a time) and wherever `valid` cuts.
+    /// before it (the walk skips `RUN` blocks at a time) and wherever `valid` cuts.
     #[test]
     fn for_each_marked_finds_every_mark_in_order() {
         let mut rng = StdRng::seed_from_u64(7);
@@ -160,12 +167,14 @@ mod tests {
                     let want: Vec<usize> = (0..(nblocks * 32).min(valid))
                         .filter(|&i| masks[i / 32] >> (i % 32) & 1 == 1)
                         .collect();
-                    let mut got = Vec::new();
-                    for_each_marked(&masks, valid, |i| got.push(i));
-                    assert_eq!(
-                        got, want,
-                        "{nblocks} blocks, density {density}, valid {valid}"
-                    );
+                    let mut got = [Vec::new(), Vec::new(), Vec::new()];
+                    for_each_marked::<1>(&masks, valid, |i| got[0].push(i));
+                    for_each_marked::<3>(&masks, valid, |i| got[1].push(i));
+                    for_each_marked::<8>(&masks, valid, |i| got[2].push(i));
+                    for got in got {
+                        let at = format!("{nblocks} blocks, density {density}, valid {valid}");
+                        assert_eq!(got, want, "{at}");
+                    }
                 }
             }
         }

@@ -177,7 +177,7 @@ impl ScanHandler for HeapHandler<'_> {
                 }
                 continue;
             };
-            for_each_marked(masks, valid, |i| {
+            for_each_marked::<8>(masks, valid, |i| {
                 let key = u16_key(sums[i], (base + i) as u32);
                 if key > worst {
                     heap.push(key);
@@ -207,7 +207,7 @@ impl ScanHandler for FloorHandler<'_> {
         for (q, out) in self.found.iter_mut().enumerate() {
             let (sums, marks) = (of_query(sums, q, nb * BBS), of_query(masks, q, nb));
             out.reserve(marks.iter().map(|m| m.count_ones() as usize).sum());
-            for_each_marked(marks, valid, |i| out.push((sums[i], (base + i) as u32)));
+            for_each_marked::<1>(marks, valid, |i| out.push((sums[i], (base + i) as u32)));
         }
     }
 }

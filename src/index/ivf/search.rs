@@ -588,7 +588,7 @@ impl ScanHandler for ListHandler<'_> {
                 }
                 continue;
             }
-            for_each_marked(of_query(masks, j, nb), valid, |i| offer.offer(i));
+            for_each_marked::<8>(of_query(masks, j, nb), valid, |i| offer.offer(i));
         }
     }
 }
