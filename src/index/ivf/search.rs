@@ -398,9 +398,9 @@ impl IndexIVFPQFastScan {
         // On one thread a batch whose material fits TASK_CACHE_BYTES is one task: the more
         // queries a task holds, the more of them share each list's code loads (100 queries,
         // one task instead of two: bigann-10k at nprobe 4 / 16 1.93 / 4.79 -> 1.85 / 4.44
-        // us/query, Fashion-MNIST at nprobe 8 14.4 -> 13.1). Larger
-        // batches are halved: as one task of 1,000 queries, Gemma at nprobe 64 and
-        // Fashion-MNIST at nprobe 32 ran 4-7 % slower than as two.
+        // us/query, Fashion-MNIST at nprobe 8 14.4 -> 13.1). Larger batches are halved: as
+        // one task of 1,000 queries, Gemma at nprobe 64 and Fashion-MNIST at nprobe 32 ran
+        // 4-7 % slower than as two.
         let per_query = 4 * (self.coarse.nlist() + blocked_len(self.pq.m()));
         let tasks = if threads == 1 && nq.saturating_mul(per_query) <= TASK_CACHE_BYTES {
             1
