@@ -580,7 +580,6 @@ impl ScanHandler for ListHandler<'_> {
             // that can no longer beat the new worst are skipped before any float is made.
             // (-1: every sum is offered.)
             let floor = as_floor(self.floors[j]).max(as_floor(cut));
-            let first_floor = floor;
             let mut offer = Offer {
                 heap,
                 sums,
@@ -593,7 +592,7 @@ impl ScanHandler for ListHandler<'_> {
             if self.floors[j].is_none() {
                 // No mask from the kernel (its threshold was 0): with a cut, the sums above
                 // it are found in SIMD first; `offer` skips the others anyway.
-                match u16::try_from(first_floor) {
+                match u16::try_from(floor) {
                     Ok(f) => {
                         self.marked.clear();
                         self.kernel.collect_above(&sums[..valid], f, 0, self.marked);
